@@ -1,0 +1,3 @@
+from remoteops.agent.cli import main
+
+main()

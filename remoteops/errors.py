@@ -1,0 +1,29 @@
+"""Errors a user can act on.
+
+A ``RemoteOpsError`` is printed as its one-line message (what happened and
+what to do) without a traceback; ``-v`` / ``REMOTEOPS_DEBUG=1`` shows it.
+"""
+
+
+class RemoteOpsError(Exception):
+    """An error whose message tells the user what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(RemoteOpsError):
+    """A settings file or value is wrong."""
+
+
+class ConnectError(RemoteOpsError):
+    """The target could not be reached or refused us."""
+
+    exit_code = 3
+
+
+class HostKeyError(ConnectError):
+    """The server's host key is unknown or has changed."""
+
+
+class RemoteCommandError(RemoteOpsError):
+    """A command on the target failed."""

@@ -1,0 +1,182 @@
+"""The plugin manager: built-ins, installed packages, and the project's plugins folder.
+
+Load order: the built-in plugins (``plugins/*.py`` of this distribution,
+loaded by path, exactly like a user's folder), then packages declaring an
+entry point in group ``remoteops``, then every ``*.py`` in the project's
+plugins folder (``plugins_dir``, default ``plugins/``). ``check_pending()``
+catches hooks a plugin misspelled.
+
+Environment: ``REMOTEOPS_BLOCK_PLUGINS=a,b`` blocks plugins by name (except the
+core ones), ``REMOTEOPS_TRACE_HOOKS=1`` prints every hook call to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from remoteops import hookspecs
+from remoteops.errors import RemoteOpsError
+
+GROUP = "remoteops"
+# Built-ins in this tuple, loaded in this order.
+BUILTIN_PLUGINS = ("precheck_basics", "gpu_gate")
+UNBLOCKABLE = frozenset({"precheck_basics"})
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # builtin | entrypoint | project | test
+    location: str
+    version: str
+    hooks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "location": self.location,
+                "version": self.version, "hooks": self.hooks}
+
+
+def builtin_dir() -> Path:
+    """The built-in plugins folder: the repo's ``plugins/`` or the copy inside the wheel."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "_builtin_plugins"
+    if shipped.is_dir():
+        return shipped
+    return package.parent / "plugins"
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus where each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(GROUP)
+        self.add_hookspecs(hookspecs)
+        self.origins: dict[str, PluginInfo] = {}
+
+    def register_module(self, module: Any, name: str, source: str, location: str,
+                        version: str) -> None:
+        if self.is_blocked(name) or self.has_plugin(name):
+            return
+        self.register(module, name=name)
+        self.origins[name] = PluginInfo(name, source, location, version)
+
+    def infos(self) -> list[PluginInfo]:
+        out = []
+        for name, info in self.origins.items():
+            plugin = self.get_plugin(name)
+            if plugin is None:
+                continue
+            hooks = sorted(h.name for h in (self.get_hookcallers(plugin) or []))
+            out.append(PluginInfo(info.name, info.source, info.location, info.version, hooks))
+        return out
+
+    def requirements(self) -> list[str]:
+        """The plugin set as ``name==version`` (recorded in bundle manifests)."""
+        return sorted(f"{i.name}=={i.version}" for i in self.infos())
+
+
+def load_file(path: Path, name: str) -> ModuleType:
+    """Import a single-file plugin by path, without putting its folder on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"remoteops_plugin_{name}", path)
+    if spec is None or spec.loader is None:
+        raise RemoteOpsError(f"cannot load plugin file {path}; is it a Python file?")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's plugin may raise anything on import
+        raise RemoteOpsError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}; "
+                             "fix it or move it out of the plugins folder.") from exc
+    return module
+
+
+def _folder_plugins(pm: PluginManager, folder: Path, source: str, only: tuple[str, ...] = ()):
+    if not folder.is_dir():
+        return
+    names = only or tuple(sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_")))
+    for name in names:
+        path = folder / f"{name}.py"
+        if pm.is_blocked(name) or pm.has_plugin(name):
+            continue
+        module = load_file(path, name)
+        version = str(getattr(module, "__version__", "0"))
+        pm.register_module(module, name, source, str(path), version)
+
+
+def get_plugin_manager(project_dir: str | os.PathLike | None = None,
+                       plugins_dir: str = "plugins", entrypoints: bool | None = None,
+                       ) -> PluginManager:
+    """A manager with the built-ins, installed plugins and the project's folder loaded."""
+    pm = PluginManager()
+    for name in _blocked_names():
+        if name not in UNBLOCKABLE:
+            pm.set_blocked(name)
+    if os.environ.get("REMOTEOPS_TRACE_HOOKS"):
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+
+    from remoteops import __version__
+
+    for name in BUILTIN_PLUGINS:
+        if pm.is_blocked(name):
+            continue
+        path = builtin_dir() / f"{name}.py"
+        pm.register_module(load_file(path, name), name, "builtin", str(path), __version__)
+
+    if entrypoints is None:
+        entrypoints = not (getattr(sys, "_called_from_test", False)
+                           or os.environ.get("REMOTEOPS_NO_ENTRYPOINTS"))
+    if entrypoints:
+        for dist in importlib.metadata.distributions():
+            for ep in dist.entry_points:
+                if ep.group != GROUP or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                    continue
+                try:
+                    module = ep.load()
+                except Exception as exc:
+                    raise RemoteOpsError(
+                        f"installed plugin '{ep.name}' ({dist.metadata['Name']}) failed to "
+                        f"import: {type(exc).__name__}: {exc}; upgrade or uninstall it, or "
+                        f"block it with REMOTEOPS_BLOCK_PLUGINS={ep.name}.") from exc
+                pm.register_module(module, ep.name, "entrypoint",
+                                   f"{dist.metadata['Name']} ({ep.value})", dist.version)
+
+    project = Path(project_dir or os.getcwd()).resolve()
+    folder = Path(plugins_dir)
+    folder = folder if folder.is_absolute() else project / folder
+    if folder.resolve() != builtin_dir().resolve():
+        _folder_plugins(pm, folder, "project")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise RemoteOpsError(f"{exc}; check the hook names against remoteops.hookspecs.") from None
+    return pm
+
+
+def _blocked_names() -> list[str]:
+    raw = os.environ.get("REMOTEOPS_BLOCK_PLUGINS", "")
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+def collect(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
+    """Call a ``register_*`` hook plugin by plugin, in load order; return what was registered.
+
+    ``register(x)`` records ``x``; ``register(name, x)`` records ``(name, x)``.
+    """
+    items: list[Any] = []
+
+    def register(*args: Any) -> None:
+        items.append(args[0] if len(args) == 1 else args)
+
+    available = dict(kwargs, register=register)
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        impl.function(**{name: available[name] for name in impl.argnames})
+    return items

@@ -1,0 +1,321 @@
+"""Where the server side lives: ``SSHTarget`` (Fabric) or ``LocalTarget`` (this machine).
+
+Both expose one small interface: ``run`` a shell command, ``run_python`` a
+script whose JSON answer survives login-shell banners, ``put``/``get`` files
+(SFTP, never the shell), and ``read_bytes``/``write_bytes`` (atomic). The base
+class owns the cross-cutting work (timing, errors); subclasses fill in the
+``_methods``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remoteops.config import Settings, resolve_secret
+from remoteops.errors import ConnectError, RemoteCommandError, RemoteOpsError
+
+log = logging.getLogger(__name__)
+
+BEGIN = "@@REMOTEOPS-BEGIN-7f3a@@"
+END = "@@REMOTEOPS-END-7f3a@@"
+
+# Runs the payload's script with ``payload`` bound; prints only between markers.
+_BOOTSTRAP = (
+    "import base64,json,sys,zlib;"
+    "d=json.loads(zlib.decompress(base64.b64decode('{blob}')).decode());"
+    "g={{'payload':d['payload'],'__name__':'__remoteops__'}};"
+    "exec(compile(d['source'],'<remoteops>','exec'),g);"
+    "sys.stdout.write('\\n{begin}\\n'+json.dumps(g.get('result'))+'\\n{end}\\n')"
+)
+
+
+@dataclass
+class Result:
+    stdout: str
+    stderr: str
+    exited: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exited == 0
+
+
+def parse_marked(stdout: str) -> Any:
+    """The JSON between the markers, ignoring whatever a login shell printed around it."""
+    start = stdout.rfind(BEGIN)
+    end = stdout.rfind(END)
+    if start < 0 or end < start:
+        raise RemoteCommandError("the target's Python printed no answer; run with -v to see "
+                                 "its output.")
+    return json.loads(stdout[start + len(BEGIN):end].strip())
+
+
+def shell_path(path: str) -> str:
+    """Quote a path for the shell, keeping a leading ``~/`` expandable."""
+    if path == "~":
+        return "~"
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+class Target:
+    """The interface every target offers. Subclasses implement the ``_methods``."""
+
+    kind = "target"
+
+    def __init__(self, name: str, project_root: str, python: str = "python3",
+                 command_timeout: float = 300.0):
+        self.name = name
+        self.project_root = project_root
+        self.python = python
+        self.command_timeout = command_timeout
+
+    # -- public API: cross-cutting work here, specifics in _methods -----------
+    def run(self, command: str, *, timeout: float | None = None, check: bool = True) -> Result:
+        started = time.monotonic()
+        stdout, stderr, code = self._run(command, timeout or self.command_timeout)
+        result = Result(stdout, stderr, code, time.monotonic() - started)
+        log.debug("%s: %r exited %s in %.2fs", self.name, command[:120], code, result.seconds)
+        if check and code != 0:
+            tail = (stderr.strip() or stdout.strip()).splitlines()[-1:] or ["no output"]
+            raise RemoteCommandError(f"command failed on {self.name} (exit {code}): {tail[0]}")
+        return result
+
+    def run_python(self, source: str, payload: Any = None, *, timeout: float | None = None) -> Any:
+        """Run ``source`` with the target's Python in one round trip; return its ``result``."""
+        blob = base64.b64encode(zlib.compress(json.dumps(
+            {"source": source, "payload": payload}).encode(), 9)).decode()
+        script = _BOOTSTRAP.format(blob=blob, begin=BEGIN, end=END)
+        command = f"{shell_path(self.python)} -c {shlex.quote(script)}"
+        result = self.run(command, timeout=timeout, check=False)
+        if result.exited == 127 or "No such file" in result.stderr and result.exited != 0:
+            raise RemoteCommandError(
+                f"'{self.python}' was not found on {self.name}; set remote_python (or "
+                f"hosts.<name>.remote_python) to the server's Python.")
+        if result.exited != 0:
+            tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RemoteCommandError(f"Python on {self.name} failed (exit {result.exited}): "
+                                     f"{tail[0]}")
+        return parse_marked(result.stdout)
+
+    def put(self, local: str | os.PathLike, remote: str) -> None:
+        self._put(Path(local), remote)
+
+    def get(self, remote: str, local: str | os.PathLike) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        self._get(remote, Path(local))
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._read_bytes(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write atomically: a temporary name in the same folder, then rename."""
+        self._write_bytes(path, data)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- to implement ---------------------------------------------------------
+    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+        raise NotImplementedError
+
+    def _put(self, local: Path, remote: str) -> None:
+        raise NotImplementedError
+
+    def _get(self, remote: str, local: Path) -> None:
+        raise NotImplementedError
+
+    def _read_bytes(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class LocalTarget(Target):
+    """The server side on this machine: same interface, no SSH."""
+
+    kind = "local"
+
+    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+        try:
+            proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
+                                     "raise ssh.command_timeout if it needs longer.") from None
+        return proc.stdout, proc.stderr, proc.returncode
+
+    def _path(self, path: str) -> Path:
+        return Path(os.path.expanduser(path))
+
+    def _put(self, local: Path, remote: str) -> None:
+        dest = self._path(remote)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dest)
+
+    def _get(self, remote: str, local: Path) -> None:
+        shutil.copyfile(self._path(remote), local)
+
+    def _read_bytes(self, path: str) -> bytes:
+        return self._path(path).read_bytes()
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        dest = self._path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+
+
+class SSHTarget(Target):
+    """The server side over SSH (Fabric ``Connection``, opened lazily, host keys verified)."""
+
+    kind = "ssh"
+
+    def __init__(self, name: str, project_root: str, python: str, connection_factory,
+                 retries: int = 2, backoff: float = 1.0, keepalive: int = 15,
+                 command_timeout: float = 300.0):
+        super().__init__(name, project_root, python, command_timeout)
+        self._factory = connection_factory
+        self._conn = None
+        self._sftp = None
+        self._home: str | None = None
+        self.retries = retries
+        self.backoff = backoff
+        self.keepalive = keepalive
+
+    @property
+    def connection(self):
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self):
+        from remoteops.ssh import open_connection
+
+        return open_connection(self._factory, self.name, self.retries, self.backoff,
+                               self.keepalive)
+
+    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+        from invoke.exceptions import CommandTimedOut
+
+        try:
+            res = self.connection.run(command, hide=True, warn=True, timeout=timeout,
+                                      in_stream=False)
+        except CommandTimedOut:
+            raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
+                                     "raise ssh.command_timeout if it needs longer.") from None
+        except (socket.error, EOFError) as exc:
+            raise ConnectError(f"lost the connection to {self.name} ({exc}); check the "
+                               "network and run the command again.") from None
+        return res.stdout, res.stderr, res.exited
+
+    @property
+    def sftp(self):
+        if self._sftp is None:
+            self._sftp = self.connection.sftp()
+        return self._sftp
+
+    def remote_path(self, path: str) -> str:
+        """SFTP does not expand ``~``; resolve it against the login's home directory."""
+        if path == "~" or path.startswith("~/"):
+            if self._home is None:
+                self._home = self.sftp.normalize(".")
+            return self._home + path[1:]
+        return path
+
+    def _mkdirs(self, folder: str) -> None:
+        parts = folder.rstrip("/").split("/")
+        for i in range(2, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            try:
+                self.sftp.stat(sub)
+            except FileNotFoundError:
+                self.sftp.mkdir(sub)
+
+    def _put(self, local: Path, remote: str) -> None:
+        remote = self.remote_path(remote)
+        self._mkdirs(os.path.dirname(remote))
+        self.sftp.put(str(local), remote)
+
+    def _get(self, remote: str, local: Path) -> None:
+        self.sftp.get(self.remote_path(remote), str(local))
+
+    def _read_bytes(self, path: str) -> bytes:
+        with self.sftp.open(self.remote_path(path), "rb") as fh:
+            return fh.read()
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        path = self.remote_path(path)
+        folder, base = os.path.split(path)
+        self._mkdirs(folder)
+        tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.sftp.open(tmp, "wb") as fh:
+            fh.write(data)
+        self.sftp.posix_rename(tmp, path)
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def describe(self) -> str:
+        return self.name
+
+
+def open_target(settings: Settings, host: str | None = None, trust_host: bool = False) -> Target:
+    """The target for ``--host`` (``local``, a [hosts] name, an ssh alias, or user@host:port)."""
+    spec = (host or settings["default_host"] or "local").strip()
+    entry = dict(settings["hosts"].get(spec, {}))
+    python = str(entry.get("remote_python") or settings["remote_python"])
+    timeout = float(settings["ssh.command_timeout"])
+    if spec == "local" and not entry:
+        root = settings["project_root"] or str(settings.project_dir)
+        return LocalTarget("local", root, python, timeout)
+    root = str(entry.get("project_root") or settings["project_root"]
+               or f"~/{settings.project_name}")
+    from remoteops.ssh import connection_factory
+
+    factory, label = connection_factory(settings, spec, entry, trust_host)
+    passphrase = entry.get("passphrase")
+    if passphrase is not None:
+        resolve_secret(passphrase)  # fail early, with the variable's name, when it is unset
+    return SSHTarget(label, root, python, factory,
+                     retries=int(settings["ssh.connect_retries"]),
+                     backoff=float(settings["ssh.retry_backoff"]),
+                     keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
+
+
+__all__ = ["Target", "LocalTarget", "SSHTarget", "Result", "open_target", "parse_marked",
+           "shell_path", "RemoteOpsError"]

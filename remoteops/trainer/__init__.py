@@ -1,0 +1,1 @@
+"""The built-in trainer (HF Trainer + peft). Importing this package does not import torch."""
