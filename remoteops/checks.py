@@ -41,14 +41,19 @@ class Check:
     def evaluate(self, value: Any, settings: Any) -> CheckResult | list[CheckResult]:
         raise NotImplementedError
 
-    def ok(self, value: str = "", **kw: Any) -> CheckResult:
-        return CheckResult(self.name, OK, value, **kw)
+    def result(self, status: str, value: str = "", hint: str = "", name: str | None = None,
+               **kw: Any) -> CheckResult:
+        """A row for this check; ``name`` overrides the row's name (one check, many rows)."""
+        return CheckResult(name or self.name, status, value, hint, **kw)
+
+    def ok(self, value: str = "", hint: str = "", **kw: Any) -> CheckResult:
+        return self.result(OK, value, hint, **kw)
 
     def warn(self, value: str = "", hint: str = "", **kw: Any) -> CheckResult:
-        return CheckResult(self.name, WARN, value, hint, **kw)
+        return self.result(WARN, value, hint, **kw)
 
     def fail(self, value: str = "", hint: str = "", **kw: Any) -> CheckResult:
-        return CheckResult(self.name, FAIL, value, hint, **kw)
+        return self.result(FAIL, value, hint, **kw)
 
     def skip(self, value: str = "", hint: str = "", **kw: Any) -> CheckResult:
-        return CheckResult(self.name, SKIP, value, hint, **kw)
+        return self.result(SKIP, value, hint, **kw)

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -302,6 +303,8 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
     timeout = float(settings["ssh.command_timeout"])
     if spec == "local" and not entry:
         root = settings["project_root"] or str(settings.project_dir)
+        if settings.source("remote_python") == "default":
+            python = sys.executable  # the toolkit's own environment, not whatever is on PATH
         return LocalTarget("local", root, python, timeout)
     root = str(entry.get("project_root") or settings["project_root"]
                or f"~/{settings.project_name}")

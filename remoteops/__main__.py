@@ -1,0 +1,3 @@
+from remoteops.main import program
+
+program.run()

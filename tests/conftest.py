@@ -1,0 +1,85 @@
+"""Shared fixtures: a real sshd, an isolated HOME, a project folder, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.sshd import SSHServer, make_user, remove_user, start_sshd
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    sys._called_from_test = True  # no entry-point autoload in-process (llm's convention)
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory) -> SSHServer:
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A throwaway HOME: tests never read the developer's ~/.ssh or config files."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME")):
+            monkeypatch.delenv(name)
+    return home
+
+
+@pytest.fixture
+def project(tmp_path, home) -> Path:
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    return folder
+
+
+def trust(project: Path, server: SSHServer) -> None:
+    """Record the server's host key in the project's known_hosts, as --trust-host would."""
+    path = project / ".remoteops" / "known_hosts"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(server.known_hosts_line)
+
+
+def ssh_alias(home: Path, alias: str, server: SSHServer, user: str = "root") -> None:
+    with open(home / ".ssh" / "config", "a") as fh:
+        fh.write(f"Host {alias}\n  HostName {server.host}\n  Port {server.port}\n"
+                 f"  User {user}\n  IdentityFile {server.client_key}\n")
+
+
+@pytest.fixture
+def cli(project):
+    """Run the ``remoteops`` command (the same tasks as ``invoke``) in ``project``."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ, COLUMNS="200", **(env or {}))
+        return subprocess.run([sys.executable, "-m", "remoteops", *args], cwd=cwd or project,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def login_user():
+    """A factory of throwaway users with a given ~/.bashrc, removed afterwards."""
+    made: list[str] = []
+
+    def make(bashrc: str = "") -> str:
+        made.append(make_user(bashrc))
+        return made[-1]
+
+    yield make
+    for name in made:
+        remove_user(name)
