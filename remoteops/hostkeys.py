@@ -62,9 +62,10 @@ def secure_client(client: paramiko.SSHClient, known_hosts: list[Path], record_fi
     client.set_missing_host_key_policy(VerifyHostKeyPolicy(record_file, trust))
 
 
-def changed_key_error(exc: paramiko.BadHostKeyException, files: list[Path]) -> HostKeyError:
-    where = " or ".join(str(p) for p in files if p.is_file()) or "known_hosts"
+def changed_key_error(exc: paramiko.BadHostKeyException, where: str,
+                      files: list[Path]) -> HostKeyError:
+    listed = " or ".join(str(p) for p in files if p.is_file()) or "known_hosts"
     return HostKeyError(
-        f"host key for {exc.hostname} has CHANGED (expected {fingerprint(exc.expected_key)}, "
+        f"host key for {where} has CHANGED (expected {fingerprint(exc.expected_key)}, "
         f"got {fingerprint(exc.key)}): this may be an attack or a reinstalled server; if you know "
-        f"it was reinstalled, remove its line from {where} and connect with --trust-host.")
+        f"it was reinstalled, remove its line from {listed} and connect with --trust-host.")

@@ -95,9 +95,6 @@ _RETRYABLE = (ConnectionRefusedError, TimeoutError, socket.timeout, ConnectionRe
 def open_connection(factory: Callable[[], Any], label: str, retries: int, backoff: float,
                     keepalive: int) -> Any:
     """Open a connection with retry and backoff on network errors; map errors to one line."""
-    import paramiko
-    from paramiko.ssh_exception import NoValidConnectionsError
-
     attempt = 0
     while True:
         conn = factory()
@@ -107,36 +104,48 @@ def open_connection(factory: Callable[[], Any], label: str, retries: int, backof
             if keepalive and conn.transport is not None:
                 conn.transport.set_keepalive(keepalive)
             return conn
-        except HostKeyError:
+        except Exception as exc:  # classified below; anything unknown is re-raised
             conn.close()
-            raise
-        except paramiko.BadHostKeyException as exc:
-            conn.close()
-            raise changed_key_error(exc, [Path(p) for p in _known_files(conn)]) from None
-        except paramiko.AuthenticationException:
-            conn.close()
-            raise ConnectError(
-                f"{where} refused our SSH key for user '{conn.user}': add your public key to "
-                f"~/.ssh/authorized_keys on the server, or load the right key with ssh-add "
-                f"(or set IdentityFile / hosts.<name>.identity_file).") from None
-        except socket.gaierror:
-            conn.close()
-            raise ConnectError(f"cannot resolve host name '{conn.host}' (from '{label}'): check "
-                               "the spelling, [hosts] in remoteops.toml, or your ~/.ssh/config "
-                               "alias.") from None
-        except (NoValidConnectionsError, *_RETRYABLE, paramiko.SSHException, EOFError) as exc:
-            conn.close()
+            error, retryable = _classify(exc, conn, where, label)
+            if error is None:
+                raise
             attempt += 1
-            if attempt > retries:
-                raise ConnectError(_network_message(exc, where)) from None
+            if not retryable or attempt > retries:
+                raise error from None
             delay = backoff * (2 ** (attempt - 1))
             log.info("connecting to %s failed (%s); retrying in %.1fs", where, exc, delay)
             time.sleep(delay)
 
 
-def _known_files(conn: Any) -> list[str]:
+def _classify(exc: Exception, conn: Any, where: str, label: str
+              ) -> tuple[ConnectError | None, bool]:
+    """The one-line error for a failed connect, and whether trying again may help."""
+    import paramiko
+    from paramiko.ssh_exception import NoValidConnectionsError
+
+    if isinstance(exc, HostKeyError):
+        return exc, False
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return changed_key_error(exc, where, _known_files(conn)), False
+    if isinstance(exc, paramiko.AuthenticationException) or (
+            isinstance(exc, paramiko.SSHException) and "authentication" in str(exc).lower()):
+        return ConnectError(
+            f"{where} refused our SSH key for user '{conn.user}': add your public key to "
+            f"~/.ssh/authorized_keys on the server, or load the right key with ssh-add "
+            f"(or set IdentityFile / hosts.<name>.identity_file)."), False
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve host name '{conn.host}' (from '{label}'): check the "
+                            "spelling, [hosts] in remoteops.toml, or your ~/.ssh/config alias."
+                            ), False
+    if isinstance(exc, (NoValidConnectionsError, paramiko.SSHException, EOFError, *_RETRYABLE)):
+        return ConnectError(_network_message(exc, where)), True
+    return None, False
+
+
+def _known_files(conn: Any) -> list[Path]:
     policy = conn.client._policy  # our VerifyHostKeyPolicy
-    return [str(getattr(policy, "record_file", "known_hosts")), "~/.ssh/known_hosts"]
+    record = getattr(policy, "record_file", None)
+    return [p for p in (Path(os.path.expanduser("~/.ssh/known_hosts")), record) if p]
 
 
 def _network_message(exc: BaseException, where: str) -> str:
@@ -151,3 +160,41 @@ def _network_message(exc: BaseException, where: str) -> str:
         return (f"cannot connect to {where} (connection refused): check the port "
                 "(--host user@host:PORT) and that sshd runs there.")
     return f"cannot connect to {where} ({text}): check the host, port and network."
+
+
+_SFTP_MARK = b"@@REMOTEOPS-SFTP-READY@@"
+_SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                 "/usr/lib/ssh/sftp-server", "/usr/libexec/sftp-server")
+
+
+def open_sftp(conn: Any, label: str) -> Any:
+    """An SFTP client, even when the login shell prints a banner.
+
+    An external ``sftp-server`` subsystem starts through the user's shell, so a
+    ``.bashrc`` that echoes corrupts the protocol ("Garbage packet"). Then we
+    start sftp-server ourselves behind a marker and skip whatever came first.
+    """
+    import paramiko
+
+    try:
+        return conn.client.open_sftp()
+    except (paramiko.SFTPError, EOFError, paramiko.SSHException) as exc:
+        log.info("sftp subsystem on %s failed (%s); starting sftp-server behind a marker",
+                 label, exc)
+    chan = conn.transport.open_session()
+    finder = " ".join(_SFTP_SERVERS)
+    chan.exec_command(f"printf '%s' '{_SFTP_MARK.decode()}'; for p in {finder}; do "
+                      f'[ -x "$p" ] && exec "$p"; done; exit 127')
+    seen = b""
+    deadline = time.monotonic() + 30
+    while _SFTP_MARK not in seen:
+        if time.monotonic() > deadline or chan.exit_status_ready() and not chan.recv_ready():
+            chan.close()
+            raise ConnectError(f"cannot start SFTP on {label}: its login shell prints text for "
+                               "non-interactive sessions and no sftp-server was found; put "
+                               "'[[ $- == *i* ]] || return' at the top of ~/.bashrc there.")
+        if chan.recv_ready():
+            seen += chan.recv(65536)
+        else:
+            time.sleep(0.01)
+    return paramiko.SFTPClient(chan)

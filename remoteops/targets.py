@@ -242,7 +242,9 @@ class SSHTarget(Target):
     @property
     def sftp(self):
         if self._sftp is None:
-            self._sftp = self.connection.sftp()
+            from remoteops.ssh import open_sftp
+
+            self._sftp = open_sftp(self.connection, self.name)
         return self._sftp
 
     def remote_path(self, path: str) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,20 @@ def pytest_configure(config):
     sys._called_from_test = True  # no entry-point autoload in-process (llm's convention)
 
 
+def sshd_folder() -> Path:
+    """A folder sshd can read as any login user (pytest's tmp folders are private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="remoteops-sshd-"))
+    folder.chmod(0o755)
+    return folder
+
+
 @pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory) -> SSHServer:
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+def sshd_server() -> SSHServer:
+    folder = sshd_folder()
+    server = start_sshd(folder)
     yield server
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -61,6 +61,15 @@ class SSHServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def sftp_subsystem() -> str:
+    """Debian's default, the external sftp-server: it runs through the login shell, so a
+    noisy ~/.bashrc reaches it, as it does on real servers."""
+    for path in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server"):
+        if os.access(path, os.X_OK):
+            return path
+    return "internal-sftp"
+
+
 def start_sshd(folder: Path, host: str = "127.0.0.1", client_key: Path | None = None,
                host_key_kind: str = "ed25519") -> SSHServer:
     """Start sshd in ``folder`` on ``host`` at a free port; wait until it speaks SSH."""
@@ -89,7 +98,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PubkeyAuthentication yes
 PermitRootLogin yes
-Subsystem sftp internal-sftp
+Subsystem sftp {sftp_subsystem()}
 MaxStartups 100:30:200
 MaxSessions 100
 LogLevel VERBOSE
