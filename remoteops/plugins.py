@@ -177,6 +177,9 @@ def collect(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
         items.append(args[0] if len(args) == 1 else args)
 
     available = dict(kwargs, register=register)
+    tracing = bool(os.environ.get("REMOTEOPS_TRACE_HOOKS"))
     for impl in getattr(pm.hook, hook).get_hookimpls():
+        if tracing:
+            sys.stderr.write(f"hook {hook} -> plugin {impl.plugin_name}\n")
         impl.function(**{name: available[name] for name in impl.argnames})
     return items

@@ -11,7 +11,10 @@ from tests.conftest import ssh_alias, trust
 # Every check passes on a CPU machine with these (the GPU gate is tested elsewhere).
 QUIET = {"REMOTEOPS_GPU_GATE": "off", "REMOTEOPS_PRECHECK__MIN_DISK_GB": "0.01",
          "REMOTEOPS_PRECHECK__MIN_RAM_GB": "0.1", "REMOTEOPS_REMOTE_PYTHON": sys.executable,
-         "REMOTEOPS_PROJECT_ROOT": "/tmp"}
+         "REMOTEOPS_PROJECT_ROOT": "/tmp",
+        # importing peft and transformers on the server takes seconds; these tests judge
+        # the rest (tests of the package rows set their own lists)
+        "REMOTEOPS_PRECHECK__REQUIRED_PACKAGES": "click", "REMOTEOPS_PRECHECK__OPTIONAL_PACKAGES": ""}
 
 
 def test_unknown_host_key_is_refused_until_trusted(cli, home, project, sshd_server):
