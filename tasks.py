@@ -1,6 +1,6 @@
 """Developer tasks for remoteops itself, on top of every user-facing task."""
 
-import os
+import shlex
 import sys
 
 from invoke import task
@@ -20,7 +20,7 @@ def test(c, k=None, x=False):
     args = [sys.executable, "-m", "pytest", "-q"]
     args += ["-k", k] if k else []
     args += ["-x"] if x else []
-    c.run(" ".join(args), pty=False, env={"PYTHONUNBUFFERED": "1"})
+    c.run(shlex.join(args), pty=False, env={"PYTHONUNBUFFERED": "1"})
 
 
 ns.add_task(test)

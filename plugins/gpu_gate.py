@@ -52,7 +52,9 @@ class GpuGate(Check):
             return self.skip("gate off: GPU and driver not checked", "use --gpu-gate strict to "
                              "check them")
         problem = self.warn if level == "warn" else self.fail
-        rows = [self._driver_row(value["smi"], problem), self._cuda_row(value["torch"], problem)]
+        escape = "" if level == "warn" else ", or pass --gpu-gate warn to go on without a GPU"
+        rows = [self._driver_row(value["smi"], problem, escape),
+                self._cuda_row(value["torch"], problem, escape)]
         need = float(settings["precheck.min_vram_gb"])
         devices = (value["torch"] or {}).get("devices") or []
         if need > 0 and devices:
@@ -62,9 +64,8 @@ class GpuGate(Check):
                                 name="gpu vram") if free < need else self.ok(shown, name="gpu vram"))
         return rows
 
-    def _driver_row(self, smi, problem):
-        hint = ("install the NVIDIA driver on the server, or pass --gpu-gate warn to go on "
-                "without a GPU")
+    def _driver_row(self, smi, problem, escape):
+        hint = "install the NVIDIA driver on the server" + escape
         if smi["state"] == "missing":
             return problem("no NVIDIA driver: nvidia-smi not found", hint, name="gpu driver")
         if smi["state"] == "error":
@@ -73,15 +74,15 @@ class GpuGate(Check):
         names = ", ".join(sorted({g[0] for g in gpus}))
         return self.ok(f"driver {gpus[0][1]}: {len(gpus)}x {names}", name="gpu driver")
 
-    def _cuda_row(self, info, problem):
+    def _cuda_row(self, info, problem, escape):
         if info is None or "error" in info:
             why = info["error"] if info else "torch not importable"
             return problem(f"cannot ask torch about CUDA ({why})", "install torch with CUDA "
-                           "support in the server's Python", name="gpu cuda")
+                           "support in the server's Python" + escape, name="gpu cuda")
         if not info["available"]:
             return problem(f"torch sees no CUDA device (torch CUDA build: {info['cuda']})",
-                           "install a CUDA build of torch that matches the driver, or pass "
-                           "--gpu-gate warn", name="gpu cuda")
+                           "install a CUDA build of torch that matches the driver" + escape,
+                           name="gpu cuda")
         return self.ok(f"CUDA {info['cuda']}, {len(info['devices'])} device(s)", name="gpu cuda")
 
 
