@@ -1,6 +1,7 @@
 """SSH targets against a real sshd: host keys, refused keys, wrong ports, noisy shells."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -134,3 +135,30 @@ def test_sftp_transfers_survive_a_noisy_login_shell(home, project, sshd_server, 
         assert target.run_python("result = payload * 2", 21) == 42
     assert (tmp_path / "back.bin").read_bytes() == payload
     assert open(f"/home/{noisy}/sub/dir/blob.bin", "rb").read() == payload
+
+
+def test_proxyjump_from_ssh_config_goes_through_the_jump_host(cli, home, project, sshd_server,
+                                                               tmp_path):
+    from tests.conftest import sshd_folder
+    from tests.harness.sshd import start_sshd
+
+    jump = start_sshd(sshd_folder(), host="127.0.0.2", client_key=sshd_server.client_key,
+                      log_level="DEBUG1")
+    try:
+        (home / ".ssh" / "config").write_text(
+            f"Host jumpbox\n  HostName {jump.host}\n  Port {jump.port}\n  User root\n"
+            f"  IdentityFile {jump.client_key}\n"
+            f"Host inner\n  HostName {sshd_server.host}\n  Port {sshd_server.port}\n"
+            f"  User root\n  IdentityFile {sshd_server.client_key}\n  ProxyJump jumpbox\n")
+        res = cli("precheck", "--host", "inner", env=QUIET)
+        assert res.returncode == 3 and "unknown host key" in res.stderr
+        assert f"[{jump.host}]:{jump.port}" in res.stderr  # the jump host is verified first
+        res = cli("precheck", "--host", "inner", "--trust-host", env=QUIET)
+        assert res.returncode == 0, res.stderr
+        known = (project / ".remoteops" / "known_hosts").read_text()
+        assert jump.known_hosts_line in known and sshd_server.known_hosts_line in known
+        # the jump server forwarded a TCP connection to the inner server's port
+        assert f"direct-tcpip" in jump.log() and f"port {sshd_server.port}" in jump.log()
+    finally:
+        jump.stop()
+        shutil.rmtree(jump.folder, ignore_errors=True)
