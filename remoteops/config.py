@@ -65,6 +65,16 @@ DEFAULTS: dict[str, Any] = {
         "min_ram_gb": 8.0,
         "min_vram_gb": 0.0,
     },
+    "bundle": {
+        "include": [],  # gitignore-style patterns; empty: every file not excluded
+        "exclude": [],
+        "out_dir": "bundles",
+        "compression_level": 3,
+    },
+    "deploy": {
+        "keep_backups": 10,
+        "verify_after": True,
+    },
     "train": TRAIN_DEFAULTS,
     "health": HEALTH_DEFAULTS,
     "eval": EVAL_DEFAULTS,

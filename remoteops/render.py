@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any, Iterable
@@ -70,3 +71,138 @@ def print_settings(items: Iterable[tuple[str, Any, str]], files: list[str], as_j
         table.add_row(escape(key), escape(shown),
                       escape(source) if source != "default" else "[dim]default[/]")
     console().print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def print_built(built: Any, as_json: bool) -> None:
+    m = built.manifest
+    data = {"bundle": str(built.tar_path), "manifest": str(built.manifest_path),
+            "version": m.version, "content_id": m.content_id, "files": len(m.files),
+            "size": m.total_size, "compressed": built.tar_path.stat().st_size,
+            "reused": built.reused, "source_commit": m.source_commit,
+            "source_dirty": m.source_dirty, "plugins": m.plugins}
+    if as_json:
+        print_json(data)
+        return
+    note = " (unchanged since the last build)" if built.reused else ""
+    print(f"bundle v{m.version} {m.content_id[:12]}{note}: {built.tar_path}")
+    print(f"  {len(m.files)} files, {human_bytes(m.total_size)} "
+          f"({human_bytes(data['compressed'])} compressed), toolkit {m.toolkit_version}")
+
+
+def print_plan(outcome: Any) -> None:
+    plan, m = outcome.plan, outcome.bundle.manifest
+    current = plan.get("current_version")
+    print(f"deploy v{m.version} ({m.content_id[:12]}) to {outcome.target}:{outcome.root}"
+          f" (server has {'v' + str(current) if current else 'nothing deployed'})")
+    for event in outcome.events:
+        print(f"  {event}")
+    if not (plan["need"] or plan["delete"]):
+        print("  nothing to change: the server already has this bundle")
+        return
+    files = m.file_map()
+    send = sum(files[p].size for p in plan["need"])
+    print(f"  {len(plan['added'])} added, {len(plan['changed'])} changed, "
+          f"{len(plan['delete'])} deleted, {plan['unchanged']} unchanged; "
+          f"{human_bytes(send)} of files to send")
+    rows = ([("+", p) for p in plan["added"]] + [("~", p) for p in plan["changed"]]
+            + [("-", p) for p in plan["delete"]])
+    for mark, path in rows[:20]:
+        print(f"    {mark} {path}")
+    if len(rows) > 20:
+        print(f"    ... and {len(rows) - 20} more")
+
+
+def print_deploy(outcome: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(outcome.to_dict())
+        return
+    if outcome.dry_run:
+        print("dry run: nothing was changed on the server")
+        return
+    if outcome.noop:
+        print(f"up to date (v{outcome.bundle.manifest.version}); sent "
+              f"{human_bytes(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
+        return
+    applied = outcome.applied
+    if applied.get("recovered"):
+        r = applied["recovered"]
+        print(f"recovered first: undid an interrupted {r['undone']} ({r['label']}), "
+              f"{r['files']} file(s) restored")
+    if applied.get("broken_lock"):
+        print(f"broke a stale lock left by {applied['broken_lock'].get('holder')}")
+    print(f"applied v{applied['version']}: {applied['created']} created, "
+          f"{applied['overwritten']} overwritten, {applied['deleted']} deleted; sent "
+          f"{human_bytes(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
+    print(f"backup: {applied['backup']}")
+    print(f"undo with: invoke rollback --backup {applied['backup_name']}")
+
+
+@contextlib.contextmanager
+def upload_progress(quiet: bool = False):
+    """A progress callback(done, total): a rich bar on a terminal, silent otherwise."""
+    out = console()
+    if quiet or not out.is_terminal:
+        yield None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
+                               TimeRemainingColumn)
+
+    with Progress("upload", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=out, transient=True) as bar:
+        task = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("upload", total=total)
+            bar.update(task, completed=done)
+
+        yield update
+
+
+def print_rollback(result: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    if result.get("dry_run"):
+        print(f"rollback of {result['backup']} ({result['label']}) would restore "
+              f"{len(result['restore'])} file(s) and remove {len(result['remove'])}:")
+        for p in result["restore"][:20]:
+            print(f"    ~ {p}")
+        for p in result["remove"][:20]:
+            print(f"    - {p}")
+        print("dry run: nothing was changed on the server")
+        return
+    if result.get("recovered"):
+        r = result["recovered"]
+        print(f"recovered first: undid an interrupted {r['undone']} ({r['label']})")
+    print(f"rolled back to v{result['version']}: {result['overwritten'] + result['created']} "
+          f"file(s) restored, {result['deleted']} removed, {result['verified']} verified by hash")
+    print(f"backup of the state before the rollback: {result['backup']}")
+    print(f"undo with: invoke rollback --backup {result['backup_name']}")
+
+
+def print_backups(target: str, rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        print(f"no backups on {target} yet")
+        return
+    table = Table(title=f"backups on {target}", title_justify="left")
+    for col in ("", "backup", "kind", "version", "from", "files", "size"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row("*" if r["current"] else "", escape(r["name"]), r["kind"],
+                      f"v{r['version']}", f"v{r['from_version']}" if r["from_version"] else "-",
+                      str(r["files"]), human_bytes(r["size"]))
+    console().print(table)
+    print("* current: rolling back to it undoes the latest deploy")

@@ -43,6 +43,10 @@ _BOOTSTRAP = (
 )
 
 
+class AgentMissing(RemoteCommandError):
+    """The target's Python has no remoteops installed."""
+
+
 @dataclass
 class Result:
     stdout: str
@@ -128,6 +132,37 @@ class Target:
         """Write atomically: a temporary name in the same folder, then rename."""
         self._write_bytes(path, data)
 
+    def size(self, path: str) -> int | None:
+        """Size of a file on the target, or None when it does not exist."""
+        return self._size(path)
+
+    def open_append(self, path: str):
+        """A binary file object appending to ``path`` (created with its folders if missing)."""
+        return self._open_append(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._rename(src, dst)
+
+    def remove(self, path: str) -> None:
+        self._remove(path)
+
+    def run_agent(self, *args: str, timeout: float | None = None) -> Any:
+        """Run ``remoteops-agent ARGS --json`` with the target's Python; return its JSON."""
+        command = " ".join([shell_path(self.python), "-m", "remoteops.agent",
+                            *(shell_path(a) for a in args), "--json"])
+        result = self.run(command, timeout=timeout, check=False)
+        if result.exited != 0:
+            errors = [l[len("error: "):] for l in result.stderr.splitlines()
+                      if l.startswith("error: ")]
+            if errors:
+                raise RemoteCommandError(errors[-1])
+            if "No module named remoteops" in result.stderr:
+                raise AgentMissing(f"remoteops is not installed for {self.python} on {self.name}")
+            tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RemoteCommandError(f"the agent on {self.name} failed (exit {result.exited}): "
+                                     f"{tail[0]}")
+        return parse_marked(result.stdout)
+
     def close(self) -> None:
         pass
 
@@ -154,6 +189,18 @@ class Target:
         raise NotImplementedError
 
     def _write_bytes(self, path: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _size(self, path: str) -> int | None:
+        raise NotImplementedError
+
+    def _open_append(self, path: str):
+        raise NotImplementedError
+
+    def _rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def _remove(self, path: str) -> None:
         raise NotImplementedError
 
 
@@ -194,6 +241,23 @@ class LocalTarget(Target):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
+
+    def _size(self, path: str) -> int | None:
+        try:
+            return self._path(path).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def _open_append(self, path: str):
+        dest = self._path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return open(dest, "ab")
+
+    def _rename(self, src: str, dst: str) -> None:
+        os.replace(self._path(src), self._path(dst))
+
+    def _remove(self, path: str) -> None:
+        self._path(path).unlink(missing_ok=True)
 
 
 class SSHTarget(Target):
@@ -284,6 +348,28 @@ class SSHTarget(Target):
         with self.sftp.open(tmp, "wb") as fh:
             fh.write(data)
         self.sftp.posix_rename(tmp, path)
+
+    def _size(self, path: str) -> int | None:
+        try:
+            return self.sftp.stat(self.remote_path(path)).st_size
+        except FileNotFoundError:
+            return None
+
+    def _open_append(self, path: str):
+        path = self.remote_path(path)
+        self._mkdirs(os.path.dirname(path))
+        fh = self.sftp.open(path, "ab")
+        fh.set_pipelined(True)
+        return fh
+
+    def _rename(self, src: str, dst: str) -> None:
+        self.sftp.posix_rename(self.remote_path(src), self.remote_path(dst))
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.sftp.remove(self.remote_path(path))
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         if self._sftp is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -120,10 +121,92 @@ def init(c, path=".", force=False):
         print(line)
 
 
+def _confirm(settings, yes: bool, non_interactive: bool | None, what: str):
+    """A confirm(plan) callback: --yes (or assume_yes) skips it; no TTY refuses."""
+    if yes or settings["assume_yes"]:
+        return None
+    if non_interactive or settings["non_interactive"] or not sys.stdin.isatty():
+        raise RemoteOpsError(f"{what} needs confirmation and this session is not interactive; "
+                             "add --yes (or set TRAIN_SYNC_ASSUME_YES=1).")
+
+    def ask(plan: dict) -> bool:
+        return input(f"{what}? [y/N] ").strip().lower() in ("y", "yes")
+
+    return ask
+
+
+@task(help={"out": "folder for the bundle (default: bundle.out_dir, bundles/)",
+            "json": "print JSON"})
+@friendly
+def build_bundle(c, out=None, json=False):
+    """Build a versioned bundle of the project's code, configs and data."""
+    from remoteops.bundles import build_bundle as build
+    from remoteops.render import print_built
+
+    print_built(build(_settings(), out), json)
+
+
+@task(help={"host": HOST_HELP, "bundle": "a bundle .tar.zst to deploy (default: build one now)",
+            "dry-run": "show the plan; change nothing on the server",
+            "yes": "do not ask for confirmation", "project-root": "the project's folder on the "
+            "target (env TRAIN_SYNC_PROJECT_ROOT)", "trust-host": "record an unknown host key",
+            "non-interactive": "never prompt (env TRAIN_SYNC_NON_INTERACTIVE)",
+            "json": "print JSON"})
+@friendly
+def deploy_bundle(c, host=None, bundle=None, dry_run=False, yes=False, project_root=None,
+                  trust_host=False, non_interactive=None, json=False):
+    """Deploy a bundle: upload only what changed, apply it with a backup first."""
+    from remoteops.deploy import deploy
+    from remoteops.render import print_deploy, print_plan, upload_progress
+    from remoteops.targets import open_target
+
+    settings = _settings(project_root=project_root, non_interactive=non_interactive)
+    confirm = None if dry_run else _confirm(settings, yes, non_interactive, "Apply this deploy")
+    with open_target(settings, host, trust_host=trust_host) as target, \
+            upload_progress(quiet=json) as progress:
+        outcome = deploy(settings, target, bundle, dry_run=dry_run, confirm=confirm,
+                         progress=progress, on_plan=None if json else print_plan)
+    print_deploy(outcome, json)
+
+
+@task(help={"backup": "the backup to restore (a name from 'invoke backups', or its path)",
+            "host": HOST_HELP, "dry-run": "show what would change; change nothing",
+            "yes": "do not ask for confirmation", "project-root": "the project's folder on the "
+            "target", "trust-host": "record an unknown host key", "non-interactive": "never "
+            "prompt", "json": "print JSON"})
+@friendly
+def rollback(c, backup, host=None, dry_run=False, yes=False, project_root=None,
+             trust_host=False, non_interactive=None, json=False):
+    """Put the project on the server back exactly as a backup recorded it."""
+    from remoteops.deploy import rollback as roll_back
+    from remoteops.render import print_rollback
+    from remoteops.targets import open_target
+
+    settings = _settings(project_root=project_root, non_interactive=non_interactive)
+    confirm = None if dry_run else _confirm(settings, yes, non_interactive, "Roll back")
+    with open_target(settings, host, trust_host=trust_host) as target:
+        print_rollback(roll_back(settings, target, backup, dry_run, confirm), json)
+
+
+@task(help={"host": HOST_HELP, "project-root": "the project's folder on the target",
+            "trust-host": "record an unknown host key", "json": "print JSON"})
+@friendly
+def backups(c, host=None, project_root=None, trust_host=False, json=False):
+    """List the backups on the server (which one is current, files, size)."""
+    from remoteops.deploy import list_backups
+    from remoteops.render import print_backups
+    from remoteops.targets import open_target
+
+    settings = _settings(project_root=project_root)
+    with open_target(settings, host, trust_host=trust_host) as target:
+        print_backups(target.describe(), list_backups(target), json)
+
+
 def make_namespace() -> Collection:
     """A fresh collection of every remoteops task (add your own tasks to it freely)."""
     ns = Collection()
-    for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init):
+    for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
+              deploy_bundle, rollback, backups):
         ns.add_task(t)
     return ns
 

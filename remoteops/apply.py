@@ -1,0 +1,434 @@
+"""Apply a bundle in place on the server, with backup, journal, ledger and rollback.
+
+Runs inside the agent, on the server. Everything lives under
+``<root>/.remoteops/``: ``lock``, ``journal.json``, ``ledger.jsonl``,
+``current.json`` (the manifest of what is deployed), ``index.json`` (a stat
+cache of hashes), ``incoming/`` (uploads), ``staging/`` and
+``backups/<UTC stamp>-v<version>/`` (``backup.json`` plus ``files/``).
+
+Order of a change: lock; finish or undo any interrupted change; stage and
+verify the new content; write the backup (every file that will be overwritten
+or deleted, plus the list of files that will be created) and only then the
+journal; replace each file by temp file + rename; record the new state and the
+ledger entry; drop the journal. A change killed at any point is undone by the
+next command, so the tree is all old or all new.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from remoteops import __version__
+from remoteops.bundles import CHUNK, BundleError, Manifest, iter_members, sha256_file
+from remoteops.errors import RemoteOpsError
+from remoteops.locks import FileLock
+
+STATE = ".remoteops"
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, ensure_ascii=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Project:
+    """The deployed project root on this machine and its ``.remoteops`` state."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(os.path.expanduser(str(root))).resolve()
+        self.state = self.root / STATE
+        self.backups = self.state / "backups"
+
+    # -- state files ---------------------------------------------------------------------
+    def current(self) -> Manifest | None:
+        path = self.state / "current.json"
+        return Manifest.from_json(path.read_text()) if path.is_file() else None
+
+    def _index(self) -> dict[str, list]:
+        try:
+            return json.loads((self.state / "index.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def hashes(self, paths: list[str]) -> dict[str, str]:
+        """sha256 of each existing path, reusing the stat cache when size and mtime match."""
+        index = self._index()
+        out: dict[str, str] = {}
+        fresh: dict[str, list] = {}
+        for rel in paths:
+            path = self.root / rel
+            try:
+                st = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if not path.is_file():
+                continue
+            cached = index.get(rel)
+            if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+                out[rel] = cached[2]
+            else:
+                out[rel] = sha256_file(path)
+            fresh[rel] = [st.st_size, st.st_mtime_ns, out[rel]]
+        self._fresh_index = fresh
+        return out
+
+    def _save_index(self, paths: list[str]) -> None:
+        self.hashes(paths)
+        _write_json(self.state / "index.json", self._fresh_index)
+
+    def ledger(self, entry: dict) -> None:
+        entry = {"time": _now(), "user": getpass.getuser(), "host": socket.gethostname(),
+                 "agent": __version__, **entry}
+        self.state.mkdir(parents=True, exist_ok=True)
+        with open(self.state / "ledger.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def lock(self, holder: str) -> FileLock:
+        return FileLock(self.state / "lock", holder)
+
+    # -- planning ------------------------------------------------------------------------
+    def plan(self, manifest: Manifest) -> dict:
+        """What the disk needs to become ``manifest``: paths to send, paths to delete."""
+        current = self.current()
+        wanted = manifest.file_map()
+        managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
+        on_disk = self.hashes(managed)
+        need = sorted(p for p, f in wanted.items()
+                      if on_disk.get(p) != f.sha256 or self._mode(p) != f.mode)
+        delete = sorted(p for p in on_disk if p not in wanted)
+        free = shutil.disk_usage(self._existing_parent(self.root)).free
+        return {"need": need, "delete": delete,
+                "added": [p for p in need if p not in on_disk],
+                "changed": [p for p in need if p in on_disk],
+                "unchanged": len(wanted) - len(need), "free_bytes": free,
+                "current_version": current.version if current else None,
+                "current_content_id": current.content_id if current else None,
+                "agent_version": __version__, "root": str(self.root)}
+
+    def _mode(self, rel: str) -> int | None:
+        try:
+            return (self.root / rel).stat().st_mode & 0o7777
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _existing_parent(path: Path) -> Path:
+        while not path.exists():
+            path = path.parent
+        return path
+
+    # -- apply ---------------------------------------------------------------------------
+    def apply(self, manifest: Manifest, delta: Path | None, holder: str, keep: int = 10,
+              delta_sha256: str | None = None) -> dict:
+        with self.lock(holder) as lock:
+            recovered = self.recover()
+            plan = self.plan(manifest)
+            staging = self.state / "staging" / manifest.content_id
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                staged = self._stage(manifest, delta, plan["need"], staging, delta_sha256)
+                needed = manifest.file_map()
+                self._check_space(sum(needed[p].size for p in plan["need"]),
+                                  plan["changed"] + plan["delete"])
+                changes = {p: (staged[p], needed[p].mode) for p in plan["need"]}
+                changes.update({p: None for p in plan["delete"]})
+                if not changes:
+                    return {"action": "apply", "noop": True, "version": manifest.version,
+                            "recovered": recovered, "broken_lock": lock.broken}
+                result = self._commit(changes, kind="apply", version=manifest.version,
+                                      after=json.loads(manifest.to_json()),
+                                      label=f"v{manifest.version}")
+            finally:
+                shutil.rmtree(staging.parent, ignore_errors=True)
+            pruned = self.prune(keep)
+            return {**result, "recovered": recovered, "pruned": pruned,
+                    "broken_lock": lock.broken}
+
+    def _stage(self, manifest: Manifest, delta: Path | None, need: list[str], staging: Path,
+               delta_sha256: str | None) -> dict[str, Path]:
+        """Extract and verify every needed file into ``staging`` before touching the tree."""
+        if not need:
+            return {}
+        if delta is None or not delta.is_file():
+            raise BundleError("the upload of changed files is missing on the server; run the "
+                              "deploy again.")
+        if delta_sha256 and sha256_file(delta) != delta_sha256:
+            delta.unlink()
+            raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
+                              "transit); nothing was changed: run the deploy again.")
+        wanted = manifest.file_map()
+        staged: dict[str, Path] = {}
+        for member, fh in iter_members(delta):
+            if fh is None:
+                continue
+            rel = member.name[len("files/"):] if member.name.startswith("files/") else None
+            if rel not in wanted:
+                raise BundleError(f"the upload holds {member.name}, which the manifest does not "
+                                  "list; refusing it (nothing was changed).")
+            out = staging / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with open(out, "wb") as dst:
+                for chunk in iter(lambda: fh.read(CHUNK), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+            if h.hexdigest() != wanted[rel].sha256:
+                raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
+                                  "damaged); nothing was changed: rebuild and deploy again.")
+            staged[rel] = out
+        missing = [p for p in need if p not in staged]
+        if missing:
+            raise BundleError(f"the server's files changed since the plan ({missing[0]} and "
+                              f"{len(missing) - 1} more are not in the upload); run the deploy "
+                              "again.")
+        return staged
+
+    def _check_space(self, new_bytes: int, backed_up: list[str]) -> None:
+        backup = sum((self.root / p).stat().st_size for p in backed_up
+                     if (self.root / p).is_file())
+        free = shutil.disk_usage(self._existing_parent(self.root)).free
+        need = new_bytes + backup + (16 << 20)
+        if free < need:
+            raise RemoteOpsError(f"not enough disk on the server: {free / 1e9:.2f} GB free, the "
+                                 f"apply needs {need / 1e9:.2f} GB (new files and backups); free "
+                                 "space or lower deploy.keep_backups. Nothing was changed.")
+
+    # -- the change itself ---------------------------------------------------------------
+    def _commit(self, changes: dict[str, tuple[Path, int] | None], kind: str, version: int,
+                after: dict | None, label: str, extra: dict | None = None) -> dict:
+        """Back up, journal, replace, record. ``changes``: path -> (source, mode) or None."""
+        name = f"{_stamp()}-{label}"
+        backup = self.backups / name
+        n = 1
+        while backup.exists():
+            n += 1
+            backup = self.backups / f"{name}.{n}"
+        files_dir = backup / "files"
+        current = self.current()
+        before = json.loads(current.to_json()) if current else None
+        on_disk = self.hashes(sorted(changes))
+        overwritten, deleted, created = [], [], []
+        for rel in sorted(changes):
+            path = self.root / rel
+            if rel in on_disk:
+                copy = files_dir / rel
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy)
+                record = {"path": rel, "sha256": on_disk[rel], "size": path.stat().st_size,
+                          "mode": path.stat().st_mode & 0o7777}
+                (deleted if changes[rel] is None else overwritten).append(record)
+            elif changes[rel] is not None:
+                created.append(rel)
+        meta = {"kind": kind, "label": label, "version": version, "created_at": _now(),
+                "overwritten": overwritten, "deleted": deleted, "created": created,
+                "manifest_before": before, "manifest_after": after, **(extra or {})}
+        _write_json(backup / "backup.json", meta)  # the backup is complete from here on
+        _write_json(self.state / "journal.json", {"backup": backup.name, "kind": kind,
+                                                  "started": _now(), "pid": os.getpid()})
+        for rel, change in sorted(changes.items()):
+            path = self.root / rel
+            if change is None:
+                path.unlink(missing_ok=True)
+                self._prune_dirs(path.parent)
+                continue
+            source, mode = change
+            self._place(source, path, mode)
+            self._fault_point()
+        self._finish(after, sorted(changes))
+        self.ledger({"action": kind, "version": version, "label": label, "backup": backup.name,
+                     "overwritten": len(overwritten), "deleted": len(deleted),
+                     "created": len(created), **(extra or {})})
+        (self.state / "journal.json").unlink()
+        return {"action": kind, "noop": False, "version": version, "backup": str(backup),
+                "backup_name": backup.name, "overwritten": len(overwritten),
+                "deleted": len(deleted), "created": len(created)}
+
+    def _fault_point(self) -> None:
+        """Fault injection for the test suite: a real SIGKILL after N files are placed."""
+        limit = os.environ.get("REMOTEOPS_TEST_KILL_AFTER_FILES")
+        if limit is not None:
+            self._placed = getattr(self, "_placed", 0) + 1
+            if self._placed >= int(limit):
+                os.kill(os.getpid(), 9)
+
+    def _place(self, source: Path, dest: Path, mode: int) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir() and not dest.is_symlink():
+            raise RemoteOpsError(f"{dest} is a folder on the server but a file in the bundle; "
+                                 "move it away and deploy again.")
+        tmp = dest.with_name(f".{dest.name}.remoteops-tmp")
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+
+    def _prune_dirs(self, folder: Path) -> None:
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    def _finish(self, after: dict | None, touched: list[str]) -> None:
+        if after is None:
+            (self.state / "current.json").unlink(missing_ok=True)
+        else:
+            _write_json(self.state / "current.json", after)
+        keep = sorted(set(touched) | {f["path"] for f in (after or {}).get("files", [])})
+        self._save_index(keep)
+
+    # -- recovery ------------------------------------------------------------------------
+    def recover(self) -> dict | None:
+        """Undo an interrupted change (all old again); drop half-written backups."""
+        journal_path = self.state / "journal.json"
+        result = None
+        if journal_path.is_file():
+            journal = json.loads(journal_path.read_text())
+            backup = self.backups / journal["backup"]
+            meta = json.loads((backup / "backup.json").read_text())
+            for record in meta["overwritten"] + meta["deleted"] + [{"path": p}
+                                                                    for p in meta["created"]]:
+                dest = self.root / record["path"]
+                dest.with_name(f".{dest.name}.remoteops-tmp").unlink(missing_ok=True)
+            restored = self._restore_from(backup, meta)
+            self._finish(meta["manifest_before"], restored)
+            self.ledger({"action": "recover", "undone": meta["kind"], "label": meta["label"],
+                         "backup": backup.name, "restored": len(restored)})
+            journal_path.unlink()
+            shutil.rmtree(backup, ignore_errors=True)  # it described a change that never was
+            result = {"undone": meta["kind"], "label": meta["label"], "files": len(restored)}
+        if self.backups.is_dir():
+            for folder in self.backups.iterdir():
+                if folder.is_dir() and not (folder / "backup.json").is_file():
+                    shutil.rmtree(folder, ignore_errors=True)
+        return result
+
+    def _restore_from(self, backup: Path, meta: dict) -> list[str]:
+        """Put back every file the backup holds; remove files the change created."""
+        touched = []
+        for record in meta["overwritten"] + meta["deleted"]:
+            source = backup / "files" / record["path"]
+            if sha256_file(source) != record["sha256"]:
+                raise RemoteOpsError(f"backup file {source} does not match its recorded sha256; "
+                                     "the backup is damaged, restore that file by hand.")
+            self._place(source, self.root / record["path"], record["mode"])
+            touched.append(record["path"])
+        for rel in meta["created"]:
+            path = self.root / rel
+            path.unlink(missing_ok=True)
+            self._prune_dirs(path.parent)
+            touched.append(rel)
+        return touched
+
+    # -- rollback ------------------------------------------------------------------------
+    def resolve_backup(self, name: str) -> Path:
+        path = Path(os.path.expanduser(name))
+        candidate = path if path.is_absolute() else self.backups / name
+        if not (candidate / "backup.json").is_file():
+            known = ", ".join(b["name"] for b in self.list_backups()[-3:]) or "none yet"
+            raise RemoteOpsError(f"no backup {name!r} under {self.backups}; 'invoke backups' "
+                                 f"lists them (latest: {known}).")
+        if self.backups.resolve() not in candidate.resolve().parents:
+            raise RemoteOpsError(f"{name} is not a backup of {self.root}; pick one from "
+                                 "'invoke backups'.")
+        return candidate
+
+    def rollback_plan(self, name: str) -> dict:
+        backup = self.resolve_backup(name)
+        meta = json.loads((backup / "backup.json").read_text())
+        return {"backup": backup.name, "restore": [r["path"] for r in meta["overwritten"] +
+                                                   meta["deleted"]],
+                "remove": list(meta["created"]), "label": meta["label"],
+                "to_version": (meta["manifest_before"] or {}).get("version")}
+
+    def rollback(self, name: str, holder: str, keep: int = 10) -> dict:
+        with self.lock(holder) as lock:
+            recovered = self.recover()
+            backup = self.resolve_backup(name)
+            meta = json.loads((backup / "backup.json").read_text())
+            changes: dict[str, tuple[Path, int] | None] = {}
+            for record in meta["overwritten"] + meta["deleted"]:
+                source = backup / "files" / record["path"]
+                if sha256_file(source) != record["sha256"]:
+                    raise RemoteOpsError(f"backup file {source} does not match its recorded "
+                                         "sha256; the backup is damaged. Nothing was changed.")
+                changes[record["path"]] = (source, record["mode"])
+            for rel in meta["created"]:
+                changes[rel] = None
+            before = meta["manifest_before"]
+            version = (before or {}).get("version") or 0
+            result = self._commit(changes, kind="rollback", version=version, after=before,
+                                  label=f"rollback-to-v{version}",
+                                  extra={"rolled_back": backup.name})
+            verified = self._verify_rollback(meta)
+            pruned = self.prune(keep)
+            return {**result, "verified": verified, "recovered": recovered, "pruned": pruned,
+                    "broken_lock": lock.broken}
+
+    def _verify_rollback(self, meta: dict) -> int:
+        expect = {r["path"]: r["sha256"] for r in meta["overwritten"] + meta["deleted"]}
+        actual = self.hashes(sorted(expect) + meta["created"])
+        wrong = [p for p, h in expect.items() if actual.get(p) != h]
+        wrong += [p for p in meta["created"] if p in actual]
+        if wrong:
+            raise RemoteOpsError(f"after the rollback {wrong[0]} is not as the backup recorded; "
+                                 "check the disk and run the rollback again.")
+        return len(expect) + len(meta["created"])
+
+    # -- listing and pruning -------------------------------------------------------------
+    def list_backups(self) -> list[dict]:
+        if not self.backups.is_dir():
+            return []
+        out = []
+        for folder in sorted(self.backups.iterdir()):
+            meta_path = folder / "backup.json"
+            if not meta_path.is_file():
+                continue
+            meta = json.loads(meta_path.read_text())
+            files = meta["overwritten"] + meta["deleted"]
+            out.append({"name": folder.name, "path": str(folder), "kind": meta["kind"],
+                        "version": meta["version"], "created_at": meta["created_at"],
+                        "files": len(files) + len(meta["created"]),
+                        "size": sum(r["size"] for r in files),
+                        "from_version": (meta["manifest_before"] or {}).get("version"),
+                        "current": False})
+        if out:
+            out[-1]["current"] = True  # undoes what is deployed now
+        return out
+
+    def prune(self, keep: int) -> list[str]:
+        backups = self.list_backups()
+        doomed = backups[:-keep] if keep > 0 else []
+        for b in doomed:
+            shutil.rmtree(b["path"], ignore_errors=True)
+        return [b["name"] for b in doomed]
+
+
+def read_manifest_file(path: str | Path) -> Manifest:
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise BundleError(f"manifest {path} is not on the server; run the deploy again.")
+    return Manifest.from_json(path.read_text(encoding="utf-8"))
