@@ -112,12 +112,23 @@ class Project:
     # -- planning ------------------------------------------------------------------------
     def plan(self, manifest: Manifest) -> dict:
         """What the disk needs to become ``manifest``: paths to send, paths to delete."""
+        pending = self._pending_recovery()
         current = self.current()
+        if pending is not None:  # plan against the tree as the next command will leave it
+            before = pending[1]["manifest_before"]
+            current = Manifest.from_json(json.dumps(before)) if before else None
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
         on_disk = self.hashes(managed)
+        modes = {p: self._mode(p) for p in on_disk}
+        if pending is not None:
+            meta = pending[1]
+            for record in meta["overwritten"] + meta["deleted"]:
+                on_disk[record["path"]], modes[record["path"]] = record["sha256"], record["mode"]
+            for rel in meta["created"]:
+                on_disk.pop(rel, None)
         need = sorted(p for p, f in wanted.items()
-                      if on_disk.get(p) != f.sha256 or self._mode(p) != f.mode)
+                      if on_disk.get(p) != f.sha256 or modes.get(p) != f.mode)
         delete = sorted(p for p in on_disk if p not in wanted)
         free = shutil.disk_usage(self._existing_parent(self.root)).free
         return {"need": need, "delete": delete,
@@ -126,7 +137,16 @@ class Project:
                 "unchanged": len(wanted) - len(need), "free_bytes": free,
                 "current_version": current.version if current else None,
                 "current_content_id": current.content_id if current else None,
-                "agent_version": __version__, "root": str(self.root)}
+                "agent_version": __version__, "root": str(self.root),
+                "recovery_pending": pending[1]["label"] if pending else None}
+
+    def _pending_recovery(self) -> tuple[Path, dict] | None:
+        """The backup of an interrupted change the next command will undo, if any."""
+        journal_path = self.state / "journal.json"
+        if not journal_path.is_file():
+            return None
+        backup = self.backups / json.loads(journal_path.read_text())["backup"]
+        return backup, json.loads((backup / "backup.json").read_text())
 
     def _mode(self, rel: str) -> int | None:
         try:
@@ -305,10 +325,9 @@ class Project:
         """Undo an interrupted change (all old again); drop half-written backups."""
         journal_path = self.state / "journal.json"
         result = None
-        if journal_path.is_file():
-            journal = json.loads(journal_path.read_text())
-            backup = self.backups / journal["backup"]
-            meta = json.loads((backup / "backup.json").read_text())
+        pending = self._pending_recovery()
+        if pending is not None:
+            backup, meta = pending
             for record in meta["overwritten"] + meta["deleted"] + [{"path": p}
                                                                     for p in meta["created"]]:
                 dest = self.root / record["path"]

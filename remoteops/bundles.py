@@ -265,6 +265,22 @@ def check_member(member: tarfile.TarInfo) -> None:
         raise BundleError(f"the bundle holds {name!r}, which is a link or device; refusing it.")
 
 
+class _MemberReader:
+    """A member's file object whose read errors (bad zstd frame, short tar) are BundleErrors."""
+
+    def __init__(self, fh, tar_name: str):
+        self._fh, self._tar_name = fh, tar_name
+
+    def read(self, size: int = -1) -> bytes:
+        import zstandard
+
+        try:
+            return self._fh.read(size)
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
+            raise BundleError(f"{self._tar_name} is truncated or corrupted ({exc}); rebuild it "
+                              "with invoke build-bundle.") from None
+
+
 def iter_members(tar_path: Path):
     """Yield ``(member, fileobj)`` of a bundle tar, checking each member is safe."""
     import zstandard
@@ -275,7 +291,8 @@ def iter_members(tar_path: Path):
                 tarfile.open(fileobj=zr, mode="r|") as tar:
             for member in tar:
                 check_member(member)
-                yield member, (tar.extractfile(member) if member.isfile() else None)
+                yield member, (_MemberReader(tar.extractfile(member), tar_path.name)
+                               if member.isfile() else None)
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
         raise BundleError(f"{tar_path.name} is truncated or corrupted ({exc}); rebuild it with "
                           "invoke build-bundle.") from None

@@ -256,7 +256,8 @@ def _from_env(env: Mapping[str, str]) -> dict:
     for name, value in sorted(env.items()):
         if name in SEED_ENV:
             dotted = SEED_ENV[name]
-        elif name.startswith("REMOTEOPS_") and name not in ENV_NOT_SETTINGS:
+        elif (name.startswith("REMOTEOPS_") and name not in ENV_NOT_SETTINGS
+              and not name.startswith("REMOTEOPS_TEST_")):
             dotted = name[len("REMOTEOPS_"):].lower().replace("__", ".")
         else:
             continue

@@ -104,6 +104,8 @@ def print_plan(outcome: Any) -> None:
           f" (server has {'v' + str(current) if current else 'nothing deployed'})")
     for event in outcome.events:
         print(f"  {event}")
+    if plan.get("recovery_pending"):
+        print(f"  an interrupted change ({plan['recovery_pending']}) will be undone first")
     if not (plan["need"] or plan["delete"]):
         print("  nothing to change: the server already has this bundle")
         return

@@ -372,12 +372,14 @@ class SSHTarget(Target):
             pass
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-            self._sftp = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        # Best effort: after a cut connection closing raises, and must not hide the real error.
+        for obj in (self._sftp, self._conn):
+            if obj is not None:
+                try:
+                    obj.close()
+                except (OSError, EOFError, Exception):  # noqa: BLE001
+                    pass
+        self._sftp = self._conn = None
 
     def describe(self) -> str:
         return self.name

@@ -1,0 +1,77 @@
+"""A TCP proxy in front of sshd that cuts connections for real (RST) after N bytes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class CutProxy:
+    """Forwards 127.0.0.1:<port> to an upstream; ``arm(n)`` cuts the next connection
+    after it has carried ``n`` client-to-server bytes."""
+
+    def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1"):
+        self.upstream = upstream
+        self.listener = socket.create_server((host, 0))
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.budget: int | None = None
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, n_bytes: int) -> None:
+        with self._lock:
+            self.budget = n_bytes
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                budget, self.budget = self.budget, None
+            state = {"left": budget, "dead": False}
+            threading.Thread(target=self._pump, args=(client, server, state, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, False),
+                             daemon=True).start()
+
+    def _cut(self, *socks: socket.socket) -> None:
+        for s in socks:
+            try:  # linger 0: close with RST, like a dropped link or a killed NAT entry
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            except OSError:
+                pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict, upstream: bool) -> None:
+        try:
+            while not state["dead"]:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upstream and state["left"] is not None:
+                    state["left"] -= len(data)
+                    if state["left"] <= 0:
+                        state["dead"] = True
+                        self.cuts += 1
+                        self._cut(src, dst)
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if not state["dead"]:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
