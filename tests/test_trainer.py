@@ -63,7 +63,7 @@ def agent(project: Path, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def stage_cfg(project: Path, stage: str, preset: str | None = None, **train):
-    settings = load_settings(project, env={})
+    settings = load_settings(project, env={"REMOTEOPS_USER_CONFIG": str(project / "none.toml")})
     return resolve_stage(settings, stage, preset, overrides=train or None)
 
 
@@ -223,6 +223,7 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(project):
     ref_entry = final(project / "outputs" / "training_sync" / "run_ref")
     cut_entry = final(cut)
     assert cut_entry["status"] == "done" and cut_entry["resumed_from"].endswith("checkpoint-2")
+    assert (cut / "drill.done").exists() and (cut / "drill.healthy").exists()
     assert cut_entry["final"]["step"] == ref_entry["final"]["step"] == 6
     assert cut_entry["final"]["loss"] == pytest.approx(ref_entry["final"]["loss"], rel=1e-4)
     assert cut_entry["final"]["eval_loss"] == pytest.approx(ref_entry["final"]["eval_loss"], rel=1e-4)
@@ -271,8 +272,8 @@ def test_qlora_without_cuda_is_an_error_unless_fallback_allowed(project):
 
 def test_unknown_stage_override_key_is_a_config_error(project):
     with open(project / "remoteops.toml", "a", encoding="utf-8") as fh:
-        fh.write("lr_rate = 0.1\n")
-    with pytest.raises(ConfigError, match=r"stages.drill.train.lr_rate.*Did you mean 'lr'"):
+        fh.write("epoch = 3\n")
+    with pytest.raises(ConfigError, match=r"stages.drill.train.epoch'.*Did you mean 'epochs'"):
         stage_cfg(project, "drill")
 
 
@@ -336,3 +337,45 @@ def test_log_checker_catches_nan_traceback_oom_and_stale(tmp_path):
     stale = check_log(log, hb, stale_seconds=60, now=2000.0)
     assert stale.reason == "stale" and stale.age_s == 1000.0
     assert check_log(log, hb, stale_seconds=60, now=1030.0).ok
+
+
+def test_health_callback_guards_a_users_own_trainer(project, demo_model):
+    """A plain transformers.Trainer with our callback: NaN never reaches the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from remoteops.trainer.health import HealthCallback
+    from remoteops.trainer.train import prepare
+
+    prep = prepare(stage_cfg(project, "drill"))
+
+    class UserTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss * float("nan") if self.state.global_step == 1 else loss
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(demo_model)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    seen = []
+    health = HealthCallback(on_failure=lambda reason, msg, step: seen.append((reason, step)))
+    args = TrainingArguments(output_dir=str(project / "user"), max_steps=4, logging_steps=1,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             learning_rate=1e-2, save_strategy="no", report_to="none",
+                             use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    from remoteops.trainer.data import Collator
+    trainer = UserTrainer(model=model, args=args, train_dataset=prep.train,
+                          data_collator=Collator(prep.tokenizer.pad_token_id), callbacks=[health])
+    trainer.train()
+    assert seen == [("nan", 2)] and trainer.state.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_make_demo_model_command_is_deterministic(tmp_path, demo_model):
+    res = agent(tmp_path, "make-demo-model", "--out", str(tmp_path / "m"), "--seed", "0")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == \
+        (demo_model / "model.safetensors").read_bytes()
+    assert (tmp_path / "m" / "tokenizer.json").read_bytes() == \
+        (demo_model / "tokenizer.json").read_bytes()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["hidden_size"] == 256

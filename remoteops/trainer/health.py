@@ -1,0 +1,181 @@
+"""In-process health watch: a ``transformers.TrainerCallback`` any HF trainer can use.
+
+    from remoteops.trainer.health import HealthCallback
+    trainer = Trainer(..., callbacks=[HealthCallback(loss_max=1e4, explode_ratio=10)])
+
+It acts *before* the optimizer applies a bad step: in ``on_pre_optimizer_step``
+it checks the gradients (a NaN/inf loss gives NaN gradients), the loss (when
+the trainer feeds it through ``observe_loss``, as remoteops' own trainer does)
+and the learning rate; on a problem it drops the gradients (so the optimizer
+step changes nothing), stops training, and suppresses further saves, so every
+saved weight stays finite. Reasons: ``nan``, ``divergence``, ``lr_zero``;
+``classify_exception`` names ``oom``, ``cuda``, ``data``, ``config``,
+``interrupted`` or ``error`` for an exception out of ``trainer.train()``.
+Set ``logging_nan_inf_filter=False`` in the TrainingArguments: transformers
+hides NaN losses otherwise (the callback turns it off when it can).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+REASONS = ("nan", "divergence", "lr_zero", "oom", "cuda", "data", "config", "interrupted",
+           "error")
+
+_CUDA_MARKERS = ("cuda error", "cublas", "cudnn", "nccl", "device-side assert",
+                 "illegal memory access", "cuda driver", "cuda runtime", "no kernel image")
+
+
+def classify_exception(exc: BaseException) -> str:
+    """The failure class of an exception raised by training."""
+    from remoteops.errors import ConfigError
+
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "OutOfMemoryError" or "out of memory" in text:
+        return "oom"
+    if any(marker in text for marker in _CUDA_MARKERS) or name.startswith("Cuda"):
+        return "cuda"
+    if isinstance(exc, ConfigError):
+        return "data" if type(exc).__name__ == "DataError" else "config"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "error"
+
+
+class HealthFailure(Exception):
+    """Raised (by the caller's choice) for a failure the callback found."""
+
+    def __init__(self, reason: str, message: str, step: int):
+        super().__init__(message)
+        self.reason, self.message, self.step = reason, message, step
+
+
+class HealthCallback(TrainerCallback):
+    """Watches loss, gradients and learning rate; stops before a bad step is applied.
+
+    ``on_healthy(step)`` is called once after ``warmup_check_steps`` clean steps;
+    ``on_failure(reason, message, step)`` once on the first problem. The failure
+    is also kept in ``self.failure`` (a dict) for the caller.
+    """
+
+    def __init__(self, loss_max: float = 1e4, explode_ratio: float = 10.0,
+                 warmup_check_steps: int = 3, check_lr: bool = True,
+                 on_healthy: Callable[[int], None] | None = None,
+                 on_failure: Callable[[str, str, int], None] | None = None):
+        self.loss_max = loss_max
+        self.explode_ratio = explode_ratio
+        self.warmup_check_steps = warmup_check_steps
+        self.check_lr = check_lr
+        self.on_healthy = on_healthy
+        self.on_failure = on_failure
+        self.failure: dict[str, Any] | None = None
+        self.healthy = False
+        self.min_loss = math.inf
+        self.warmup_steps = 0
+        self._start_step = 0
+        self._loss_sum = None
+        self._loss_fed = False
+        self._params: list = []
+
+    # -- fed by a trainer that wants loss checks before the optimizer step ------
+    def observe_loss(self, loss) -> None:
+        """Add one micro-batch loss (a tensor; no device sync happens here)."""
+        self._loss_fed = True
+        loss = loss.detach()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    # -- the checks -------------------------------------------------------------
+    def judge(self, step: int, loss: float | None = None, grad_norm: float | None = None,
+              lr: float | None = None) -> tuple[str, str] | None:
+        """``(reason, message)`` for a bad step, else None. Pure; usable without a trainer."""
+        if loss is not None and not math.isfinite(loss):
+            return "nan", f"loss is {loss} at step {step}"
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return "nan", f"gradient norm is {grad_norm} at step {step}"
+        if loss is not None:
+            if loss > self.loss_max:
+                return "divergence", (f"loss {loss:.4g} at step {step} is above health.loss_max "
+                                      f"({self.loss_max:g})")
+            if (math.isfinite(self.min_loss) and loss > self.explode_ratio * self.min_loss
+                    and loss - self.min_loss > 1.0):
+                return "divergence", (f"loss {loss:.4g} at step {step} is over "
+                                      f"{self.explode_ratio:g}x the lowest so far "
+                                      f"({self.min_loss:.4g})")
+            self.min_loss = min(self.min_loss, loss)
+        if self.check_lr and lr is not None and lr <= 0 and step > self.warmup_steps:
+            return "lr_zero", (f"learning rate is {lr} at step {step}, after "
+                               f"{self.warmup_steps} warmup steps; check train.lr and the schedule")
+        return None
+
+    def _fail(self, reason: str, message: str, step: int, control) -> None:
+        if self.failure is None:
+            self.failure = {"reason": reason, "message": message, "step": step}
+            if self.on_failure:
+                self.on_failure(reason, message, step)
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    # -- TrainerCallback ----------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "logging_nan_inf_filter", False):
+            try:
+                args.logging_nan_inf_filter = False
+            except Exception:  # frozen arguments: NaN still reaches the gradient check
+                pass
+        self.warmup_steps = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
+        self._start_step = state.global_step  # a resumed run proves itself again
+        self.healthy = False
+        if model is not None:
+            self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        import torch
+
+        step = state.global_step + 1
+        if not self._params and model is not None:
+            self._params = [p for p in model.parameters() if p.requires_grad]
+        grads = [p.grad for p in self._params if p.grad is not None]
+        values = []
+        if grads:
+            values.append(torch.stack(torch._foreach_norm(grads)).float().sum())
+        if self._loss_sum is not None:  # training_step losses are pre-scaled: their sum is the step's
+            loss = self._loss_sum.float().reshape(())
+            values.append(loss.to(values[0].device) if values else loss)
+        numbers = torch.stack(values).tolist() if values else []  # the one device sync per step
+        grad_total = numbers[0] if grads else None
+        loss_total = numbers[-1] if self._loss_sum is not None else None
+        self._loss_sum = None
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        problem = self.judge(step, loss_total, grad_total, lr)
+        if problem:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)  # the step that follows changes nothing
+            for p in self._params:
+                p.grad = None
+            self._fail(problem[0], problem[1], step, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.failure:
+            self._fail(self.failure["reason"], self.failure["message"], self.failure["step"], control)
+        elif not self.healthy and state.global_step - self._start_step >= self.warmup_check_steps:
+            self.healthy = True
+            if self.on_healthy:
+                self.on_healthy(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.failure or "loss" not in logs:
+            return
+        # Without observe_loss the loss is only seen here, after the step.
+        loss = logs.get("loss") if not self._loss_fed else None
+        problem = self.judge(state.global_step, loss, logs.get("grad_norm"), None)
+        if problem:
+            self._fail(problem[0], problem[1], state.global_step, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.failure:
+            self._fail(self.failure["reason"], self.failure["message"], self.failure["step"], control)

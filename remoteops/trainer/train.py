@@ -1,0 +1,373 @@
+"""The built-in trainer: transformers.Trainer + peft LoRA/QLoRA with health watch.
+
+``prepare`` reads and tokenizes the data, ``dry_run`` validates everything
+without training, ``run_train`` trains one stage into a run directory and
+returns its summary entry (``status`` is ``done`` or ``failed``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from remoteops.errors import ConfigError
+from remoteops.trainer.checkpoints import list_checkpoints
+from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
+from remoteops.trainer.rundir import RunDir
+from remoteops.trainer.stageconf import StageConfig
+
+
+def say(msg: str) -> None:
+    print(f"[remoteops] {msg}", flush=True)
+
+
+@dataclass
+class Prepared:
+    tokenizer: Any
+    train: list[dict]
+    eval: list[dict]
+    bad: list[str] = field(default_factory=list)
+    eval_source: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x["input_ids"]) for x in self.train)
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(sum(1 for t in x["labels"] if t != -100) for x in self.train)
+
+
+def quiet_transformers() -> None:
+    import warnings
+
+    import transformers
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"base model {path} not found; set train.base_model, or build the demo "
+                          "model with 'remoteops-agent make-demo-model'.")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
+    """Read, validate and tokenize the stage's training and eval data."""
+    t = cfg.train
+    report = read_jsonl(cfg.dataset, t["max_bad_lines"], base=cfg.project_dir)
+    tokenizer = tokenizer or load_tokenizer(cfg.base_model)
+    bad = list(report.bad)
+    train = encode_records(tokenizer, report.records, t["max_seq_len"], t["max_bad_lines"], bad)
+    evals: list[dict] = []
+    source = ""
+    if cfg.eval_set:
+        ev = read_jsonl(cfg.eval_set, t["max_bad_lines"], kind="eval", base=cfg.project_dir)
+        for rec in ev.records:
+            if rec.extra.get("reference"):
+                msgs = rec.messages + [{"role": "assistant", "content": rec.extra["reference"]}]
+                try:
+                    evals.append(encode(tokenizer, msgs, t["max_seq_len"]))
+                except ValueError:
+                    continue
+        source = ev.path
+    elif t["eval_holdout"] > 0 and len(train) >= 5:
+        order = list(range(len(train)))
+        random.Random(t["seed"]).shuffle(order)
+        n = max(1, int(round(len(train) * t["eval_holdout"])))
+        held = set(order[:n])
+        evals = [x for i, x in enumerate(train) if i in held]
+        train = [x for i, x in enumerate(train) if i not in held]
+        source = f"{n} lines held out of {report.path}"
+    if not train:
+        raise DataError(f"{report.path}: nothing left to train on; add data lines.")
+    return Prepared(tokenizer, train, evals, bad, source)
+
+
+def plan_steps(cfg: StageConfig, n: int) -> tuple[int, int]:
+    t = cfg.train
+    per_epoch = math.ceil(math.ceil(n / t["batch_size"]) / t["grad_accum"])
+    return per_epoch, max(1, math.ceil(per_epoch * t["epochs"]))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _use_qlora(cfg: StageConfig, log: Callable[[str], None]) -> bool:
+    if cfg.train["quantization"] != "qlora":
+        return False
+    if _cuda():
+        return True
+    if cfg.train["qlora_fallback"]:
+        log("QLoRA asked for (train.quantization = \"qlora\") but no CUDA GPU is visible: "
+            "falling back to plain LoRA in full precision (train.qlora_fallback = true).")
+        return False
+    raise ConfigError("train.quantization = \"qlora\" needs a CUDA GPU and none is visible; run "
+                      "on a GPU server, set quantization = \"none\", or allow the LoRA fallback "
+                      "with train.qlora_fallback = true.")
+
+
+def dry_run(cfg: StageConfig, log: Callable[[str], None] = say) -> dict[str, Any]:
+    """Validate config, data and model loading; report sizes and a memory estimate."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+    prep = prepare(cfg)
+    qlora = _use_qlora(cfg, log)
+    mconf = AutoConfig.from_pretrained(str(cfg.base_model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mconf)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [x for x in cfg.train["lora_targets"] if x not in names]
+    if missing:
+        raise ConfigError(f"train.lora_targets {missing} match no module of {cfg.base_model}; "
+                          f"choose from e.g. {sorted(n for n in names if n.endswith('proj'))}.")
+    n_params = sum(p.numel() for p in model.parameters())
+    hidden = getattr(mconf, "hidden_size", 0)
+    layers = getattr(mconf, "num_hidden_layers", 0)
+    lora_params = 0
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in cfg.train["lora_targets"] and hasattr(mod, "in_features"):
+            lora_params += cfg.train["lora_r"] * (mod.in_features + mod.out_features)
+    per_epoch, total = plan_steps(cfg, len(prep.train))
+    gpu = _cuda()
+    weight_bytes = 0.55 if qlora else (2 if gpu else 4)
+    longest = max(len(x["input_ids"]) for x in prep.train)
+    act = cfg.train["batch_size"] * longest * hidden * layers * 34 * (2 if gpu else 4)
+    logits = cfg.train["batch_size"] * longest * getattr(mconf, "vocab_size", 0) * 8
+    mem = n_params * weight_bytes + lora_params * 16 + act + logits
+    info = {"stage": cfg.name, "preset": cfg.preset, "samples": len(prep.train),
+            "eval_samples": len(prep.eval), "skipped_lines": len(prep.bad),
+            "tokens": prep.tokens, "target_tokens": prep.target_tokens,
+            "longest": longest, "steps_per_epoch": per_epoch, "total_steps": total,
+            "epochs": cfg.train["epochs"], "params": n_params, "lora_params": lora_params,
+            "qlora": qlora, "device": "cuda" if gpu else "cpu",
+            "memory_estimate_gb": round(mem / 2**30, 3)}
+    for line in prep.bad:
+        log(f"skipped {line}")
+    log(f"dry run of stage '{cfg.name}' (preset {cfg.preset}): {len(prep.train)} samples, "
+        f"{prep.tokens} tokens ({prep.target_tokens} trained), longest {longest}; "
+        f"{len(prep.eval)} eval samples; {len(prep.bad)} bad lines skipped")
+    log(f"plan: {cfg.train['epochs']:g} epochs x {per_epoch} steps = {total} optimizer steps "
+        f"(batch {cfg.train['batch_size']}, grad accum {cfg.train['grad_accum']}, "
+        f"lr {cfg.train['lr']:g}); model {n_params / 1e6:.2f}M params, LoRA "
+        f"{lora_params / 1e6:.3f}M; {'QLoRA' if qlora else 'LoRA'} on {info['device']}; "
+        f"memory ~{info['memory_estimate_gb']:.2f} GiB (rough estimate)")
+    log("dry run OK: nothing was trained")
+    return info
+
+
+def build_model(cfg: StageConfig, log: Callable[[str], None] = say):
+    """The base model with a fresh LoRA adapter (QLoRA base when configured and possible)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, set_seed
+
+    qlora = _use_qlora(cfg, log)
+    kwargs: dict[str, Any] = {}
+    if _cuda():
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        kwargs["dtype"] = torch.float32
+    if qlora:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"])
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.base_model), **kwargs)
+    if qlora:
+        model = prepare_model_for_kbit_training(model)
+    set_seed(cfg.train["seed"])
+    lora = LoraConfig(r=cfg.train["lora_r"], lora_alpha=cfg.train["lora_alpha"],
+                      lora_dropout=cfg.train["lora_dropout"],
+                      target_modules=list(cfg.train["lora_targets"]), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), qlora
+
+
+def training_args(cfg: StageConfig, output_dir: Path, has_eval: bool, **extra):
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    gpu = torch.cuda.is_available()
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    strategy = "epoch" if has_eval else "no"
+    kw = dict(
+        output_dir=str(output_dir), num_train_epochs=t["epochs"],
+        per_device_train_batch_size=t["batch_size"], per_device_eval_batch_size=t["batch_size"],
+        gradient_accumulation_steps=t["grad_accum"], learning_rate=t["lr"],
+        lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"],
+        weight_decay=t["weight_decay"], max_grad_norm=t["max_grad_norm"],
+        logging_steps=t["logging_steps"], logging_nan_inf_filter=False,
+        eval_strategy=strategy, save_strategy="epoch", save_total_limit=t["save_total_limit"],
+        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False, seed=t["seed"], data_seed=t["seed"], use_cpu=not gpu,
+        bf16=bf16, fp16=gpu and not bf16, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
+    )
+    kw.update(extra)
+    return TrainingArguments(**kw)
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class RemoteOpsTrainer(Trainer):
+        """Feeds each micro-batch loss to the health watch; can inject drills' faults."""
+
+        def __init__(self, *args, health=None, fault: str = "", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.health = health
+            kind, _, at = (fault or "").partition("@")
+            self.fault_kind, self.fault_step = kind, int(at or 1)
+
+        def _fault_now(self, kinds: tuple[str, ...], from_on: bool = False) -> bool:
+            if self.fault_kind not in kinds:
+                return False
+            step = self.state.global_step + 1
+            return step >= self.fault_step if from_on else step == self.fault_step
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._fault_now(("oom",)):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
+                                             "(injected by train.inject_fault)")
+            if self._fault_now(("cuda",)):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered "
+                                   "(injected by train.inject_fault)")
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.health is not None:
+                self.health.observe_loss(loss)
+            return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if model.training and self.fault_kind in ("nan", "explode"):
+                scale = None
+                if self._fault_now(("nan",)):
+                    scale = float("nan")
+                elif self._fault_now(("explode",), from_on=True):
+                    scale = 1e6
+                if scale is not None:
+                    if return_outputs:
+                        return out[0] * scale, out[1]
+                    return out * scale
+            return out
+
+    return RemoteOpsTrainer
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
+              log: Callable[[str], None] = say) -> dict[str, Any]:
+    """Train one stage into ``run_path``; returns the stage's summary entry."""
+    from remoteops.trainer.callbacks import CheckpointReporter, MetricsCallback
+    from remoteops.trainer.health import HealthCallback, classify_exception
+
+    quiet_transformers()
+    run = RunDir(run_path, cfg.name)
+    old = json.loads((run.path / "summary.json").read_text(encoding="utf-8")).get(
+        "stages", {}).get(cfg.name, {}) if (resume and (run.path / "summary.json").exists()) else {}
+    started = time.time()
+    entry: dict[str, Any] = {"status": "running", "reason": "", "started": _now(), "pid": os.getpid(),
+                             "config": cfg.as_dict(), "run_dir": str(run.path),
+                             "resumed_from": str(resume) if resume else None,
+                             "base_eval_loss": old.get("base_eval_loss")}
+    run.clear_signals()
+    run.update_summary(entry)
+    run.start_heartbeat(cfg.health["heartbeat_seconds"])
+    saved: list[dict] = []
+
+    def failed(reason: str, message: str, step: int | None) -> None:
+        entry.update(status="failed", reason=reason, message=message, failed_step=step)
+        run.signal("failed", reason, message=message, step=step)
+        log(f"stage '{cfg.name}' FAILED ({reason}) at step {step}: {message}")
+
+    try:
+        prep = prepare(cfg)
+        for line in prep.bad:
+            log(f"skipped {line}")
+        entry.update(samples=len(prep.train), eval_samples=len(prep.eval),
+                     skipped_lines=len(prep.bad), tokens=prep.tokens)
+        model, qlora = build_model(cfg, log)
+        entry["qlora"] = qlora
+        collator = Collator(prep.tokenizer.pad_token_id)
+        health = HealthCallback(
+            loss_max=cfg.health["loss_max"], explode_ratio=cfg.health["explode_ratio"],
+            warmup_check_steps=cfg.health["warmup_check_steps"],
+            on_healthy=lambda step: (run.signal("healthy", "warmup check passed", step=step),
+                                     log(f"stage '{cfg.name}' healthy after {step} steps")),
+            on_failure=lambda reason, msg, step: None)
+        metrics = MetricsCallback(run, collator)
+        args = training_args(cfg, run.checkpoints, bool(prep.eval))
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=prep.train,
+            eval_dataset=prep.eval or None, data_collator=collator,
+            processing_class=prep.tokenizer, health=health, fault=cfg.train["inject_fault"],
+            callbacks=[health, metrics, CheckpointReporter(log, saved.append)])
+        per_epoch, total = plan_steps(cfg, len(prep.train))
+        if resume:
+            state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+            run.truncate_metrics_after(int(state.get("global_step", 0)))
+            log(f"resuming stage '{cfg.name}' from {resume} (step {state.get('global_step')})")
+        elif prep.eval:
+            entry["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+            log(f"base model eval_loss {entry['base_eval_loss']:.4f}")
+        log(f"training stage '{cfg.name}' (preset {cfg.preset}): {len(prep.train)} samples, "
+            f"{total} steps, run dir {run.path}")
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        entry["train_loss"] = result.training_loss
+        entry["final"] = dict(metrics.last)
+        if health.failure:
+            failed(health.failure["reason"], health.failure["message"], health.failure["step"])
+        else:
+            best = trainer.state.best_model_checkpoint
+            entry["best"] = {"checkpoint": best, "eval_loss": trainer.state.best_metric}
+            if prep.eval:  # the model now holds the best checkpoint's weights
+                entry["adapter_eval_loss"] = trainer.evaluate()["eval_loss"]
+            cfg.adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+            trainer.model.save_pretrained(str(cfg.adapter_dir))
+            prep.tokenizer.save_pretrained(str(cfg.adapter_dir))
+            entry.update(status="done", adapter=str(cfg.adapter_dir))
+            run.signal("done", "training finished", adapter=str(cfg.adapter_dir),
+                       final=entry["final"], best=entry["best"])
+            log(f"stage '{cfg.name}' done: adapter saved to {cfg.adapter_dir}")
+    except ConfigError as exc:
+        failed(classify_exception(exc), str(exc), None)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - classify, record, then report
+        reason = classify_exception(exc)
+        failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+    finally:
+        entry["duration_s"] = round(time.time() - started, 2)
+        entry["finished"] = _now()
+        entry["checkpoints"] = [{k: c[k] for k in ("path", "step", "epoch", "size", "eval_loss",
+                                                   "best", "latest")}
+                                for c in list_checkpoints(run.checkpoints)]
+        run.update_summary(entry)
+        run.stop_heartbeat()
+    return entry
