@@ -75,6 +75,14 @@ DEFAULTS: dict[str, Any] = {
         "keep_backups": 10,
         "verify_after": True,
     },
+    "pipeline": {
+        "stages": ["precheck", "sample", "style", "writing", "all", "collect"],
+        "max_retries": 2,  # process died / CUDA error: retries from the latest checkpoint
+        "oom_retries": 1,  # out of memory: retries with half the batch, double accumulation
+        "heartbeat_seconds": 2.0,
+        "poll_seconds": 1.0,
+        "deploy": True,  # remote-train deploys first when the local tree differs
+    },
     "train": TRAIN_DEFAULTS,
     "health": HEALTH_DEFAULTS,
     "eval": EVAL_DEFAULTS,

@@ -143,6 +143,10 @@ class Target:
     def rename(self, src: str, dst: str) -> None:
         self._rename(src, dst)
 
+    def open_read(self, path: str, offset: int = 0):
+        """A binary file object reading ``path`` from ``offset``."""
+        return self._open_read(path, offset)
+
     def remove(self, path: str) -> None:
         self._remove(path)
 
@@ -203,6 +207,9 @@ class Target:
     def _remove(self, path: str) -> None:
         raise NotImplementedError
 
+    def _open_read(self, path: str, offset: int):
+        raise NotImplementedError
+
 
 class LocalTarget(Target):
     """The server side on this machine: same interface, no SSH."""
@@ -258,6 +265,11 @@ class LocalTarget(Target):
 
     def _remove(self, path: str) -> None:
         self._path(path).unlink(missing_ok=True)
+
+    def _open_read(self, path: str, offset: int):
+        fh = open(self._path(path), "rb")
+        fh.seek(offset)
+        return fh
 
 
 class SSHTarget(Target):
@@ -370,6 +382,12 @@ class SSHTarget(Target):
             self.sftp.remove(self.remote_path(path))
         except FileNotFoundError:
             pass
+
+    def _open_read(self, path: str, offset: int):
+        fh = self.sftp.open(self.remote_path(path), "rb")
+        fh.seek(offset)
+        fh.prefetch()
+        return fh
 
     def close(self) -> None:
         # Best effort: after a cut connection closing raises, and must not hide the real error.

@@ -202,11 +202,129 @@ def backups(c, host=None, project_root=None, trust_host=False, json=False):
         print_backups(target.describe(), list_backups(target), json)
 
 
+def _target_factory(settings, host, trust_host):
+    from remoteops.targets import open_target
+
+    return lambda: open_target(settings, host, trust_host=trust_host)
+
+
+@task(optional=["resume"],
+      help={"host": HOST_HELP, "skip-sample": "skip the sample smoke-test stage "
+            "(env TRAIN_SYNC_SKIP_SAMPLE)", "stages": "comma-separated stages to run, e.g. style",
+            "resume": "continue a run (the latest, or RUN_ID) from its first unfinished stage",
+            "project-root": "the project's folder on the server (env TRAIN_SYNC_PROJECT_ROOT)",
+            "non-interactive": "never prompt (env TRAIN_SYNC_NON_INTERACTIVE)",
+            "yes": "do not ask for confirmation (env TRAIN_SYNC_ASSUME_YES)",
+            "gpu-gate": "strict, warn or off for the precheck stage",
+            "detach": "return as soon as the run has started",
+            "no-deploy": "do not deploy the local tree first",
+            "trust-host": "record an unknown host key", "json": "print the final status as JSON"})
+@friendly
+def remote_train(c, host=None, skip_sample=False, stages=None, resume=None, project_root=None,
+                 non_interactive=False, yes=False, gpu_gate=None, detach=False, no_deploy=False,
+                 trust_host=False, json=False):
+    """Run the training pipeline on the server (precheck, sample, style, writing, all, collect)."""
+    from remoteops.train_view import run_remote_train
+
+    settings = _settings(project_root=project_root, gpu_gate=gpu_gate,
+                         non_interactive=True if non_interactive else None,
+                         assume_yes=True if yes else None, skip_sample=True if skip_sample else None)
+    code = run_remote_train(settings, _target_factory(settings, host, trust_host),
+                            stages=[s.strip() for s in stages.split(",")] if stages else None,
+                            resume=resume, detach=detach, deploy=not no_deploy, as_json=json,
+                            confirm=_confirm(settings, yes, non_interactive, "Start training"))
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+            "project-root": "the project's folder on the server", "json": "print JSON",
+            "trust-host": "record an unknown host key"})
+@friendly
+def status(c, run=None, host=None, project_root=None, json=False, trust_host=False):
+    """Show a run's stages, progress and last log lines (one SSH command)."""
+    from remoteops.remote_train import status as get_status
+    from remoteops.train_view import print_status
+
+    settings = _settings(project_root=project_root)
+    with _target_factory(settings, host, trust_host)() as target:
+        data = get_status(target, run)
+    print_status(data, json)
+    if data["status"] in ("failed", "dead"):
+        raise Exit(code=1)
+
+
+@task(help={"run": "run id (default: the latest)", "stage": "a stage's log (default: the "
+            "runner's)", "follow": "keep printing new lines until the run ends", "host": HOST_HELP,
+            "lines": "how many lines to show first", "project-root": "the project's folder on "
+            "the server", "trust-host": "record an unknown host key"})
+@friendly
+def logs(c, run=None, stage=None, follow=False, host=None, lines=50, project_root=None,
+         trust_host=False):
+    """Print a run's log (the runner's, or one stage's); -f follows it."""
+    from remoteops.train_view import stream_logs
+
+    settings = _settings(project_root=project_root)
+    stream_logs(_target_factory(settings, host, trust_host), run, stage, follow, lines)
+
+
+@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+            "project-root": "the project's folder on the server", "trust-host": "record an "
+            "unknown host key", "json": "print JSON"})
+@friendly
+def cancel(c, run=None, host=None, project_root=None, trust_host=False, json=False):
+    """Stop a run and its processes cleanly and mark it cancelled."""
+    from remoteops.render import print_json
+
+    settings = _settings(project_root=project_root)
+    with _target_factory(settings, host, trust_host)() as target:
+        args = ["pipeline-cancel", "--root", target.project_root] + (["--run", run] if run else [])
+        data = target.run_agent(*args, timeout=120)
+    if json:
+        print_json(data)
+    else:
+        print(f"{data['run_id']}: {data['status']} (was {data['was']})")
+
+
+@task(help={"host": HOST_HELP, "project-root": "the project's folder on the server",
+            "trust-host": "record an unknown host key", "json": "print JSON"})
+@friendly
+def runs(c, host=None, project_root=None, trust_host=False, json=False):
+    """List the pipeline runs: id, start, stages and states, duration, best eval loss."""
+    from remoteops.train_view import print_runs
+
+    settings = _settings(project_root=project_root)
+    with _target_factory(settings, host, trust_host)() as target:
+        data = target.run_agent("pipeline-runs", "--root", target.project_root)["runs"]
+    print_runs(data, json)
+
+
+@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+            "since": "only files changed in the last N minutes", "project-root": "the "
+            "project's folder on the server", "trust-host": "record an unknown host key",
+            "json": "print JSON"})
+@friendly
+def collect(c, run=None, host=None, since=None, project_root=None, trust_host=False,
+            json=False):
+    """Bring a run's adapters, logs, metrics and reports back to outputs/ (resumable)."""
+    import time as _time
+
+    from remoteops.remote_train import collect_and_report
+    from remoteops.train_view import download_progress, print_collected
+
+    settings = _settings(project_root=project_root)
+    cutoff = _time.time() - float(since) * 60 if since else None
+    with _target_factory(settings, host, trust_host)() as target:
+        data = collect_and_report(settings, target, run, download_progress(json), cutoff)
+    print_collected(data, json)
+
+
 def make_namespace() -> Collection:
     """A fresh collection of every remoteops task (add your own tasks to it freely)."""
     ns = Collection()
     for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
-              deploy_bundle, rollback, backups):
+              deploy_bundle, rollback, backups, remote_train, status, logs, cancel, runs,
+              collect):
         ns.add_task(t)
     return ns
 

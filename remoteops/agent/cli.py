@@ -66,7 +66,8 @@ def _register_optional_commands() -> None:
     """Commands from sibling modules (trainer, pipeline...), added when present."""
     import importlib
 
-    for module_name in ("remoteops.agent.deploy_commands", "remoteops.agent.train_commands"):
+    for module_name in ("remoteops.agent.deploy_commands", "remoteops.agent.train_commands",
+                        "remoteops.agent.pipeline_commands", "remoteops.agent.quant_commands"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -1,0 +1,141 @@
+"""``remote-train`` on the laptop: deploy if needed, start the detached pipeline, follow it,
+collect the results. The server side goes on whatever happens to this process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from remoteops.collect import collect_run, in_place
+from remoteops.config import Settings
+from remoteops.errors import ConnectError, RemoteCommandError, RemoteOpsError
+from remoteops.pipeline import plan_stages
+from remoteops.targets import Target
+
+SERVER_DONE = ("done", "failed", "cancelled", "dead")
+
+
+@dataclass
+class TrainRequest:
+    host: str | None
+    stages: list[str] | None
+    skip_sample: bool
+    resume: str | bool | None
+    detach: bool
+    deploy: bool
+
+
+def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list[str]:
+    """What will run: host, stages (with datasets and presets), model."""
+    lines = [f"remote-train on {target.describe()} ({target.project_root})"]
+    if req.resume:
+        run = req.resume if isinstance(req.resume, str) else "the latest run"
+        lines.append(f"  resume {run} from its first unfinished stage")
+        return lines
+    lines.append(f"  model: {settings['train.base_model']}; gpu gate: {settings['gpu_gate']}")
+    for stage in plan_stages(settings, req.stages, req.skip_sample or settings["skip_sample"]):
+        table = settings["stages"].get(stage["name"], {})
+        detail = {"precheck": "check the server", "collect": "bring results back"}.get(
+            stage["kind"], "")
+        if stage["kind"] == "train":
+            detail = (f"train on {table.get('dataset')} (preset "
+                      f"{table.get('preset') or settings['train.preset']})")
+        elif stage["kind"] == "command":
+            detail = f"run: {table.get('command')}"
+        state = " [skipped: --skip-sample]" if stage["status"] == "skipped" else ""
+        lines.append(f"  - {stage['name']}: {detail}{state}")
+    return lines
+
+
+def start(settings: Settings, target: Target, req: TrainRequest) -> dict:
+    args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
+            "--host-label", target.describe()]
+    if req.stages:
+        args += ["--stages", ",".join(req.stages)]
+    if req.skip_sample or settings["skip_sample"]:
+        args += ["--skip-sample"]
+    if req.resume:
+        run = req.resume if isinstance(req.resume, str) else _latest_run(target)
+        args += ["--resume", run]
+    return target.run_agent(*args, timeout=120)
+
+
+def _latest_run(target: Target) -> str:
+    runs = target.run_agent("pipeline-runs", "--root", target.project_root)["runs"]
+    if not runs:
+        raise RemoteOpsError(f"no run to resume on {target.describe()}; start one with "
+                             "'invoke remote-train'.")
+    return runs[-1]["run_id"]
+
+
+def status(target: Target, run_id: str | None = None, lines: int = 8) -> dict:
+    args = ["pipeline-status", "--root", target.project_root, "--lines", str(lines)]
+    return target.run_agent(*(args + (["--run", run_id] if run_id else [])))
+
+
+def follow(open_target: Callable[[], Target], target: Target, run_id: str,
+           show: Callable[[dict | None, str], None], poll: float = 1.0) -> tuple[dict, Target]:
+    """Poll the run until the server side ends; reconnect by itself after a dropped link."""
+    failures = 0
+    while True:
+        try:
+            data = status(target, run_id)
+            failures = 0
+        except (ConnectError, RemoteCommandError, OSError, EOFError) as exc:
+            failures += 1
+            delay = min(30.0, 2.0 ** min(failures, 5))
+            show(None, f"connection lost ({exc}); reconnecting in {delay:.0f}s "
+                       f"(the run goes on on the server)")
+            time.sleep(delay)
+            target.close()
+            try:
+                target = open_target()
+            except RemoteOpsError:
+                pass
+            continue
+        show(data, "")
+        if data["status"] in SERVER_DONE:
+            return data, target
+        time.sleep(poll)
+
+
+def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> dict:
+    args = ["pipeline-mark", "--root", target.project_root, "--run", run_id, "--stage",
+            "collect", "--status", "done" if ok else "failed"]
+    return target.run_agent(*(args + (["--reason", reason] if reason else [])))
+
+
+def collect_and_report(settings: Settings, target: Target, run_id: str,
+                       progress_factory=None, since: float | None = None) -> dict:
+    """Fetch results; mark collect done on the server; rebuild the summary locally."""
+    from remoteops.reports import write_training_summary
+
+    result = collect_run(target, settings.project_dir, run_id, since=since,
+                         progress_factory=progress_factory)
+    state = status(target, run_id, lines=0)
+    if any(s["name"] == "collect" for s in state["stages"]) and state["status"] != "failed":
+        mark_collected(target, run_id, True)
+        state = status(target, run_id, lines=0)
+    run_dir = settings.project_dir / "outputs" / "training_sync" / run_id
+    summary = None
+    if (run_dir / "state.json").is_file():
+        if not result.in_place:  # the server's state now says collect is done
+            import json
+
+            local = json.loads((run_dir / "state.json").read_text())
+            local["stages"], local["status"] = state["stages"], state["status"]
+            (run_dir / "state.json").write_text(json.dumps(local, indent=1) + "\n")
+        summary = write_training_summary(run_dir, settings, settings.project_dir)
+    return {**result.to_dict(), "status": state["status"],
+            "summary": str(summary) if summary else None}
+
+
+def local_run_dir(settings: Settings, run_id: str) -> Path:
+    return settings.project_dir / "outputs" / "training_sync" / run_id
+
+
+__all__ = ["TrainRequest", "describe_plan", "start", "status", "follow", "collect_and_report",
+           "in_place", "SERVER_DONE"]
