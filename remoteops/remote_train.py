@@ -97,7 +97,9 @@ def follow(open_target: Callable[[], Target], target: Target, run_id: str,
                 pass
             continue
         show(data, "")
-        if data["status"] in SERVER_DONE:
+        finished = data["status"] == "dead" or data["status"] in SERVER_DONE and (
+            data.get("runner", {}).get("exited") or not data["runner_health"].get("alive"))
+        if finished:
             return data, target
         time.sleep(poll)
 
@@ -108,29 +110,25 @@ def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> d
     return target.run_agent(*(args + (["--reason", reason] if reason else [])))
 
 
-def collect_and_report(settings: Settings, target: Target, run_id: str,
+def collect_and_report(settings: Settings, target: Target, run_id: str | None,
                        progress_factory=None, since: float | None = None) -> dict:
-    """Fetch results; mark collect done on the server; rebuild the summary locally."""
-    from remoteops.reports import write_training_summary
-
+    """Fetch results, mark collect done on the server (which rewrites its reports), and fetch
+    the rewritten reports, so the laptop's copy equals the server's."""
     result = collect_run(target, settings.project_dir, run_id, since=since,
                          progress_factory=progress_factory)
+    run_id = result.run_id
     state = status(target, run_id, lines=0)
-    if any(s["name"] == "collect" for s in state["stages"]) and state["status"] != "failed":
+    collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
+    if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
+            "failed", "running", "dead", "cancelled"):
         mark_collected(target, run_id, True)
+        again = collect_run(target, settings.project_dir, run_id)
+        result.fetched += [p for p in again.fetched if p not in result.fetched]
+        result.bytes += again.bytes
         state = status(target, run_id, lines=0)
-    run_dir = settings.project_dir / "outputs" / "training_sync" / run_id
-    summary = None
-    if (run_dir / "state.json").is_file():
-        if not result.in_place:  # the server's state now says collect is done
-            import json
-
-            local = json.loads((run_dir / "state.json").read_text())
-            local["stages"], local["status"] = state["stages"], state["status"]
-            (run_dir / "state.json").write_text(json.dumps(local, indent=1) + "\n")
-        summary = write_training_summary(run_dir, settings, settings.project_dir)
+    summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
     return {**result.to_dict(), "status": state["status"],
-            "summary": str(summary) if summary else None}
+            "summary": str(summary) if summary.is_file() else None}
 
 
 def local_run_dir(settings: Settings, run_id: str) -> Path:

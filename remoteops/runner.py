@@ -97,11 +97,14 @@ class Runner:
             raise
         finally:
             self.state["finished"] = now_iso()
+            self.log(f"run {self.state['run_id']} {self.state['status']}")
             self.save()
             self._write_reports()
             self._stop_beat.set()
+            # last write: the laptop collects once it sees the runner has exited
+            self.state["runner"]["exited"] = now_iso()
+            self.save()
             lock.release()
-        self.log(f"run {self.state['run_id']} {self.state['status']}")
         return 0 if self.state["status"] == "done" else 1
 
     def _skip_rest(self, failed: dict) -> None:

@@ -280,6 +280,9 @@ def pipeline_mark(root, run_id, stage, status, reason, as_json):
     if all(s["status"] in ("done", "skipped") for s in state["stages"]):
         state["status"] = "done"
     save_state(run_dir, state)
+    from remoteops.reports import write_training_summary
+
+    write_training_summary(run_dir)
     emit({"run_id": state["run_id"], "status": state["status"]}, as_json, state["status"])
 
 
