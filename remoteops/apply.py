@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -71,30 +72,40 @@ class Project:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def hashes(self, paths: list[str]) -> dict[str, str]:
-        """sha256 of each existing path, reusing the stat cache when size and mtime match."""
+    def hashes(self, paths: list[str], known: dict[str, str] | None = None) -> dict[str, str]:
+        """sha256 of each existing path, reusing the stat cache when size and mtime match.
+
+        ``known``: hashes of files this process has just written and verified itself.
+        """
         index = self._index()
+        known = known or {}
         out: dict[str, str] = {}
         fresh: dict[str, list] = {}
+        modes: dict[str, int] = {}
+        root = str(self.root)
         for rel in paths:
-            path = self.root / rel
+            path = os.path.join(root, rel)
             try:
-                st = path.stat()
+                st = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if not path.is_file():
+            if not stat.S_ISREG(st.st_mode):
                 continue
+            modes[rel] = st.st_mode & 0o7777
             cached = index.get(rel)
-            if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            if rel in known:
+                out[rel] = known[rel]
+            elif cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
                 out[rel] = cached[2]
             else:
-                out[rel] = sha256_file(path)
+                out[rel] = sha256_file(Path(path))
             fresh[rel] = [st.st_size, st.st_mtime_ns, out[rel]]
         self._fresh_index = fresh
+        self._modes = modes
         return out
 
-    def _save_index(self, paths: list[str]) -> None:
-        self.hashes(paths)
+    def _save_index(self, paths: list[str], known: dict[str, str] | None = None) -> None:
+        self.hashes(paths, known)
         _write_json(self.state / "index.json", self._fresh_index)
 
     def ledger(self, entry: dict) -> None:
@@ -120,7 +131,7 @@ class Project:
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
         on_disk = self.hashes(managed)
-        modes = {p: self._mode(p) for p in on_disk}
+        modes = dict(self._modes)
         if pending is not None:
             meta = pending[1]
             for record in meta["overwritten"] + meta["deleted"]:
@@ -180,7 +191,8 @@ class Project:
                             "recovered": recovered, "broken_lock": lock.broken}
                 result = self._commit(changes, kind="apply", version=manifest.version,
                                       after=json.loads(manifest.to_json()),
-                                      label=f"v{manifest.version}")
+                                      label=f"v{manifest.version}",
+                                      staged={p: needed[p].sha256 for p in plan["need"]})
             finally:
                 shutil.rmtree(staging.parent, ignore_errors=True)
             pruned = self.prune(keep)
@@ -200,14 +212,18 @@ class Project:
             raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
                               "transit); nothing was changed: run the deploy again.")
         wanted = manifest.file_map()
+        needed = set(need)
+        toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
         staged: dict[str, Path] = {}
         for member, fh in iter_members(delta):
-            if fh is None:
+            if fh is None or member.name == toolkit:  # the upload may be the whole bundle
                 continue
             rel = member.name[len("files/"):] if member.name.startswith("files/") else None
             if rel not in wanted:
                 raise BundleError(f"the upload holds {member.name}, which the manifest does not "
                                   "list; refusing it (nothing was changed).")
+            if rel not in needed:
+                continue  # the server has it already
             out = staging / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
@@ -238,8 +254,14 @@ class Project:
 
     # -- the change itself ---------------------------------------------------------------
     def _commit(self, changes: dict[str, tuple[Path, int] | None], kind: str, version: int,
-                after: dict | None, label: str, extra: dict | None = None) -> dict:
-        """Back up, journal, replace, record. ``changes``: path -> (source, mode) or None."""
+                after: dict | None, label: str, extra: dict | None = None,
+                staged: dict[str, str] | None = None) -> dict:
+        """Back up, journal, replace, record. ``changes``: path -> (source, mode) or None.
+
+        ``staged``: path -> sha256 of sources that are verified staging copies of this
+        change; they are renamed into place rather than copied.
+        """
+        staged = staged or {}
         name = f"{_stamp()}-{label}"
         backup = self.backups / name
         n = 1
@@ -275,9 +297,9 @@ class Project:
                 self._prune_dirs(path.parent)
                 continue
             source, mode = change
-            self._place(source, path, mode)
+            self._place(source, path, mode, move=rel in staged)
             self._fault_point()
-        self._finish(after, sorted(changes))
+        self._finish(after, sorted(changes), staged)
         self.ledger({"action": kind, "version": version, "label": label, "backup": backup.name,
                      "overwritten": len(overwritten), "deleted": len(deleted),
                      "created": len(created), **(extra or {})})
@@ -294,11 +316,23 @@ class Project:
             if self._placed >= int(limit):
                 os.kill(os.getpid(), 9)
 
-    def _place(self, source: Path, dest: Path, mode: int) -> None:
+    def _place(self, source: Path, dest: Path, mode: int, move: bool = False) -> None:
+        """Put ``source`` at ``dest`` atomically (temp file + rename).
+
+        ``move``: ``source`` is a staging copy, itself the temp file: rename it into place
+        (same file system), falling back to a copy.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_dir() and not dest.is_symlink():
             raise RemoteOpsError(f"{dest} is a folder on the server but a file in the bundle; "
                                  "move it away and deploy again.")
+        if move:
+            try:
+                os.chmod(source, mode)
+                os.replace(source, dest)
+                return
+            except OSError:
+                pass  # another file system: copy below
         tmp = dest.with_name(f".{dest.name}.remoteops-tmp")
         shutil.copyfile(source, tmp)
         os.chmod(tmp, mode)
@@ -312,13 +346,14 @@ class Project:
                 return
             folder = folder.parent
 
-    def _finish(self, after: dict | None, touched: list[str]) -> None:
+    def _finish(self, after: dict | None, touched: list[str],
+                known: dict[str, str] | None = None) -> None:
         if after is None:
             (self.state / "current.json").unlink(missing_ok=True)
         else:
             _write_json(self.state / "current.json", after)
         keep = sorted(set(touched) | {f["path"] for f in (after or {}).get("files", [])})
-        self._save_index(keep)
+        self._save_index(keep, known)
 
     # -- recovery ------------------------------------------------------------------------
     def recover(self) -> dict | None:
@@ -446,8 +481,32 @@ class Project:
         return [b["name"] for b in doomed]
 
 
-def read_manifest_file(path: str | Path) -> Manifest:
+# How long the agent waits for a manifest the laptop is still uploading: the deploy
+# starts the agent and sends the manifest at the same time (two login-shell starts
+# overlap instead of adding up).
+MANIFEST_WAIT_SECONDS = 30.0
+
+
+def _wait_for_upload(path: Path, seconds: float) -> None:
+    """Wait until ``path`` appears (an atomic rename by the uploader), or give up.
+
+    Only for files under ``<root>/.remoteops/incoming/``; stops early when the SSH
+    session that started us is gone (we were re-parented).
+    """
+    if path.parent.name != "incoming" or path.parent.parent.name != STATE:
+        return
+    parent = os.getppid()
+    deadline = time.monotonic() + seconds
+    delay = 0.005
+    while not path.is_file() and time.monotonic() < deadline and os.getppid() == parent:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def read_manifest_file(path: str | Path, wait: float = MANIFEST_WAIT_SECONDS) -> Manifest:
     path = Path(os.path.expanduser(str(path)))
+    if not path.is_file() and wait > 0:
+        _wait_for_upload(path, wait)
     if not path.is_file():
         raise BundleError(f"manifest {path} is not on the server; run the deploy again.")
     return Manifest.from_json(path.read_text(encoding="utf-8"))

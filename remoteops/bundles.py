@@ -20,9 +20,7 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
-
-import pathspec
+from typing import Callable, Iterable
 
 from remoteops import __version__
 from remoteops.config import Settings
@@ -104,9 +102,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class HashCache:
+    """sha256 of project files, reused while a file's size, mtime, ctime and inode hold.
+
+    Lives next to the bundles (``<out>/.hashes.json``); it only saves reading files,
+    the content id is still a hash of their content. Files changed in the last
+    few seconds are not cached (a write within the clock's granularity would go
+    unnoticed), as git does for racily clean entries.
+    """
+
+    RACY_SECONDS = 3
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.old = {}
+        self.new: dict[str, list] = {}
+        self.now = time.time_ns()
+
+    def sha256(self, rel: str, path: Path, st: os.stat_result) -> str:
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        cached = self.old.get(rel)
+        if isinstance(cached, list) and len(cached) == 5 and cached[:4] == key:
+            digest = cached[4]
+        else:
+            digest = sha256_file(path)
+        if self.now - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_SECONDS * 10**9:
+            self.new[rel] = key + [digest]
+        return digest
+
+    def save(self) -> None:
+        if self.new == self.old:
+            return
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.new, separators=(",", ":")))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # only a cache
+
+
 # -- choosing files -------------------------------------------------------------------------
 
-def _spec(lines: Iterable[str]) -> pathspec.PathSpec:
+def _spec(lines: Iterable[str]) -> "pathspec.PathSpec":
+    import pathspec  # imported here: the agent on the server never selects files
+
     return pathspec.GitIgnoreSpec.from_lines([l for l in lines if l.strip()])
 
 
@@ -114,7 +156,7 @@ def select_files(project: Path, include: list[str], exclude: list[str]) -> list[
     """Project files to ship: not excluded by defaults, config or any .gitignore."""
     excluded = _spec(DEFAULT_EXCLUDES + list(exclude))
     included = _spec(include) if include else None
-    ignores: list[tuple[str, pathspec.PathSpec]] = []
+    ignores: list[tuple[str, "pathspec.PathSpec"]] = []
     chosen: list[Path] = []
     root = project.resolve()
     for folder, dirs, files in os.walk(root):
@@ -179,18 +221,160 @@ def _tarinfo(name: str, size: int, mode: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(out: Path, members: list[tuple[str, Path, int]], level: int = 3) -> None:
-    """A deterministic zstd-compressed tar of ``(name, source, mode)`` members (atomic)."""
+# The tar stream is compressed as a series of independent zstd frames ("segments"):
+# each large file alone, small files in groups whose boundaries depend only on
+# member names. A segment's frame is a pure function of its bytes and the level, so
+# a new version copies the frames of unchanged segments from the previous bundle
+# (checked by sha256) instead of compressing everything again: same bytes either way.
+SEGMENT_ALONE = 1 << 20     # members this large get a frame of their own
+SEGMENT_EVERY = 16          # about one group boundary per this many small members
+FRAMES_DIR = ".frames"
+
+
+def frames_index_path(tar_path: Path) -> Path:
+    return tar_path.parent / FRAMES_DIR / (tar_path.name + ".json")
+
+
+def _segments(members: list[tuple]) -> list[list[tuple]]:
+    out: list[list[tuple]] = []
+    current: list[tuple] = []
+    for member in members:
+        big = member[3] >= SEGMENT_ALONE
+        boundary = hashlib.sha256(member[0].encode()).digest()[0] < 256 // SEGMENT_EVERY
+        if current and (big or boundary or current[-1][3] >= SEGMENT_ALONE):
+            out.append(current)
+            current = []
+        current.append(member)
+    if current:
+        out.append(current)
+    return out
+
+
+def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
+    """What a segment's frame depends on: its members and, for the last, the end padding."""
+    if any(m[4] is None for m in segment):
+        return None
+    body = json.dumps([FORMAT, level, tail, [[m[0], m[3], m[2], m[4]] for m in segment]])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _reusable_frames(previous: Path | None, level: int) -> dict[str, dict]:
+    if previous is None:
+        return {}
+    try:
+        index = json.loads(frames_index_path(previous).read_text())
+        if index.get("level") != level or not previous.is_file():
+            return {}
+        return {f["key"]: f for f in index["frames"] if f.get("key")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _copy_frame(src, frame: dict) -> bytes | None:
+    src.seek(frame["offset"])
+    data = src.read(frame["length"])
+    if len(data) != frame["length"] or hashlib.sha256(data).hexdigest() != frame["sha256"]:
+        return None
+    return data
+
+
+def write_tar(out: Path, members: list[tuple], level: int = 3,
+              previous: Path | None = None) -> dict:
+    """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256])`` members.
+
+    Written atomically, as independent frames (see ``_segments``); frames of segments
+    that ``previous`` (an earlier bundle) already holds are copied from it. Returns
+    ``{"frames", "reused", "reused_bytes"}``.
+    """
     import zstandard
 
+    sized = []
+    for m in members:
+        name, source, mode = m[:3]
+        sized.append((name, source, mode, os.stat(source).st_size,
+                      m[3] if len(m) > 3 else None))
+    segments = _segments(sized)
+    reuse = _reusable_frames(previous, level)
     tmp = out.with_name(out.name + ".tmp")
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
-    with open(tmp, "wb") as raw, cctx.stream_writer(raw, closefd=False) as zw, \
-            tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for name, source, mode in members:
-            with open(source, "rb") as fh:
-                tar.addfile(_tarinfo(name, os.fstat(fh.fileno()).st_size, mode), fh)
+    frames: list[dict] = []
+    offset = 0
+    tar_offset = 0
+    stats = {"frames": len(segments), "reused": 0, "reused_bytes": 0}
+    src = open(previous, "rb") if reuse else None
+    try:
+        with open(tmp, "wb") as raw:
+            for i, segment in enumerate(segments):
+                last = i == len(segments) - 1
+                headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
+                                                             "strict") for m in segment]
+                length = sum(len(h) + m[3] + (-m[3] % tarfile.BLOCKSIZE)
+                             for h, m in zip(headers, segment))
+                tail = b""
+                if last:
+                    end = tar_offset + length + 2 * tarfile.BLOCKSIZE
+                    tail = tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
+                    length += len(tail)
+                tar_offset += length
+                key = _segment_key(level, segment, len(tail) if last else -1)
+                data = _copy_frame(src, reuse[key]) if key in reuse and src else None
+                if data is not None:
+                    raw.write(data)
+                    digest, size = reuse[key]["sha256"], len(data)
+                    stats["reused"] += 1
+                    stats["reused_bytes"] += size
+                else:
+                    digest, size, intact = _compress_segment(cctx, raw, segment, headers, tail,
+                                                             length)
+                    if not intact:
+                        key = None  # a file changed while bundling: never reuse this frame
+                frames.append({"key": key, "offset": offset, "length": size, "sha256": digest})
+                offset += size
+    finally:
+        if src is not None:
+            src.close()
+    index = frames_index_path(out)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"level": level, "frames": frames}))
     os.replace(tmp, out)
+    return stats
+
+
+def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
+                      length: int) -> tuple[str, int, bool]:
+    """Compress one segment as one frame into ``raw``; return its sha256, size, and whether
+    every member still had the size and sha256 it was listed with."""
+    h = hashlib.sha256()
+    written = 0
+    intact = True
+
+    def emit(chunk: bytes) -> None:
+        nonlocal written
+        if chunk:
+            raw.write(chunk)
+            h.update(chunk)
+            written += len(chunk)
+
+    comp = cctx.compressobj(size=length)
+    for header, (name, source, mode, size, sha) in zip(headers, segment):
+        emit(comp.compress(header))
+        fh_hash = hashlib.sha256()
+        left = size
+        with open(source, "rb") as fh:
+            while left > 0:
+                chunk = fh.read(min(CHUNK, left))
+                if not chunk:
+                    raise BundleError(f"{source} shrank while the bundle was written; build "
+                                      "it again.")
+                left -= len(chunk)
+                fh_hash.update(chunk)
+                emit(comp.compress(chunk))
+        if sha is not None and fh_hash.hexdigest() != sha:
+            intact = False
+        emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
+    emit(comp.compress(tail))
+    emit(comp.flush())
+    return h.hexdigest(), written, intact
 
 
 def _latest(out_dir: Path, project: str) -> Manifest | None:
@@ -204,8 +388,13 @@ def _latest(out_dir: Path, project: str) -> Manifest | None:
     return None
 
 
-def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None) -> Built:
-    """Build (or reuse, when nothing changed) the project's next bundle."""
+def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
+                 on_manifest: Callable[[Manifest], None] | None = None) -> Built:
+    """Build (or reuse, when nothing changed) the project's next bundle.
+
+    ``on_manifest`` is called with the manifest as soon as it is known, before the
+    tar is written (a deploy plans against the server meanwhile).
+    """
     from remoteops.plugins import get_plugin_manager
     from remoteops.wheel import build_toolkit_wheel
 
@@ -220,10 +409,13 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None)
         raise BundleError(f"no files to bundle in {project}; check bundle.include / "
                           "bundle.exclude in remoteops.toml.")
     entries = []
+    cache = HashCache(out / ".hashes.json")
     for path in paths:
         st = path.stat()
-        entries.append(FileEntry(path.relative_to(project).as_posix(), st.st_size,
-                                 stat.S_IMODE(st.st_mode) | 0o600, sha256_file(path)))
+        rel = path.relative_to(project).as_posix()
+        entries.append(FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode) | 0o600,
+                                 cache.sha256(rel, path, st)))
+    cache.save()
     wheel = build_toolkit_wheel(out / ".toolkit")
     wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
     pm = pm or get_plugin_manager(project, settings["plugins_dir"])
@@ -233,6 +425,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None)
     if previous and previous.content_id == cid:
         tar_path = out / f"{name}-v{previous.version}.tar.zst"
         if tar_path.is_file():
+            if on_manifest is not None:
+                on_manifest(previous)
             return Built(tar_path, out / f"{name}-v{previous.version}.manifest.json", previous,
                          reused=True, seconds=time.monotonic() - started)
     version = (previous.version + 1) if previous else 1
@@ -241,13 +435,16 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None)
                         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         source_commit=commit, source_dirty=dirty, toolkit_version=__version__,
                         toolkit_wheel=wheel_info, plugins=plugins, files=entries)
+    if on_manifest is not None:
+        on_manifest(manifest)
     tar_path = out / f"{name}-v{version}.tar.zst"
-    members = [(f"files/{e.path}", project / e.path, e.mode) for e in entries]
-    members.append((f"toolkit/{wheel.name}", wheel, 0o644))
-    write_tar(tar_path, members, int(settings["bundle.compression_level"]))
+    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256) for e in entries]
+    members.append((f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"]))
+    earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
+    write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier)
     manifest_path = out / f"{name}-v{version}.manifest.json"
     tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(manifest.to_json())
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
     os.replace(tmp, manifest_path)
     return Built(tar_path, manifest_path, manifest, seconds=time.monotonic() - started)
 
@@ -365,8 +562,40 @@ def diff(current: dict[str, str], new: Manifest) -> Plan:
     return Plan(added, changed, deleted, send)
 
 
-def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3) -> Path:
-    """A deterministic tar.zst holding only ``files/<name>`` for ``names``, from a bundle."""
+def _project_sources(manifest: Manifest, names: list[str], source_dir: Path,
+                     limit: int = 64 << 20) -> list[tuple[FileEntry, bytes]] | None:
+    """The named files read from the project folder, when each still matches the manifest.
+
+    In manifest (= bundle member) order. None when any does not (then read the bundle).
+    """
+    wanted = set(names)
+    out, total = [], 0
+    for entry in manifest.files:
+        if entry.path not in wanted:
+            continue
+        total += entry.size
+        if total > limit:
+            return None
+        try:
+            data = (source_dir / entry.path).read_bytes()
+        except OSError:
+            return None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            return None
+        out.append((entry, data))
+    return out if len(out) == len(wanted) else None
+
+
+def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3,
+                manifest: Manifest | None = None, source_dir: Path | None = None) -> Path:
+    """A deterministic tar.zst holding only ``files/<name>`` for ``names``, from a bundle.
+
+    With ``manifest`` and ``source_dir`` (the project the bundle was built from), files
+    that still match the manifest's sha256 are read from there rather than by
+    decompressing the whole bundle; the bytes written are the same either way.
+    """
+    import io
+
     import zstandard
 
     wanted = {f"files/{n}" for n in names}
@@ -375,13 +604,21 @@ def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     members = []
+    sources = (_project_sources(manifest, names, source_dir)
+               if manifest is not None and source_dir is not None else None)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
     with open(tmp, "wb") as raw, cctx.stream_writer(raw, closefd=False) as zw, \
             tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for member, fh in iter_members(bundle_tar):
-            if fh is not None and member.name in wanted:
-                tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
-                members.append(member.name)
+        if sources is not None:
+            for entry, data in sources:
+                name = f"files/{entry.path}"
+                tar.addfile(_tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
+                members.append(name)
+        else:
+            for member, fh in iter_members(bundle_tar):
+                if fh is not None and member.name in wanted:
+                    tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+                    members.append(member.name)
     missing = wanted - set(members)
     if missing:
         tmp.unlink()

@@ -3,6 +3,12 @@
 The heavy lifting runs on the server in one agent command each (plan, apply,
 rollback), never file by file over SSH. The agent is installed from the
 bundle's own wheel when it is missing or its version differs.
+
+What waits on the network overlaps with local work: the SSH connection opens
+while the bundle is hashed; the manifest upload and the plan run while the tar
+is compressed; the agent starts while the manifest is still being sent (it
+waits for the file). When (nearly) every file is needed, the bundle itself is
+the upload, so nothing is compressed twice.
 """
 
 from __future__ import annotations
@@ -10,21 +16,52 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import os
+import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from remoteops.bundles import (Built, build_bundle, manifest_for,
+from remoteops.bundles import (Built, Manifest, build_bundle, manifest_for,
                                read_member_bytes, sha256_file, verify_bundle, write_delta)
 from remoteops.config import Settings
-from remoteops.errors import RemoteOpsError
-from remoteops.targets import AgentMissing, Target, shell_path
+from remoteops.errors import RemoteCommandError, RemoteOpsError
+from remoteops.targets import AgentMissing, SSHTarget, Target, shell_path
 from remoteops.transfer import put_resumable
 
 Confirm = Callable[[dict], bool]
+# Upload the bundle itself rather than a delta when the plan needs this share of its bytes.
+WHOLE_BUNDLE_SHARE = 0.9
+
+
+class _Background:
+    """A function run in a thread; ``result()`` waits and re-raises its exception."""
+
+    def __init__(self, fn: Callable, *args):
+        self._value = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def settle(self) -> None:
+        """Wait, dropping any error (the caller is already failing with its own)."""
+        self._thread.join()
 
 
 @dataclass
@@ -63,10 +100,11 @@ def holder(action: str) -> str:
     return f"{action} by {getpass.getuser()}@{socket.gethostname()}"
 
 
-def get_bundle(settings: Settings, bundle: str | None) -> Built:
+def get_bundle(settings: Settings, bundle: str | None,
+               on_manifest: Callable[[Manifest], None] | None = None) -> Built:
     """The given bundle, verified byte by byte, or a freshly built one."""
     if not bundle:
-        return build_bundle(settings)
+        return build_bundle(settings, on_manifest=on_manifest)
     tar = Path(bundle).expanduser()
     if tar.suffix == ".json":
         tar = tar.with_name(tar.name.replace(".manifest.json", ".tar.zst"))
@@ -91,13 +129,28 @@ def install_agent(target: Target, built: Built) -> None:
                              f"{target.python} -m pip install {remote}) or set remote_python.")
 
 
-def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOutcome) -> dict:
-    args = ("deploy-plan", "--root", target.project_root, "--manifest", remote_manifest)
+def _plan_args(target: Target, remote_manifest: str) -> tuple[str, ...]:
+    return ("deploy-plan", "--root", target.project_root, "--manifest", remote_manifest)
+
+
+_NOT_YET = object()
+
+
+def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOutcome,
+          first=_NOT_YET) -> dict:
+    """The agent's plan, installing the agent first when it is missing or another version.
+
+    ``first``: the answer of a plan already run (None: the agent was missing).
+    """
+    args = _plan_args(target, remote_manifest)
     for attempt in range(2):
-        try:
-            plan = target.run_agent(*args)
-        except AgentMissing:
-            plan = None
+        if attempt == 0 and first is not _NOT_YET:
+            plan = first
+        else:
+            try:
+                plan = target.run_agent(*args)
+            except AgentMissing:
+                plan = None
         if plan is not None and plan["agent_version"] == built.manifest.toolkit_version:
             return plan
         if attempt:
@@ -111,20 +164,89 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
                          f"installing {built.manifest.toolkit_version}; check remote_python.")
 
 
+def _connect(target: Target) -> None:
+    """Open the SSH connection (no shell, no SFTP yet), so later steps can share it."""
+    if isinstance(target, SSHTarget):
+        target.connection  # noqa: B018 - opens it
+
+
+def _send_manifest_and_plan(target: Target, connected: _Background, data: bytes,
+                            remote_manifest: str):
+    """Upload the manifest while the agent starts (it waits for the file); plan once.
+
+    Returns ``(plan or None when the agent is missing, or _NOT_YET when the plan must
+    be run again, e.g. an older agent that does not wait for the manifest)``.
+    """
+    connected.result()
+    agent = _Background(target.run_agent, *_plan_args(target, remote_manifest))
+    target.write_bytes(remote_manifest, data)  # on failure the agent gives up by itself
+    try:
+        return agent.result()
+    except AgentMissing:
+        return None
+    except RemoteCommandError:
+        return _NOT_YET  # run it again now that the manifest is surely there
+
+
+def _upload_file(settings: Settings, built: Built, need: list[str], out_dir: Path,
+                 key: str) -> Path:
+    """The file to upload: the bundle itself when nearly all of it is needed, else a delta."""
+    manifest = built.manifest
+    path = out_dir / f"{manifest.project}-{key}.tar.zst"
+    sizes = manifest.file_map()
+    needed = sum(sizes[p].size for p in need)
+    if needed >= WHOLE_BUNDLE_SHARE * max(1, manifest.total_size):
+        if not path.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(built.tar_path, tmp)
+            except OSError:
+                shutil.copyfile(built.tar_path, tmp)
+            os.replace(tmp, path)
+        return path
+    return write_delta(built.tar_path, need, path, int(settings["bundle.compression_level"]),
+                       manifest=manifest, source_dir=settings.project_dir)
+
+
 def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_run: bool = False,
            confirm: Confirm | None = None, progress: Callable[[int, int], None] | None = None,
            on_plan: Callable[[DeployOutcome], None] | None = None) -> DeployOutcome:
     """Deploy a bundle to ``target``: plan, (confirm), upload what differs, apply."""
     started = time.monotonic()
-    built = get_bundle(settings, bundle)
+    incoming = f"{state_dir(target)}/incoming"
+    connected = _Background(_connect, target)
+    early: dict[str, object] = {}
+
+    def on_manifest(manifest: Manifest) -> None:
+        remote = f"{incoming}/{manifest.content_id}.manifest.json"
+        data = manifest.to_json().encode("utf-8")
+        early.update(remote=remote, data=data, job=_Background(
+            _send_manifest_and_plan, target, connected, data, remote))
+
+    try:
+        built = get_bundle(settings, bundle, on_manifest)
+        connected.result()
+    except BaseException:
+        for job in (connected, early.get("job")):
+            if job is not None:
+                job.settle()
+        raise
     manifest = built.manifest
     outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
-    incoming = f"{state_dir(target)}/incoming"
     remote_manifest = f"{incoming}/{manifest.content_id}.manifest.json"
-    data = built.manifest_path.read_bytes()
-    target.write_bytes(remote_manifest, data)
+    if early.get("remote") == remote_manifest:
+        data = early["data"]
+        first = early["job"].result()
+    else:
+        if early.get("job") is not None:
+            early["job"].settle()
+        data = built.manifest_path.read_bytes()
+        target.write_bytes(remote_manifest, data)
+        first = _NOT_YET
     outcome.sent_bytes += len(data)
-    outcome.plan = _plan(target, built, remote_manifest, outcome)
+    outcome.plan = _plan(target, built, remote_manifest, outcome, first)
     if on_plan is not None:
         on_plan(outcome)
     if dry_run or outcome.noop:
@@ -138,8 +260,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     if need:
         key = hashlib.sha256(json.dumps([manifest.content_id, need]).encode()).hexdigest()[:16]
         out_dir = built.tar_path.parent / ".delta"
-        delta = write_delta(built.tar_path, need, out_dir / f"{manifest.project}-{key}.tar.zst",
-                            int(settings["bundle.compression_level"]))
+        delta = _upload_file(settings, built, need, out_dir, key)
         outcome.upload_bytes = delta.stat().st_size
         if outcome.plan["free_bytes"] < 2 * outcome.upload_bytes + (16 << 20):
             raise RemoteOpsError(
@@ -147,8 +268,12 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 f"free, the upload needs {2 * outcome.upload_bytes / 1e9:.2f} GB; free space "
                 "there and deploy again. Nothing was changed.")
         remote_delta = f"{incoming}/{delta.name}"
-        outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
-        digest = sha256_file(delta)
+        hashing = _Background(sha256_file, delta)  # overlaps the upload
+        try:
+            outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
+        finally:
+            hashing.settle()
+        digest = hashing.result()
     args = ["deploy-apply", "--root", target.project_root, "--manifest", remote_manifest,
             "--holder", holder(f"deploy v{manifest.version}"),
             "--keep", str(int(settings["deploy.keep_backups"]))]

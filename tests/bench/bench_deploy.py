@@ -1,0 +1,429 @@
+"""Deploy benchmark: remoteops against ``rsync -az`` and ``scp -r`` over a real local sshd.
+
+Builds a reference project in a temp folder (about 2,000 text files, ~40 MB
+of code, docs, configs and JSONL data, plus one 100 MB incompressible file),
+starts a throwaway sshd on 127.0.0.1 (root's login, so its ``~/.bashrc`` runs
+as on a real server) and times, interleaved in the same run:
+
+- a full deploy to an empty root (ours: bundle build included, as a user pays
+  it; rsync; scp);
+- a redeploy after changing one 10 KB file (ours; rsync);
+- a no-op redeploy (ours; rsync).
+
+Ours runs as a user runs it: ``python -m remoteops deploy-bundle --yes --json``
+in the project folder. Each measurement is repeated and the median reported.
+Loopback throughput is noisy: compare only figures of the same run.
+
+    python -m tests.bench.bench_deploy [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+ALIAS = "benchbox"
+SMALL = "src/pkg00/module_000.py"  # the 10 KB file the incremental case changes
+SMALL_SIZE = 10 * 1024
+BLOB = "data/blob.bin"
+
+TARGETS = {"full_vs_rsync": 1.0, "one_file_vs_rsync": 1.0, "noop_seconds": 1.0}
+
+
+# -- the reference project -----------------------------------------------------------------
+
+def _vocab(rng: random.Random, n: int = 6000) -> tuple[list[str], list[float]]:
+    syll = ["ka", "lo", "ri", "ten", "mar", "sul", "vi", "on", "de", "tra", "pe", "qu",
+            "in", "as", "el", "mo", "ne", "ra", "st", "ch", "ba", "go", "li", "um", "ex"]
+    words = sorted({"".join(rng.choice(syll) for _ in range(rng.randint(1, 4)))
+                    for _ in range(n * 2)})[:n]
+    rng.shuffle(words)
+    weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(words))]
+    return words, weights
+
+
+class _Text:
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.words, weights = _vocab(rng)
+        self.cum = list(itertools.accumulate(weights))
+
+    def w(self, k: int) -> list[str]:
+        return self.rng.choices(self.words, cum_weights=self.cum, k=k)
+
+    def sentence(self) -> str:
+        ws = self.w(self.rng.randint(6, 22))
+        return " ".join(ws).capitalize() + self.rng.choice([".", ".", ".", "?", "!"])
+
+    def paragraph(self) -> str:
+        return " ".join(self.sentence() for _ in range(self.rng.randint(2, 7)))
+
+    def ident(self) -> str:
+        return "_".join(self.w(self.rng.randint(1, 3)))
+
+    def code(self, size: int) -> str:
+        rng, out, n = self.rng, [], 0
+        imports = sorted({f"import {self.ident()}" for _ in range(rng.randint(2, 8))})
+        out += ['"""' + self.sentence() + '"""', "", "from __future__ import annotations", "",
+                *imports, "", ""]
+        n = sum(len(l) + 1 for l in out)
+        while n < size:
+            if rng.random() < 0.25:
+                block = [f"class {self.ident().title().replace('_', '')}:",
+                         f'    """{self.sentence()}"""', ""]
+            else:
+                args = ", ".join(self.ident() for _ in range(rng.randint(0, 4)))
+                block = [f"def {self.ident()}({args}):", f'    """{self.sentence()}"""']
+                for _ in range(rng.randint(2, 12)):
+                    kind = rng.random()
+                    if kind < 0.4:
+                        block.append(f"    {self.ident()} = {self.ident()}.{self.ident()}("
+                                     f"{self.ident()}, {rng.randint(0, 4096)})")
+                    elif kind < 0.6:
+                        block.append(f"    if {self.ident()} is None or {self.ident()} > "
+                                     f"{rng.randint(0, 99)}:")
+                        block.append(f"        raise ValueError({self.sentence()!r})")
+                    elif kind < 0.8:
+                        block.append(f"    # {self.sentence()}")
+                    else:
+                        block.append(f"    for {self.ident()} in {self.ident()}:")
+                        block.append(f"        {self.ident()}.append({self.ident()})")
+                block.append(f"    return {self.ident()}")
+                block += ["", ""]
+            out += block
+            n += sum(len(l) + 1 for l in block)
+        return "\n".join(out) + "\n"
+
+    def markdown(self, size: int) -> str:
+        out, n = [f"# {' '.join(self.w(4)).title()}", ""], 0
+        while n < size:
+            part = (f"## {' '.join(self.w(3)).title()}\n\n" if self.rng.random() < 0.2 else "")
+            part += self.paragraph() + "\n\n"
+            out.append(part)
+            n += len(part)
+        return "\n".join(out)
+
+    def jsonl(self, size: int) -> str:
+        out, n = [], 0
+        while n < size:
+            line = json.dumps({"instruction": self.sentence(), "input": "",
+                               "output": self.paragraph(),
+                               "tags": self.w(self.rng.randint(1, 4))}, ensure_ascii=False)
+            out.append(line)
+            n += len(line) + 1
+        return "\n".join(out) + "\n"
+
+    def config(self, size: int) -> str:
+        data, n = {}, 0
+        while n < size:
+            key = self.ident()
+            data[key] = {"value": self.rng.random(), "enabled": self.rng.random() < 0.5,
+                         "name": self.ident(), "items": self.w(self.rng.randint(1, 6))}
+            n += 110
+        return json.dumps(data, indent=2) + "\n"
+
+
+def _fit(text: str, size: int) -> str:
+    """``text`` cut or padded (with comment lines) to exactly ``size`` bytes."""
+    data = text.encode()[:size]
+    while len(data) < size:
+        data += b"# " + b"pad " * 20 + b"\n"
+    return data[:size - 1].decode(errors="ignore").ljust(size - 1, "#") + "\n"
+
+
+def make_project(root: Path, files: int = 2000, text_mb: float = 40, blob_mb: int = 100,
+                 seed: int = 1) -> dict:
+    """Write the reference project; return its file count and bytes."""
+    rng = random.Random(seed)
+    gen = _Text(rng)
+    budget = int(text_mb * 1_000_000)
+    n_jsonl, n_md, n_json = max(1, files // 20), max(1, files // 7), max(1, files // 10)
+    n_py = files - n_jsonl - n_md - n_json - 2  # README + the blob
+    shares = {"py": 0.30, "md": 0.10, "json": 0.04, "jsonl": 0.56}
+    written = 0
+
+    def put(rel: str, text: str) -> None:
+        nonlocal written
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written += len(text.encode())
+
+    put("README.md", gen.markdown(4000))
+    put(SMALL, _fit(gen.code(SMALL_SIZE + 2000), SMALL_SIZE))
+    for i in range(1, n_py):
+        size = int(rng.lognormvariate(0, 0.8) * budget * shares["py"] / n_py / 1.38)
+        put(f"src/pkg{i // 40:02d}/module_{i:03d}.py", gen.code(max(300, size)))
+    for i in range(n_md):
+        size = int(rng.lognormvariate(0, 0.7) * budget * shares["md"] / n_md / 1.28)
+        put(f"docs/section{i // 50}/page_{i:03d}.md", gen.markdown(max(300, size)))
+    for i in range(n_json):
+        size = int(rng.lognormvariate(0, 0.6) * budget * shares["json"] / n_json / 1.2)
+        put(f"configs/exp_{i:03d}.json", gen.config(max(200, size)))
+    remaining = max(budget - written, n_jsonl * 1000)
+    for i in range(n_jsonl):
+        put(f"data/train/part_{i:03d}.jsonl", gen.jsonl(remaining // n_jsonl))
+    blob = root / BLOB
+    with open(blob, "wb") as fh:
+        brng = random.Random(seed + 1)
+        for _ in range(blob_mb):
+            fh.write(brng.randbytes(1 << 20))
+    (root / "run.sh").write_text("#!/bin/sh\nexec python -m src.pkg00.module_000 \"$@\"\n")
+    (root / "run.sh").chmod(0o755)
+    count = sum(1 for p in root.rglob("*") if p.is_file())
+    return {"files": count, "text_bytes": written, "blob_bytes": blob.stat().st_size,
+            "total_bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file())}
+
+
+def change_small_file(project: Path, round_no: int) -> None:
+    """A new version of the 10 KB file (same size, a few lines differ)."""
+    path = project / SMALL
+    lines = path.read_text().splitlines(keepends=True)
+    lines[5] = f"# edited in round {round_no}: {hashlib.sha256(str(round_no).encode()).hexdigest()}\n"
+    path.write_text(_fit("".join(lines), SMALL_SIZE))
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = (".remoteops/", "bundles/")) -> dict:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith(skip):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+# -- the three tools -----------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, work: Path, server, log=print):
+        self.work, self.server, self.log = work, server, log
+        self.project = work / "proj"
+        self.home = work / "home"
+        self.roots = {name: work / "server" / name for name in ("ours", "rsync", "scp")}
+        self.ssh_config = work / "ssh_config"
+        (self.home / ".ssh").mkdir(parents=True)
+        alias = (f"Host {ALIAS}\n  HostName {server.host}\n  Port {server.port}\n  User root\n"
+                 f"  IdentityFile {server.client_key}\n")
+        (self.home / ".ssh" / "config").write_text(alias)
+        known = work / "known_hosts"
+        known.write_text(server.known_hosts_line)
+        self.ssh_config.write_text(alias + f"  IdentitiesOnly yes\n  BatchMode yes\n"
+                                   f"  UserKnownHostsFile {known}\n"
+                                   "  StrictHostKeyChecking yes\n")
+
+    def trust(self) -> None:
+        path = self.project / ".remoteops" / "known_hosts"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.server.known_hosts_line)
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK"))}
+        env.update(HOME=str(self.home), REMOTEOPS_REMOTE_PYTHON=sys.executable, COLUMNS="200")
+        return env
+
+    def ours(self) -> tuple[float, int, dict]:
+        cmd = [sys.executable, "-m", "remoteops", "deploy-bundle", "--host", ALIAS,
+               "--project-root", str(self.roots["ours"]), "--yes", "--json"]
+        started = time.perf_counter()
+        res = subprocess.run(cmd, cwd=self.project, env=self.env(), capture_output=True,
+                             text=True, timeout=900)
+        seconds = time.perf_counter() - started
+        if res.returncode != 0:
+            raise RuntimeError(f"remoteops deploy failed ({res.returncode}):\n{res.stdout}\n"
+                               f"{res.stderr}")
+        out = json.loads(res.stdout)
+        return seconds, int(out["sent_bytes"]), out
+
+    def _ssh(self) -> str:
+        return f"ssh -F {self.ssh_config}"
+
+    def rsync(self) -> tuple[float, int, dict]:
+        cmd = ["rsync", "-az", "--delete", "--stats", "-e", self._ssh(),
+               "--exclude=/bundles/", "--exclude=/.remoteops/",
+               f"{self.project}/", f"{ALIAS}:{self.roots['rsync']}/"]
+        started = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        seconds = time.perf_counter() - started
+        if res.returncode != 0:
+            raise RuntimeError(f"rsync failed ({res.returncode}): {res.stderr}")
+        sent = next(int(l.split(":")[1].split()[0].replace(",", ""))
+                    for l in res.stdout.splitlines() if l.startswith("Total bytes sent"))
+        return seconds, sent, {}
+
+    def scp(self) -> tuple[float, int, dict]:
+        dest = self.roots["scp"]
+        subprocess.run(["ssh", "-F", str(self.ssh_config), ALIAS, f"mkdir -p {dest}"],
+                       check=True, capture_output=True)
+        top = sorted(p for p in self.project.iterdir() if p.name not in ("bundles", ".remoteops"))
+        cmd = ["scp", "-r", "-q", "-F", str(self.ssh_config), *map(str, top), f"{ALIAS}:{dest}/"]
+        started = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        seconds = time.perf_counter() - started
+        if res.returncode != 0:
+            raise RuntimeError(f"scp failed ({res.returncode}): {res.stderr}")
+        payload = sum(p.stat().st_size for t in top for p in ([t] if t.is_file() else
+                                                              t.rglob("*")) if p.is_file())
+        return seconds, payload, {}
+
+    def reset(self) -> None:
+        """An empty server, and no bundle built yet on the laptop."""
+        for root in self.roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        shutil.rmtree(self.project / "bundles", ignore_errors=True)
+
+
+def _zstd_size(data: bytes, level: int = 3) -> int:
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=level).compress(data))
+
+
+def _median_row(samples: list[tuple[float, int]]) -> dict:
+    times = [s for s, _ in samples]
+    sent = [b for _, b in samples]
+    return {"median_s": round(statistics.median(times), 3),
+            "times_s": [round(t, 3) for t in times],
+            "median_bytes": int(statistics.median(sent)), "bytes": sent}
+
+
+def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb: int = 100,
+              keep: bool = False, log=print) -> dict:
+    """Run every measurement ``repeats`` times (interleaved); return the results dict."""
+    from tests.harness.sshd import start_sshd
+
+    work = Path(tempfile.mkdtemp(prefix="remoteops-bench-"))
+    work.chmod(0o755)
+    server = None
+    try:
+        started = time.perf_counter()
+        info = make_project(work / "proj", files, text_mb, blob_mb)
+        log(f"reference project: {info['files']} files, {info['text_bytes'] / 1e6:.1f} MB text "
+            f"+ {info['blob_bytes'] / 1e6:.0f} MB incompressible "
+            f"(made in {time.perf_counter() - started:.1f}s) in {work}")
+        server = start_sshd(work / "sshd")
+        bench = Bench(work, server, log)
+        bench.trust()
+        samples: dict[str, dict[str, list]] = {"full": {}, "one_file": {}, "noop": {}}
+        extra: dict = {"full_upload_bytes": [], "one_file_manifest_bytes": []}
+
+        def record(case: str, tool: str, result: tuple) -> None:
+            seconds, sent, _ = result
+            samples[case].setdefault(tool, []).append((seconds, sent))
+            log(f"  {case:8s} {tool:5s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent")
+
+        def rotate(i: int, tools: list) -> list:
+            return tools[i % len(tools):] + tools[:i % len(tools)]
+
+        for i in range(repeats):
+            log(f"round {i + 1}/{repeats}")
+            bench.reset()
+            for tool in rotate(i, ["ours", "rsync", "scp"]):
+                result = getattr(bench, tool)()
+                record("full", tool, result)
+            change_small_file(bench.project, i)
+            for tool in rotate(i, ["ours", "rsync"]):
+                result = getattr(bench, tool)()
+                record("one_file", tool, result)
+                if tool == "ours":
+                    manifest = next(iter(sorted((bench.project / "bundles").glob(
+                        f"*-v{result[2]['version']}.manifest.json"))))
+                    extra["one_file_manifest_bytes"].append(manifest.stat().st_size)
+                    if result[2]["plan"]["changed"] != [SMALL]:
+                        raise RuntimeError(f"unexpected plan: {result[2]['plan']}")
+            for tool in rotate(i, ["ours", "rsync"]):
+                result = getattr(bench, tool)()
+                record("noop", tool, result)
+                if tool == "ours" and not result[2]["noop"]:
+                    raise RuntimeError("the no-op redeploy was not a no-op")
+        want = tree_digest(bench.project)
+        for name in ("ours", "rsync"):
+            if tree_digest(bench.roots[name]) != want:
+                raise RuntimeError(f"the {name} server tree differs from the project")
+
+        small = (bench.project / SMALL).read_bytes()
+        small_z = _zstd_size(small)
+        manifest_bytes = int(statistics.median(extra["one_file_manifest_bytes"]))
+        rows = {case: {tool: _median_row(s) for tool, s in tools.items()}
+                for case, tools in samples.items()}
+        ratios = {case: {"time": round(rows[case]["ours"]["median_s"]
+                                       / rows[case]["rsync"]["median_s"], 3),
+                         "bytes": round(rows[case]["ours"]["median_bytes"]
+                                        / max(1, rows[case]["rsync"]["median_bytes"]), 3)}
+                  for case in rows}
+        byte_budget = 2 * small_z + manifest_bytes
+        targets = {
+            "full_deploy_le_1x_rsync": ratios["full"]["time"] <= TARGETS["full_vs_rsync"],
+            "one_file_le_1x_rsync": ratios["one_file"]["time"] <= TARGETS["one_file_vs_rsync"],
+            "one_file_bytes_le_budget": rows["one_file"]["ours"]["median_bytes"] <= byte_budget,
+            "noop_under_1s": rows["noop"]["ours"]["median_s"] < TARGETS["noop_seconds"],
+        }
+        return {"repeats": repeats, "project": info, "rows": rows, "ratios": ratios,
+                "one_file": {"path": SMALL, "size": len(small), "zstd_bytes": small_z,
+                             "manifest_bytes": manifest_bytes, "byte_budget": byte_budget},
+                "targets": targets, "work": str(work) if keep else None,
+                "rsync": subprocess.run(["rsync", "--version"], capture_output=True,
+                                        text=True).stdout.split("\n")[0]}
+    finally:
+        if server is not None:
+            server.stop()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def render(result: dict) -> str:
+    lines = [f"deploy benchmark: medians of {result['repeats']} interleaved runs "
+             f"({result['project']['files']} files, {result['project']['total_bytes'] / 1e6:.0f}"
+             f" MB; {result['rsync']})",
+             f"{'case':10s} {'tool':6s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
+    for case, tools in result["rows"].items():
+        for tool, row in tools.items():
+            lines.append(f"{case:10s} {tool:6s} {row['median_s']:9.3f} "
+                         f"{row['median_bytes'] / 1e6:10.3f}   "
+                         + " ".join(f"{t:.2f}" for t in row["times_s"]))
+    lines.append("ours/rsync: " + ", ".join(
+        f"{case} time {r['time']:.2f}x bytes {r['bytes']:.2f}x"
+        for case, r in result["ratios"].items()))
+    one = result["one_file"]
+    lines.append(f"one-file byte budget: 2 x {one['zstd_bytes']} (zstd of the 10 KB file) + "
+                 f"{one['manifest_bytes']} (manifest) = {one['byte_budget']}; ours sent "
+                 f"{result['rows']['one_file']['ours']['median_bytes']}")
+    lines.append("targets: " + ", ".join(f"{k} {'MET' if v else 'MISSED'}"
+                                         for k, v in result["targets"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--text-mb", type=float, default=40)
+    parser.add_argument("--blob-mb", type=int, default=100)
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    result = run_bench(args.repeats, args.files, args.text_mb, args.blob_mb, args.keep, log)
+    print(json.dumps(result, indent=1) if args.json else render(result))
+    return 0 if all(result["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
