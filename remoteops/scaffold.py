@@ -55,3 +55,29 @@ def init_project(folder: Path, force: bool = False) -> list[str]:
         lines.append(f"wrote {folder / name}")
     lines.append("next: edit remoteops.toml, then run 'invoke precheck'")
     return lines
+
+
+def init_demo(folder: Path) -> list[str]:
+    """The demo project (tiny Qwen3 model, demo data) in ``folder``; safe to run again."""
+    from remoteops.trainer.demo_model import DEMO_DIR, build_demo_model
+
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for src in sorted(DEMO_DIR.rglob("*")):
+        rel = src.relative_to(DEMO_DIR)
+        dest = folder / rel
+        if src.is_dir() or "__pycache__" in rel.parts or dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+        lines.append(f"wrote {dest}")
+    if not (folder / "tasks.py").exists():
+        (folder / "tasks.py").write_text(TASKS_PY, encoding="utf-8")
+        lines.append(f"wrote {folder / 'tasks.py'}")
+    model = folder / "outputs" / "demo-model"
+    if not (model / "config.json").is_file():
+        build_demo_model(model, seed=0, data_files=sorted((folder / "data").glob("*.jsonl")))
+        lines.append(f"built the tiny demo model in {model}")
+    lines.append(f"demo project ready in {folder}; next: cd {folder} && invoke remote-train --yes")
+    return lines

@@ -160,7 +160,8 @@ class Target:
                       if l.startswith("error: ")]
             if errors:
                 raise RemoteCommandError(errors[-1])
-            if "No module named remoteops" in result.stderr:
+            if "No module named remoteops" in result.stderr or \
+                    "No module named 'remoteops'" in result.stderr:
                 raise AgentMissing(f"remoteops is not installed for {self.python} on {self.name}")
             tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
             raise RemoteCommandError(f"the agent on {self.name} failed (exit {result.exited}): "

@@ -111,13 +111,15 @@ def uninstall_plugin(c, name):
 
 
 @task(help={"path": "the project folder (default: here)",
-            "force": "overwrite remoteops.toml / tasks.py if they exist"})
+            "force": "overwrite remoteops.toml / tasks.py if they exist",
+            "demo": "create (or complete) the demo project in FOLDER: tiny model, demo data"})
 @friendly
-def init(c, path=".", force=False):
-    """Write a starter remoteops.toml and a two-line tasks.py into a project."""
-    from remoteops.scaffold import init_project
+def init(c, path=".", force=False, demo=None):
+    """Write a starter remoteops.toml and a two-line tasks.py (or --demo FOLDER)."""
+    from remoteops.scaffold import init_demo, init_project
 
-    for line in init_project(Path(path), force=force):
+    lines = init_demo(Path(demo)) if demo else init_project(Path(path), force=force)
+    for line in lines:
         print(line)
 
 
