@@ -24,3 +24,33 @@ def test(c, k=None, x=False):
 
 
 ns.add_task(test)
+
+
+@task
+def bench_deploy(c, repeats=3):
+    """Benchmark deploys against rsync and scp over a real local sshd (prints ratios)."""
+    from tests.bench.bench_deploy import main
+
+    main(["--repeats", str(repeats)])
+
+
+@task
+def bench_trainer(c, steps=40, repeats=3):
+    """Benchmark our trainer against a plain transformers.Trainer (step-time ratio)."""
+    import json
+
+    from remoteops.trainer.bench import run_bench
+
+    print(json.dumps(run_bench(steps=steps, repeats=repeats), indent=2))
+
+
+@task
+def bench_pipeline(c):
+    """Benchmark pipeline overhead per stage and `invoke status` over a slow login shell."""
+    from tests.bench.bench_pipeline import main
+
+    main([])
+
+
+for _t in (bench_deploy, bench_trainer, bench_pipeline):
+    ns.add_task(_t)

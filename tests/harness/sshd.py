@@ -71,7 +71,8 @@ def sftp_subsystem() -> str:
 
 
 def start_sshd(folder: Path, host: str = "127.0.0.1", client_key: Path | None = None,
-               host_key_kind: str = "ed25519", log_level: str = "VERBOSE") -> SSHServer:
+               host_key_kind: str = "ed25519", log_level: str = "VERBOSE",
+               extra_config: str = "") -> SSHServer:
     """Start sshd in ``folder`` on ``host`` at a free port; wait until it speaks SSH."""
     sshd = ensure_sshd()
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,7 @@ Subsystem sftp {sftp_subsystem()}
 MaxStartups 100:30:200
 MaxSessions 100
 LogLevel {log_level}
+{extra_config}
 """)
     log = open(folder / "sshd.log", "wb")
     proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
