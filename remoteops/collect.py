@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from remoteops.bundles import sha256_file
 from remoteops.errors import ConnectError, RemoteOpsError
 from remoteops.targets import Target
 
@@ -28,14 +28,6 @@ class Collected:
     def to_dict(self) -> dict:
         return {"run_id": self.run_id, "fetched": self.fetched, "unchanged": self.unchanged,
                 "bytes": self.bytes, "seconds": round(self.seconds, 2), "in_place": self.in_place}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def in_place(target: Target, project_dir: Path) -> bool:
@@ -66,7 +58,7 @@ def fetch_file(target: Target, remote: str, local: Path, size: int, sha256: str,
     except (socket.error, EOFError, paramiko.SSHException) as exc:
         raise ConnectError(f"the connection to {target.name} broke while collecting {remote} "
                            f"({exc}); run 'invoke collect' again: it resumes.") from None
-    if _sha256(part) != sha256:
+    if sha256_file(part) != sha256:
         part.unlink()
         raise RemoteOpsError(f"{local} arrived damaged (sha256 mismatch); run 'invoke collect' "
                              "again.")
@@ -95,7 +87,7 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
             continue
         local = project_dir / item["path"]
         if local.is_file() and local.stat().st_size == item["size"] and \
-                _sha256(local) == item["sha256"]:
+                sha256_file(local) == item["sha256"]:
             result.unchanged += 1
             continue
         todo.append(item)

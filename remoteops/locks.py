@@ -16,14 +16,21 @@ class LockedError(RemoteOpsError):
     """Another process holds the lock."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process of this machine is running (a zombie is not)."""
+    if not pid or pid < 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 class FileLock:
@@ -78,7 +85,7 @@ class FileLock:
     def _stale(self, held: dict) -> bool:
         pid = held.get("pid")
         return (held.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0
-                and not _alive(pid))
+                and not pid_alive(pid))
 
     def release(self) -> None:
         held = self.read()

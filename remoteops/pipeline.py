@@ -18,14 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from remoteops.config import Settings
 from remoteops.errors import RemoteOpsError
+from remoteops.locks import pid_alive
 from remoteops.trainer.rundir import RUNS_DIR, utc_stamp, write_atomic
 
 DEFAULT_STAGES = ["precheck", "sample", "style", "writing", "all", "collect"]
@@ -139,22 +138,6 @@ def _best_metrics(run_dir: Path) -> dict:
 
 # -- liveness ------------------------------------------------------------------------------
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def runner_health(run_dir: Path, state: dict) -> dict:
     try:
         beat = json.loads((run_dir / "runner.heartbeat").read_text())
@@ -162,7 +145,7 @@ def runner_health(run_dir: Path, state: dict) -> dict:
     except (FileNotFoundError, ValueError, KeyError):
         beat, age = {}, None
     pid = state.get("runner", {}).get("pid")
-    alive = _alive(pid) if state.get("runner", {}).get("host") == socket.gethostname() else None
+    alive = pid_alive(pid) if state.get("runner", {}).get("host") == socket.gethostname() else None
     return {"pid": pid, "alive": alive, "heartbeat_age_s": age,
             "interval_s": state.get("options", {}).get("heartbeat_seconds")}
 
@@ -211,4 +194,4 @@ def agent_args(*args: str) -> list[str]:
 
 __all__ = ["DEFAULT_STAGES", "POLICY", "plan_stages", "load_state", "save_state", "find_run",
            "list_runs", "effective_status", "runner_health", "spawn_detached", "agent_args",
-           "ChildResult", "TERMINAL", "now_iso", "utc_stamp", "Any", "threading"]
+           "ChildResult", "TERMINAL", "now_iso", "utc_stamp", "pid_alive"]

@@ -197,18 +197,18 @@ def pipeline_logs(root, run_id, stage, offset, lines, as_json):
 @json_option
 def pipeline_cancel(root, run_id, as_json):
     """Stop a run and its children cleanly (SIGTERM, then SIGKILL); mark it cancelled."""
-    from remoteops.pipeline import _alive, find_run, load_state, now_iso, save_state
+    from remoteops.pipeline import find_run, load_state, now_iso, pid_alive, save_state
 
     run_dir = find_run(_root(root), run_id)
     state = load_state(run_dir)
     pid = state.get("runner", {}).get("pid")
     was = state["status"]
-    if pid and _alive(pid):
+    if pid and pid_alive(pid):
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
     state = load_state(run_dir)
     if state["status"] in ("running", "starting"):
