@@ -182,10 +182,14 @@ class ChildResult:
 def spawn_detached(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
     """Start ``args`` in a new session with no terminal, output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Without the SSH session's variables: bash sees SSH_CLIENT and sources ~/.bashrc for
+    # every `bash -c` a stage runs (a conda or pyenv init costs seconds each time).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_TTY")}
     with open(log_path, "ab") as log:
         return subprocess.Popen(args, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                close_fds=True)
+                                close_fds=True, env=env)
 
 
 def agent_args(*args: str) -> list[str]:
