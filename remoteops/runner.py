@@ -126,6 +126,14 @@ class Runner:
             write_training_summary(self.run_dir, self.settings)
         except Exception as exc:  # a report problem must not hide the run's outcome
             self.log(f"could not write the report: {type(exc).__name__}: {exc}")
+        try:
+            from remoteops.postprocess import write_closure_report
+        except ModuleNotFoundError:
+            return
+        try:
+            write_closure_report(self.run_dir, self.settings)
+        except Exception as exc:
+            self.log(f"could not write the closure report: {type(exc).__name__}: {exc}")
 
     # -- one stage -------------------------------------------------------------------------
     def run_stage(self, stage: dict) -> bool:
