@@ -278,3 +278,26 @@ def test_non_interactive_needs_yes_and_env_or_flag_gives_it(cli, train_project, 
     assert (other / "outputs" / "training_sync").is_dir()
     log = next((other / "outputs" / "training_sync").glob("run_*/logs/hello.log")).read_text()
     assert "hello from hello" in log
+
+
+def test_pipeline_with_the_builtin_plugins_ends_with_a_closure_report(cli, train_project):
+    """On the local target (in place): post-eval fixes, GGUF and bitsandbytes checks run after
+    the stage's eval, and the run ends with final_closure_report.md."""
+    with open(train_project / "remoteops.toml", "a") as fh:
+        fh.write('\n[plugins.post_eval_fix]\nenabled = true\nstages = ["style"]\n'
+                 'rules = [{ rule = "strip_boilerplate" }, { rule = "close_code_fences" }]\n'
+                 '[plugins.quant_gguf]\nenabled = true\nstages = ["style"]\ntypes = ["f16"]\n'
+                 'pre_tokenizer = "qwen2"\n'
+                 '[plugins.quant_bnb]\nenabled = true\nstages = ["style"]\ntypes = ["int8"]\n')
+    res = cli("remote-train", "--host", "local", "--yes", "--stages", "style,collect",
+              env={"REMOTEOPS_GPU_GATE": "warn"}, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = next((train_project / "outputs" / "training_sync").glob("run_*"))
+    report = (run / "final_closure_report.md").read_text()
+    for section in ("## Stage `style`", "### Training outcome", "### Eval metrics vs targets",
+                    "### Post-eval fixes (before / after)", "### Issue log", "### Quantization",
+                    "### Reproduce"):
+        assert section in report, section
+    quant = json.loads((run / "quant_style.json").read_text())
+    assert "f16" in json.dumps(quant) and "int8" in json.dumps(quant)
+    assert json.loads((run / "final_closure_report.json").read_text())
