@@ -31,7 +31,7 @@ DEFAULT_STAGES = ["precheck", "sample", "style", "writing", "all", "collect"]
 KINDS = ("precheck", "train", "command", "collect")
 # Failure class -> what the runner does about it.
 POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
-          "lr_zero": "stop", "oom": "smaller_batch", "cuda": "resume", "process_died": "resume",
+          "lr_zero": "stop", "stagnation": "stop", "oom": "smaller_batch", "cuda": "resume", "process_died": "resume",
           "stale": "resume", "traceback": "fail", "cancelled": "stop", "eval": "fail"}
 TERMINAL = ("done", "failed", "skipped", "cancelled")
 

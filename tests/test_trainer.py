@@ -379,3 +379,18 @@ def test_make_demo_model_command_is_deterministic(tmp_path, demo_model):
         (demo_model / "tokenizer.json").read_bytes()
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "qwen3" and config["hidden_size"] == 256
+
+
+def test_optional_stagnation_rule_is_off_by_default_and_fires_when_set():
+    from remoteops.trainer.health import HealthCallback
+
+    losses = [3.0, 2.5, 2.6, 2.55, 2.7, 2.52]
+    off = HealthCallback()
+    assert all(off.judge(i + 1, loss) is None for i, loss in enumerate(losses))
+    on = HealthCallback(stagnation_steps=3)
+    verdicts = [on.judge(i + 1, loss) for i, loss in enumerate(losses)]
+    assert verdicts[:4] == [None, None, None, None]
+    assert verdicts[4][0] == "stagnation" and "2.5" in verdicts[4][1]
+    strict = HealthCallback(stagnation_steps=2, stagnation_min_delta=0.6)
+    assert strict.judge(1, 3.0) is None and strict.judge(2, 2.5) is None  # 0.5 < delta
+    assert strict.judge(3, 2.45)[0] == "stagnation"

@@ -35,6 +35,8 @@ HEALTH_DEFAULTS = {
     "loss_max": 1e4,               # a loss above this is divergence
     "explode_ratio": 10.0,         # ... and so is one this many times the running minimum
     "warmup_check_steps": 3,       # steps that must pass before <stage>.healthy
+    "stagnation_steps": 0,         # optional: fail when the loss has not improved this long
+    "stagnation_min_delta": 0.0,   # ... by more than this
     "heartbeat_seconds": 5.0,
     "stale_seconds": 600.0,        # log/heartbeat older than this: process presumed dead
     "loss_pattern": r"""(?<![\w])['"]?loss['"]?\s*[:=]\s*['"]?([-+]?(?:nan|inf|[0-9.]+(?:e[-+]?\d+)?))""",

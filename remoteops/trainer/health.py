@@ -8,7 +8,8 @@ it checks the gradients (a NaN/inf loss gives NaN gradients), the loss (when
 the trainer feeds it through ``observe_loss``, as remoteops' own trainer does)
 and the learning rate; on a problem it drops the gradients (so the optimizer
 step changes nothing), stops training, and suppresses further saves, so every
-saved weight stays finite. Reasons: ``nan``, ``divergence``, ``lr_zero``;
+saved weight stays finite. Reasons: ``nan``, ``divergence``, ``lr_zero``, and
+``stagnation`` (optional: no improvement for ``stagnation_steps`` steps);
 ``classify_exception`` names ``oom``, ``cuda``, ``data``, ``config``,
 ``interrupted`` or ``error`` for an exception out of ``trainer.train()``.
 Set ``logging_nan_inf_filter=False`` in the TrainingArguments: transformers
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-REASONS = ("nan", "divergence", "lr_zero", "oom", "cuda", "data", "config", "interrupted",
+REASONS = ("nan", "divergence", "lr_zero", "stagnation", "oom", "cuda", "data", "config", "interrupted",
            "error")
 
 _CUDA_MARKERS = ("cuda error", "cublas", "cudnn", "nccl", "device-side assert",
@@ -64,12 +65,16 @@ class HealthCallback(TrainerCallback):
 
     def __init__(self, loss_max: float = 1e4, explode_ratio: float = 10.0,
                  warmup_check_steps: int = 3, check_lr: bool = True,
+                 stagnation_steps: int = 0, stagnation_min_delta: float = 0.0,
                  on_healthy: Callable[[int], None] | None = None,
                  on_failure: Callable[[str, str, int], None] | None = None):
         self.loss_max = loss_max
         self.explode_ratio = explode_ratio
         self.warmup_check_steps = warmup_check_steps
         self.check_lr = check_lr
+        self.stagnation_steps = stagnation_steps  # 0: off
+        self.stagnation_min_delta = stagnation_min_delta
+        self._since_best = 0
         self.on_healthy = on_healthy
         self.on_failure = on_failure
         self.failure: dict[str, Any] | None = None
@@ -105,7 +110,15 @@ class HealthCallback(TrainerCallback):
                 return "divergence", (f"loss {loss:.4g} at step {step} is over "
                                       f"{self.explode_ratio:g}x the lowest so far "
                                       f"({self.min_loss:.4g})")
+            if loss < self.min_loss - self.stagnation_min_delta or not math.isfinite(self.min_loss):
+                self._since_best = 0
+            else:
+                self._since_best += 1
             self.min_loss = min(self.min_loss, loss)
+            if self.stagnation_steps and self._since_best >= self.stagnation_steps:
+                return "stagnation", (f"loss has not improved on {self.min_loss:.4g} for "
+                                      f"{self._since_best} steps (health.stagnation_steps); "
+                                      "check the learning rate and the data")
         if self.check_lr and lr is not None and lr <= 0 and step > self.warmup_steps:
             return "lr_zero", (f"learning rate is {lr} at step {step}, after "
                                f"{self.warmup_steps} warmup steps; check train.lr and the schedule")

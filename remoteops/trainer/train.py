@@ -317,6 +317,8 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         health = HealthCallback(
             loss_max=cfg.health["loss_max"], explode_ratio=cfg.health["explode_ratio"],
             warmup_check_steps=cfg.health["warmup_check_steps"],
+            stagnation_steps=int(cfg.health["stagnation_steps"]),
+            stagnation_min_delta=float(cfg.health["stagnation_min_delta"]),
             on_healthy=lambda step: (run.signal("healthy", "warmup check passed", step=step),
                                      log(f"stage '{cfg.name}' healthy after {step} steps")),
             on_failure=lambda reason, msg, step: None)
