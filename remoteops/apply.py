@@ -28,11 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from remoteops import __version__
-from remoteops.bundles import CHUNK, BundleError, Manifest, iter_members, sha256_file
+from remoteops.bundles import (CHUNK, BundleError, Manifest, iter_members, plan_between,
+                               sha256_file)
 from remoteops.errors import RemoteOpsError
 from remoteops.locks import FileLock
 
 STATE = ".remoteops"
+
+
+class MissingMembers(BundleError):
+    """The upload lacks files the server's plan needs (its files changed since the plan)."""
 
 
 def _stamp() -> str:
@@ -141,7 +146,7 @@ class Project:
         need = sorted(p for p, f in wanted.items()
                       if on_disk.get(p) != f.sha256 or modes.get(p) != f.mode)
         delete = sorted(p for p in on_disk if p not in wanted)
-        free = shutil.disk_usage(self._existing_parent(self.root)).free
+        free = self._free()
         return {"need": need, "delete": delete,
                 "added": [p for p in need if p not in on_disk],
                 "changed": [p for p in need if p in on_disk],
@@ -165,6 +170,9 @@ class Project:
         except FileNotFoundError:
             return None
 
+    def _free(self) -> int:
+        return shutil.disk_usage(self._existing_parent(self.root)).free
+
     @staticmethod
     def _existing_parent(path: Path) -> Path:
         while not path.exists():
@@ -173,14 +181,36 @@ class Project:
 
     # -- apply ---------------------------------------------------------------------------
     def apply(self, manifest: Manifest, delta: Path | None, holder: str, keep: int = 10,
-              delta_sha256: str | None = None) -> dict:
+              delta_sha256: str | None = None, expect_base: str | None = None,
+              expect_agent: str | None = None) -> dict:
+        """Apply ``manifest``; every answer carries ``free_bytes`` (after the change).
+
+        ``expect_base``: the content id the laptop believes is deployed here (it planned
+        locally from it). When this root is not exactly that (another content id, files
+        changed by hand, an interrupted change pending, an upload lacking a needed file)
+        nothing is applied and the answer says ``base_differs`` with the reason: the
+        laptop then plans against the server as usual.
+        """
         with self.lock(holder) as lock:
+            if expect_base is not None:
+                reason = self._base_check(expect_base, expect_agent)
+                if reason:
+                    return self._base_differs(reason)
             recovered = self.recover()
             plan = self.plan(manifest)
+            if expect_base is not None:
+                reason = self._plan_check(manifest, plan)
+                if reason:
+                    return self._base_differs(reason)
             staging = self.state / "staging" / manifest.content_id
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                staged = self._stage(manifest, delta, plan["need"], staging, delta_sha256)
+                try:
+                    staged = self._stage(manifest, delta, plan["need"], staging, delta_sha256)
+                except MissingMembers as exc:
+                    if expect_base is None:
+                        raise
+                    return self._base_differs(str(exc))
                 needed = manifest.file_map()
                 self._check_space(sum(needed[p].size for p in plan["need"]),
                                   plan["changed"] + plan["delete"])
@@ -188,7 +218,8 @@ class Project:
                 changes.update({p: None for p in plan["delete"]})
                 if not changes:
                     return {"action": "apply", "noop": True, "version": manifest.version,
-                            "recovered": recovered, "broken_lock": lock.broken}
+                            "recovered": recovered, "broken_lock": lock.broken,
+                            "free_bytes": self._free()}
                 result = self._commit(changes, kind="apply", version=manifest.version,
                                       after=json.loads(manifest.to_json()),
                                       label=f"v{manifest.version}",
@@ -197,7 +228,39 @@ class Project:
                 shutil.rmtree(staging.parent, ignore_errors=True)
             pruned = self.prune(keep)
             return {**result, "recovered": recovered, "pruned": pruned,
-                    "broken_lock": lock.broken}
+                    "broken_lock": lock.broken, "free_bytes": self._free()}
+
+    def _base_check(self, expect_base: str, expect_agent: str | None) -> str | None:
+        """Why this root is not the base the laptop planned from (None: it is)."""
+        if expect_agent and expect_agent != __version__:
+            return f"its agent is remoteops {__version__}, the bundle carries {expect_agent}"
+        pending = self._pending_recovery()
+        if pending is not None:
+            return f"an interrupted change ({pending[1]['label']}) is to be undone first"
+        current = self.current()
+        if current is None:
+            return "nothing is recorded as deployed there"
+        if current.content_id != expect_base:
+            return (f"it has v{current.version} ({current.content_id[:12]}), not "
+                    f"{expect_base[:12]}")
+        return None
+
+    def _plan_check(self, manifest: Manifest, plan: dict) -> str | None:
+        """Why the disk's plan differs from the plan between the recorded manifests."""
+        expected = plan_between(self.current(), manifest)
+        if all(plan[k] == expected[k] for k in ("need", "delete", "added", "changed")):
+            return None
+        ours = set(plan["need"] + plan["delete"])
+        odd = sorted(ours ^ set(expected["need"] + expected["delete"])
+                     or set(plan["added"]) ^ set(expected["added"]))
+        return (f"{len(odd)} file(s) there differ from what was deployed"
+                + (f" ({odd[0]}{' and more' if len(odd) > 1 else ''})" if odd else ""))
+
+    def _base_differs(self, reason: str) -> dict:
+        current = self.current()
+        return {"action": "apply", "base_differs": True, "reason": reason, "noop": True,
+                "current_content_id": current.content_id if current else None,
+                "agent_version": __version__, "free_bytes": self._free()}
 
     def _stage(self, manifest: Manifest, delta: Path | None, need: list[str], staging: Path,
                delta_sha256: str | None) -> dict[str, Path]:
@@ -237,9 +300,9 @@ class Project:
             staged[rel] = out
         missing = [p for p in need if p not in staged]
         if missing:
-            raise BundleError(f"the server's files changed since the plan ({missing[0]} and "
-                              f"{len(missing) - 1} more are not in the upload); run the deploy "
-                              "again.")
+            raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
+                                 f"{len(missing) - 1} more are not in the upload); run the "
+                                 "deploy again.")
         return staged
 
     def _check_space(self, new_bytes: int, backed_up: list[str]) -> None:
@@ -491,16 +554,34 @@ def _wait_for_upload(path: Path, seconds: float) -> None:
     """Wait until ``path`` appears (an atomic rename by the uploader), or give up.
 
     Only for files under ``<root>/.remoteops/incoming/``; stops early when the SSH
-    session that started us is gone (we were re-parented).
+    session that started us is gone (we were re-parented). While ``<path>.part`` (a
+    resumable upload) keeps growing, the wait goes on: ``seconds`` counts from the
+    last growth.
     """
     if path.parent.name != "incoming" or path.parent.parent.name != STATE:
         return
     parent = os.getppid()
+    part = path.with_name(path.name + ".part")
     deadline = time.monotonic() + seconds
     delay = 0.005
+    seen = None
     while not path.is_file() and time.monotonic() < deadline and os.getppid() == parent:
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None and size != seen:
+            seen = size
+            deadline = time.monotonic() + seconds
         time.sleep(delay)
         delay = min(delay * 1.5, 0.05)
+
+
+def wait_for_delta(path: Path, seconds: float = MANIFEST_WAIT_SECONDS) -> None:
+    """Wait for an upload the laptop sends while the agent starts (see _wait_for_upload)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        _wait_for_upload(path, seconds)
 
 
 def read_manifest_file(path: str | Path, wait: float = MANIFEST_WAIT_SECONDS) -> Manifest:

@@ -562,6 +562,22 @@ def diff(current: dict[str, str], new: Manifest) -> Plan:
     return Plan(added, changed, deleted, send)
 
 
+def plan_between(old: Manifest | None, new: Manifest) -> dict:
+    """What turns a tree holding exactly ``old`` into ``new`` (sha256 and mode per file).
+
+    The same answer the server's plan gives when its disk matches ``old``: the laptop
+    plans locally with it, and the server checks its own plan against it.
+    """
+    before = old.file_map() if old else {}
+    wanted = new.file_map()
+    need = sorted(p for p, f in wanted.items() if p not in before
+                  or before[p].sha256 != f.sha256 or before[p].mode != f.mode)
+    return {"need": need, "delete": sorted(p for p in before if p not in wanted),
+            "added": [p for p in need if p not in before],
+            "changed": [p for p in need if p in before],
+            "unchanged": len(wanted) - len(need)}
+
+
 def _project_sources(manifest: Manifest, names: list[str], source_dir: Path,
                      limit: int = 64 << 20) -> list[tuple[FileEntry, bytes]] | None:
     """The named files read from the project folder, when each still matches the manifest.

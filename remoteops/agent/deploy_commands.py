@@ -48,18 +48,34 @@ def deploy_plan(root: str, manifest: str, as_json: bool) -> None:
 @click.option("--manifest", required=True, help="The new bundle's manifest file.")
 @click.option("--delta", default=None, help="The uploaded tar.zst of changed files.")
 @click.option("--sha256", "delta_sha256", default=None, help="Expected sha256 of --delta.")
+@click.option("--expect-base", default=None,
+              help="Apply only if this content id is deployed here and the disk matches it; "
+                   "otherwise answer base_differs and change nothing.")
+@click.option("--expect-agent", default=None,
+              help="With --expect-base: the agent version the bundle carries.")
 @holder_option
 @keep_option
 @json_option
 def deploy_apply(root: str, manifest: str, delta: str | None, delta_sha256: str | None,
-                 holder: str, keep: int, as_json: bool) -> None:
+                 expect_base: str | None, expect_agent: str | None, holder: str, keep: int,
+                 as_json: bool) -> None:
     """Apply a bundle in place: lock, back up, journal, replace, record."""
-    from remoteops.apply import Project, read_manifest_file
+    from remoteops.apply import Project, read_manifest_file, wait_for_delta
 
-    result = Project(root).apply(read_manifest_file(manifest), Path(delta) if delta else None,
-                                 holder, keep, delta_sha256)
+    new = read_manifest_file(manifest)
+    if delta:
+        wait_for_delta(Path(delta))  # the laptop may still be sending it
+    result = Project(root).apply(new, Path(delta).expanduser() if delta else None, holder, keep,
+                                 delta_sha256, expect_base=expect_base,
+                                 expect_agent=expect_agent)
+    if result.get("base_differs"):
+        # the laptop plans against this server next, with the manifest left here
+        if delta:
+            Path(delta).expanduser().unlink(missing_ok=True)
+        emit(result, as_json, f"not applied: {result['reason']}")
+        return
     if delta and not result.get("noop"):
-        Path(delta).unlink(missing_ok=True)
+        Path(delta).expanduser().unlink(missing_ok=True)
     Path(manifest).expanduser().unlink(missing_ok=True)
     emit(result, as_json, f"applied v{result['version']}; backup: {result.get('backup')}")
 
