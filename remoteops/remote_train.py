@@ -127,8 +127,10 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
         result.bytes += again.bytes
         state = status(target, run_id, lines=0)
     summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
+    closure = summary.with_name("final_closure_report.md")
     return {**result.to_dict(), "status": state["status"],
-            "summary": str(summary) if summary.is_file() else None}
+            "summary": str(summary) if summary.is_file() else None,
+            "closure_report": str(closure) if closure.is_file() else None}
 
 
 def local_run_dir(settings: Settings, run_id: str) -> Path:

@@ -115,7 +115,7 @@ class Runner:
                 continue
             if after and stage["status"] not in ("done", "skipped"):
                 stage["status"] = "cancelled" if self.cancelled else "skipped"
-                stage["reason"] = (f"run cancelled" if self.cancelled else
+                stage["reason"] = ("run cancelled" if self.cancelled else
                                    f"stage {failed['name']} failed ({failed['failure_class']})")
         self.save()
 

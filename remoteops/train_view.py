@@ -247,9 +247,11 @@ def print_collected(data: dict, as_json: bool) -> None:
         print_json(data)
         return
     if data["in_place"]:
-        print(f"collect: results are already here (local target, in place)")
+        print("collect: results are already here (local target, in place)")
     else:
         print(f"collected {len(data['fetched'])} file(s), {human_bytes(data['bytes'])} "
               f"({data['unchanged']} already here) in {data['seconds']:.1f}s")
     if data.get("summary"):
         print(f"summary: {data['summary']}")
+    if data.get("closure_report"):
+        print(f"closure report: {data['closure_report']}")

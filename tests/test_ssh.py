@@ -158,7 +158,7 @@ def test_proxyjump_from_ssh_config_goes_through_the_jump_host(cli, home, project
         known = (project / ".remoteops" / "known_hosts").read_text()
         assert jump.known_hosts_line in known and sshd_server.known_hosts_line in known
         # the jump server forwarded a TCP connection to the inner server's port
-        assert f"direct-tcpip" in jump.log() and f"port {sshd_server.port}" in jump.log()
+        assert "direct-tcpip" in jump.log() and f"port {sshd_server.port}" in jump.log()
     finally:
         jump.stop()
         shutil.rmtree(jump.folder, ignore_errors=True)
