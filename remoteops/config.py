@@ -224,10 +224,9 @@ def _merge(values: dict, sources: dict, layer: Mapping, label: str | None, origi
             suggestion = f" Did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise ConfigError(f"{origin}: unknown setting '{dotted}'.{suggestion} "
                               "Run 'invoke config' to see every setting.")
-        if key in values and not isinstance(values[key], dict) or key not in values:
-            values[key] = _coerce(dotted, value, values.get(key), origin)
-        else:
+        if isinstance(values.get(key), dict):
             raise ConfigError(f"{origin}: '{dotted}' is a table; set its keys instead.")
+        values[key] = _coerce(dotted, value, values.get(key), origin)
         sources[dotted] = src
 
 

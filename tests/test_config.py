@@ -113,3 +113,10 @@ def test_malformed_config_is_one_line_error_from_cli(cli, project):
     assert "Traceback" not in res.stderr
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "remoteops.toml: line 1" in lines[0]
+
+
+def test_a_table_given_a_single_value_is_explained(project):
+    write(project / "remoteops.toml", "ssh = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(project, env={})
+    assert "'ssh' is a table" in str(err.value)
