@@ -324,31 +324,6 @@ def verify_bundle(tar_path: Path, manifest: Manifest | None = None) -> Manifest:
 
 # -- comparing ----------------------------------------------------------------------------
 
-@dataclass
-class Plan:
-    added: list[str]
-    changed: list[str]
-    deleted: list[str]
-    send_bytes: int = 0
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.changed or self.deleted)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def diff(current: dict[str, str], new: Manifest) -> Plan:
-    """Plan from a ``{path: sha256}`` of what the server has to a new manifest."""
-    files = new.file_map()
-    added = sorted(p for p in files if p not in current)
-    changed = sorted(p for p in files if p in current and current[p] != files[p].sha256)
-    deleted = sorted(p for p in current if p not in files)
-    send = sum(files[p].size for p in added + changed)
-    return Plan(added, changed, deleted, send)
-
-
 def plan_between(old: Manifest | None, new: Manifest) -> dict:
     """What turns a tree holding exactly ``old`` into ``new`` (sha256 and mode per file).
 
@@ -438,17 +413,5 @@ def read_member_bytes(tar_path: Path, name: str) -> bytes:
     raise BundleError(f"{tar_path.name} has no {name}; rebuild the bundle.")
 
 
-def extract_files(tar_path: Path, dest: Path, names: set[str]) -> None:
-    """Copy the named ``files/...`` members into ``dest`` (same relative paths)."""
-    for member, fh in iter_members(tar_path):
-        if fh is None or member.name not in names:
-            continue
-        target = dest / member.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as out:
-            for chunk in iter(lambda: fh.read(CHUNK), b""):
-                out.write(chunk)
-
-
-__all__ = ["Manifest", "FileEntry", "Plan", "Built", "BundleError", "build_bundle",
-           "verify_bundle", "diff", "select_files", "write_tar", "iter_members"]
+__all__ = ["Manifest", "FileEntry", "Built", "BundleError", "build_bundle", "verify_bundle",
+           "plan_between", "select_files", "write_tar", "iter_members"]

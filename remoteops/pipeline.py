@@ -33,7 +33,6 @@ KINDS = ("precheck", "train", "command", "collect")
 POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
           "lr_zero": "stop", "stagnation": "stop", "oom": "smaller_batch", "cuda": "resume", "process_died": "resume",
           "stale": "resume", "traceback": "fail", "cancelled": "stop", "eval": "fail"}
-TERMINAL = ("done", "failed", "skipped", "cancelled")
 
 
 def now_iso() -> str:
@@ -198,4 +197,4 @@ def agent_args(*args: str) -> list[str]:
 
 __all__ = ["DEFAULT_STAGES", "POLICY", "plan_stages", "load_state", "save_state", "find_run",
            "list_runs", "effective_status", "runner_health", "spawn_detached", "agent_args",
-           "ChildResult", "TERMINAL", "now_iso", "utc_stamp", "pid_alive"]
+           "ChildResult", "now_iso", "utc_stamp", "pid_alive"]
