@@ -18,6 +18,31 @@ def console() -> Console:
     return Console(soft_wrap=False)
 
 
+def name_column(table: Table, header: str, **kwargs: Any) -> None:
+    """A column of names a user types back (a backup, a run id): never cut or folded."""
+    table.add_column(header, no_wrap=True, overflow="fold", **kwargs)
+
+
+def print_wide(table: Table) -> None:
+    """Print a table so that no word is cut: on a narrow terminal or a pipe (80 columns, or
+    $COLUMNS) the lines get longer instead, since a name with an ellipsis cannot be typed."""
+    out = console()
+    roomy = out.options.update_width(10_000)
+    if out.measure(table, options=roomy).maximum > out.width:
+        # rich squeezes wrapping columns below their longest word, so cap each at that word
+        # and size the output to the result, instead of letting rich squeeze
+        try:
+            for column in table.columns:
+                if not column.no_wrap:
+                    column.max_width = max(1, table._measure_column(out, roomy, column).minimum
+                                           - table._get_padding_width(column._index))
+        except AttributeError:  # another rich: its own layout, names still no_wrap
+            pass
+        need = out.measure(table, options=roomy).maximum
+        out = Console(soft_wrap=False, width=max(need, out.width))
+    out.print(table)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -49,12 +74,13 @@ def print_plugins(infos: Iterable[Any], as_json: bool) -> None:
         print_json(rows)
         return
     table = Table(title="remoteops plugins", title_justify="left")
-    for col in ("name", "version", "source", "hooks", "location"):
+    name_column(table, "name")
+    for col in ("version", "source", "hooks", "location"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(*(escape(x) for x in (r["name"], r["version"], r["source"],
                                              ", ".join(r["hooks"]), r["location"])))
-    console().print(table)
+    print_wide(table)
 
 
 def print_settings(items: Iterable[tuple[str, Any, str]], files: list[str], as_json: bool) -> None:
@@ -87,7 +113,8 @@ def print_built(built: Any, as_json: bool) -> None:
             "version": m.version, "content_id": m.content_id, "files": len(m.files),
             "size": m.total_size, "compressed": built.tar_path.stat().st_size,
             "reused": built.reused, "source_commit": m.source_commit,
-            "source_dirty": m.source_dirty, "plugins": m.plugins}
+            "source_dirty": m.source_dirty, "plugins": m.plugins,
+            "excluded": getattr(built, "excluded", {})}
     if as_json:
         print_json(data)
         return
@@ -95,6 +122,14 @@ def print_built(built: Any, as_json: bool) -> None:
     print(f"bundle v{m.version} {m.content_id[:12]}{note}: {built.tar_path}")
     print(f"  {len(m.files)} files, {human_bytes(m.total_size)} "
           f"({human_bytes(data['compressed'])} compressed), toolkit {m.toolkit_version}")
+    _print_exclusions(built)
+
+
+def _print_exclusions(built: Any) -> None:
+    from remoteops.bundles import describe_exclusions
+
+    for line in describe_exclusions(getattr(built, "excluded", None) or {}):
+        print(f"  {line}")
 
 
 def print_plan(outcome: Any) -> None:
@@ -104,6 +139,7 @@ def print_plan(outcome: Any) -> None:
           f" (server has {'v' + str(current) if current else 'nothing deployed'})")
     for event in outcome.events:
         print(f"  {event}")
+    _print_exclusions(outcome.bundle)
     if plan.get("recovery_pending"):
         print(f"  an interrupted change ({plan['recovery_pending']}) will be undone first")
     if not (plan["need"] or plan["delete"]):
@@ -201,10 +237,10 @@ def print_backups(target: str, rows: list[dict], as_json: bool) -> None:
         return
     table = Table(title=f"backups on {target}", title_justify="left")
     for col in ("", "backup", "kind", "version", "from", "files", "size"):
-        table.add_column(col)
+        name_column(table, col)
     for r in rows:
         table.add_row("*" if r["current"] else "", escape(r["name"]), r["kind"],
                       f"v{r['version']}", f"v{r['from_version']}" if r["from_version"] else "-",
                       str(r["files"]), human_bytes(r["size"]))
-    console().print(table)
+    print_wide(table)
     print("* current: rolling back to it undoes the latest deploy")

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from remoteops.errors import RemoteOpsError
-from remoteops.render import console, human_bytes, print_json
+from remoteops.render import console, human_bytes, name_column, print_json, print_wide
 
 _STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
           "pending": "", "cancelled": "yellow", "dead": "bold red"}
@@ -36,7 +36,8 @@ def _stage_table(data: dict) -> Table:
     table = Table(title=f"{data['run_id']} on {escape(data.get('host') or 'server')}: "
                         f"{_styled(data['status'])}",
                   title_justify="left")
-    for col in ("stage", "status", "time", "try", "note"):
+    name_column(table, "stage")
+    for col in ("status", "time", "try", "note"):
         table.add_column(col, overflow="fold")
     for s in data["stages"]:
         note = s.get("failure_class") or ""
@@ -128,7 +129,7 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
     """The whole remote-train flow; returns the exit status."""
     from remoteops.collect import in_place
     from remoteops.remote_train import (TrainRequest, collect_and_report, describe_plan, follow,
-                                        start)
+                                        refuse_if_live, start)
 
     req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
     target = open_target()
@@ -138,6 +139,7 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
         if confirm is not None and not confirm({}):
             raise RemoteOpsError("cancelled; nothing was started.")
         if deploy and settings["pipeline.deploy"] and not in_place(target, settings.project_dir):
+            refuse_if_live(target)  # before anything is built, sent or changed
             from remoteops.deploy import deploy as deploy_bundle
             from remoteops.render import print_plan
 
@@ -169,6 +171,8 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
                   file=sys.stderr)
         result = collect_and_report(settings, target, run_id, download_progress(as_json))
         if as_json:
+            for line in collect_warnings(result):
+                print(line, file=sys.stderr)
             print_json({**result, "run_id": run_id})
         else:
             print_collected(result, False)
@@ -218,14 +222,17 @@ def print_runs(runs: list[dict], as_json: bool) -> None:
         print("no runs yet; start one with: invoke remote-train")
         return
     table = Table(title="pipeline runs", title_justify="left")
-    for col in ("run", "started", "status", "stages", "time", "best eval loss"):
-        table.add_column(col, overflow="fold")
+    for col in ("run", "started", "status"):
+        name_column(table, col)
+    table.add_column("stages", overflow="fold")
+    name_column(table, "time")
+    table.add_column("best eval loss", overflow="fold")
     for r in runs:
-        stages = " ".join(f"{n}:{s}" for n, s in r["stages"].items())
+        stages = r.get("reason") or " ".join(f"{n}:{s}" for n, s in r["stages"].items())
         best = " ".join(f"{k}={v:.3f}" for k, v in r["best"].items() if v is not None) or "-"
         table.add_row(r["run_id"], r["created"], _styled(r["status"]),
                       stages, _dur(r["duration_s"]), best)
-    console().print(table)
+    print_wide(table)
 
 
 @contextlib.contextmanager
@@ -242,7 +249,25 @@ def download_progress(quiet: bool):
     return None if quiet or not console().is_terminal else _bar
 
 
+def collect_warnings(data: dict) -> list[str]:
+    """One line per thing collect left behind, saying what to do about it."""
+    lines = []
+    skipped = data.get("skipped") or []
+    if skipped:
+        names = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        lines.append(f"warning: skipped {len(skipped)} file(s): {names}{more}; run 'invoke "
+                     "collect' again once the run has finished to bring them back")
+    for r in data.get("refused") or []:
+        lines.append(f"warning: the server did not list {r['path']!r}"
+                     f"{' (stage ' + str(r['stage']) + ')' if r.get('stage') else ''}: "
+                     f"{r['reason']}; declare stage outputs inside the project")
+    return lines
+
+
 def print_collected(data: dict, as_json: bool) -> None:
+    for line in collect_warnings(data):
+        print(line, file=sys.stderr)
     if as_json:
         print_json(data)
         return
