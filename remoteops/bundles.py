@@ -24,15 +24,19 @@ from typing import Callable, Iterable
 
 from remoteops import __version__
 from remoteops.config import Settings
+from remoteops.secret_rules import SECRET_FILE_PATTERNS, looks_like_private_key
 from remoteops.bundle_tar import (CHUNK, FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
                                   iter_members, write_tar)  # re-exported for the deploy path
 
-# Excluded whatever the config says: VCS data, caches, environments, outputs, secrets.
+# Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
+# words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
+# folder code/env/ or a data/checkpoints/ folder deep in the tree still ships; names
+# only tools use are excluded wherever they are. Secrets: remoteops.secret_rules.
 DEFAULT_EXCLUDES = [
-    ".git/", ".hg/", ".svn/", "__pycache__/", "*.py[cod]", ".venv/", "venv/", "env/",
-    ".env", ".env.*", ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/",
-    "node_modules/", "outputs/", "bundles/", ".remoteops/", "checkpoints/", "checkpoint-*/",
-    "wandb/", "mlruns/", ".DS_Store",
+    ".git/", ".hg/", ".svn/", "__pycache__/", "*.py[cod]", ".venv/", "/venv/", "/env/",
+    ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/",
+    "node_modules/", "/outputs/", "/bundles/", ".remoteops/", "/checkpoints/", "checkpoint-*/",
+    "/wandb/", "/mlruns/", ".DS_Store",
 ]
 
 
@@ -147,12 +151,58 @@ def _spec(lines: Iterable[str]) -> "pathspec.PathSpec":
     return pathspec.GitIgnoreSpec.from_lines([l for l in lines if l.strip()])
 
 
+@dataclass
+class Selection:
+    """The files to ship, and what was left out and why (for the plan)."""
+
+    paths: list[Path]
+    excluded: dict[str, list[str]]          # rule -> excluded paths (a folder ends in /)
+    secrets: list[str]                      # secret files left out
+    secrets_included: list[str]             # secret files shipped: bundle.include_secrets
+
+    def report(self) -> dict:
+        return {"secrets": self.secrets, "secrets_included": self.secrets_included,
+                "rules": self.excluded}
+
+
+def _name_error(path: Path) -> BundleError:
+    return BundleError(f"the name of {os.fsencode(path)!r} is not UTF-8, so a bundle (and its "
+                       "JSON manifest) cannot carry it; rename it (e.g. convmv -f latin1 -t utf8 "
+                       "--notest) or leave it out with bundle.exclude or .gitignore.")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # os.walk turns undecodable bytes into lone surrogates
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def select_files(project: Path, include: list[str], exclude: list[str]) -> list[Path]:
-    """Project files to ship: not excluded by defaults, config or any .gitignore."""
-    excluded = _spec(DEFAULT_EXCLUDES + list(exclude))
+    """Project files to ship: not excluded by defaults, config, any .gitignore or as secrets."""
+    return select(project, include, exclude).paths
+
+
+def select(project: Path, include: list[str], exclude: list[str],
+           include_secrets: Iterable[str] = (), extra_excludes: Iterable[str] = ()) -> Selection:
+    """Choose the files to ship and record what each rule left out.
+
+    ``include_secrets``: paths (globs allowed) relative to the project root of secret
+    files to ship anyway. ``extra_excludes``: more anchored rules (the bundles folder).
+    """
+    rules = [(p, _spec([p])) for p in DEFAULT_EXCLUDES + list(extra_excludes)]
+    defaults = _spec(DEFAULT_EXCLUDES + list(extra_excludes))
+    configured = _spec(exclude) if exclude else None
     included = _spec(include) if include else None
+    secret = _spec(SECRET_FILE_PATTERNS)
+    wanted_secrets = [p for p in include_secrets if p.strip()]
+    allowed = _spec("/" + p.lstrip("/") for p in wanted_secrets) if wanted_secrets else None
     ignores: list[tuple[str, "pathspec.PathSpec"]] = []
     chosen: list[Path] = []
+    excluded: dict[str, list[str]] = {}
+    secrets: list[str] = []
+    shipped_secrets: list[str] = []
     root = project.resolve()
     for folder, dirs, files in os.walk(root):
         rel_dir = os.path.relpath(folder, root)
@@ -161,18 +211,43 @@ def select_files(project: Path, include: list[str], exclude: list[str]) -> list[
         if gitignore.is_file():
             ignores.append((rel_dir, _spec(gitignore.read_text(errors="replace").splitlines())))
 
-        def ignored(rel: str) -> bool:
-            if excluded.match_file(rel):
-                return True
-            return any(rel.startswith(base) and spec.match_file(rel[len(base):])
-                       for base, spec in ignores)
+        def rule_for(rel: str) -> str | None:
+            """The rule that leaves ``rel`` out (None: it ships)."""
+            if defaults.match_file(rel):
+                return next(p for p, spec in rules if spec.match_file(rel))
+            if configured is not None and configured.match_file(rel):
+                return "bundle.exclude"
+            for base, spec in ignores:
+                if rel.startswith(base) and spec.match_file(rel[len(base):]):
+                    return f"{base}.gitignore"
+            return None
 
-        dirs[:] = sorted(d for d in dirs if not ignored(f"{rel_dir}{d}/"))
+        kept = []
+        for d in sorted(dirs):
+            rule = rule_for(f"{rel_dir}{d}/")
+            if rule is not None:
+                excluded.setdefault(rule, []).append(f"{rel_dir}{d}/")
+            elif not _is_utf8(d):
+                raise _name_error(Path(folder) / d)
+            else:
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(files):
             rel = f"{rel_dir}{name}"
             path = Path(folder) / name
-            if ignored(rel) or (included is not None and not included.match_file(rel)):
+            rule = rule_for(rel)
+            if rule is None and included is not None and not included.match_file(rel):
+                rule = "not in bundle.include"
+            if rule is not None:
+                excluded.setdefault(rule, []).append(rel)
                 continue
+            if not _is_utf8(name):
+                raise _name_error(path)
+            if secret.match_file(rel) or looks_like_private_key(path):
+                if allowed is None or not allowed.match_file(rel):
+                    secrets.append(rel)
+                    continue
+                shipped_secrets.append(rel)
             if path.is_symlink():
                 target = path.resolve()
                 if not target.is_file() or root not in target.parents:
@@ -180,7 +255,31 @@ def select_files(project: Path, include: list[str], exclude: list[str]) -> list[
             elif not path.is_file():
                 continue
             chosen.append(path)
-    return chosen
+    return Selection(chosen, excluded, secrets, shipped_secrets)
+
+
+def _some(paths: list[str], limit: int) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def describe_exclusions(report: dict) -> list[str]:
+    """Plan lines: which secret files were left out (or shipped on purpose), and by which
+    rule the other paths were (a folder counts once, with a trailing /)."""
+    lines = []
+    secrets = report.get("secrets") or []
+    if secrets:
+        lines.append(f"left out {len(secrets)} secret file(s): {_some(secrets, 10)} (to ship "
+                     "one, name it in bundle.include_secrets)")
+    shipped = report.get("secrets_included") or []
+    if shipped:
+        lines.append(f"shipping {len(shipped)} secret file(s) named in bundle.include_secrets: "
+                     f"{_some(shipped, 10)}")
+    rules = report.get("rules") or {}
+    if rules:
+        parts = [f"{rule} ({len(paths)}: {_some(paths, 3)})" for rule, paths in rules.items()]
+        lines.append("left out by rule: " + "; ".join(parts))
+    return lines
 
 
 def _git_state(project: Path) -> tuple[str | None, bool | None]:
@@ -206,6 +305,7 @@ class Built:
     reused: bool = False
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    excluded: dict = field(default_factory=dict)  # Selection.report(): what was left out
 
 
 def _latest(out_dir: Path, project: str) -> Manifest | None:
@@ -234,11 +334,16 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     name = settings.project_name
     out = Path(out_dir or settings["bundle.out_dir"])
     out = out if out.is_absolute() else project / out
-    out.mkdir(parents=True, exist_ok=True)
-    paths = select_files(project, settings["bundle.include"], settings["bundle.exclude"])
+    own = []  # the bundles folder itself, when it is inside the project under another name
+    if out.resolve().is_relative_to(project.resolve()) and out.resolve() != project.resolve():
+        own.append("/" + out.resolve().relative_to(project.resolve()).as_posix() + "/")
+    chosen = select(project, settings["bundle.include"], settings["bundle.exclude"],
+                    settings.get("bundle.include_secrets") or [], own)
+    paths = chosen.paths
     if not paths:
         raise BundleError(f"no files to bundle in {project}; check bundle.include / "
                           "bundle.exclude in remoteops.toml.")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves nothing behind
     entries = []
     cache = HashCache(out / ".hashes.json")
     for path in paths:
@@ -259,7 +364,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
             if on_manifest is not None:
                 on_manifest(previous)
             return Built(tar_path, out / f"{name}-v{previous.version}.manifest.json", previous,
-                         reused=True, seconds=time.monotonic() - started)
+                         reused=True, seconds=time.monotonic() - started,
+                         excluded=chosen.report())
     version = (previous.version + 1) if previous else 1
     commit, dirty = _git_state(project)
     manifest = Manifest(project=name, version=version, content_id=cid,
@@ -277,7 +383,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     tmp = manifest_path.with_name(manifest_path.name + ".tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     os.replace(tmp, manifest_path)
-    return Built(tar_path, manifest_path, manifest, seconds=time.monotonic() - started)
+    return Built(tar_path, manifest_path, manifest, seconds=time.monotonic() - started,
+                 excluded=chosen.report())
 
 
 # -- reading and verifying -------------------------------------------------------------------
@@ -414,4 +521,4 @@ def read_member_bytes(tar_path: Path, name: str) -> bytes:
 
 
 __all__ = ["Manifest", "FileEntry", "Built", "BundleError", "build_bundle", "verify_bundle",
-           "plan_between", "select_files", "write_tar", "iter_members"]
+           "plan_between", "select_files", "select", "Selection", "write_tar", "iter_members"]

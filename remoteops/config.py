@@ -6,8 +6,13 @@ Files are TOML: the user file (``~/.config/remoteops/config.toml`` or
 ``[tool.remoteops]`` table of its ``pyproject.toml``). Environment variables
 are ``REMOTEOPS_<KEY>`` with ``__`` between nested keys
 (``REMOTEOPS_PRECHECK__MIN_DISK_GB=5``) plus the seed project's
-``TRAIN_SYNC_*`` names. Passwords are refused wherever they appear: use a key
-or ssh-agent; other secrets are referenced as ``{"$env": "NAME"}``.
+``TRAIN_SYNC_*`` names. Login passwords are refused wherever they appear: use
+a key or ssh-agent. Any other key whose name says it holds a secret
+(``db_password``, ``hf_token``, ``aws_secret_access_key``, ...; see
+``remoteops.secret_rules``) must be a reference, ``{"$env" = "NAME"}``, which is
+resolved only where it is used and printed as ``$env:NAME``. Values are checked
+against ``remoteops.config_schema``; every error names ``file:line`` (or the
+environment variable or flag) and what to write instead.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+from remoteops.config_schema import find_line, split_key, validate
 from remoteops.errors import ConfigError
+from remoteops.secret_rules import is_login_password, is_secret_key
 from remoteops.trainer.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS
 
 PROJECT_FILE = "remoteops.toml"
@@ -68,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "bundle": {
         "include": [],  # gitignore-style patterns; empty: every file not excluded
         "exclude": [],
+        "include_secrets": [],  # secret files (keys, .env, ...) to ship anyway, by path
         "out_dir": "bundles",
         "compression_level": 3,
     },
@@ -81,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
         "oom_retries": 1,  # out of memory: retries with half the batch, double accumulation
         "heartbeat_seconds": 2.0,
         "poll_seconds": 1.0,
+        "stop_grace_seconds": 10.0,  # a stopped stage's processes: SIGTERM, then SIGKILL after
         "deploy": True,  # remote-train deploys first when the local tree differs
     },
     "train": TRAIN_DEFAULTS,
@@ -105,8 +114,7 @@ SEED_ENV = {
 ENV_NOT_SETTINGS = {"REMOTEOPS_USER_CONFIG", "REMOTEOPS_BLOCK_PLUGINS", "REMOTEOPS_TRACE_HOOKS",
                     "REMOTEOPS_DEBUG", "REMOTEOPS_PROJECT_DIR", "REMOTEOPS_NO_ENTRYPOINTS"}
 
-_PASSWORD_KEYS = re.compile(r"^(password|passwd|pass|pwd|ssh_password|sudo_password)$", re.I)
-_SECRET_KEYS = re.compile(r"(passphrase|secret|token|api_key|apikey|private_key)$", re.I)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
@@ -153,6 +161,34 @@ class Settings:
                           indent=2, default=str)
 
 
+class _Where:
+    """Where each leaf setting was written, for messages: ``file:line``, ``env NAME``, ``flag``."""
+
+    def __init__(self) -> None:
+        self.origin: dict[str, tuple] = {}   # dotted -> ("file", path, prefix) | ("label", text)
+        self.texts: dict[str, str] = {}
+
+    def file(self, path: Path, text: str, prefix: list[str] | None = None) -> Callable:
+        self.texts[str(path)] = text
+        return lambda dotted, src: ("file", str(path), prefix or [])
+
+    def __call__(self, dotted: str) -> str:
+        found = self.origin.get(dotted) or next(
+            (o for k, o in self.origin.items() if k.startswith(dotted + ".")), None)
+        if found is None:
+            return "the settings"
+        if found[0] == "label":
+            return found[1]
+        return self.at(found, dotted)
+
+    def at(self, origin: tuple, dotted: str) -> str:
+        if origin[0] == "label":
+            return origin[1]
+        _, path, prefix = origin
+        line = find_line(self.texts.get(path, ""), prefix + split_key(dotted))
+        return f"{path}:{line}" if line else path
+
+
 def load_settings(project_dir: str | os.PathLike | None = None,
                   flags: Mapping[str, Any] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
@@ -162,40 +198,47 @@ def load_settings(project_dir: str | os.PathLike | None = None,
     values = copy.deepcopy(DEFAULTS)
     sources: dict[str, str] = {}
     files: list[str] = []
+    where = _Where()
 
     user_file = Path(env.get("REMOTEOPS_USER_CONFIG")
                      or Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
                      / "remoteops" / "config.toml").expanduser()
     if user_file.is_file():
-        _merge(values, sources, _read_toml(user_file), f"user file {user_file}", str(user_file))
+        data, text = _read_toml(user_file)
+        _merge(values, sources, data, f"user file {user_file}", where.file(user_file, text),
+               where)
         files.append(str(user_file))
 
     project_file = project / PROJECT_FILE
     pyproject = project / "pyproject.toml"
     if project_file.is_file():
-        _merge(values, sources, _read_toml(project_file), f"project {PROJECT_FILE}", str(project_file))
+        data, text = _read_toml(project_file)
+        _merge(values, sources, data, f"project {PROJECT_FILE}", where.file(project_file, text),
+               where)
         files.append(str(project_file))
     elif pyproject.is_file():
-        table = _read_toml(pyproject).get("tool", {}).get("remoteops")
+        data, text = _read_toml(pyproject)
+        table = data.get("tool", {}).get("remoteops")
         if table:
-            _merge(values, sources, table, "project pyproject.toml [tool.remoteops]", str(pyproject))
+            _merge(values, sources, table, "project pyproject.toml [tool.remoteops]",
+                   where.file(pyproject, text, ["tool", "remoteops"]), where)
             files.append(str(pyproject))
 
-    _merge(values, sources, _from_env(env), None, "environment")
+    _merge(values, sources, _from_env(env), None, lambda dotted, src: ("label", src), where)
     if flags:
         _merge(values, sources, _unflatten({k: v for k, v in flags.items() if v is not None}),
-               "flag", "command line")
-    _validate(values, sources)
+               "flag", lambda dotted, src: ("label", f"flag for {dotted}"), where)
+    validate(values, DEFAULTS, where)
     return Settings(values, sources, project, files)
 
 
-def _read_toml(path: Path) -> dict:
+def _read_toml(path: Path) -> tuple[dict, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8.") from None
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         where = re.search(r"\(at line (\d+), column (\d+)\)", msg)
@@ -204,35 +247,52 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: {loc}: {problem}; fix the TOML syntax there.") from None
 
 
-def _merge(values: dict, sources: dict, layer: Mapping, label: str | None, origin: str,
-           prefix: str = "") -> None:
-    """Merge ``layer`` into ``values``; ``label`` None means each leaf is (value, label)."""
+def _merge(values: dict, sources: dict, layer: Mapping, label: str | None,
+           origin_of: Callable[[str, str | None], tuple], where: _Where, prefix: str = "",
+           secret: bool = False) -> None:
+    """Merge ``layer`` into ``values``; ``label`` None means each leaf is (value, label).
+
+    ``secret``: the layer is the value of a secret-looking key, so every leaf must be a
+    ``$env`` reference.
+    """
     for key, raw in layer.items():
         dotted = f"{prefix}{key}"
-        _refuse_secret(dotted, raw, origin)
+        if isinstance(raw, Mapping):
+            value, src = raw, label or "environment"
+        else:
+            value, src = (raw if label is None else (raw, label))
+        origin = origin_of(dotted, src)
         top = dotted.split(".")[0]
+        # hosts.NAME, stages.NAME, plugins.NAME are names the user chose, not what they hold
+        named = top in OPEN_TABLES and dotted.count(".") == 1
+        # remoteops' own settings are not secrets whatever their names (include_secrets)
+        own = top not in OPEN_TABLES and key in values
+        secret_here = secret or (is_secret_key(str(key)) and not named and not own)
+        _refuse_secret(dotted, value, secret_here, where.at(origin, dotted))
         if isinstance(raw, Mapping) and not _is_ref(raw):
             node = values.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{origin}: '{dotted}' must be a single value, not a table.")
-            _merge(node, sources, raw, label, origin, dotted + ".")
+                raise ConfigError(f"{where.at(origin, dotted)}: '{dotted}' must be a single value, "
+                                  "not a table.")
+            _merge(node, sources, raw, label, origin_of, where, dotted + ".", secret_here)
             continue
-        value, src = (raw if label is None else (raw, label))
         if top not in OPEN_TABLES and key not in values:
             choices = [k for k in values]
             hint = difflib.get_close_matches(key, choices, n=1)
             suggestion = f" Did you mean '{prefix}{hint[0]}'?" if hint else ""
-            raise ConfigError(f"{origin}: unknown setting '{dotted}'.{suggestion} "
-                              "Run 'invoke config' to see every setting.")
+            raise ConfigError(f"{where.at(origin, dotted)}: unknown setting '{dotted}'."
+                              f"{suggestion} Run 'invoke config' to see every setting.")
         if isinstance(values.get(key), dict):
-            raise ConfigError(f"{origin}: '{dotted}' is a table; set its keys instead.")
-        values[key] = _coerce(dotted, value, values.get(key), origin)
+            raise ConfigError(f"{where.at(origin, dotted)}: '{dotted}' is a table; set its keys "
+                              "instead.")
+        values[key] = _coerce(dotted, value, values.get(key), where.at(origin, dotted))
         sources[dotted] = src
+        where.origin[dotted] = origin
 
 
 def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
     if default is None or isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, bool)):
+            isinstance(default, (int, float)) and isinstance(value, bool)):
         return float(value) if isinstance(default, float) and isinstance(value, int) else value
     if isinstance(default, bool) and isinstance(value, str):
         low = value.strip().lower()
@@ -240,21 +300,23 @@ def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
             return True
         if low in _FALSE:
             return False
-    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+    elif isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(
+            value, (bool, list, dict)):
         try:
-            return type(default)(value)
+            number = type(default)(value)
+            if isinstance(value, float) and isinstance(default, int) and number != value:
+                raise ValueError(value)  # 2.5 for a count is a mistake, not a 2
+            return number
         except (TypeError, ValueError):
             pass
     elif isinstance(default, list) and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    kind = type(default).__name__
-    raise ConfigError(f"{origin}: '{dotted}' must be {_article(kind)} {kind}, got {value!r}.")
-
-
-def _article(kind: str) -> str:
-    return "an" if kind[0] in "aeiou" else "a"
+    kind = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "list": "a list"}.get(type(default).__name__, type(default).__name__)
+    raise ConfigError(f"{origin}: '{dotted}' must be {kind}, got {value!r} (the default is "
+                      f"{default!r}); fix it there.")
 
 
 def _from_env(env: Mapping[str, str]) -> dict:
@@ -300,14 +362,34 @@ def _is_ref(value: Any) -> bool:
     return isinstance(value, Mapping) and set(value) == {"$env"}
 
 
-def _refuse_secret(dotted: str, value: Any, origin: str) -> None:
+def _env_name(leaf: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", leaf).strip("_").upper() or "MY_SECRET"
+
+
+def _refuse_secret(dotted: str, value: Any, secret: bool, where: str) -> None:
+    """Refuse login passwords, and secret-looking keys that are not ``$env`` references.
+
+    The messages never contain the value.
+    """
     leaf = dotted.rsplit(".", 1)[-1]
-    if _PASSWORD_KEYS.match(leaf):
-        raise ConfigError(f"{origin}: '{dotted}' looks like a password; remoteops never stores "
+    if is_login_password(leaf):
+        raise ConfigError(f"{where}: '{dotted}' looks like a password; remoteops never stores "
                           "passwords: remove it and log in with an SSH key or ssh-agent.")
-    if _SECRET_KEYS.search(leaf) and not _is_ref(value) and not isinstance(value, Mapping):
-        raise ConfigError(f"{origin}: '{dotted}' holds a secret in plain text; reference it "
-                          f"instead, e.g. {leaf} = {{\"$env\" = \"MY_{leaf.upper()}\"}}.")
+    if isinstance(value, Mapping) and "$env" in value:
+        name = value.get("$env")
+        if set(value) != {"$env"} or not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: '{dotted}' is not a valid reference; write it as "
+                              f"{leaf} = {{\"$env\" = \"{_env_name(leaf)}\"}} (the name of an "
+                              "environment variable, nothing else in the table).")
+        return
+    if not secret or (isinstance(value, Mapping) and value):
+        return  # a table under a secret name: each of its values is checked in turn
+    parts = dotted.split(".")
+    first = next((i for i, part in enumerate(parts) if is_secret_key(part)), len(parts) - 1)
+    name = _env_name("_".join(parts[first:]))  # credentials.user -> CREDENTIALS_USER
+    raise ConfigError(f"{where}: '{dotted}' holds a secret in plain text; remoteops never "
+                      f"stores, prints or ships secrets: reference it instead, e.g. {leaf} = "
+                      f"{{\"$env\" = \"{name}\"}}, and export {name} where remoteops runs.")
 
 
 def resolve_secret(value: Any, env: Mapping[str, str] | None = None) -> str | None:
@@ -328,21 +410,3 @@ def _mask(key: str, value: Any) -> Any:
     if _is_ref(value):
         return f"$env:{value['$env']}"
     return value
-
-
-def _validate(values: dict, sources: dict) -> None:
-    gate = values["gpu_gate"]
-    if gate not in GPU_GATE_LEVELS:
-        where = sources.get("gpu_gate", "default")
-        raise ConfigError(f"gpu_gate is {gate!r} (from {where}); use one of "
-                          f"{', '.join(GPU_GATE_LEVELS)}.")
-    for name, entry in values["hosts"].items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"hosts.{name} must be a table, e.g. [hosts.{name}] host = "
-                              "\"gpu.example.com\".")
-        for key in entry:
-            if key not in HOST_KEYS:
-                hint = difflib.get_close_matches(key, HOST_KEYS, n=1)
-                extra = f" Did you mean '{hint[0]}'?" if hint else ""
-                raise ConfigError(f"unknown key 'hosts.{name}.{key}'.{extra} Host entries take "
-                                  f"{', '.join(HOST_KEYS)}.")
