@@ -4,12 +4,16 @@ Runs inside the agent, on the server. Everything lives under
 ``<root>/.remoteops/``: ``lock``, ``journal.json``, ``ledger.jsonl``,
 ``current.json`` (the manifest of what is deployed), ``index.json`` (a stat
 cache of hashes), ``incoming/`` (uploads), ``staging/`` and
-``backups/<UTC stamp>-v<version>/`` (``backup.json`` plus ``files/``).
+``backups/<UTC stamp>-<label>/`` (``backup.json`` plus ``files/``), ordered by
+the sequence number in ``backup.json`` (see ``remoteops.backupset``).
 
-Order of a change: lock; finish or undo any interrupted change; stage and
-verify the new content; write the backup (every file that will be overwritten
-or deleted, plus the list of files that will be created) and only then the
-journal; replace each file by temp file + rename; record the new state and the
+Order of a change: lock; finish or undo any interrupted change; check the disk
+has room for the new files uncompressed plus the backups; stage and verify the
+new content; refuse anything in the way that the change does not manage; write
+the backup (every file or link that will be overwritten or deleted, plus the
+list of paths that will be created) and only then the journal, each fsynced;
+remove paths deepest first, then place each file by temp file + rename
+(``remoteops.applyplan``); fsync the folders; record the new state and the
 ledger entry; drop the journal. A change killed at any point is undone by the
 next command, so the tree is all old or all new.
 """
@@ -17,7 +21,6 @@ next command, so the tree is all old or all new.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import shutil
@@ -28,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from remoteops import __version__
-from remoteops.bundles import (CHUNK, BundleError, Manifest, iter_members, plan_between,
-                               sha256_file)
+from remoteops.applyplan import (LINK_MODE, Put, clear_dirs, conflict, copy_synced, displace,
+                                 fsync_dirs, link_digest, order, place, prune_dirs, remove)
+from remoteops.backupset import SEQ_FILE, catalogue, chain, compose, next_seq, read_backup
+from remoteops.bundles import BundleError, Manifest, plan_between, sha256_file
 from remoteops.errors import RemoteOpsError
+from remoteops.incoming import (MANIFEST_WAIT_SECONDS, MissingMembers,  # noqa: F401 - re-exported
+                                read_manifest_file, stage, wait_for_delta)
 from remoteops.locks import FileLock
+from remoteops.pipeline import refuse_if_live
+from remoteops.paths import UnsafePath, canonical, check_tree, temp_name
 
 STATE = ".remoteops"
-
-
-class MissingMembers(BundleError):
-    """The upload lacks files the server's plan needs (its files changed since the plan)."""
+HEADROOM = 16 << 20  # bytes left free besides what an apply writes
 
 
 def _stamp() -> str:
@@ -56,6 +62,27 @@ def _write_json(path: Path, data: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dirs([path.parent])
+
+
+def _link(entry) -> str | None:
+    return getattr(entry, "link", None)
+
+
+def check_manifest(manifest: Manifest) -> None:
+    """Every path of a manifest normalised, inside the root, and forming a tree."""
+    try:
+        check_tree([(f.path, _link(f)) for f in manifest.files], "the bundle manifest")
+    except UnsafePath as exc:
+        raise BundleError(str(exc)) from None
+
+
+def _ancestors(path: Path, root: Path) -> set[Path]:
+    out = set()
+    while path != root and root in path.parents:
+        path = path.parent
+        out.add(path)
+    return out
 
 
 class Project:
@@ -78,7 +105,9 @@ class Project:
             return {}
 
     def hashes(self, paths: list[str], known: dict[str, str] | None = None) -> dict[str, str]:
-        """sha256 of each existing path, reusing the stat cache when size and mtime match.
+        """sha256 of each existing file (a link: ``link_digest``), reusing the stat cache
+        while size, mtime, ctime and inode all match, as the laptop's cache does: an edit
+        that keeps size and mtime (``cp -p``, ``touch -r``) still changes the ctime.
 
         ``known``: hashes of files this process has just written and verified itself.
         """
@@ -87,26 +116,31 @@ class Project:
         out: dict[str, str] = {}
         fresh: dict[str, list] = {}
         modes: dict[str, int] = {}
+        links: set[str] = set()
         root = str(self.root)
         for rel in paths:
             path = os.path.join(root, rel)
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                out[rel], modes[rel] = link_digest(os.readlink(path)), LINK_MODE
+                links.add(rel)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
             modes[rel] = st.st_mode & 0o7777
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             cached = index.get(rel)
             if rel in known:
                 out[rel] = known[rel]
-            elif cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
-                out[rel] = cached[2]
+            elif isinstance(cached, list) and len(cached) == 5 and cached[:4] == key:
+                out[rel] = cached[4]
             else:
                 out[rel] = sha256_file(Path(path))
-            fresh[rel] = [st.st_size, st.st_mtime_ns, out[rel]]
-        self._fresh_index = fresh
-        self._modes = modes
+            fresh[rel] = key + [out[rel]]
+        self._fresh_index, self._modes, self._links = fresh, modes, links
         return out
 
     def _save_index(self, paths: list[str], known: dict[str, str] | None = None) -> None:
@@ -128,6 +162,7 @@ class Project:
     # -- planning ------------------------------------------------------------------------
     def plan(self, manifest: Manifest) -> dict:
         """What the disk needs to become ``manifest``: paths to send, paths to delete."""
+        check_manifest(manifest)
         pending = self._pending_recovery()
         current = self.current()
         if pending is not None:  # plan against the tree as the next command will leave it
@@ -136,21 +171,27 @@ class Project:
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
         on_disk = self.hashes(managed)
-        modes = dict(self._modes)
+        modes, links = dict(self._modes), set(self._links)
+        sizes = {rel: f[0] for rel, f in self._fresh_index.items()}
         if pending is not None:
             meta = pending[1]
             for record in meta["overwritten"] + meta["deleted"]:
-                on_disk[record["path"]], modes[record["path"]] = record["sha256"], record["mode"]
+                rel = record["path"]
+                on_disk[rel], modes[rel], sizes[rel] = (record["sha256"], record["mode"],
+                                                        record["size"])
+                (links.add if record.get("link") is not None else links.discard)(rel)
             for rel in meta["created"]:
                 on_disk.pop(rel, None)
         need = sorted(p for p, f in wanted.items()
-                      if on_disk.get(p) != f.sha256 or modes.get(p) != f.mode)
+                      if on_disk.get(p) != f.sha256 or modes.get(p) != f.mode
+                      or (p in links) != (_link(f) is not None))
         delete = sorted(p for p in on_disk if p not in wanted)
-        free = self._free()
+        changed = [p for p in need if p in on_disk]
         return {"need": need, "delete": delete,
-                "added": [p for p in need if p not in on_disk],
-                "changed": [p for p in need if p in on_disk],
-                "unchanged": len(wanted) - len(need), "free_bytes": free,
+                "added": [p for p in need if p not in on_disk], "changed": changed,
+                "unchanged": len(wanted) - len(need), "free_bytes": self._free(),
+                "need_bytes": sum(wanted[p].size for p in need),
+                "backup_bytes": sum(sizes.get(p, 0) for p in changed + delete),
                 "current_version": current.version if current else None,
                 "current_content_id": current.content_id if current else None,
                 "agent_version": __version__, "root": str(self.root),
@@ -161,14 +202,16 @@ class Project:
         journal_path = self.state / "journal.json"
         if not journal_path.is_file():
             return None
-        backup = self.backups / json.loads(journal_path.read_text())["backup"]
-        return backup, json.loads((backup / "backup.json").read_text())
-
-    def _mode(self, rel: str) -> int | None:
         try:
-            return (self.root / rel).stat().st_mode & 0o7777
-        except FileNotFoundError:
-            return None
+            name = json.loads(journal_path.read_text())["backup"]
+            if "/" in canonical(name, "the journal", "remove .remoteops/journal.json by hand"):
+                raise UnsafePath(f"the journal names {name!r}, not a backup folder; remove "
+                                 f"{journal_path} by hand")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteOpsError(f"{journal_path} is damaged ({exc}); check the tree and remove "
+                                 "it by hand.") from None
+        backup = self.backups / name
+        return backup, read_backup(backup)
 
     def _free(self) -> int:
         return shutil.disk_usage(self._existing_parent(self.root)).free
@@ -178,6 +221,16 @@ class Project:
         while not path.exists():
             path = path.parent
         return path
+
+    def _check_space(self, plan: dict) -> None:
+        """Room for the new files uncompressed (staged) and the backups, before staging."""
+        need = plan["need_bytes"] + plan["backup_bytes"] + HEADROOM
+        free = self._free()
+        if free < need:
+            raise RemoteOpsError(f"not enough disk on the server: {free / 1e9:.2f} GB free, the "
+                                 f"apply needs {need / 1e9:.2f} GB (new files uncompressed and "
+                                 "backups); free space or lower deploy.keep_backups. Nothing was "
+                                 "changed.")
 
     # -- apply ---------------------------------------------------------------------------
     def apply(self, manifest: Manifest, delta: Path | None, holder: str, keep: int = 10,
@@ -191,7 +244,9 @@ class Project:
         nothing is applied and the answer says ``base_differs`` with the reason: the
         laptop then plans against the server as usual.
         """
+        check_manifest(manifest)
         with self.lock(holder) as lock:
+            refuse_if_live(self.root, "deploying")  # a live run reads these files
             if expect_base is not None:
                 reason = self._base_check(expect_base, expect_agent)
                 if reason:
@@ -202,19 +257,22 @@ class Project:
                 reason = self._plan_check(manifest, plan)
                 if reason:
                     return self._base_differs(reason)
+            self._check_space(plan)
             staging = self.state / "staging" / manifest.content_id
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 try:
-                    staged = self._stage(manifest, delta, plan["need"], staging, delta_sha256)
+                    staged = stage(manifest, delta, plan["need"], staging, delta_sha256)
                 except MissingMembers as exc:
                     if expect_base is None:
                         raise
                     return self._base_differs(str(exc))
                 needed = manifest.file_map()
-                self._check_space(sum(needed[p].size for p in plan["need"]),
-                                  plan["changed"] + plan["delete"])
-                changes = {p: (staged[p], needed[p].mode) for p in plan["need"]}
+                changes: dict[str, Put | None] = {}
+                for p in plan["need"]:
+                    entry = needed[p]
+                    changes[p] = (Put(None, entry.mode, _link(entry)) if _link(entry) is not None
+                                  else Put(staged[p], entry.mode, move=True))
                 changes.update({p: None for p in plan["delete"]})
                 if not changes:
                     return {"action": "apply", "noop": True, "version": manifest.version,
@@ -223,13 +281,12 @@ class Project:
                 result = self._commit(changes, kind="apply", version=manifest.version,
                                       after=json.loads(manifest.to_json()),
                                       label=f"v{manifest.version}",
-                                      staged={p: needed[p].sha256 for p in plan["need"]})
+                                      known={p: needed[p].sha256 for p in plan["need"]})
             finally:
                 shutil.rmtree(staging.parent, ignore_errors=True)
             pruned = self.prune(keep)
             return {**result, "recovered": recovered, "pruned": pruned,
                     "broken_lock": lock.broken, "free_bytes": self._free()}
-
     def _base_check(self, expect_base: str, expect_agent: str | None) -> str | None:
         """Why this root is not the base the laptop planned from (None: it is)."""
         if expect_agent and expect_agent != __version__:
@@ -262,69 +319,18 @@ class Project:
                 "current_content_id": current.content_id if current else None,
                 "agent_version": __version__, "free_bytes": self._free()}
 
-    def _stage(self, manifest: Manifest, delta: Path | None, need: list[str], staging: Path,
-               delta_sha256: str | None) -> dict[str, Path]:
-        """Extract and verify every needed file into ``staging`` before touching the tree."""
-        if not need:
-            return {}
-        if delta is None or not delta.is_file():
-            raise BundleError("the upload of changed files is missing on the server; run the "
-                              "deploy again.")
-        if delta_sha256 and sha256_file(delta) != delta_sha256:
-            delta.unlink()
-            raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
-                              "transit); nothing was changed: run the deploy again.")
-        wanted = manifest.file_map()
-        needed = set(need)
-        toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
-        staged: dict[str, Path] = {}
-        for member, fh in iter_members(delta):
-            if fh is None or member.name == toolkit:  # the upload may be the whole bundle
-                continue
-            rel = member.name[len("files/"):] if member.name.startswith("files/") else None
-            if rel not in wanted:
-                raise BundleError(f"the upload holds {member.name}, which the manifest does not "
-                                  "list; refusing it (nothing was changed).")
-            if rel not in needed:
-                continue  # the server has it already
-            out = staging / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with open(out, "wb") as dst:
-                for chunk in iter(lambda: fh.read(CHUNK), b""):
-                    h.update(chunk)
-                    dst.write(chunk)
-            if h.hexdigest() != wanted[rel].sha256:
-                raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
-                                  "damaged); nothing was changed: rebuild and deploy again.")
-            staged[rel] = out
-        missing = [p for p in need if p not in staged]
-        if missing:
-            raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
-                                 f"{len(missing) - 1} more are not in the upload); run the "
-                                 "deploy again.")
-        return staged
-
-    def _check_space(self, new_bytes: int, backed_up: list[str]) -> None:
-        backup = sum((self.root / p).stat().st_size for p in backed_up
-                     if (self.root / p).is_file())
-        free = shutil.disk_usage(self._existing_parent(self.root)).free
-        need = new_bytes + backup + (16 << 20)
-        if free < need:
-            raise RemoteOpsError(f"not enough disk on the server: {free / 1e9:.2f} GB free, the "
-                                 f"apply needs {need / 1e9:.2f} GB (new files and backups); free "
-                                 "space or lower deploy.keep_backups. Nothing was changed.")
-
     # -- the change itself ---------------------------------------------------------------
-    def _commit(self, changes: dict[str, tuple[Path, int] | None], kind: str, version: int,
+    def _commit(self, changes: dict[str, Put | None], kind: str, version: int,
                 after: dict | None, label: str, extra: dict | None = None,
-                staged: dict[str, str] | None = None) -> dict:
-        """Back up, journal, replace, record. ``changes``: path -> (source, mode) or None.
+                known: dict[str, str] | None = None) -> dict:
+        """Back up, journal, replace, record. ``changes``: path -> Put, or None to remove.
 
-        ``staged``: path -> sha256 of sources that are verified staging copies of this
-        change; they are renamed into place rather than copied.
+        ``known``: path -> sha256 of content this process verified (no need to hash again).
         """
-        staged = staged or {}
+        reason = conflict(self.root, changes)
+        if reason:
+            raise RemoteOpsError(f"{reason}. Nothing was changed.")
+        seq = next_seq(self.state, self.backups)
         name = f"{_stamp()}-{label}"
         backup = self.backups / name
         n = 1
@@ -335,38 +341,54 @@ class Project:
         current = self.current()
         before = json.loads(current.to_json()) if current else None
         on_disk = self.hashes(sorted(changes))
+        modes, links = self._modes, self._links
         overwritten, deleted, created = [], [], []
+        folders = {self.backups, backup}
         for rel in sorted(changes):
             path = self.root / rel
             if rel in on_disk:
                 copy = files_dir / rel
                 copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, copy)
-                record = {"path": rel, "sha256": on_disk[rel], "size": path.stat().st_size,
-                          "mode": path.stat().st_mode & 0o7777}
+                copy_synced(path, copy)
+                folders |= {copy.parent} | _ancestors(copy.parent, backup)
+                record = {"path": rel, "sha256": on_disk[rel], "size": os.lstat(path).st_size,
+                          "mode": modes[rel]}
+                if rel in links:
+                    record["link"] = os.readlink(path)
                 (deleted if changes[rel] is None else overwritten).append(record)
             elif changes[rel] is not None:
                 created.append(rel)
-        meta = {"kind": kind, "label": label, "version": version, "created_at": _now(),
-                "overwritten": overwritten, "deleted": deleted, "created": created,
-                "manifest_before": before, "manifest_after": after, **(extra or {})}
+        fsync_dirs(folders)  # every copy is durable before backup.json says it exists
+        meta = {"kind": kind, "label": label, "version": version, "seq": seq,
+                "created_at": _now(), "overwritten": overwritten, "deleted": deleted,
+                "created": created, "manifest_before": before, "manifest_after": after,
+                **(extra or {})}
+        _write_json(self.state / SEQ_FILE, seq)
         _write_json(backup / "backup.json", meta)  # the backup is complete from here on
         _write_json(self.state / "journal.json", {"backup": backup.name, "kind": kind,
                                                   "started": _now(), "pid": os.getpid()})
-        for rel, change in sorted(changes.items()):
+        removals, puts = order(changes)
+        touched: set[Path] = {self.root}
+        for rel in removals:
             path = self.root / rel
-            if change is None:
-                path.unlink(missing_ok=True)
-                self._prune_dirs(path.parent)
-                continue
-            source, mode = change
-            self._place(source, path, mode, move=rel in staged)
+            remove(path)
+            prune_dirs(path.parent, self.root)
+            touched |= _ancestors(path, self.root)
+        for rel in puts:
+            path = self.root / rel
+            if not clear_dirs(path):
+                raise RemoteOpsError(f"{path} is a folder that is not empty; move it away and "
+                                     "run the command again (the change will be undone).")
+            place(changes[rel], path)
+            touched |= _ancestors(path, self.root)
             self._fault_point()
-        self._finish(after, sorted(changes), staged)
+        fsync_dirs(touched)  # the new names are durable before the journal goes
+        self._finish(after, sorted(changes), known)
         self.ledger({"action": kind, "version": version, "label": label, "backup": backup.name,
                      "overwritten": len(overwritten), "deleted": len(deleted),
                      "created": len(created), **(extra or {})})
         (self.state / "journal.json").unlink()
+        fsync_dirs([self.state])
         return {"action": kind, "noop": False, "version": version, "backup": str(backup),
                 "backup_name": backup.name, "overwritten": len(overwritten),
                 "deleted": len(deleted), "created": len(created)}
@@ -378,36 +400,6 @@ class Project:
             self._placed = getattr(self, "_placed", 0) + 1
             if self._placed >= int(limit):
                 os.kill(os.getpid(), 9)
-
-    def _place(self, source: Path, dest: Path, mode: int, move: bool = False) -> None:
-        """Put ``source`` at ``dest`` atomically (temp file + rename).
-
-        ``move``: ``source`` is a staging copy, itself the temp file: rename it into place
-        (same file system), falling back to a copy.
-        """
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_dir() and not dest.is_symlink():
-            raise RemoteOpsError(f"{dest} is a folder on the server but a file in the bundle; "
-                                 "move it away and deploy again.")
-        if move:
-            try:
-                os.chmod(source, mode)
-                os.replace(source, dest)
-                return
-            except OSError:
-                pass  # another file system: copy below
-        tmp = dest.with_name(f".{dest.name}.remoteops-tmp")
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, dest)
-
-    def _prune_dirs(self, folder: Path) -> None:
-        while folder != self.root and self.root in folder.parents:
-            try:
-                folder.rmdir()
-            except OSError:
-                return
-            folder = folder.parent
 
     def _finish(self, after: dict | None, touched: list[str],
                 known: dict[str, str] | None = None) -> None:
@@ -426,39 +418,76 @@ class Project:
         pending = self._pending_recovery()
         if pending is not None:
             backup, meta = pending
-            for record in meta["overwritten"] + meta["deleted"] + [{"path": p}
-                                                                    for p in meta["created"]]:
-                dest = self.root / record["path"]
-                dest.with_name(f".{dest.name}.remoteops-tmp").unlink(missing_ok=True)
-            restored = self._restore_from(backup, meta)
+            for rel in [r["path"] for r in meta["overwritten"] + meta["deleted"]] + \
+                    meta["created"]:
+                dest = self.root / rel
+                try:
+                    (dest.parent / temp_name(dest.name)).unlink(missing_ok=True)
+                except (NotADirectoryError, IsADirectoryError):
+                    pass  # a file or folder where the parent was: undone below
+            restored, displaced = self._restore_from(backup, meta)
             self._finish(meta["manifest_before"], restored)
             self.ledger({"action": "recover", "undone": meta["kind"], "label": meta["label"],
-                         "backup": backup.name, "restored": len(restored)})
+                         "backup": backup.name, "restored": len(restored),
+                         "displaced": [str(p) for p in displaced]})
             journal_path.unlink()
+            fsync_dirs([self.state])
             shutil.rmtree(backup, ignore_errors=True)  # it described a change that never was
             result = {"undone": meta["kind"], "label": meta["label"], "files": len(restored)}
+            if displaced:
+                result["displaced"] = [str(p) for p in displaced]
         if self.backups.is_dir():
             for folder in self.backups.iterdir():
                 if folder.is_dir() and not (folder / "backup.json").is_file():
                     shutil.rmtree(folder, ignore_errors=True)
         return result
 
-    def _restore_from(self, backup: Path, meta: dict) -> list[str]:
-        """Put back every file the backup holds; remove files the change created."""
-        touched = []
-        for record in meta["overwritten"] + meta["deleted"]:
-            source = backup / "files" / record["path"]
-            if sha256_file(source) != record["sha256"]:
-                raise RemoteOpsError(f"backup file {source} does not match its recorded sha256; "
-                                     "the backup is damaged, restore that file by hand.")
-            self._place(source, self.root / record["path"], record["mode"])
-            touched.append(record["path"])
-        for rel in meta["created"]:
+    @staticmethod
+    def _check_copy(source: Path, record: dict, consequence: str) -> None:
+        try:
+            actual = (link_digest(os.readlink(source)) if record.get("link") is not None
+                      else sha256_file(source))
+        except OSError:
+            actual = None
+        if actual != record["sha256"]:
+            raise RemoteOpsError(f"backup file {source} does not match its recorded sha256; the "
+                                 f"backup is damaged. {consequence}")
+
+    def _restore_from(self, backup: Path, meta: dict) -> tuple[list[str], list[Path]]:
+        """Put back every file the backup holds; remove paths the change created.
+
+        Never stuck: whatever else stands where a file goes (a folder that is not
+        empty, a file where a folder goes) is moved to ``.remoteops/displaced/``.
+        """
+        touched: list[str] = []
+        displaced: list[Path] = []
+        folders: set[Path] = {self.root}
+        for rel in sorted(meta["created"], key=lambda p: (-p.count("/"), p)):
             path = self.root / rel
-            path.unlink(missing_ok=True)
-            self._prune_dirs(path.parent)
+            remove(path)  # a folder there is the one the change was to replace: kept
+            prune_dirs(path.parent, self.root)
+            folders |= _ancestors(path, self.root)
             touched.append(rel)
-        return touched
+        records = sorted(meta["overwritten"] + meta["deleted"],
+                         key=lambda r: (r["path"].count("/"), r["path"]))
+        for record in records:
+            rel = record["path"]
+            source = backup / "files" / rel
+            self._check_copy(source, record, "Restore that file by hand.")
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                above = self.root.joinpath(*parts[:i])
+                if (above.is_symlink() or above.exists()) and not above.is_dir():
+                    displaced.append(displace(self.root, "/".join(parts[:i]),
+                                              self.state / "displaced"))
+            dest = self.root / rel
+            if not clear_dirs(dest):
+                displaced.append(displace(self.root, rel, self.state / "displaced"))
+            place(Put(source, record["mode"], record.get("link")), dest)
+            folders |= _ancestors(dest, self.root)
+            touched.append(rel)
+        fsync_dirs(folders)
+        return touched, displaced
 
     # -- rollback ------------------------------------------------------------------------
     def resolve_backup(self, name: str) -> Path:
@@ -473,67 +502,90 @@ class Project:
                                  "'invoke backups'.")
         return candidate
 
-    def rollback_plan(self, name: str) -> dict:
+    def _walk(self, name: str) -> tuple[list[tuple[Path, dict]], dict]:
+        """The backups a rollback to ``name`` undoes (oldest first) and what it restores.
+
+        A backup that is not the latest is reached by walking back through every later
+        one, so the tree becomes exactly what it was before ``name``'s change.
+        """
         backup = self.resolve_backup(name)
-        meta = json.loads((backup / "backup.json").read_text())
-        return {"backup": backup.name, "restore": [r["path"] for r in meta["overwritten"] +
-                                                   meta["deleted"]],
-                "remove": list(meta["created"]), "label": meta["label"],
+        pending = self._pending_recovery()
+        current = self.current()
+        current_id = current.content_id if current else None
+        skip = None
+        if pending is not None:  # a dry run: as the recovery the rollback runs first leaves it
+            skip = pending[0].name
+            current_id = (pending[1]["manifest_before"] or {}).get("content_id")
+            if backup.name == skip:
+                raise RemoteOpsError(f"{name} is the backup of an interrupted change, which "
+                                     "the next command undoes; roll back to an earlier one.")
+        picked = chain(self.backups, backup, current_id, skip)
+        return picked, compose(picked)
+
+    def rollback_plan(self, name: str) -> dict:
+        picked, composed = self._walk(name)
+        meta = picked[0][1]
+        return {"backup": picked[0][0].name,
+                "restore": sorted(p for p, found in composed.items() if found is not None),
+                "remove": sorted(p for p, found in composed.items() if found is None),
+                "label": meta["label"], "through": [f.name for f, _ in picked[1:]],
                 "to_version": (meta["manifest_before"] or {}).get("version")}
 
     def rollback(self, name: str, holder: str, keep: int = 10) -> dict:
         with self.lock(holder) as lock:
+            refuse_if_live(self.root, "rolling back")  # a live run reads these files
             recovered = self.recover()
-            backup = self.resolve_backup(name)
-            meta = json.loads((backup / "backup.json").read_text())
-            changes: dict[str, tuple[Path, int] | None] = {}
-            for record in meta["overwritten"] + meta["deleted"]:
-                source = backup / "files" / record["path"]
-                if sha256_file(source) != record["sha256"]:
-                    raise RemoteOpsError(f"backup file {source} does not match its recorded "
-                                         "sha256; the backup is damaged. Nothing was changed.")
-                changes[record["path"]] = (source, record["mode"])
-            for rel in meta["created"]:
-                changes[rel] = None
-            before = meta["manifest_before"]
+            picked, composed = self._walk(name)
+            changes: dict[str, Put | None] = {}
+            for rel, found in composed.items():
+                if found is None:
+                    changes[rel] = None
+                    continue
+                folder, record = found
+                source = folder / "files" / rel
+                self._check_copy(source, record, "Nothing was changed.")
+                changes[rel] = Put(source, record["mode"], record.get("link"))
+            before = picked[0][1]["manifest_before"]
             version = (before or {}).get("version") or 0
+            extra: dict = {"rolled_back": picked[0][0].name}
+            if len(picked) > 1:
+                extra["walked_back"] = [f.name for f, _ in picked[1:]]
             result = self._commit(changes, kind="rollback", version=version, after=before,
-                                  label=f"rollback-to-v{version}",
-                                  extra={"rolled_back": backup.name})
-            verified = self._verify_rollback(meta)
+                                  label=f"rollback-to-v{version}", extra=extra)
+            verified = self._verify_rollback(composed)
             pruned = self.prune(keep)
             return {**result, "verified": verified, "recovered": recovered, "pruned": pruned,
-                    "broken_lock": lock.broken}
+                    "broken_lock": lock.broken, **extra}
 
-    def _verify_rollback(self, meta: dict) -> int:
-        expect = {r["path"]: r["sha256"] for r in meta["overwritten"] + meta["deleted"]}
-        actual = self.hashes(sorted(expect) + meta["created"])
+    def _verify_rollback(self, composed: dict) -> int:
+        expect = {p: found[1]["sha256"] for p, found in composed.items() if found is not None}
+        gone = [p for p, found in composed.items() if found is None]
+        actual = self.hashes(sorted(expect) + gone)
         wrong = [p for p, h in expect.items() if actual.get(p) != h]
-        wrong += [p for p in meta["created"] if p in actual]
+        wrong += [p for p in gone if p in actual]
         if wrong:
             raise RemoteOpsError(f"after the rollback {wrong[0]} is not as the backup recorded; "
                                  "check the disk and run the rollback again.")
-        return len(expect) + len(meta["created"])
+        return len(composed)
 
     # -- listing and pruning -------------------------------------------------------------
     def list_backups(self) -> list[dict]:
-        if not self.backups.is_dir():
-            return []
+        """Backups oldest first by sequence number; the last undoes what is deployed now."""
         out = []
-        for folder in sorted(self.backups.iterdir()):
-            meta_path = folder / "backup.json"
-            if not meta_path.is_file():
-                continue
-            meta = json.loads(meta_path.read_text())
-            files = meta["overwritten"] + meta["deleted"]
-            out.append({"name": folder.name, "path": str(folder), "kind": meta["kind"],
-                        "version": meta["version"], "created_at": meta["created_at"],
-                        "files": len(files) + len(meta["created"]),
-                        "size": sum(r["size"] for r in files),
-                        "from_version": (meta["manifest_before"] or {}).get("version"),
-                        "current": False})
+        for folder, meta in catalogue(self.backups):
+            try:
+                files = meta["overwritten"] + meta["deleted"]
+                out.append({"name": folder.name, "path": str(folder), "kind": meta["kind"],
+                            "version": meta["version"], "seq": meta.get("seq"),
+                            "created_at": meta["created_at"],
+                            "files": len(files) + len(meta["created"]),
+                            "size": sum(r["size"] for r in files),
+                            "from_version": (meta["manifest_before"] or {}).get("version"),
+                            "current": False})
+            except (KeyError, TypeError, AttributeError):
+                continue  # damaged metadata: not offered
         if out:
-            out[-1]["current"] = True  # undoes what is deployed now
+            out[-1]["current"] = True
         return out
 
     def prune(self, keep: int) -> list[str]:
@@ -542,52 +594,3 @@ class Project:
         for b in doomed:
             shutil.rmtree(b["path"], ignore_errors=True)
         return [b["name"] for b in doomed]
-
-
-# How long the agent waits for a manifest the laptop is still uploading: the deploy
-# starts the agent and sends the manifest at the same time (two login-shell starts
-# overlap instead of adding up).
-MANIFEST_WAIT_SECONDS = 30.0
-
-
-def _wait_for_upload(path: Path, seconds: float) -> None:
-    """Wait until ``path`` appears (an atomic rename by the uploader), or give up.
-
-    Only for files under ``<root>/.remoteops/incoming/``; stops early when the SSH
-    session that started us is gone (we were re-parented). While ``<path>.part`` (a
-    resumable upload) keeps growing, the wait goes on: ``seconds`` counts from the
-    last growth.
-    """
-    if path.parent.name != "incoming" or path.parent.parent.name != STATE:
-        return
-    parent = os.getppid()
-    part = path.with_name(path.name + ".part")
-    deadline = time.monotonic() + seconds
-    delay = 0.005
-    seen = None
-    while not path.is_file() and time.monotonic() < deadline and os.getppid() == parent:
-        try:
-            size = part.stat().st_size
-        except FileNotFoundError:
-            size = None
-        if size is not None and size != seen:
-            seen = size
-            deadline = time.monotonic() + seconds
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
-
-
-def wait_for_delta(path: Path, seconds: float = MANIFEST_WAIT_SECONDS) -> None:
-    """Wait for an upload the laptop sends while the agent starts (see _wait_for_upload)."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        _wait_for_upload(path, seconds)
-
-
-def read_manifest_file(path: str | Path, wait: float = MANIFEST_WAIT_SECONDS) -> Manifest:
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file() and wait > 0:
-        _wait_for_upload(path, wait)
-    if not path.is_file():
-        raise BundleError(f"manifest {path} is not on the server; run the deploy again.")
-    return Manifest.from_json(path.read_text(encoding="utf-8"))

@@ -3,8 +3,9 @@
 Each large file gets its own zstd frame and small files are grouped at
 boundaries that depend only on their names, so a new bundle version copies
 the unchanged frames of the previous one (after checking them) and still
-comes out byte-identical to a fresh build. Reading refuses absolute paths,
-``..``, links and devices, and turns any corruption into a ``BundleError``.
+comes out byte-identical to a fresh build. Reading normalises member names,
+refuses any that could leave the root (``remoteops.paths``), links and
+devices, and turns any corruption into a ``BundleError``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from remoteops.errors import RemoteOpsError
+from remoteops.paths import UnsafePath, safe_relpath
 
 FORMAT = 1
 CHUNK = 1 << 20
@@ -189,15 +191,16 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
     return h.hexdigest(), written, intact
 
 
-def check_member(member: tarfile.TarInfo) -> None:
-    """Refuse absolute paths, '..', links and devices before anything is extracted."""
-    name = member.name
-    parts = name.split("/")
-    if name.startswith("/") or ".." in parts or "\\" in name or not name:
-        raise BundleError(f"the bundle holds an unsafe path {name!r}; refusing it (rebuild the "
-                          "bundle from a clean tree).")
+def check_member(member: tarfile.TarInfo) -> str:
+    """Refuse unsafe paths (see paths.safe_relpath), links and devices before anything is
+    extracted; return the member's normalised name."""
+    try:
+        name = safe_relpath(member.name, "the bundle")
+    except UnsafePath as exc:
+        raise BundleError(str(exc)) from None
     if not (member.isfile() or member.isdir()):
         raise BundleError(f"the bundle holds {name!r}, which is a link or device; refusing it.")
+    return name
 
 
 class _MemberReader:
@@ -225,7 +228,7 @@ def iter_members(tar_path: Path):
                 zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr, \
                 tarfile.open(fileobj=zr, mode="r|") as tar:
             for member in tar:
-                check_member(member)
+                member.name = check_member(member)
                 yield member, (_MemberReader(tar.extractfile(member), tar_path.name)
                                if member.isfile() else None)
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
