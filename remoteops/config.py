@@ -292,7 +292,8 @@ def _merge(values: dict, sources: dict, layer: Mapping, label: str | None,
 
 def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
     if default is None or isinstance(value, type(default)) and not (
-            isinstance(default, (int, float)) and isinstance(value, bool)):
+            isinstance(default, (int, float)) and not isinstance(default, bool)
+            and isinstance(value, bool)):
         return float(value) if isinstance(default, float) and isinstance(value, int) else value
     if isinstance(default, bool) and isinstance(value, str):
         low = value.strip().lower()
