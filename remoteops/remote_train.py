@@ -50,6 +50,27 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
     return lines
 
 
+def refuse_if_live(target: Target) -> None:
+    """Refuse (one line) before deploying while a run is live on the target's root: its next
+    stage would read the new files. The server checks again under its locks."""
+    from remoteops.targets import AgentMissing
+
+    try:
+        live = target.run_agent("pipeline-live", "--root", target.project_root).get("live")
+    except AgentMissing:
+        return  # no agent there yet: nothing can be running
+    except RemoteCommandError as exc:
+        if "No such command" in str(exc):
+            return  # an older agent: its deploy-apply is the only check
+        raise
+    if live:
+        raise RemoteOpsError(
+            f"pipeline run {live['run_id']} is live on {target.describe()} (runner pid "
+            f"{live['pid']}, since {live['since']}); nothing was deployed or started. Follow it "
+            f"with 'invoke status {live['run_id']}', or stop it with 'invoke cancel --run "
+            f"{live['run_id']}'.")
+
+
 def start(settings: Settings, target: Target, req: TrainRequest) -> dict:
     args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
             "--host-label", target.describe()]
@@ -137,5 +158,5 @@ def local_run_dir(settings: Settings, run_id: str) -> Path:
     return settings.project_dir / "outputs" / "training_sync" / run_id
 
 
-__all__ = ["TrainRequest", "describe_plan", "start", "status", "follow", "collect_and_report",
+__all__ = ["TrainRequest", "describe_plan", "refuse_if_live", "start", "status", "follow", "collect_and_report",
            "in_place", "SERVER_DONE"]

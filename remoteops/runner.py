@@ -1,38 +1,127 @@
 """The detached pipeline runner: runs a run's stages in order, applying the failure policy.
 
 Started by ``remoteops-agent pipeline-start`` in its own session; it holds the
-project's pipeline lock, beats ``runner.heartbeat``, and rewrites
-``state.json`` after every transition. SIGTERM (``invoke cancel``) stops the
-current stage's process group and marks the run cancelled.
+project's pipeline lock (inherited, already locked), beats
+``runner.heartbeat``, and rewrites ``state.json`` after every transition.
+SIGTERM (``invoke cancel``) stops the current stage's whole process tree and
+marks the run cancelled.
+
+A stage's output reaches its log through a pipe the runner reads, so when a
+stage is stopped (failure, NaN, cancel) the tree is frozen, what it wrote
+before is kept, and nothing it writes afterwards is taken as its output. Each
+attempt is judged only on its own output (not the runner's header line, not an
+earlier attempt's). Whatever goes wrong inside the runner itself, the stage is
+marked failed with the reason and the later stages skipped, never left
+"running".
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import select
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from remoteops.config import load_settings
-from remoteops.locks import FileLock
-from remoteops.pipeline import (POLICY, ChildResult, _die_with_parent, agent_args, load_state,
-                                now_iso, save_state)
+from remoteops.pipeline import (MIN_HEARTBEAT_S, POLICY, ChildResult, _die_with_parent,
+                                agent_args, load_state, now_iso, pipeline_lock,
+                                process_identity, save_state, stage_outputs, stop_grace)
 from remoteops.trainer.rundir import write_atomic
+
+# The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
+PLACEHOLDER = re.compile(r"\{(stage|run_dir|project_root)\}")
+LOG_WINDOW = 4 << 20  # judge at most the last 4 MiB of an attempt's output
+LOSS_VERDICTS = ("nan", "divergence")
+
+
+def expand_command(template: str, **values: str) -> str:
+    """Replace ``{stage}``, ``{run_dir}``, ``{project_root}``, shell-quoted; nothing else."""
+    return PLACEHOLDER.sub(lambda m: shlex.quote(str(values[m.group(1)])), template)
+
+
+class _Pump(threading.Thread):
+    """Copies a stage's output from its pipe to the log until muted or end of file."""
+
+    def __init__(self, fd: int, log_path: Path):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.log = open(log_path, "ab")
+        self.lock = threading.Lock()
+        self.muted = False
+
+    def run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            with self.lock:
+                if self.muted:
+                    return
+                if ready:
+                    data = os.read(self.fd, 1 << 16)
+                    if not data:
+                        return
+                    self.log.write(data)
+                    self.log.flush()
+
+    def drain_and_mute(self) -> None:
+        """Keep what is in the pipe now (the tree is frozen), then take nothing more."""
+        with self.lock:
+            if self.muted:
+                return
+            for _ in range(1024):
+                waiting = int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4),
+                                         sys.byteorder)
+                if waiting <= 0:
+                    break
+                data = os.read(self.fd, min(waiting, 1 << 20))
+                if not data:
+                    break
+                self.log.write(data)
+            self.log.flush()
+            self.muted = True
+
+    def close(self) -> None:
+        self.drain_and_mute()
+        self.join(5)
+        os.close(self.fd)  # a writer still running now gets EPIPE
+        self.log.close()
+
+
+def judge_output(log_path: Path, offset: int, watch: dict):
+    """The log verdict on one attempt's output: the bytes after ``offset`` (its header)."""
+    from remoteops.trainer.logwatch import check_text
+
+    try:
+        with open(log_path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(offset, size - LOG_WINDOW))
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    return check_text(text, **watch)
 
 
 class Runner:
-    def __init__(self, project_root: Path, run_dir: Path):
+    def __init__(self, project_root: Path, run_dir: Path, lock_fd: int | None = None):
         self.root = project_root
         self.run_dir = run_dir
+        self.lock_fd = lock_fd
         self.settings = load_settings(project_root)
         self.state = load_state(run_dir)
+        self.grace = stop_grace(self.settings)
         self.cancelled = False
         self.child: subprocess.Popen | None = None
+        self.stage: dict | None = None  # the stage running now
         self._stop_beat = threading.Event()
         self.pm = None
 
@@ -45,7 +134,11 @@ class Runner:
         print(line, flush=True)
 
     def _beat(self) -> None:
-        every = float(self.state["options"]["heartbeat_seconds"])
+        try:
+            every = float(self.state["options"]["heartbeat_seconds"])
+        except (KeyError, TypeError, ValueError):
+            every = 2.0
+        every = max(MIN_HEARTBEAT_S, every)  # 0 or less must not spin a core
         while True:
             write_atomic(self.run_dir / "runner.heartbeat",
                          json.dumps({"time": time.time(), "pid": os.getpid()}))
@@ -53,9 +146,8 @@ class Runner:
                 return
 
     def _on_term(self, signum, frame) -> None:
+        # the stage loop sees it within 0.2 s and stops the stage's whole tree
         self.cancelled = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()
 
     def hooks(self):
         if self.pm is None:
@@ -66,14 +158,16 @@ class Runner:
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
+        from remoteops.proctree import become_subreaper
+
         signal.signal(signal.SIGTERM, self._on_term)
-        lock = FileLock(self.root / ".remoteops" / "pipeline.lock",
-                        f"pipeline {self.state['run_id']}")
-        held = lock.read()
-        if held and held.get("pid") != os.getpid():
-            lock.acquire()  # pipeline-start normally hands the lock over to us
+        become_subreaper()  # a stage's daemonising grandchildren stay in our tree
+        lock = pipeline_lock(self.root, f"pipeline {self.state['run_id']}", fd=self.lock_fd)
+        if self.lock_fd is None:
+            lock.acquire()  # started by hand, not through pipeline-start
+        lock.update(run_id=self.state["run_id"])
         self.state["runner"] = {"pid": os.getpid(), "host": os.uname().nodename,
-                                "started": now_iso()}
+                                "started": now_iso(), "identity": process_identity()}
         self.state["status"] = "running"
         self.save()
         threading.Thread(target=self._beat, daemon=True).start()
@@ -85,7 +179,14 @@ class Runner:
                     stage["status"] = "pending"
                     stage["reason"] = "runs on the laptop: invoke collect"
                     continue
-                if self.cancelled or not self.run_stage(stage):
+                if self.cancelled:
+                    self._skip_rest(stage, including=True)
+                    break
+                try:
+                    ok = self.run_stage(stage)
+                except Exception as exc:  # a runner bug or an input we did not foresee
+                    ok = self._internal_failure(stage, exc)
+                if not ok:
                     self._skip_rest(stage)
                     break
             self.state["status"] = ("cancelled" if self.cancelled else
@@ -96,6 +197,7 @@ class Runner:
             self.state["error"] = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            self._settle_unfinished()
             self.state["finished"] = now_iso()
             self.log(f"run {self.state['run_id']} {self.state['status']}")
             self.save()
@@ -107,12 +209,40 @@ class Runner:
             lock.release()
         return 0 if self.state["status"] == "done" else 1
 
-    def _skip_rest(self, failed: dict) -> None:
+    def _internal_failure(self, stage: dict, exc: Exception) -> bool:
+        self.log("".join(traceback.format_exception(exc)).rstrip())
+        if self.child is not None:
+            self._stop_tree(None)
+        reason = f"the runner failed: {type(exc).__name__}: {exc}"[:300]
+        if stage["attempts"] and "ended" not in stage["attempts"][-1]:
+            stage["attempts"][-1].update(ended=now_iso(), failure_class="internal",
+                                         reason=reason)
+        stage.update(status="failed", ended=now_iso(), failure_class="internal", reason=reason)
+        stage.pop("process", None)
+        self.save()
+        return False
+
+    def _settle_unfinished(self) -> None:
+        """No stage may stay "running" once the runner stops."""
+        failed = None
+        for stage in self.state["stages"]:
+            if stage["status"] == "running":
+                stage.update(status="cancelled" if self.cancelled else "failed",
+                             ended=now_iso(), failure_class=stage.get("failure_class") or (
+                                 "cancelled" if self.cancelled else "internal"),
+                             reason=stage.get("reason") or self.state.get("error")
+                             or "the runner stopped")
+                failed = failed or stage
+        if failed is not None:
+            self._skip_rest(failed)
+
+    def _skip_rest(self, failed: dict, including: bool = False) -> None:
         after = False
         for stage in self.state["stages"]:
             if stage is failed:
                 after = True
-                continue
+                if not including:
+                    continue
             if after and stage["status"] not in ("done", "skipped"):
                 stage["status"] = "cancelled" if self.cancelled else "skipped"
                 stage["reason"] = ("run cancelled" if self.cancelled else
@@ -139,7 +269,8 @@ class Runner:
     def run_stage(self, stage: dict) -> bool:
         from remoteops.trainer.checkpoints import latest_checkpoint
 
-        overrides: dict[str, str] = {}
+        self.stage = stage
+        overrides: dict[str, int] = {}
         checkpoints = self.run_dir / "checkpoints" / stage["name"]
         if stage.pop("fresh", False):  # chosen with --stages: run it again from the start
             shutil.rmtree(checkpoints, ignore_errors=True)
@@ -161,6 +292,7 @@ class Runner:
             ok, klass, reason = self._execute(stage, resume, overrides)
             attempt.update(ended=now_iso(), seconds=round(time.time() - t0, 2),
                            failure_class=klass, reason=reason)
+            stage.pop("process", None)
             if self.cancelled:
                 ok, klass, reason = False, "cancelled", "cancelled by invoke cancel"
             if ok:
@@ -172,6 +304,11 @@ class Runner:
                 return True
             action = POLICY.get(klass, "fail")
             retries = len(stage["attempts"]) - 1
+            if action == "smaller_batch" and stage["kind"] != "train":
+                # we cannot change a command's batch size: fail and say what to do
+                action = "fail"
+                reason = (f"{reason} (out of memory: command stages are not retried; lower the "
+                          "batch size in the command)")
             if action == "smaller_batch" and sum(1 for a in stage["attempts"]
                                                  if a.get("failure_class") == "oom") <= oom_retries:
                 overrides = self._smaller_batch(stage, overrides)
@@ -206,10 +343,9 @@ class Runner:
     def _smaller_batch(self, stage: dict, overrides: dict) -> dict:
         from remoteops.trainer.stageconf import resolve_stage
 
-        cfg = resolve_stage(self.settings, stage["name"])
-        batch = int(overrides.get("batch_size", cfg.train["batch_size"]))
-        accum = int(overrides.get("grad_accum", cfg.train["grad_accum"]))
-        return {"batch_size": str(max(1, batch // 2)), "grad_accum": str(accum * 2)}
+        cfg = resolve_stage(self.settings, stage["name"], overrides=overrides or None)
+        batch, accum = int(cfg.train["batch_size"]), int(cfg.train["grad_accum"])
+        return {"batch_size": max(1, batch // 2), "grad_accum": accum * 2}
 
     def _execute(self, stage: dict, resume: bool, overrides: dict) -> tuple[bool, str | None,
                                                                             str | None]:
@@ -219,12 +355,14 @@ class Runner:
         log_path = self.run_dir / "logs" / f"{stage['name']}.log"
         if kind == "command":
             return self._command(stage, log_path)
-        env = {f"REMOTEOPS_STAGES__{stage['name'].upper()}__TRAIN__{k.upper()}": v
-               for k, v in overrides.items()}
         args = ["train", "--stage", stage["name"], "--run-dir", str(self.run_dir)]
+        if overrides:  # typed values, read back as JSON by the trainer: no env-var renaming
+            path = self.run_dir / "overrides" / f"{stage['name']}.attempt{stage['attempt']}.json"
+            write_atomic(path, json.dumps({"train": overrides}, indent=1) + "\n")
+            args += ["--overrides", str(path)]
         if resume:
             args += ["--resume", "latest"]
-        result = self._child(agent_args(*args), log_path, env)
+        result = self._child(agent_args(*args), log_path, {})
         if result.code == 0:
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
             self._after_training(stage, log_path)
@@ -286,12 +424,16 @@ class Runner:
         return True, None, None
 
     def _command(self, stage: dict, log_path: Path) -> tuple[bool, str | None, str | None]:
-        from remoteops.trainer.logwatch import check_log
-
         table = self.settings["stages"].get(stage["name"], {})
-        command = str(table["command"]).format(stage=stage["name"], run_dir=self.run_dir,
-                                               project_root=self.root)
+        command = expand_command(str(table["command"]), stage=stage["name"],
+                                 run_dir=str(self.run_dir), project_root=str(self.root))
         pattern = table.get("loss_pattern") or self.settings["health.loss_pattern"] or None
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return False, "config", (f"the loss_pattern {pattern!r} is not a valid regular "
+                                         f"expression ({exc}); fix it in remoteops.toml")
         watch = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
                  "explode_ratio": float(self.settings["health.explode_ratio"])}
         result = self._child(["bash", "-c", command], log_path,
@@ -299,57 +441,87 @@ class Runner:
                               "REMOTEOPS_RUN_DIR": str(self.run_dir)}, watch=watch)
         if result.killed_for:
             return False, result.killed_for, result.message
-        if result.code == 0:
-            verdict = check_log(log_path, **watch, stale_seconds=1e9)
-            if not verdict.ok and verdict.reason in POLICY:
-                return False, verdict.reason, verdict.message
-            return True, None, None
-        verdict = check_log(log_path, **watch, stale_seconds=1e9)
-        if not verdict.ok and verdict.reason in POLICY:
+        verdict = result.verdict
+        if verdict is not None and not verdict.ok and verdict.reason in POLICY:
             return False, verdict.reason, verdict.message
-        return False, "process_died", f"the command exited with {result.code}"
+        if result.code != 0:
+            return False, "process_died", f"the command exited with {result.code}"
+        self._record_outputs(stage, table)
+        return True, None, None
+
+    def _record_outputs(self, stage: dict, table: dict) -> None:
+        """The command stage's declared outputs, project-relative, for collect."""
+        outs = stage_outputs(stage["name"], table)
+        stage["outputs"]["declared"] = outs
+        missing = [p for p in outs if not (self.root / p).exists()]
+        declared = "outputs" in table
+        for path in missing if declared else []:
+            stage["warnings"].append(f"declared output {path} was not produced")
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
                watch: dict | None = None) -> ChildResult:
-        """Run a stage's process in our group; stop it on cancel or a bad log verdict."""
-        from remoteops.trainer.logwatch import check_log
+        """Run a stage's process; stop its whole tree on cancel, a bad verdict, or its end.
 
+        Its output goes through a pipe we copy to the log, so what the tree writes once it
+        is stopped never reaches the log, and the attempt is judged on its own bytes only.
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"\n==> {' '.join(args)}\n".encode())
-            log.flush()
+            offset = log.tell()
+        read_fd, write_fd = os.pipe()
+        try:
             self.child = subprocess.Popen(args, cwd=str(self.root), stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT,
+                                          stdout=write_fd, stderr=write_fd,
                                           env={**os.environ, **env},
                                           preexec_fn=_die_with_parent)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        if self.stage is not None:  # so cancel can find the tree even if we die
+            self.stage["process"] = process_identity(self.child.pid)
+            self.save()
+        pump = _Pump(read_fd, log_path)
+        pump.start()
         killed_for, message = None, ""
         last_check = time.monotonic()
-        while self.child.poll() is None:
-            time.sleep(0.2)
-            if self.cancelled:
-                self._stop_child()
-                break
-            if watch and time.monotonic() - last_check > 1.0:
-                last_check = time.monotonic()
-                verdict = check_log(log_path, **watch, stale_seconds=1e9)
-                if not verdict.ok and verdict.reason in POLICY:
-                    killed_for, message = verdict.reason, verdict.message
-                    self._stop_child()
-                    break
-        code = self.child.wait()
-        self.child = None
-        return ChildResult(code, killed_for, message)
-
-    def _stop_child(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
-            return
-        child.terminate()
         try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+            while self.child.poll() is None:
+                time.sleep(0.2)
+                if self.cancelled:
+                    break
+                if watch and time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    verdict = judge_output(log_path, offset, watch)
+                    if not verdict.ok and verdict.reason in POLICY:
+                        killed_for, message = verdict.reason, verdict.message
+                        break
+            stopped = self._stop_tree(pump)
+            code = self.child.wait()
+        finally:
+            pump.close()
+        self.child = None
+        verdict = judge_output(log_path, offset, watch) if watch else None
+        if killed_for or self.cancelled:
+            why = killed_for or "cancelled"
+            with open(log_path, "ab") as log:
+                log.write(f"==> stopped ({why}): the stage's processes were ended"
+                          f"{' (' + str(len(stopped)) + ' needed SIGKILL)' if stopped else ''}; "
+                          "anything they wrote afterwards was discarded\n".encode())
+        return ChildResult(code, killed_for, message, verdict)
+
+    def _stop_tree(self, pump: _Pump | None) -> list[int]:
+        """End every process the stage started: our children (the stage's process, and its
+        orphans re-parented to us) and all below them."""
+        from remoteops.proctree import children_of, stop_tree
+
+        child = self.child
+        roots = children_of(os.getpid())
+        return stop_tree(roots, self.grace, on_frozen=pump.drain_and_mute if pump else None,
+                         not_reaped={child.pid} if child is not None else set())
 
 
-def main(project_root: str, run_dir: str) -> int:
-    return Runner(Path(project_root).resolve(), Path(run_dir).resolve()).run()
+def main(project_root: str, run_dir: str, lock_fd: int | None = None) -> int:
+    return Runner(Path(project_root).resolve(), Path(run_dir).resolve(), lock_fd).run()

@@ -35,48 +35,62 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
     """Start the pipeline detached (new session, no terminal) and return at once."""
     from remoteops.config import load_settings
     from remoteops.errors import RemoteOpsError
-    from remoteops.locks import FileLock
-    from remoteops.pipeline import (agent_args, effective_status, find_run, load_state,
-                                    now_iso, plan_stages, save_state, spawn_detached)
-    from remoteops.trainer.rundir import new_run_dir, write_atomic
+    from remoteops.pipeline import (agent_args, effective_status, find_run,
+                                    finish_pending_apply, load_state, now_iso, pipeline_lock,
+                                    plan_stages, process_identity, save_state, spawn_detached)
+    from remoteops.trainer.rundir import new_run_dir
 
     project = _root(root)
     settings = load_settings(project, flags={"gpu_gate": gpu_gate})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    if resume:
-        run_dir = find_run(project, resume)
-        state = load_state(run_dir)
-        if effective_status(run_dir, state) == "running":
-            raise RemoteOpsError(f"run {state['run_id']} is still running; follow it with "
-                                 f"'invoke status {state['run_id']}'.")
-        for stage in state["stages"]:
-            chosen = bool(only) and stage["name"] in only
-            kept = stage["status"] == "done" or (stage["status"] == "skipped"
-                                                 and stage.get("reason") == "--skip-sample")
-            if chosen or not kept:
-                stage.update(status="pending", failure_class=None, reason=None, fresh=chosen)
-        state["status"] = "starting"
-        state.setdefault("resumes", []).append(now_iso())
-    else:
-        run_dir = new_run_dir(project)
-        current = project / ".remoteops" / "current.json"
-        bundle = json.loads(current.read_text()).get("version") if current.is_file() else None
-        state = {"run_id": run_dir.name, "run_dir": str(run_dir), "project_root": str(project),
-                 "created": now_iso(), "status": "starting", "host": host_label,
-                 "bundle_version": bundle,
-                 "options": {"gpu_gate": settings["gpu_gate"], "skip_sample": skip_sample,
-                             "stages": only,
-                             "heartbeat_seconds": float(settings["pipeline.heartbeat_seconds"])},
-                 "stages": plan_stages(settings, only, skip_sample or settings["skip_sample"])}
-    lock = FileLock(project / ".remoteops" / "pipeline.lock", f"pipeline {state['run_id']}")
+    run_dir = find_run(project, resume) if resume else new_run_dir(project)
+    lock = pipeline_lock(project, f"pipeline {run_dir.name}")
     lock.acquire()  # refuses, naming the holder, while another run is alive
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_state(run_dir, state)
-    proc = spawn_detached(agent_args("pipeline-run", "--root", str(project), "--run-dir",
-                                     str(run_dir)), run_dir / "runner.log", project)
-    info = json.loads(lock.path.read_text())
-    info["pid"] = proc.pid  # hand the lock to the runner
-    write_atomic(lock.path, json.dumps(info))
+    try:
+        # a deploy killed half way must not be trained on: undo it first (refuses while a
+        # deploy is in progress); deploys refuse while we hold the pipeline lock
+        recovered = finish_pending_apply(project)
+        if resume:
+            state = load_state(run_dir)
+            if effective_status(run_dir, state) == "running":
+                raise RemoteOpsError(f"run {state['run_id']} is still running; follow it with "
+                                     f"'invoke status {state['run_id']}'.")
+            for stage in state["stages"]:
+                chosen = bool(only) and stage["name"] in only
+                kept = stage["status"] == "done" or (stage["status"] == "skipped"
+                                                     and stage.get("reason") == "--skip-sample")
+                if chosen or not kept:
+                    stage.update(status="pending", failure_class=None, reason=None,
+                                 fresh=chosen)
+            state["status"] = "starting"
+            state.setdefault("resumes", []).append(now_iso())
+        else:
+            current = project / ".remoteops" / "current.json"
+            bundle = json.loads(current.read_text()).get("version") if current.is_file() \
+                else None
+            state = {"run_id": run_dir.name, "run_dir": str(run_dir),
+                     "project_root": str(project), "created": now_iso(), "status": "starting",
+                     "host": host_label, "bundle_version": bundle,
+                     "options": {"gpu_gate": settings["gpu_gate"], "skip_sample": skip_sample,
+                                 "stages": only, "heartbeat_seconds": float(
+                                     settings["pipeline.heartbeat_seconds"])},
+                     "stages": plan_stages(settings, only,
+                                           skip_sample or settings["skip_sample"])}
+        if recovered:
+            state.setdefault("notes", []).append(
+                f"undid an interrupted {recovered['undone']} ({recovered['label']}) first")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_state(run_dir, state)
+        # the runner inherits the locked descriptor: the lock is never free in between
+        fd = lock.hand_over()
+        proc = spawn_detached(agent_args("pipeline-run", "--root", str(project), "--run-dir",
+                                         str(run_dir), "--lock-fd", str(fd)),
+                              run_dir / "runner.log", project, pass_fds=(fd,))
+        lock.update(pid=proc.pid, identity=process_identity(proc.pid), run_id=run_dir.name)
+    except BaseException:
+        lock.release()
+        raise
+    lock.let_go()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and proc.poll() is None:
         if load_state(run_dir)["status"] != "starting":
@@ -86,28 +100,32 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
         tail = (run_dir / "runner.log").read_text(errors="replace").strip().splitlines()[-1:]
         raise RemoteOpsError(f"the pipeline runner failed to start: {tail[0] if tail else '?'}")
     emit({"run_id": state["run_id"], "run_dir": str(run_dir), "pid": proc.pid,
-          "stages": [s["name"] for s in state["stages"]]}, as_json,
+          "stages": [s["name"] for s in state["stages"]], "recovered": recovered}, as_json,
          f"started {state['run_id']} (pid {proc.pid})")
 
 
 @click.command("pipeline-run")
 @root_option
 @click.option("--run-dir", required=True, help="The run directory (state.json inside).")
-def pipeline_run(root, run_dir):
+@click.option("--lock-fd", type=int, default=None,
+              help="The pipeline lock, already held (pipeline-start hands it over).")
+def pipeline_run(root, run_dir, lock_fd):
     """Run a prepared pipeline run in the foreground (pipeline-start uses this)."""
     from remoteops.runner import Runner
 
-    project = _root(root)
-    runner = Runner(project, Path(run_dir).resolve())
-    lock_path = project / ".remoteops" / "pipeline.lock"
-    for _ in range(100):  # wait until pipeline-start has handed the lock over
-        try:
-            if json.loads(lock_path.read_text()).get("pid") == os.getpid():
-                break
-        except (FileNotFoundError, ValueError):
-            break
-        time.sleep(0.05)
+    runner = Runner(_root(root), Path(run_dir).resolve(), lock_fd=lock_fd)
     raise SystemExit(runner.run())
+
+
+@click.command("pipeline-live")
+@root_option
+@json_option
+def pipeline_live(root, as_json):
+    """The run live on this root now (its runner holds the pipeline lock), if any."""
+    from remoteops.pipeline import live_run
+
+    live = live_run(_root(root))
+    emit({"live": live}, as_json, f"live: {live['run_id']}" if live else "no live run")
 
 
 def _current(run_dir: Path, state: dict) -> dict:
@@ -196,20 +214,29 @@ def pipeline_logs(root, run_id, stage, offset, lines, as_json):
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest).")
 @json_option
 def pipeline_cancel(root, run_id, as_json):
-    """Stop a run and its children cleanly (SIGTERM, then SIGKILL); mark it cancelled."""
-    from remoteops.pipeline import find_run, load_state, now_iso, pid_alive, save_state
+    """Stop a run and its whole process tree (SIGTERM, then SIGKILL); mark it cancelled."""
+    from remoteops.config import load_settings
+    from remoteops.pipeline import (find_run, load_state, now_iso, runner_alive, save_state,
+                                    stop_grace)
+    from remoteops.proctree import descendants
 
-    run_dir = find_run(_root(root), run_id)
+    project = _root(root)
+    run_dir = find_run(project, run_id)
     state = load_state(run_dir)
-    pid = state.get("runner", {}).get("pid")
     was = state["status"]
-    if pid and pid_alive(pid):
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while pid_alive(pid) and time.monotonic() < deadline:
+    grace = stop_grace(load_settings(project))
+    # only the process the state names (pid and start time): never one that reuses its pid
+    if runner_alive(state):
+        pid = state["runner"]["pid"]
+        tree = descendants([pid])  # before the runner goes and its orphans are re-parented
+        os.kill(pid, signal.SIGTERM)  # the runner stops its stage's tree and records it
+        deadline = time.monotonic() + grace + 20
+        while runner_alive(load_state(run_dir)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        _stop_leftovers(tree, grace)
+    for stage in state["stages"]:
+        if stage.get("process") and stage["status"] == "running":
+            _stop_leftovers({stage["process"]["pid"]: stage["process"].get("start")}, grace)
     state = load_state(run_dir)
     if state["status"] in ("running", "starting"):
         state["status"] = "cancelled"
@@ -219,6 +246,16 @@ def pipeline_cancel(root, run_id, as_json):
         save_state(run_dir, state)
     emit({"run_id": state["run_id"], "was": was, "status": state["status"]}, as_json,
          f"{state['run_id']}: {state['status']}")
+
+
+def _stop_leftovers(snapshot: dict, grace: float) -> None:
+    """Stop what is left of a snapshot of a tree, checking each process's start time."""
+    from remoteops.locks import process_start
+    from remoteops.proctree import stop_tree
+
+    roots = [p for p, start in snapshot.items() if start is None or process_start(p) == start]
+    if roots:
+        stop_tree(roots, grace)
 
 
 @click.command("pipeline-runs")
@@ -303,6 +340,6 @@ def after_stage(stage, run_dir):
 
 
 def register(group: click.Group) -> None:
-    for command in (pipeline_start, pipeline_run, pipeline_status, pipeline_logs,
+    for command in (pipeline_start, pipeline_run, pipeline_live, pipeline_status, pipeline_logs,
                     pipeline_cancel, pipeline_runs, pipeline_files, pipeline_mark, after_stage):
         group.add_command(command)

@@ -16,9 +16,10 @@ import click
 from remoteops.errors import ConfigError
 
 
-def _load(config: str | None, stage: str, preset: str | None = None):
+def _load(config: str | None, stage: str, preset: str | None = None,
+          overrides: str | None = None):
     from remoteops.config import load_settings
-    from remoteops.trainer.stageconf import resolve_stage
+    from remoteops.trainer.stageconf import read_overrides, resolve_stage
 
     if config:
         path = Path(config).expanduser().resolve()
@@ -31,7 +32,7 @@ def _load(config: str | None, stage: str, preset: str | None = None):
     else:
         project = None
     settings = load_settings(project)
-    return settings, resolve_stage(settings, stage, preset)
+    return settings, resolve_stage(settings, stage, preset, read_overrides(overrides))
 
 
 def _resolve_run_dir(project: Path, run_dir: str | None) -> Path | None:
@@ -66,12 +67,15 @@ def register(group: click.Group) -> None:
     @click.option("--run-dir", default=None,
                   help="Run directory (default: outputs/training_sync/run_<UTC stamp>).")
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON at the end.")
-    def train(stage, config, preset, resume, dry_run, run_dir, as_json):
+    @click.option("--overrides", default=None,
+                  help="A JSON file {\"train\": {key: value}} of typed train settings that win "
+                       "over the config (the pipeline's OOM retry uses it).")
+    def train(stage, config, preset, resume, dry_run, run_dir, as_json, overrides):
         """Train one stage with LoRA/QLoRA (exit 1 when the health watch stops it)."""
         from remoteops.trainer.checkpoints import find_resume
         from remoteops.trainer.rundir import new_run_dir
 
-        settings, cfg = _load(config, stage, preset)
+        settings, cfg = _load(config, stage, preset, overrides)
         if dry_run:
             from remoteops.trainer.train import dry_run as do_dry_run
 

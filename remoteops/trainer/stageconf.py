@@ -30,7 +30,8 @@ SEED_TARGETS = {
 }
 
 STAGE_KEYS = ("dataset", "eval_set", "preset", "train", "targets", "health", "eval",
-              "command", "kind", "description", "depends_on", "retries")
+              "command", "kind", "description", "depends_on", "retries", "outputs",
+              "loss_pattern")
 
 
 @dataclass
@@ -85,6 +86,22 @@ def _override(table: dict, overrides: Any, where: str, defaults: dict) -> None:
         if type(value) is not type(default):
             raise ConfigError(f"'{where}.{key}' must be a {type(default).__name__}, got {value!r}.")
         table[key] = value
+
+
+def read_overrides(path: str | None) -> dict[str, Any] | None:
+    """The ``train`` table of an overrides file (JSON, typed values), or None."""
+    if not path:
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the overrides file {path}: {exc}.") from None
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict):
+        raise ConfigError(f"the overrides file {path} must hold {{\"train\": {{...}}}}.")
+    return train
 
 
 def resolve_stage(settings, stage: str, preset: str | None = None,
@@ -153,8 +170,8 @@ def _check_values(stage: str, train: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: train.quantization is {train['quantization']!r}; use "
                           "\"none\" (LoRA) or \"qlora\".")
     fault = train["inject_fault"]
-    if fault and not re.fullmatch(r"(nan|explode|oom|cuda)(@[1-9]\d*)?", fault):
+    if fault and not re.fullmatch(r"(nan|explode|oom|cuda)(@[1-9]\d*)?|oom>[1-9]\d*", fault):
         raise ConfigError(f"{where}: train.inject_fault is {fault!r}; use nan@STEP, explode@STEP, "
-                          "oom@STEP or cuda@STEP (or \"\" for none).")
+                          "oom@STEP, oom>BATCH or cuda@STEP (or \"\" for none).")
     if not 0 <= train["eval_holdout"] < 1:
         raise ConfigError(f"{where}: train.eval_holdout must be in [0, 1).")

@@ -237,7 +237,10 @@ def _trainer_class():
         def __init__(self, *args, health=None, fault: str = "", **kwargs):
             super().__init__(*args, **kwargs)
             self.health = health
-            kind, _, at = (fault or "").partition("@")
+            # "oom>N" (fault injection for tests and drills): every micro-batch of more than
+            # N rows raises a real torch OOM error, as a too-large batch would on a GPU
+            self.oom_above = int(fault[4:]) if (fault or "").startswith("oom>") else None
+            kind, _, at = ("" if self.oom_above else fault or "").partition("@")
             self.fault_kind, self.fault_step = kind, int(at or 1)
 
         def _fault_now(self, kinds: tuple[str, ...], from_on: bool = False) -> bool:
@@ -247,6 +250,11 @@ def _trainer_class():
             return step >= self.fault_step if from_on else step == self.fault_step
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
+            if self.oom_above is not None and rows > self.oom_above:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                    f"train.inject_fault: a micro-batch of {rows} rows > {self.oom_above})")
             if self._fault_now(("oom",)):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
                                              "(injected by train.inject_fault)")
@@ -337,8 +345,9 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         elif prep.eval:
             entry["base_eval_loss"] = trainer.evaluate()["eval_loss"]
             log(f"base model eval_loss {entry['base_eval_loss']:.4f}")
-        log(f"training stage '{cfg.name}' (preset {cfg.preset}): {len(prep.train)} samples, "
-            f"{total} steps, run dir {run.path}")
+        log(f"training stage '{cfg.name}' (preset {cfg.preset}, batch "
+            f"{cfg.train['batch_size']}, grad accum {cfg.train['grad_accum']}): "
+            f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         entry["train_loss"] = result.training_loss
         entry["final"] = dict(metrics.last)
