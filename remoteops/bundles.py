@@ -179,6 +179,11 @@ def _is_utf8(name: str) -> bool:
         return False
 
 
+def _shown(rel: str) -> str:
+    """``rel`` printable: a non-UTF-8 byte shows as \\xNN instead of breaking the output."""
+    return rel if _is_utf8(rel) else os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def select_files(project: Path, include: list[str], exclude: list[str]) -> list[Path]:
     """Project files to ship: not excluded by defaults, config, any .gitignore or as secrets."""
     return select(project, include, exclude).paths
@@ -226,7 +231,7 @@ def select(project: Path, include: list[str], exclude: list[str],
         for d in sorted(dirs):
             rule = rule_for(f"{rel_dir}{d}/")
             if rule is not None:
-                excluded.setdefault(rule, []).append(f"{rel_dir}{d}/")
+                excluded.setdefault(rule, []).append(_shown(f"{rel_dir}{d}/"))
             elif not _is_utf8(d):
                 raise _name_error(Path(folder) / d)
             else:
@@ -239,7 +244,7 @@ def select(project: Path, include: list[str], exclude: list[str],
             if rule is None and included is not None and not included.match_file(rel):
                 rule = "not in bundle.include"
             if rule is not None:
-                excluded.setdefault(rule, []).append(rel)
+                excluded.setdefault(rule, []).append(_shown(rel))
                 continue
             if not _is_utf8(name):
                 raise _name_error(path)
