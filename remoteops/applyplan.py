@@ -93,8 +93,8 @@ def remove(dest: Path) -> None:
     try:
         if dest.is_symlink() or not dest.is_dir():
             dest.unlink()
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # gone already, or a parent is a file now (removed in its turn)
 
 
 def prune_dirs(folder: Path, root: Path) -> None:
