@@ -143,9 +143,7 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
             "failed", "running", "dead", "cancelled"):
         mark_collected(target, run_id, True)
-        again = collect_run(target, settings.project_dir, run_id)
-        result.fetched += [p for p in again.fetched if p not in result.fetched]
-        result.bytes += again.bytes
+        result.merge(collect_run(target, settings.project_dir, run_id))
         state = status(target, run_id, lines=0)
     summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
     closure = summary.with_name("final_closure_report.md")

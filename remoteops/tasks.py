@@ -302,20 +302,20 @@ def runs(c, host=None, project_root=None, trust_host=False, json=False):
 
 
 @task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
-            "since": "only files changed in the last N minutes", "project-root": "the "
+            "since": "only files changed in the last N minutes (or 90s, 2h, 1d, or since "
+            "a time like 2026-11-26T14:00), by the server's clock", "project-root": "the "
             "project's folder on the server", "trust-host": "record an unknown host key",
             "json": "print JSON"})
 @friendly
 def collect(c, run=None, host=None, since=None, project_root=None, trust_host=False,
             json=False):
     """Bring a run's adapters, logs, metrics and reports back to outputs/ (resumable)."""
-    import time as _time
-
+    from remoteops.collect import parse_since
     from remoteops.remote_train import collect_and_report
     from remoteops.train_view import download_progress, print_collected
 
     settings = _settings(project_root=project_root)
-    cutoff = _time.time() - float(since) * 60 if since else None
+    cutoff = parse_since(since)  # judged by the server's clock
     with _target_factory(settings, host, trust_host)() as target:
         data = collect_and_report(settings, target, run, download_progress(json), cutoff)
     print_collected(data, json)

@@ -275,27 +275,14 @@ def pipeline_runs(root, as_json):
 @click.option("--with-checkpoints", is_flag=True, help="Also list checkpoints (large).")
 @json_option
 def pipeline_files(root, run_id, with_checkpoints, as_json):
-    """The files `collect` brings back: the run directory and the stages' adapters."""
-    from remoteops.bundles import sha256_file
+    """The files `collect` brings back: the run directory and the stages' outputs."""
+    from remoteops.collect_list import list_run_files
     from remoteops.pipeline import find_run, load_state
 
     project = _root(root)
     run_dir = find_run(project, run_id)
-    state = load_state(run_dir)
-    folders = [run_dir] + [project / s["outputs"]["adapter"] for s in state["stages"]
-                           if s["outputs"].get("adapter")]
-    files = []
-    for folder in folders:
-        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            rel = path.relative_to(project).as_posix()
-            if not path.is_file() or path.name.endswith(".tmp") or (
-                    not with_checkpoints and "/checkpoints/" in f"/{rel}"):
-                continue
-            st = path.stat()
-            files.append({"path": rel, "size": st.st_size, "mtime": st.st_mtime,
-                          "sha256": sha256_file(path)})
-    emit({"run_id": state["run_id"], "status": state["status"], "files": files}, as_json,
-         "\n".join(f["path"] for f in files))
+    listing = list_run_files(project, run_dir, load_state(run_dir), with_checkpoints)
+    emit(listing, as_json, "\n".join(f["path"] for f in listing["files"]))
 
 
 @click.command("pipeline-mark")
