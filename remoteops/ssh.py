@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,16 @@ def parse_host(spec: str) -> tuple[str | None, str, int | None]:
 
 def connection_factory(settings: Settings, spec: str, entry: dict,
                        trust_host: bool) -> tuple[Callable[[], Any], str]:
-    """A function that builds a not-yet-open verified Connection, and a label for messages."""
+    """A function that builds a not-yet-open verified Connection, and a label for messages.
+
+    Where to connect comes from ``remoteops.ssh_config`` (OpenSSH's rules); Fabric's own
+    ssh_config handling is switched off, since it walks a ProxyJump chain backwards and
+    ignores Include and the command-line user in Match.
+    """
     import fabric
+    import paramiko
+
+    from remoteops.ssh_config import SYSTEM_CONFIG, HostConfig, resolve
 
     ssh = settings["ssh"]
     user_cfg = Path(os.path.expanduser(ssh["config_file"]))
@@ -49,44 +58,121 @@ def connection_factory(settings: Settings, spec: str, entry: dict,
         user, port = user or user_h, port or port_h
     else:
         user, host, port = parse_host(spec)
-
-    overrides: dict[str, Any] = {"load_ssh_configs": True}
-    config = fabric.Config(overrides=overrides, user_ssh_path=str(user_cfg),
-                           system_ssh_path="/etc/ssh/ssh_config")
-    connect_kwargs: dict[str, Any] = {"allow_agent": True, "look_for_keys": True,
-                                      "banner_timeout": float(ssh["connect_timeout"]),
-                                      "auth_timeout": float(ssh["connect_timeout"])}
-    if entry.get("identity_file"):
-        connect_kwargs["key_filename"] = [os.path.expanduser(str(entry["identity_file"]))]
-    if entry.get("passphrase") is not None:
-        connect_kwargs["passphrase"] = resolve_secret(entry["passphrase"])
+    jump = str(entry["proxy_jump"]) if entry.get("proxy_jump") else None  # like ssh -J
+    resolved = resolve(host, config_files=[(str(user_cfg), True), (SYSTEM_CONFIG, False)],
+                       user=str(user) if user else None, port=int(port) if port else None,
+                       jump=jump)
+    extra_keys = [os.path.expanduser(str(entry["identity_file"]))] \
+        if entry.get("identity_file") else []  # like ssh -i: before the config's files
+    passphrase = resolve_secret(entry["passphrase"]) if entry.get("passphrase") is not None \
+        else None
+    config = fabric.Config(overrides={"load_ssh_configs": False},
+                           ssh_config=paramiko.SSHConfig())
+    timeout = float(ssh["connect_timeout"])
+    keepalive = float(ssh["keepalive"])
 
     class VerifiedConnection(fabric.Connection):
-        """A Fabric Connection (and every ProxyJump hop) that verifies host keys."""
+        """A Fabric Connection that verifies host keys, takes a ProxyCommand as written
+        (already expanded) and closes the hops it was opened through."""
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self._secure_chain(self)
+            secure_client(self.client, known, record, trust_host)
 
-        @staticmethod
-        def _secure_chain(cxn: Any) -> None:
-            while isinstance(cxn, fabric.Connection):
-                secure_client(cxn.client, known, record, trust_host)
-                cxn = cxn.gateway
+        def open(self) -> Any:
+            # Fabric re-opens a dropped connection by itself (@opens): keepalive each time
+            result = super().open()
+            if keepalive and self.transport is not None:
+                keep_alive(self.transport, keepalive)
+            return result
+
+        def open_gateway(self) -> Any:
+            if isinstance(self.gateway, str):
+                return paramiko.ProxyCommand(self.gateway)
+            return super().open_gateway()
+
+        def close(self) -> None:
+            super().close()
+            if isinstance(self.gateway, fabric.Connection):
+                self.gateway.close()
+
+    def build(hop: HostConfig, keys: list[str]) -> Any:
+        files = [f for f in dict.fromkeys(keys + hop.identity_files) if os.path.isfile(f)]
+        connect_kwargs: dict[str, Any] = {
+            "allow_agent": not hop.identities_only, "look_for_keys": not hop.identities_only,
+            "banner_timeout": timeout, "auth_timeout": timeout}
+        if files:
+            connect_kwargs["key_filename"] = files
+        if passphrase is not None:
+            connect_kwargs["passphrase"] = passphrase
+        gateway: Any = build(hop.via, []) if hop.via else hop.proxy_command
+        return VerifiedConnection(hop.hostname, user=hop.user, port=hop.port,
+                                  config=config.clone(), connect_timeout=timeout,
+                                  connect_kwargs=connect_kwargs, gateway=gateway or False)
 
     def factory() -> Any:
-        kwargs: dict[str, Any] = {"config": config.clone(), "connect_timeout":
-                                  float(ssh["connect_timeout"]), "connect_kwargs": connect_kwargs}
-        if user:
-            kwargs["user"] = str(user)
-        if port:
-            kwargs["port"] = int(port)
-        if entry.get("proxy_jump"):
-            kwargs["gateway"] = fabric.Connection(str(entry["proxy_jump"]), config=config.clone())
-        return VerifiedConnection(host, **kwargs)
+        return build(resolved, extra_keys)
 
-    label = spec
-    return factory, label
+    return factory, spec
+
+
+def transports(conn: Any) -> list[Any]:
+    """The open SSH transports of a connection and of every hop it goes through."""
+    found = []
+    while conn is not None and not isinstance(conn, (str, bool)):
+        if getattr(conn, "transport", None) is not None:
+            found.append(conn.transport)
+        conn = getattr(conn, "gateway", None)
+    return found
+
+
+KEEPALIVE_MISSES = 2
+
+
+def keep_alive(transport: Any, interval: float) -> None:
+    """OpenSSH's ServerAliveInterval for a paramiko transport: ask the server for an answer
+    every ``interval`` seconds and close the transport when none came for
+    ``KEEPALIVE_MISSES`` intervals, so a connection a NAT forgot fails in seconds instead of
+    hanging until the command timeout. (paramiko's own ``set_keepalive`` only sends, and a
+    black hole never makes a send fail.) Idempotent; the reason is kept on the transport as
+    ``remoteops_lost``."""
+    if not interval or getattr(transport, "remoteops_keepalive", None):
+        return
+    transport.remoteops_keepalive = interval
+    threading.Thread(target=_watch, args=(transport, float(interval)), daemon=True,
+                     name="remoteops-keepalive").start()
+
+
+def _watch(transport: Any, interval: float) -> None:
+    while transport.is_active():
+        answered = threading.Event()
+
+        def ask() -> None:
+            try:
+                transport.global_request("keepalive@openssh.com", wait=True)
+            except Exception:  # noqa: BLE001 - the transport is closing; the loop sees it
+                pass
+            answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        if not answered.wait(interval * KEEPALIVE_MISSES):
+            transport.remoteops_lost = (f"no answer to SSH keepalives for "
+                                        f"{interval * KEEPALIVE_MISSES:g}s")
+            log.info("closing the SSH connection: %s", transport.remoteops_lost)
+            transport.close()
+            return
+        time.sleep(interval)
+
+
+def lost_reason(conn: Any) -> str | None:
+    """Why ``conn`` (or a hop under it) is no longer usable, or None while it is."""
+    hops = transports(conn)
+    if conn is None or getattr(conn, "transport", None) is None:
+        return "not connected"
+    for transport in hops:
+        if not transport.is_active():
+            return getattr(transport, "remoteops_lost", None) or "the server closed it"
+    return None
 
 
 _RETRYABLE = (ConnectionRefusedError, TimeoutError, socket.timeout, ConnectionResetError)
@@ -101,8 +187,9 @@ def open_connection(factory: Callable[[], Any], label: str, retries: int, backof
         where = f"{conn.user}@{conn.host}:{conn.port}"
         try:
             conn.open()
-            if keepalive and conn.transport is not None:
-                conn.transport.set_keepalive(keepalive)
+            if keepalive:  # every hop too: a hop that dies silently kills the connection
+                for transport in transports(conn):
+                    keep_alive(transport, keepalive)
             return conn
         except Exception as exc:  # classified below; anything unknown is re-raised
             conn.close()

@@ -292,9 +292,22 @@ class SSHTarget(Target):
 
     @property
     def connection(self):
+        if self._conn is not None:
+            from remoteops.ssh import lost_reason
+
+            if lost_reason(self._conn):  # reopen through _connect, so keepalive is set again
+                self.close()
         if self._conn is None:
             self._conn = self._connect()
         return self._conn
+
+    def _lost(self, conn, detail: str = "") -> ConnectError:
+        from remoteops.ssh import lost_reason
+
+        reason = lost_reason(conn) or detail or "the server closed it"
+        self.close()
+        return ConnectError(f"connection lost to {self.name} ({reason}); check the network "
+                            "and run the command again.")
 
     def _connect(self):
         from remoteops.ssh import open_connection
@@ -305,15 +318,21 @@ class SSHTarget(Target):
     def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
         from invoke.exceptions import CommandTimedOut
 
+        import paramiko
+
+        conn = self.connection
         try:
-            res = self.connection.run(command, hide=True, warn=True, timeout=timeout,
-                                      in_stream=False)
+            res = conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
         except CommandTimedOut:
             raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
                                      "raise ssh.command_timeout if it needs longer.") from None
-        except (socket.error, EOFError) as exc:
-            raise ConnectError(f"lost the connection to {self.name} ({exc}); check the "
-                               "network and run the command again.") from None
+        except (socket.error, EOFError, paramiko.SSHException) as exc:
+            raise self._lost(conn, str(exc)) from None
+        if res.exited == -1:  # no exit status: killed by a signal, or the transport died
+            from remoteops.ssh import lost_reason
+
+            if lost_reason(conn):
+                raise self._lost(conn)
         return res.stdout, res.stderr, res.exited
 
     @property

@@ -1,4 +1,5 @@
-"""A TCP proxy in front of sshd that cuts connections for real (RST) after N bytes."""
+"""A TCP proxy in front of sshd that cuts connections for real (RST) after N bytes, or
+black-holes them (forwards nothing, closes nothing: a NAT that forgot the flow)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import threading
 
 class CutProxy:
     """Forwards 127.0.0.1:<port> to an upstream; ``arm(n)`` cuts the next connection
-    after it has carried ``n`` client-to-server bytes."""
+    after it has carried ``n`` client-to-server bytes; ``blackhole()`` silently drops
+    everything the connections open now carry, in both directions, from then on."""
 
     def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1"):
         self.upstream = upstream
@@ -17,6 +19,7 @@ class CutProxy:
         self.host, self.port = self.listener.getsockname()[:2]
         self.budget: int | None = None
         self.cuts = 0
+        self._flows: list[dict] = []
         self._lock = threading.Lock()
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -24,6 +27,15 @@ class CutProxy:
     def arm(self, n_bytes: int) -> None:
         with self._lock:
             self.budget = n_bytes
+
+    def blackhole(self) -> int:
+        """Forget every open flow: bytes are read and dropped, sockets stay open. Connections
+        made later are forwarded normally. Returns how many flows were dropped."""
+        with self._lock:
+            live = [f for f in self._flows if not f["dead"]]
+            for flow in live:
+                flow["holed"] = True
+            return len(live)
 
     def _accept(self) -> None:
         while not self._stop:
@@ -34,7 +46,9 @@ class CutProxy:
             server = socket.create_connection(self.upstream)
             with self._lock:
                 budget, self.budget = self.budget, None
-            state = {"left": budget, "dead": False}
+            state = {"left": budget, "dead": False, "holed": False}
+            with self._lock:
+                self._flows.append(state)
             threading.Thread(target=self._pump, args=(client, server, state, True),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, state, False),
@@ -54,6 +68,8 @@ class CutProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if state["holed"]:
+                    continue  # dropped on the floor; the sender is never told
                 if upstream and state["left"] is not None:
                     state["left"] -= len(data)
                     if state["left"] <= 0:

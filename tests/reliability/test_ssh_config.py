@@ -218,3 +218,57 @@ def test_unsupported_features_are_refused_naming_the_keyword(oracle, config, key
 def test_unsupported_match_for_another_host_does_not_get_in_the_way(oracle):
     oracle.write({"config": "Match host other exec \"false\"\n  Port 1\nHost box\n  Port 5\n"})
     assert oracle.ours("box").port == 5
+
+
+def test_command_line_user_reaches_match_user(home, project):
+    from remoteops.config import load_settings
+    from remoteops.targets import open_target
+
+    (home / ".ssh" / "config").write_text(
+        "Match user alice\n  HostName alices.example\n  Port 2201\n"
+        "Host box\n  HostName box.example\n  User bob\n")
+    settings = load_settings(project)
+    conn = open_target(settings, "alice@box")._factory()
+    assert (conn.host, conn.port, conn.user) == ("alices.example", 2201, "alice")
+    conn = open_target(settings, "BOX")._factory()  # Host patterns are case-sensitive in ssh
+    assert (conn.host, conn.port) == ("box", 22)
+
+
+def test_unsupported_match_is_a_one_line_error_on_the_command_line(cli, home, project):
+    (home / ".ssh" / "config").write_text('Host box\n  HostName 127.0.0.1\nMatch exec "true"\n'
+                                          "  HostName elsewhere.example\n")
+    res = cli("precheck", "--host", "box")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Match exec is not supported" in lines[0], res.stderr
+
+
+def test_two_hop_proxyjump_connects_in_openssh_order(home, project, sshd_server):
+    from remoteops.config import load_settings
+    from remoteops.targets import open_target
+    from tests.conftest import sshd_folder, trust
+    from tests.harness.sshd import start_sshd
+
+    j1 = start_sshd(sshd_folder(), host="127.0.0.2", client_key=sshd_server.client_key,
+                    log_level="DEBUG1")
+    j2 = start_sshd(sshd_folder(), host="127.0.0.3", client_key=sshd_server.client_key,
+                    log_level="DEBUG1")
+    try:
+        for server in (j1, j2, sshd_server):
+            trust(project, server)
+        (home / ".ssh" / "config").write_text(
+            f"Host inner\n  HostName {sshd_server.host}\n  Port {sshd_server.port}\n"
+            f"  ProxyJump hop1,root@hop2:{j2.port}\n"
+            f"Host hop1\n  HostName {j1.host}\n  Port {j1.port}\n"
+            f"Host hop2\n  HostName {j2.host}\n  ProxyJump none-such-host\n"
+            f"Host *\n  User root\n  IdentityFile {sshd_server.client_key}\n")
+        settings = load_settings(project)
+        with open_target(settings, "inner") as target:
+            assert target.run("echo through").stdout.strip() == "through"
+        # hop1 was connected first and forwarded to hop2, hop2 to the target
+        assert f"to {j2.host} port {j2.port}" in j1.log(), j1.log()[-2000:]
+        assert f"to {sshd_server.host} port {sshd_server.port}" in j2.log(), j2.log()[-2000:]
+    finally:
+        for server in (j1, j2):
+            server.stop()
+            shutil.rmtree(server.folder, ignore_errors=True)
