@@ -10,18 +10,48 @@ from remoteops.tasks import make_namespace
 ns = make_namespace()
 
 
+LATEST_VENV = ".venv-latest"
+
+
 @task(help={"k": "only tests matching this expression (pytest -k)",
-            "x": "stop at the first failure"})
-def test(c, k=None, x=False):
-    """Run the whole test suite (installs openssh-server first when sshd is missing)."""
+            "x": "stop at the first failure",
+            "latest": "run against the newest releases (a separate .venv-latest, no "
+                      "constraints) to see upstream drift on purpose"})
+def test(c, k=None, x=False, latest=False):
+    """Run the whole test suite (installs openssh-server and rsync first when missing)."""
     from tests.harness.install import ensure_sshd
 
     ensure_sshd()
-    args = [sys.executable, "-m", "pytest", "-q"]
+    python = sys.executable
+    if latest:
+        python = _latest_env(c)
+    args = [python, "-m", "pytest", "-q"]
     args += ["-k", k] if k else []
     args += ["-x"] if x else []
     # the quantization tests run, not skip: the test command installs the [quant] extra
     c.run(shlex.join(args), pty=False, env={"PYTHONUNBUFFERED": "1", "CI_REQUIRE_QUANT": "1"})
+
+
+def _latest_env(c) -> str:
+    """Build .venv-latest with the newest releases the ranges in pyproject.toml allow."""
+    from pathlib import Path
+
+    venv = Path(LATEST_VENV)
+    if not venv.exists():
+        c.run(shlex.join([sys.executable, "-m", "venv", str(venv)]))
+    pip = str(venv / "bin" / "pip")
+    # torch stays at the CPU build on disk; everything else goes to its newest release
+    c.run(shlex.join([pip, "install", "-q", "--upgrade", "--upgrade-strategy", "eager",
+                      "torch==2.13.0", "-e", ".[train,quant,dev]"]))
+    drift = c.run(shlex.join([str(venv / "bin" / "python"), "-m", "pip", "freeze",
+                              "--exclude-editable"]), hide=True).stdout.splitlines()
+    pinned = {l.split("==")[0].lower(): l for l in Path("constraints.txt").read_text().splitlines()
+              if "==" in l}
+    changed = [f"{pinned[l.split('==')[0].lower()]} -> {l.split('==')[1]}" for l in drift
+               if "==" in l and l.split("==")[0].lower() in pinned
+               and pinned[l.split("==")[0].lower()] != l]
+    print("newer than constraints.txt: " + (", ".join(changed) if changed else "nothing"))
+    return str(venv / "bin" / "python")
 
 
 ns.add_task(test)

@@ -102,6 +102,25 @@ def test_verdicts():
 
 
 # -- GGUF ---------------------------------------------------------------------------------
+def test_logit_comparison_accepts_only_flips_that_noise_explains():
+    import numpy as np
+
+    from remoteops.quant.gguf_tools import compare_logits
+
+    ref = np.array([[5.0, 4.9995, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 9.0]])
+    near_tie = ref + np.array([[-0.001, 0.001, 0.0], [0, 0, 0], [0, 0, 0]])
+    got = compare_logits(near_tie, ref)  # margin 0.0005 < max diff 0.001: rounding
+    assert got["top1_flips"] == 1 and got["top1_unexplained"] == 0
+    assert got["top1_agreement"] == pytest.approx(2 / 3)
+    wide = np.array([[3.0, 2.9, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 9.0]])
+    broken = wide + np.array([[-0.05, 0.06, 0.0], [0, 0, 0], [0, 0, 0]])
+    got = compare_logits(broken, wide)  # margin 0.1 >= max diff 0.06: not rounding
+    assert got["top1_flips"] == 1 and got["top1_unexplained"] == 1
+    assert got["logit_max_abs_diff"] == pytest.approx(0.06)
+    assert compare_logits(ref, ref) == {"logit_max_abs_diff": 0.0, "top1_agreement": 1.0,
+                                        "top1_flips": 0, "top1_unexplained": 0}
+
+
 def test_converter_is_unpacked_safely_and_a_bad_checkout_is_named(tmp_path):
     import io
     import tarfile
@@ -152,7 +171,10 @@ def test_gguf_check_converts_quantizes_loads_and_measures(trained):
         assert row["tokens_per_s"] > 0 and row["ppl"] > 0
     assert rows["f16"]["size_bytes"] > rows["q8_0"]["size_bytes"] > rows["q4_k_m"]["size_bytes"]
     assert rows["f16"]["logit_max_abs_diff"] < 1e-2
-    assert rows["f16"]["top1_agreement"] == 1.0
+    # llama.cpp and transformers are independent float implementations: a top-1 flip is
+    # accepted only where the reference's top-1/top-2 margin is below the measured max
+    # logit difference (a near-tie that rounding explains); any other flip fails the test.
+    assert rows["f16"]["top1_unexplained"] == 0, rows["f16"]
     deltas = [abs(rows[t]["ppl_delta"]) for t in ("f16", "q8_0", "q4_k_m")]
     assert deltas[0] < deltas[2] and deltas[1] < deltas[2], deltas
     saved = json.loads((run / "quant_tiny.json").read_text())

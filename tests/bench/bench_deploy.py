@@ -38,6 +38,8 @@ REPO = HERE.parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.harness.install import ensure_tools  # noqa: E402
+
 ALIAS = "benchbox"
 SMALL = "src/pkg00/module_000.py"  # the 10 KB file the incremental case changes
 SMALL_SIZE = 10 * 1024
@@ -419,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    ensure_tools("sshd", "ssh", "scp", "ssh-keygen", "rsync")  # or stop with one line
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result = run_bench(args.repeats, args.files, args.text_mb, args.blob_mb, args.keep, log)
     print(json.dumps(result, indent=1) if args.json else render(result))

@@ -104,6 +104,9 @@ def run_bench(status_repeats: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from tests.harness.install import ensure_tools
+
+    ensure_tools("sshd", "ssh", "ssh-keygen")  # or stop with one line
     result = run_bench()
     if "--json" in argv:
         print(json.dumps(result, indent=2))
