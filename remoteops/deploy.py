@@ -487,11 +487,16 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         out_dir = built.tar_path.parent / ".delta"
         delta = _upload_file(settings, built, need, out_dir, key)
         outcome.upload_bytes = delta.stat().st_size
-        if outcome.plan["free_bytes"] < 2 * outcome.upload_bytes + (16 << 20):
+        # the upload, then its files uncompressed (staged) and the backups: a compressible
+        # bundle needs far more than it sends
+        sizes = manifest.file_map()
+        needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + (16 << 20)
+                 + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
+        if outcome.plan["free_bytes"] < needs:
             raise RemoteOpsError(
                 f"not enough disk on {target.name}: {outcome.plan['free_bytes'] / 1e9:.2f} GB "
-                f"free, the upload needs {2 * outcome.upload_bytes / 1e9:.2f} GB; free space "
-                "there and deploy again. Nothing was changed.")
+                f"free, the deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and "
+                "backups); free space there and deploy again. Nothing was changed.")
         remote_delta = f"{incoming}/{delta.name}"
         hashing = _Background(sha256_file, delta)  # overlaps the upload
         try:

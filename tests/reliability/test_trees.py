@@ -24,6 +24,7 @@ from remoteops.applyplan import link_digest
 from remoteops.bundle_tar import write_tar
 from remoteops.bundles import FileEntry, Manifest, content_id
 from remoteops.errors import RemoteOpsError
+from tests.test_deploy import deploy, server_root  # noqa: F401 - fixtures: a deploy over sshd
 
 WHEEL = {"name": "remoteops-0-py3-none-any.whl", "sha256": "0" * 64, "size": 0}
 Link = tuple  # ("link", target) in a spec: a link entry
@@ -243,6 +244,23 @@ def test_compressible_bundle_larger_than_the_disk_is_refused_before_staging(tmp_
     assert tree(small_disk) == {}
     assert not (small_disk / ".remoteops" / "staging").exists()
     assert not (small_disk / ".remoteops" / "journal.json").exists()
+
+
+def test_deploy_of_a_compressible_bundle_larger_than_the_disk_is_refused_before_upload(
+        deploy, project, server_root):  # noqa: F811
+    server_root.mkdir(parents=True)  # room for the upload and the headroom, not for the files
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(server_root)],
+                   check=True)
+    try:
+        (project / "data" / "zeros.bin").write_bytes(bytes(40 << 20))
+        res = deploy("deploy-bundle", "--yes", expect=2)
+        assert "not enough disk" in res.stderr and "Nothing was changed" in res.stderr
+        assert "Traceback" not in res.stderr and "Errno 28" not in res.stderr
+        assert tree(server_root) == {}
+        incoming = server_root / ".remoteops" / "incoming"
+        assert not list(incoming.glob("*.tar.zst*"))  # refused before the upload
+    finally:
+        subprocess.run(["umount", str(server_root)], check=False)
 
 
 # -- 8. durability: what the journal relies on is fsynced first --------------------------------
