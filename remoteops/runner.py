@@ -289,6 +289,8 @@ class Runner:
             self.log(f"stage {stage['name']} attempt {stage['attempt']} started")
             self._call_hook("before_stage", stage)
             t0 = time.time()
+            if os.environ.get("REMOTEOPS_TEST_RUNNER_FAULT") == stage["name"]:
+                raise RuntimeError("fault injected by REMOTEOPS_TEST_RUNNER_FAULT")
             ok, klass, reason = self._execute(stage, resume, overrides)
             attempt.update(ended=now_iso(), seconds=round(time.time() - t0, 2),
                            failure_class=klass, reason=reason)
