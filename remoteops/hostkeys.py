@@ -59,8 +59,7 @@ def read_known_hosts(path: Path) -> tuple[list[HostKeyEntry], dict[tuple[str, by
             continue
         marker = None
         if line.startswith("@"):
-            marker, _, line = line.partition(" ")
-            line = line.strip()
+            marker, line = (line.split(None, 1) + [""])[:2]
             if marker == "@cert-authority":
                 _warn_once("cert-authority", f"{path}:{number}: @cert-authority lines are "
                            "skipped (remoteops does not check host certificates); add the "

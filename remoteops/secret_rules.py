@@ -45,10 +45,11 @@ def is_login_password(name: str) -> bool:
 
 # A key ending in one of these names where a secret is, or describes it: not the secret.
 _NOT_THE_SECRET = frozenset({"file", "path", "dir", "env", "var", "name", "length", "len",
-                             "count", "limit", "type", "kind", "url", "header"})
+                             "count", "limit", "type", "kind", "url", "header", "budget", "size",
+                             "ttl", "timeout", "seconds", "expiry", "prefix", "policy"})
 # Tokenizer vocabulary: ``pad_token``, ``eos_token_id`` are not credentials.
 _VOCAB_TOKEN = frozenset({"pad", "bos", "eos", "unk", "sep", "cls", "mask", "special", "stop",
-                          "start", "end"})
+                          "start", "end", "max", "min", "num", "per"})
 
 
 def is_secret_key(name: str) -> bool:

@@ -169,3 +169,17 @@ def test_secret_tables_bad_references_and_login_passwords(cli, project, text, ne
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
     assert "s3cr3t" not in res.stderr
+
+
+def test_which_key_names_count_as_secrets():
+    from remoteops.secret_rules import is_secret_key
+
+    secret = ["db_password", "aws_secret_access_key", "hf_token", "HF_TOKEN", "api_key", "apiKey",
+              "apikey", "secret", "wandb_token", "access_key", "AWS_ACCESS_KEY_ID",
+              "private_key", "credential", "credentials", "client_secret", "passphrase",
+              "dbpassword", "access_token", "githubToken"]
+    not_secret = ["max_new_tokens", "tokenizer", "pad_token", "eos_token_id", "token_file",
+                  "password_file", "max_token", "num_tokens", "token_budget", "keystone",
+                  "monkey", "include_secrets_path", "host", "port", "lora_targets"]
+    assert [k for k in secret if not is_secret_key(k)] == []
+    assert [k for k in not_secret if is_secret_key(k)] == []
