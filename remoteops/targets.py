@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -33,10 +34,15 @@ log = logging.getLogger(__name__)
 BEGIN = "@@REMOTEOPS-BEGIN-7f3a@@"
 END = "@@REMOTEOPS-END-7f3a@@"
 
-# Runs the payload's script with ``payload`` bound; prints only between markers.
+PAYLOAD_MARK = "@@REMOTEOPS-PAYLOAD-7f3a@@"
+# Reads the payload (settings and all) from stdin, never from the command line, where every
+# user of the server sees it in ``ps``; prints the answer only between markers.
 _BOOTSTRAP = (
     "import base64,json,sys,zlib;"
-    "d=json.loads(zlib.decompress(base64.b64decode('{blob}')).decode());"
+    "r=sys.stdin.buffer.read();i=r.rfind(b'{mark}');"
+    "i<0 and sys.exit('remoteops: the payload did not arrive on stdin; something in the "
+    "login shell (~/.bashrc) reads stdin: guard it with [[ $- == *i* ]]');"
+    "d=json.loads(zlib.decompress(base64.b64decode(r[i+{skip}:])).decode());"
     "g={{'payload':d['payload'],'__name__':'__remoteops__'}};"
     "exec(compile(d['source'],'<remoteops>','exec'),g);"
     "sys.stdout.write('\\n{begin}\\n'+json.dumps(g.get('result'))+'\\n{end}\\n')"
@@ -91,9 +97,11 @@ class Target:
         self.command_timeout = command_timeout
 
     # -- public API: cross-cutting work here, specifics in _methods -----------
-    def run(self, command: str, *, timeout: float | None = None, check: bool = True) -> Result:
+    def run(self, command: str, *, timeout: float | None = None, check: bool = True,
+            stdin: str | None = None) -> Result:
+        """Run ``command`` in the login shell; ``stdin`` (if given) is its whole input."""
         started = time.monotonic()
-        stdout, stderr, code = self._run(command, timeout or self.command_timeout)
+        stdout, stderr, code = self._run(command, timeout or self.command_timeout, stdin)
         result = Result(stdout, stderr, code, time.monotonic() - started)
         log.debug("%s: %r exited %s in %.2fs", self.name, command[:120], code, result.seconds)
         if check and code != 0:
@@ -105,9 +113,11 @@ class Target:
         """Run ``source`` with the target's Python in one round trip; return its ``result``."""
         blob = base64.b64encode(zlib.compress(json.dumps(
             {"source": source, "payload": payload}).encode(), 9)).decode()
-        script = _BOOTSTRAP.format(blob=blob, begin=BEGIN, end=END)
+        script = _BOOTSTRAP.format(mark=PAYLOAD_MARK, skip=len(PAYLOAD_MARK), begin=BEGIN,
+                                   end=END)
         command = f"{shell_path(self.python)} -c {shlex.quote(script)}"
-        result = self.run(command, timeout=timeout, check=False)
+        result = self.run(command, timeout=timeout, check=False,
+                          stdin=f"{PAYLOAD_MARK}{blob}\n")
         if result.exited == 127 or "No such file" in result.stderr and result.exited != 0:
             raise RemoteCommandError(
                 f"'{self.python}' was not found on {self.name}; set remote_python (or "
@@ -181,7 +191,7 @@ class Target:
         self.close()
 
     # -- to implement ---------------------------------------------------------
-    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+    def _run(self, command: str, timeout: float, stdin: str | None) -> tuple[str, str, int]:
         raise NotImplementedError
 
     def _put(self, local: Path, remote: str) -> None:
@@ -217,10 +227,11 @@ class LocalTarget(Target):
 
     kind = "local"
 
-    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+    def _run(self, command: str, timeout: float, stdin: str | None) -> tuple[str, str, int]:
+        feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
         try:
             proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                                  timeout=timeout, stdin=subprocess.DEVNULL)
+                                  timeout=timeout, **feed)
         except subprocess.TimeoutExpired:
             raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
                                      "raise ssh.command_timeout if it needs longer.") from None
@@ -315,12 +326,14 @@ class SSHTarget(Target):
         return open_connection(self._factory, self.name, self.retries, self.backoff,
                                self.keepalive)
 
-    def _run(self, command: str, timeout: float) -> tuple[str, str, int]:
+    def _run(self, command: str, timeout: float, stdin: str | None) -> tuple[str, str, int]:
         from invoke.exceptions import CommandTimedOut
 
         import paramiko
 
         conn = self.connection
+        if stdin is not None:  # invoke feeds in_stream one byte per 10 ms: use the channel
+            return self._run_channel(conn, command, timeout, stdin.encode())
         try:
             res = conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
         except CommandTimedOut:
@@ -334,6 +347,43 @@ class SSHTarget(Target):
             if lost_reason(conn):
                 raise self._lost(conn)
         return res.stdout, res.stderr, res.exited
+
+    def _run_channel(self, conn, command: str, timeout: float,
+                     data: bytes) -> tuple[str, str, int]:
+        import paramiko
+
+        try:
+            chan = conn.transport.open_session(timeout=timeout)
+            chan.exec_command(command)
+        except (socket.error, EOFError, paramiko.SSHException) as exc:
+            raise self._lost(conn, str(exc)) from None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [threading.Thread(target=_drain, args=(read, sink), daemon=True)
+                   for read, sink in ((chan.recv, out), (chan.recv_stderr, err))]
+        for reader in readers:
+            reader.start()
+        try:
+            chan.sendall(data)
+            chan.shutdown_write()
+        except (socket.error, EOFError):
+            pass  # the command ended without reading its input; its output says why
+        deadline = time.monotonic() + timeout
+        for reader in readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        if any(r.is_alive() for r in readers):
+            chan.close()
+            raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
+                                     "raise ssh.command_timeout if it needs longer.")
+        code = chan.recv_exit_status()
+        if code == -1:
+            from remoteops.ssh import lost_reason
+
+            if lost_reason(conn):
+                raise self._lost(conn)
+        chan.close()
+        return (b"".join(out).decode("utf-8", "replace"),
+                b"".join(err).decode("utf-8", "replace"), code)
 
     @property
     def sftp(self):
@@ -421,6 +471,14 @@ class SSHTarget(Target):
 
     def describe(self) -> str:
         return self.name
+
+
+def _drain(read, sink: list[bytes]) -> None:
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            return
+        sink.append(chunk)
 
 
 def open_target(settings: Settings, host: str | None = None, trust_host: bool = False) -> Target:
