@@ -10,7 +10,6 @@ name them, as dpkg does: after a power cut recovery finds what it recorded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -18,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from remoteops.paths import temp_name
+from remoteops.paths import link_digest, temp_name  # noqa: F401 - link_digest re-exported
 
 LINK_MODE = 0o777  # what lstat reports for a link on Linux, and what a link entry records
 
@@ -31,11 +30,6 @@ class Put:
     mode: int
     link: str | None = None
     move: bool = False  # ``source`` is a verified staging copy: rename it into place
-
-
-def link_digest(target: str) -> str:
-    """What stands for a link's content in manifests and backups."""
-    return hashlib.sha256(b"symlink\0" + os.fsencode(target)).hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 from remoteops import __version__
 from remoteops.config import Settings
+from remoteops.paths import link_digest, link_entry
 from remoteops.secret_rules import SECRET_FILE_PATTERNS, looks_like_private_key
 from remoteops.bundle_tar import (CHUNK, FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
                                   iter_members, write_tar)  # re-exported for the deploy path
@@ -46,6 +47,16 @@ class FileEntry:
     size: int
     mode: int
     sha256: str
+    link: str | None = None  # a link's target (then sha256 is paths.link_digest of it)
+
+
+def _entry_dict(entry: FileEntry) -> dict:
+    """An entry as stored and hashed; ``link`` only on links, so ids of trees without
+    links are what they were before links were kept."""
+    data = asdict(entry)
+    if data["link"] is None:
+        del data["link"]
+    return data
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["files"] = [_entry_dict(f) for f in self.files]
         return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -88,7 +100,7 @@ class Manifest:
 
 
 def content_id(files: Iterable[FileEntry], toolkit_wheel: dict, plugins: list[str]) -> str:
-    body = json.dumps({"format": FORMAT, "files": [asdict(f) for f in files],
+    body = json.dumps({"format": FORMAT, "files": [_entry_dict(f) for f in files],
                        "toolkit": toolkit_wheel, "plugins": sorted(plugins)}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -234,6 +246,9 @@ def select(project: Path, include: list[str], exclude: list[str],
                 excluded.setdefault(rule, []).append(_shown(f"{rel_dir}{d}/"))
             elif not _is_utf8(d):
                 raise _name_error(Path(folder) / d)
+            elif os.path.islink(os.path.join(folder, d)):
+                link_entry(root, Path(folder) / d)  # a link to a folder: kept as a link
+                chosen.append(Path(folder) / d)
             else:
                 kept.append(d)
         dirs[:] = kept
@@ -254,9 +269,7 @@ def select(project: Path, include: list[str], exclude: list[str],
                     continue
                 shipped_secrets.append(rel)
             if path.is_symlink():
-                target = path.resolve()
-                if not target.is_file() or root not in target.parents:
-                    continue  # links leaving the project are not shipped
+                link_entry(root, path)  # kept as a link; one leaving the project is refused
             elif not path.is_file():
                 continue
             chosen.append(path)
@@ -352,8 +365,13 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     entries = []
     cache = HashCache(out / ".hashes.json")
     for path in paths:
-        st = path.stat()
         rel = path.relative_to(project).as_posix()
+        if path.is_symlink():  # kept as a link (select refused any leaving the project)
+            target = link_entry(project, path)
+            entries.append(FileEntry(rel, len(os.fsencode(target)), 0o777, link_digest(target),
+                                     link=target))
+            continue
+        st = path.stat()
         entries.append(FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode) | 0o600,
                                  cache.sha256(rel, path, st)))
     cache.save()
@@ -380,7 +398,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     if on_manifest is not None:
         on_manifest(manifest)
     tar_path = out / f"{name}-v{version}.tar.zst"
-    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256) for e in entries]
+    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256) for e in entries
+               if e.link is None]  # a link travels in the manifest alone
     members.append((f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"]))
     earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
     write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier)
@@ -413,7 +432,7 @@ def verify_bundle(tar_path: Path, manifest: Manifest | None = None) -> Manifest:
     if content_id(manifest.files, manifest.toolkit_wheel, manifest.plugins) != manifest.content_id:
         raise BundleError(f"the manifest of {tar_path.name} was altered (content id does not "
                           "match); rebuild the bundle.")
-    expected = {f"files/{f.path}": f.sha256 for f in manifest.files}
+    expected = {f"files/{f.path}": f.sha256 for f in manifest.files if f.link is None}
     expected[f"toolkit/{manifest.toolkit_wheel['name']}"] = manifest.toolkit_wheel["sha256"]
     for member, fh in iter_members(tar_path):
         if fh is None:
@@ -457,8 +476,9 @@ def _project_sources(manifest: Manifest, names: list[str], source_dir: Path,
     """The named files read from the project folder, when each still matches the manifest.
 
     In manifest (= bundle member) order. None when any does not (then read the bundle).
+    Links are left out: they travel in the manifest alone.
     """
-    wanted = set(names)
+    wanted = set(names) - {f.path for f in manifest.files if f.link is not None}
     out, total = [], 0
     for entry in manifest.files:
         if entry.path not in wanted:
@@ -488,6 +508,9 @@ def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3,
 
     import zstandard
 
+    if manifest is not None:  # links travel in the manifest alone
+        links = {f.path for f in manifest.files if f.link is not None}
+        names = [n for n in names if n not in links]
     wanted = {f"files/{n}" for n in names}
     if out.is_file():
         return out  # the name carries the content: same name, same bytes

@@ -11,8 +11,10 @@ did not create: link targets are checked too (see ``safe_link_target``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+from pathlib import Path
 
 from remoteops.errors import RemoteOpsError
 
@@ -132,6 +134,24 @@ def check_tree(entries: list[tuple[str, str | None]], where: str,
 
 def temp_name(dest_name: str) -> str:
     """A short temp name beside ``dest_name``: never over NAME_MAX, however long the name."""
-    import hashlib
-
     return f".remoteops-tmp-{hashlib.sha256(os.fsencode(dest_name)).hexdigest()[:16]}"
+
+
+def link_digest(target: str) -> str:
+    """What stands for a link's content in manifests and backups (never a file's sha256
+    by accident: a file would have to hold exactly these bytes)."""
+    return hashlib.sha256(b"symlink\0" + os.fsencode(target)).hexdigest()
+
+
+def link_entry(root: Path, path: Path) -> str:
+    """The normalised target of the link ``path`` in the project ``root``, refused in one
+    line when it is absolute or leaves the project (bundles keep links, never copies)."""
+    rel = path.relative_to(root).as_posix()
+    target = os.readlink(path)
+    try:
+        return safe_link_target(rel, target, "the project",
+                                f"bundles keep only relative links inside the project; "
+                                f"exclude {rel} (bundle.exclude) or replace it by a copy")
+    except UnsafePath as exc:
+        raise UnsafePath(str(exc).replace("the project holds an unsafe path",
+                                          f"{rel} is a link to")) from None

@@ -323,3 +323,63 @@ def test_same_size_edit_with_preserved_mtime_is_restored_by_the_next_deploy(tmp_
     assert plan["changed"] == ["conf.txt"]
     result = project.apply(m1, d1, "test")
     assert not result["noop"] and target.read_bytes() == b"alpha=1\n"
+
+
+# -- 10. links inside the project stay links ---------------------------------------------------
+
+def test_links_inside_the_project_stay_links_through_deploy_and_rollback(
+        deploy, project, server_root):  # noqa: F811
+    (project / "code" / "latest.py").symlink_to("train.py")
+    (project / "data_link").symlink_to("data")  # a link to a folder
+    (project / "code" / "style.jsonl").symlink_to("../data/style.jsonl")
+    res = deploy("deploy-bundle", "--yes")
+    links = {"code/latest.py": "train.py", "data_link": "data",
+             "code/style.jsonl": "../data/style.jsonl"}
+    for rel, target in links.items():
+        assert (server_root / rel).is_symlink() and os.readlink(server_root / rel) == target
+    manifest = json.loads(next((project / "bundles").glob("*-v1.manifest.json")).read_text())
+    assert {f["path"]: f["link"] for f in manifest["files"] if "link" in f} == links
+    assert (server_root / "data_link" / "style.jsonl").read_text().startswith('{"instruction"')
+
+    (project / "code" / "latest.py").unlink()
+    (project / "code" / "latest.py").symlink_to("util.py")  # a link's target changes
+    (project / "run.sh").unlink()
+    (project / "run.sh").symlink_to("code/train.py")  # a file becomes a link
+    res = deploy("deploy-bundle", "--yes", "--json")
+    assert json.loads(res.stdout)["plan"]["changed"] == ["code/latest.py", "run.sh"]
+    assert os.readlink(server_root / "code" / "latest.py") == "util.py"
+    assert os.readlink(server_root / "run.sh") == "code/train.py"
+    rows = json.loads(deploy("backups", "--json").stdout)
+    deploy("rollback", rows[-1]["name"], "--yes")
+    assert os.readlink(server_root / "code" / "latest.py") == "train.py"
+    assert not (server_root / "run.sh").is_symlink()
+    assert (server_root / "run.sh").read_text() == "#!/bin/sh\necho run\n"
+
+
+@pytest.mark.parametrize("target", ["/etc/hostname", "../../outside.txt"])
+def test_links_leaving_the_project_are_refused_in_one_line(deploy, project, server_root,
+                                                           target):  # noqa: F811
+    (project / "code" / "escape").symlink_to(target)
+    res = deploy("deploy-bundle", "--yes", expect=2)
+    assert f"code/escape is a link to '{target}'" in res.stderr and "bundle.exclude" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not server_root.exists() or tree(server_root) == {}
+
+
+def test_link_entries_change_type_and_hostile_link_targets_are_refused(tmp_path, root):
+    project = Project(root)
+    v1 = {"a.txt": b"a\n", "l": ("link", "a.txt"), "dir/x": b"x\n"}
+    v2 = {"a.txt": b"a\n", "l": b"l is a file now\n", "dir": ("link", "a.txt")}
+    m1, d1, _ = make_bundle(tmp_path, 1, v1)
+    m2, d2, _ = make_bundle(tmp_path, 2, v2)
+    project.apply(m1, d1, "test")
+    assert tree(root) == v1
+    applied = project.apply(m2, d2, "test")
+    assert tree(root) == v2
+    project.rollback(applied["backup_name"], "test")
+    assert tree(root) == v1
+    for evil in ("../../../etc", "/etc", "../.remoteops"):
+        m3, d3, p3 = make_bundle(tmp_path, 3, {"sub/l": ("link", evil)})
+        res = agent("deploy-apply", "--root", str(root), "--manifest", str(p3), "--delta", str(d3))
+        assert res.returncode != 0 and "unsafe path" in res.stderr and "Traceback" not in res.stderr
+        assert tree(root) == v1
