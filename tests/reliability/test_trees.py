@@ -161,6 +161,20 @@ def test_a_folder_holding_unmanaged_files_is_refused_before_anything_changes(tmp
     assert tree(root) == before and not (root / ".remoteops" / "journal.json").exists()
 
 
+def test_recovery_is_never_stuck_on_files_written_into_a_half_made_folder(tmp_path, root):
+    project = Project(root)
+    m1, d1, _ = make_bundle(tmp_path, 1, V1_TYPES)
+    m2, d2, p2 = make_bundle(tmp_path, 2, V2_TYPES)
+    project.apply(m1, d1, "test")
+    killed_apply(root, p2, d2, 2)  # a is a folder now, the journal says undo
+    (root / "a" / "notes.txt").write_text("written by hand meanwhile\n")
+    result = project.recover()
+    assert tree(root) == V1_TYPES  # a is the file again
+    [moved] = result["displaced"]
+    assert (Path(moved) / "notes.txt").read_text() == "written by hand meanwhile\n"
+    assert ".remoteops/displaced/" in moved
+
+
 # -- 2. file names of 242 to 255 bytes ---------------------------------------------------------
 
 LONG = "n" * 255
