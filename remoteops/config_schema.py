@@ -128,7 +128,7 @@ HOST_TYPES: dict[str, type] = {"host": str, "hostname": str, "port": int, "user"
 STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, "command": str,
                                 "kind": str, "description": str, "train": dict, "health": dict,
                                 "eval": dict, "targets": dict, "retries": int,
-                                "depends_on": list}
+                                "depends_on": list, "outputs": list, "loss_pattern": str}
 
 
 def _type_name(kind: type) -> str:
@@ -193,6 +193,11 @@ def validate(values: dict, defaults: dict, locate: Locate) -> None:
         _check_host(name, entry, locate)
     for name, entry in values["stages"].items():
         _check_stage(name, entry, values, defaults, locate)
+    for name, entry in values["plugins"].items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{locate(f'plugins.{name}')}: 'plugins.{name}' is {entry!r}; it "
+                              f"must be a table, e.g. [plugins.{name}] enabled = true. Fix it "
+                              "there.")
 
 
 def _check_loss_pattern(pattern: Any, dotted: str, locate: Locate) -> None:

@@ -57,6 +57,7 @@ CASES = [
      "stages.style.train.batch", 4, "batch_size"),
     ('[stages.style]\ndataset = "d"\n[stages.style.targets]\ncoverage = 2\n',
      "stages.style.targets.coverage", 4, "<= 1"),
+    ('[plugins]\nquant_gguf = true\n', "plugins.quant_gguf", 2, "must be a table"),
 ]
 
 
