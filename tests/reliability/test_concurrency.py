@@ -113,10 +113,10 @@ def test_pipeline_start_undoes_a_deploy_killed_half_way(local, project, server_r
 
 
 RACER = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 from remoteops.locks import FileLock, LockedError
-path, go = Path(sys.argv[1]), float(sys.argv[2])
+path, go, done = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
 while time.time() < go:
     time.sleep(0.001)
 lock = FileLock(path, "racer")
@@ -124,10 +124,14 @@ try:
     lock.acquire()
 except LockedError:
     print("lost")
+    (done / str(os.getpid())).touch()
     sys.exit(0)
 print("won", lock.broken and lock.broken["holder"])
 sys.stdout.flush()
-time.sleep(2)  # hold it while the others try
+(done / str(os.getpid())).touch()
+deadline = time.time() + 60
+while len(list(done.iterdir())) < 8 and time.time() < deadline:
+    time.sleep(0.01)  # hold it until every other racer has tried
 lock.release()
 """
 
@@ -144,7 +148,9 @@ def test_eight_processes_racing_for_a_dead_holders_lock_exactly_one_wins(tmp_pat
         held["flock"] = True
     path.write_text(json.dumps(held))
     go = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(path), str(go)],
+    done = tmp_path / "done"
+    done.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(path), str(go), str(done)],
                               stdout=subprocess.PIPE, text=True) for _ in range(8)]
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(o.split()[0] for o in outs) == ["lost"] * 7 + ["won"], outs
