@@ -287,6 +287,7 @@ class Project:
             pruned = self.prune(keep)
             return {**result, "recovered": recovered, "pruned": pruned,
                     "broken_lock": lock.broken, "free_bytes": self._free()}
+
     def _base_check(self, expect_base: str, expect_agent: str | None) -> str | None:
         """Why this root is not the base the laptop planned from (None: it is)."""
         if expect_agent and expect_agent != __version__:

@@ -27,7 +27,6 @@ from remoteops.errors import RemoteOpsError
 from tests.test_deploy import deploy, server_root  # noqa: F401 - fixtures: a deploy over sshd
 
 WHEEL = {"name": "remoteops-0-py3-none-any.whl", "sha256": "0" * 64, "size": 0}
-Link = tuple  # ("link", target) in a spec: a link entry
 
 
 def make_bundle(folder: Path, version: int, files: dict) -> tuple[Manifest, Path, Path]:
@@ -47,8 +46,8 @@ def make_bundle(folder: Path, version: int, files: dict) -> tuple[Manifest, Path
         entry = FileEntry(rel, len(data), 0o644, hashlib.sha256(data).hexdigest())
         entries.append(entry)
         members.append((f"files/{rel}", path, 0o644, entry.sha256))
-    manifest = Manifest(project="p", version=version,
-                        content_id=content_id(entries, WHEEL, []), created_at="2026-01-01T00:00:00Z",
+    manifest = Manifest(project="p", version=version, content_id=content_id(entries, WHEEL, []),
+                        created_at="2026-01-01T00:00:00Z",
                         source_commit=None, source_dirty=None, toolkit_version=__version__,
                         toolkit_wheel=WHEEL, plugins=[], files=entries)
     delta = folder / f"v{version}.tar.zst"
