@@ -106,6 +106,8 @@ def follow(open_target: Callable[[], Target], target: Target, run_id: str,
             data = status(target, run_id)
             failures = 0
         except (ConnectError, RemoteCommandError, OSError, EOFError) as exc:
+            if " is damaged: " in str(exc):
+                raise  # the run's state.json is unreadable: reconnecting will not mend it
             failures += 1
             delay = min(30.0, 2.0 ** min(failures, 5))
             show(None, f"connection lost ({exc}); reconnecting in {delay:.0f}s "
