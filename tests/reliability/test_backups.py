@@ -12,6 +12,7 @@ import pytest
 
 from remoteops.apply import Project
 from remoteops.errors import RemoteOpsError
+from remoteops.targets import parse_marked
 from tests.reliability.test_trees import agent, make_bundle, tree
 
 V1 = {"a.txt": b"a1\n", "keep.txt": b"k\n"}
@@ -130,8 +131,8 @@ def test_a_rollback_in_the_same_second_as_its_deploy_is_the_current_backup(tmp_p
     assert rows[-1]["name"] == undo["backup_name"] and rows[-1]["current"]
     assert rows[-1]["kind"] == "rollback"
     res = agent("backups", "--root", str(root))
-    assert [r["name"] for r in json.loads(res.stdout.split("\n", 2)[2].rsplit("\n", 2)[0])
-            ["backups"] if r["current"]] == [undo["backup_name"]]
+    listed = parse_marked(res.stdout)["backups"]  # what 'invoke backups' shows
+    assert [r["name"] for r in listed if r["current"]] == [undo["backup_name"]]
     assert project.prune(1) and [r["name"] for r in project.list_backups()] == [undo["backup_name"]]
 
 
