@@ -80,6 +80,26 @@ SECRET_FILE_PATTERNS = [
     ".env", ".env.*", "!.env.example", "!.env.sample", "!.env.template", "!.env.dist",
 ]
 
+def _quick_filter() -> "re.Pattern[str]":
+    """One regex that every secret path matches (the full gitignore check runs only on
+    those): a secret file's own name, or a secret folder among its parents."""
+    import fnmatch
+
+    names, folders = [], []
+    for pattern in SECRET_FILE_PATTERNS:
+        if pattern.startswith("!"):
+            continue
+        if pattern.endswith("/"):
+            folders.append(re.escape(pattern.rstrip("/")))
+        else:
+            names.append(fnmatch.translate(pattern.rsplit("/", 1)[-1]).replace(r"\Z", "$"))
+    by_name = "|".join(f"(?:{n})" for n in names)
+    by_folder = "|".join(folders)
+    return re.compile(rf"(?:^|/)(?:{by_folder})/|(?:^|/)(?:{by_name.replace('(?s:', '(?:')})")
+
+
+SECRET_CANDIDATE = _quick_filter()
+
 # Files named id_* are keys when they hold one (id_mapping.json does not).
 _KEY_HEADER = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
@@ -97,5 +117,5 @@ def looks_like_private_key(path: Path) -> bool:
     return bool(_KEY_HEADER.search(head))
 
 
-__all__ = ["SECRET_FILE_PATTERNS", "LOGIN_PASSWORD_KEYS", "is_secret_key", "is_login_password",
+__all__ = ["SECRET_FILE_PATTERNS", "SECRET_CANDIDATE", "LOGIN_PASSWORD_KEYS", "is_secret_key", "is_login_password",
            "looks_like_private_key"]
