@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 from remoteops import __version__
 from remoteops.config import Settings
 from remoteops.paths import link_digest, link_entry
-from remoteops.secret_rules import SECRET_FILE_PATTERNS, looks_like_private_key
+from remoteops.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
+                                    looks_like_private_key)
 from remoteops.bundle_tar import (CHUNK, FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
                                   iter_members, write_tar)  # re-exported for the deploy path
 
@@ -263,7 +264,8 @@ def select(project: Path, include: list[str], exclude: list[str],
                 continue
             if not _is_utf8(name):
                 raise _name_error(path)
-            if secret.match_file(rel) or looks_like_private_key(path):
+            if (SECRET_CANDIDATE.search(rel) and secret.match_file(rel)) or \
+                    looks_like_private_key(path):
                 if allowed is None or not allowed.match_file(rel):
                     secrets.append(rel)
                     continue
