@@ -109,24 +109,28 @@ def fetch_file(target: Target, remote: str, base: Path, parts: list[str], size: 
         if have > size:
             part.discard()
             have = 0
-        got, more = 0, b""
+        got = 0
         try:
-            with target.open_read(remote, have) as src, part.open_append() as dst:
+            src = target.open_read(remote, have)
+        except FileNotFoundError:
+            return "gone", 0
+        except (socket.error, EOFError, paramiko.SSHException) as exc:
+            raise _broken(target, remote, exc) from None
+        try:
+            with src, part.open_append() as dst:
                 while got < size - have:
-                    chunk = src.read(min(CHUNK, size - have - got))
+                    chunk = _read(target, remote, src, min(CHUNK, size - have - got))
                     if not chunk:
                         break
                     dst.write(chunk)
                     got += len(chunk)
                     if progress:
                         progress(len(chunk))
-                more = src.read(1)
-        except FileNotFoundError:
-            return "gone", got
-        except (socket.error, EOFError, paramiko.SSHException) as exc:
-            raise ConnectError(f"the connection to {target.name} broke while collecting "
-                               f"{remote} ({exc}); run 'invoke collect' again: it resumes.") \
-                from None
+                more = _read(target, remote, src, 1)
+        except OSError as exc:  # this machine's side: the server's errors are _read's
+            raise RemoteOpsError(f"could not write {part.rel} here ({exc.strerror or exc}); "
+                                 "free some space or fix the folder's permissions, then run "
+                                 "'invoke collect' again: it resumes.") from None
         if have + got < size:
             part.discard()  # shorter than listed: rewritten since
             return "changed", got
@@ -137,6 +141,22 @@ def fetch_file(target: Target, remote: str, base: Path, parts: list[str], size: 
             return "growing", got  # the part is a verified prefix: a retry resumes after it
         part.commit()
     return "ok", got
+
+
+def _broken(target: Target, remote: str, exc: BaseException) -> ConnectError:
+    return ConnectError(f"the connection to {target.name} broke while collecting {remote} "
+                        f"({exc}); run 'invoke collect' again: it resumes.")
+
+
+def _read(target: Target, remote: str, src, n: int) -> bytes:
+    """Read from the server; only the server's side becomes a connection error (a full local
+    disk stays an OSError of its own)."""
+    import paramiko
+
+    try:
+        return src.read(n)
+    except (socket.error, EOFError, paramiko.SSHException) as exc:
+        raise _broken(target, remote, exc) from None
 
 
 def _listing(target: Target, run_id: str | None, with_checkpoints: bool) -> tuple[dict, float]:
@@ -162,7 +182,8 @@ def _validated(listing: dict, project_dir: Path) -> list[tuple[dict, list[str]]]
     for item in listing["files"]:
         path = item.get("path") if isinstance(item, dict) else item
         parts = safe_write.check(project_dir, path)
-        if not isinstance(item, dict) or not isinstance(item.get("size"), int) or item["size"] < 0 or not isinstance(
+        size = item.get("size") if isinstance(item, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(
                 item.get("sha256"), str) or not isinstance(item.get("mtime"), (int, float)):
             raise RemoteOpsError(f"the server's entry for {path!r} is malformed; nothing was "
                                  "collected. Check the server's agent.")
