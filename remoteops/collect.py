@@ -175,13 +175,27 @@ def _listing(target: Target, run_id: str | None, with_checkpoints: bool) -> tupl
     return listing, offset
 
 
-def _validated(listing: dict, project_dir: Path) -> list[tuple[dict, list[str]]]:
+def write_areas(settings) -> list[str]:
+    """Where collect may write: ``outputs/`` and the outputs that the command stages of the
+    laptop's own config declare (the server's word does not widen this)."""
+    from remoteops.pipeline import stage_kind, stage_outputs
+
+    areas = [safe_write.AREA]
+    for name, table in (settings["stages"] or {}).items():
+        if isinstance(table, dict) and stage_kind(name, table) == "command":
+            areas += [p for p in stage_outputs(name, table)
+                      if p not in (".", "") and p.split("/")[0] not in (".remoteops", ".git")]
+    return areas
+
+
+def _validated(listing: dict, project_dir: Path,
+               areas: list[str] | None) -> list[tuple[dict, list[str]]]:
     """Every listed file with its checked local path; refuses the whole listing on one bad
     entry, before anything is written."""
     out = []
     for item in listing["files"]:
         path = item.get("path") if isinstance(item, dict) else item
-        parts = safe_write.check(project_dir, path)
+        parts = safe_write.check(project_dir, path, areas or [safe_write.AREA])
         size = item.get("size") if isinstance(item, dict) else None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(
                 item.get("sha256"), str) or not isinstance(item.get("mtime"), (int, float)):
@@ -193,7 +207,7 @@ def _validated(listing: dict, project_dir: Path) -> list[tuple[dict, list[str]]]
 
 def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
                 since: Since | float | None = None, with_checkpoints: bool = False,
-                progress_factory=None) -> Collected:
+                progress_factory=None, areas: list[str] | None = None) -> Collected:
     """Fetch what differs (by sha256) from the server's run directory and stage outputs."""
     started = time.monotonic()
     listing, offset = _listing(target, run_id, with_checkpoints)
@@ -203,7 +217,7 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
         result.in_place = True
         result.unchanged = len(listing["files"])
         return result
-    entries = _validated(listing, project_dir)
+    entries = _validated(listing, project_dir, areas)
     if isinstance(since, (int, float)):
         since = Since(at=float(since))  # an epoch on the laptop's clock (older callers)
     cutoff = since.cutoff(float(listing.get("now") or time.time()), offset) if since else None
@@ -237,7 +251,7 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
                 break
             time.sleep(RETRY_DELAY * (attempt + 1))
             fresh, _ = _listing(target, result.run_id, with_checkpoints)
-            todo = [(i, p) for i, p in _validated(fresh, project_dir) if i["path"] in again]
+            todo = [(i, p) for i, p in _validated(fresh, project_dir, areas) if i["path"] in again]
             listed = {i["path"] for i, _ in todo}
             result.skipped += [{"path": p, "reason": GONE} for p in again if p not in listed]
     result.seconds = time.monotonic() - started
@@ -253,4 +267,5 @@ class _null:
 
 
 __all__ = ["Collected", "Since", "parse_since", "collect_run", "fetch_file", "in_place",
+           "write_areas",
            "STILL_WRITING"]

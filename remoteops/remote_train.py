@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from remoteops.collect import collect_run, in_place
+from remoteops.collect import collect_run, in_place, write_areas
 from remoteops.config import Settings
 from remoteops.errors import ConnectError, RemoteCommandError, RemoteOpsError
 from remoteops.pipeline import plan_stages
@@ -137,15 +137,16 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
                        progress_factory=None, since: float | None = None) -> dict:
     """Fetch results, mark collect done on the server (which rewrites its reports), and fetch
     the rewritten reports, so the laptop's copy equals the server's."""
+    areas = write_areas(settings)  # the laptop's own config says where collect may write
     result = collect_run(target, settings.project_dir, run_id, since=since,
-                         progress_factory=progress_factory)
+                         progress_factory=progress_factory, areas=areas)
     run_id = result.run_id
     state = status(target, run_id, lines=0)
     collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
     if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
             "failed", "running", "dead", "cancelled"):
         mark_collected(target, run_id, True)
-        result.merge(collect_run(target, settings.project_dir, run_id))
+        result.merge(collect_run(target, settings.project_dir, run_id, areas=areas))
         state = status(target, run_id, lines=0)
     summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
     closure = summary.with_name("final_closure_report.md")

@@ -1,7 +1,8 @@
 """Files the server names, written on the laptop and confined to one folder of the project.
 
 The names come from the server, so they are hostile until checked: each must be a
-plain relative POSIX path under ``outputs/`` with no empty, ``.`` or ``..`` part.
+plain relative POSIX path under ``outputs/`` (or a stage output that the laptop's own
+config declares) with no empty, ``.`` or ``..`` part.
 No folder on the way and no destination may be a symbolic link: every component
 is opened relative to its parent with ``O_NOFOLLOW`` (no check-then-use race), a
 file is written to a temporary name in that real folder and renamed into place,
@@ -16,7 +17,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from remoteops.errors import RemoteOpsError
 
@@ -30,13 +31,15 @@ class UnsafePath(RemoteOpsError):
 
 
 def _refuse(rel: object, why: str) -> UnsafePath:
-    return UnsafePath(f"collect refused the server's path {rel!r}: {why}; nothing was written "
-                      f"outside {AREA}/ (collect writes only there). Check the server, or "
-                      f"declare stage outputs under {AREA}/.")
+    return UnsafePath(f"collect refused the server's path {rel!r}: {why}; nothing was "
+                      f"collected (collect writes only under {AREA}/ and the outputs that the "
+                      "stages in your remoteops.toml declare). Check the server, or declare "
+                      "that output in the stage's outputs = [...].")
 
 
-def safe_parts(rel: object) -> list[str]:
-    """The path's components, if it is a normalised relative path under ``outputs/``."""
+def safe_parts(rel: object, areas: Sequence[str] = (AREA,)) -> list[str]:
+    """The path's components, if it is a normalised relative path under ``outputs/``, or
+    equal to or under one of the other ``areas`` (the stages' declared outputs)."""
     if not isinstance(rel, str) or not rel:
         raise _refuse(rel, "not a path")
     if "\0" in rel or "\\" in rel:
@@ -46,9 +49,11 @@ def safe_parts(rel: object) -> list[str]:
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise _refuse(rel, "'..', '.' or an empty part in the path")
-    if parts[0] != AREA or len(parts) < 2:
-        raise _refuse(rel, f"outside {AREA}/")
-    return parts
+    for area in areas:
+        own = area.split("/")
+        if parts[:len(own)] == own and (len(parts) > len(own) or area != AREA):
+            return parts
+    raise _refuse(rel, f"outside {AREA}/ and the stages' declared outputs")
 
 
 def _open_dir(fd: int, name: str, rel: str, create: bool) -> int | None:
@@ -97,9 +102,9 @@ def _check_dest(fd: int, name: str, rel: str) -> os.stat_result | None:
     return st
 
 
-def check(base: Path, rel: str) -> list[str]:
+def check(base: Path, rel: str, areas: Sequence[str] = (AREA,)) -> list[str]:
     """Validate a path and what exists of it locally, writing nothing."""
-    parts = safe_parts(rel)
+    parts = safe_parts(rel, areas)
     with folder(base, parts, create=False) as fd:
         if fd is not None:
             _check_dest(fd, parts[-1], rel)

@@ -123,6 +123,8 @@ def test_hostile_listing_is_refused_and_nothing_outside_outputs_is_touched(
         (str(bashrc), Path(str(server.root) + "/" + str(bashrc))),
         (f"outputs/training_sync/{run_id}/../../../../home/.bashrc",
          server.root.parent / "home" / ".bashrc"),
+        # inside the project but neither under outputs/ nor a declared output
+        ("mine.sh", server.root / "mine.sh"),
         # a link planted on the laptop must not carry the write out of outputs/
         ("outputs/adapter/.bashrc", server.root / "outputs" / "adapter" / ".bashrc"),
     ]
@@ -142,6 +144,7 @@ def test_hostile_listing_is_refused_and_nothing_outside_outputs_is_touched(
             f"error: collect refused the server's path {listed!r}"), res.stderr
         assert "Traceback" not in res.stderr
         assert bashrc.read_bytes() == before, listed
+        assert (project / "mine.sh").read_text() == "echo trained\n"
         assert tree(home) == [".bashrc", ".ssh", ".ssh/config"]
         # the whole listing is refused: not even the legitimate files were written
         assert tree(project / "outputs") == ["adapter"], listed
@@ -249,16 +252,18 @@ def test_since_parsing_and_cutoffs():
 
 def test_a_command_stage_declared_output_is_collected_and_an_escaping_one_is_reported(
         cli, project, home, tmp_path, sshd_server):
-    script = ("mkdir -p outputs/custom && printf 'weights' > outputs/custom/model.bin\n"
-              "echo outside > ../escaped.bin\n")
+    script = ("mkdir -p outputs/custom models && printf 'weights' > outputs/custom/model.bin\n"
+              "printf 'final' > models/final.bin\necho outside > ../escaped.bin\n")
     server = make_server(tmp_path, project, home, sshd_server, script,
-                         'outputs = ["outputs/custom"]')
+                         'outputs = ["outputs/custom", "models/final.bin"]')
     res = cli("remote-train", "--host", "box", "--yes", "--no-deploy", "--stages", "mine",
               "--json", env=server.env(), timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = json.loads(res.stdout[res.stdout.index("\n{") + 1:])["run_id"]
     assert "outputs/custom" in json.dumps(server.state(run_id)["stages"][0]["outputs"])
     assert (project / "outputs" / "custom" / "model.bin").read_bytes() == b"weights"
+    # outside outputs/ too, because the laptop's own config declares it
+    assert (project / "models" / "final.bin").read_bytes() == b"final"
     # the config refuses an escaping output; a tampered state.json that declares one anyway
     # gets it refused by the server's listing, reported, and never listed
     state_file = server.run_dir(run_id) / "state.json"
@@ -315,3 +320,19 @@ def test_fuzz_a_name_is_either_refused_or_stays_inside_outputs(name):
     joined = os.path.normpath(os.path.join(base, *parts))
     assert joined.startswith(str(base / "outputs") + os.sep)
     assert parts[0] == "outputs" and ".." not in parts and "" not in parts
+
+
+def test_declared_outputs_widen_the_write_area_exactly():
+    from remoteops.safe_write import UnsafePath, safe_parts
+
+    areas = ["outputs", "models/final.bin", "exports"]
+    assert safe_parts("models/final.bin", areas) == ["models", "final.bin"]
+    assert safe_parts("exports/a/b.bin", areas) == ["exports", "a", "b.bin"]
+    for bad in ("models/final.bin.evil", "models/other.bin", "outputs", "export/x",
+                "exports/../x", "tasks.py"):
+        try:
+            safe_parts(bad, areas)
+        except UnsafePath as exc:
+            assert repr(bad) in str(exc)
+        else:
+            raise AssertionError(bad)
