@@ -73,7 +73,7 @@ def is_secret_key(name: str) -> bool:
 SECRET_FILE_PATTERNS = [
     ".ssh/", ".gnupg/",
     "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk", "id_xmss",
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.keystore", "*.jks",
+    "*.pem", "*.key", "*.ppk", "*.p12", "*.pfx", "*.keystore", "*.jks",
     ".aws/credentials", ".netrc", "_netrc", ".envrc", ".git-credentials", ".pypirc",
     ".npmrc", "credentials.json", "service-account*.json", ".docker/config.json",
     ".kube/config", ".huggingface/token", ".cache/huggingface/token",
