@@ -30,7 +30,7 @@ from remoteops.errors import ConfigError
 SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 _MAX_INCLUDE_DEPTH = 16
 _MAX_HOPS = 16
-_UNSUPPORTED_MATCH = {"exec", "localnetwork", "final", "tagged", "address", "localaddress",
+_UNSUPPORTED_MATCH = {"exec", "localnetwork", "tagged", "address", "localaddress",
                       "localport", "rdomain", "sessiontype", "command", "version"}
 # Tokens each keyword accepts (ssh_config(5), TOKENS).
 _FILE_TOKENS = set("%CdhiklLnpru")
@@ -231,12 +231,17 @@ class _Reader:
     """One pass over the config files for one host, like ``read_config_file_depth``."""
 
     def __init__(self, host: str, local: LocalUser, opts: _Options):
-        self.host = host              # as given on the command line (Host lines see this)
+        self.host = host              # what Host lines see: the name given, then the HostName
+        self.original = host          # the name given (%h in HostName, Match originalhost)
         self.local = local
         self.opts = opts
+        self.final_pass = False       # Match canonical/final are true only in the final pass
+        self.want_final = False
 
     def read(self, path: str, user_conf: bool, active: bool, depth: int = 0,
-             check_perm: bool = False) -> bool:
+             check_perm: bool = False, never: bool = False) -> bool:
+        """Apply ``path``; ``never``: an Include in a block that does not apply, where
+        OpenSSH still evaluates each Match (for errors and ``final``) but applies nothing."""
         try:
             if check_perm:
                 self._check_perm(path)
@@ -254,13 +259,13 @@ class _Reader:
             if keyword == "host":
                 if not args:
                     raise _error(where, "Host needs at least one pattern")
-                active = _host_line_matches(self.host, args)
+                active = not never and _host_line_matches(self.host, args)
             elif keyword == "match":
-                active = self._match(args, where)
+                active = self._match(args, where, never) and not never
             elif keyword == "include":
                 if not args:
                     raise _error(where, "Include needs a file name")
-                self._include(args, user_conf, active, depth, where)
+                self._include(args, user_conf, active and not never, depth, where)
             elif active:
                 self._apply(keyword, args, where)
             elif keyword == "proxyjump" and args:
@@ -285,11 +290,9 @@ class _Reader:
                 arg = ("~/.ssh/" if user_conf else "/etc/ssh/") + arg
             pattern = expand_tilde(arg, self.local, where)
             for path in sorted(glob.glob(pattern)):
-                # An Include inside a block that does not apply reads nothing that applies.
-                if active:
-                    self.read(path, user_conf, True, depth + 1, check_perm=True)
+                self.read(path, user_conf, active, depth + 1, check_perm=True, never=not active)
 
-    def _match(self, args: list[str], where: str) -> bool:
+    def _match(self, args: list[str], where: str, never: bool = False) -> bool:
         if not args:
             raise _error(where, "Match needs criteria (e.g. 'Match host NAME' or 'Match all')")
         result, unsupported = True, None
@@ -304,11 +307,11 @@ class _Reader:
                 if not others <= {"canonical", "final"}:
                     raise _error(where, "'all' cannot be combined with other Match criteria")
                 criterion = True
-            elif attrib == "canonical":
-                criterion = False  # true only after canonicalization, which we never do
-            elif attrib == "final":
-                raise _error(where, "Match final is not supported by remoteops (it re-reads "
-                                    "the config after canonicalization); use Match host.")
+            elif attrib in ("canonical", "final"):
+                # ssh re-reads the config once more when any "final" was seen (Fedora's
+                # system config has "Match final all"); we never canonicalize the name itself
+                self.want_final |= attrib == "final" and not negate
+                criterion = self.final_pass
             elif attrib in ("host", "originalhost", "user", "localuser") or \
                     attrib in _UNSUPPORTED_MATCH:
                 if i >= len(args):
@@ -323,7 +326,7 @@ class _Reader:
                 raise _error(where, f"unsupported Match attribute {attrib!r}")
             if criterion == negate:
                 result = False
-        if result and unsupported:
+        if result and unsupported and not never:
             raise _error(where, f"Match {unsupported} is not supported by remoteops, and "
                                 f"ignoring it could connect somewhere else; use Match host / "
                                 f"user / originalhost, or a Host block.")
@@ -332,11 +335,10 @@ class _Reader:
     def _criterion(self, attrib: str, arg: str) -> bool:
         if attrib == "host":
             name = self.opts.get("hostname")
-            name = self.host if name is None else expand_tokens(
-                name, {"h": self.host}, set("%h"), "HostName", "ssh config")
+            name = self.host if name is None else _hostname(name, self.original)
             return match_pattern_list(name.lower(), arg, True) == 1
         if attrib == "originalhost":
-            return match_pattern_list(self.host.lower(), arg, True) == 1
+            return match_pattern_list(self.original.lower(), arg, True) == 1
         if attrib == "user":
             return match_pattern_list(self.opts.get("user") or self.local.name, arg, False) == 1
         return match_pattern_list(self.local.name, arg, False) == 1  # localuser
@@ -404,7 +406,20 @@ def _read_options(host: str, local: LocalUser, files: list[tuple[str, bool]],
     reader = _Reader(host, local, opts)
     for path, user_conf in files:
         reader.read(path, user_conf, True)
+    if reader.want_final:
+        # As ssh.c: the final pass matches Host lines against the resolved, lowercased
+        # HostName, which is fixed from now on; first values still win.
+        reader.host = opts["hostname"] = _hostname(opts.get("hostname"), host).lower()
+        reader.final_pass = True
+        for path, user_conf in files:
+            reader.read(path, user_conf, True)
     return opts
+
+
+def _hostname(value: str | None, host: str) -> str:
+    if value is None:
+        return host
+    return expand_tokens(value, {"h": host}, set("%h"), "HostName", "ssh config")
 
 
 def resolve(host: str, *, config_files: list[tuple[str, bool]] | None = None,
@@ -424,9 +439,7 @@ def resolve(host: str, *, config_files: list[tuple[str, bool]] | None = None,
                           "is there a loop in ~/.ssh/config?")
     opts = _read_options(host, local, config_files, user, port, jump)
     where = f"ssh config for {host!r}"
-    hostname = opts.get("hostname")
-    hostname = (expand_tokens(hostname, {"h": host}, set("%h"), "HostName", where)
-                if hostname is not None else host).lower()
+    hostname = _hostname(opts.get("hostname"), host).lower()
     port_n = int(opts.get("port") or 22)
     ruser = opts.get("user") or local.name
     lhost = socket.gethostname()

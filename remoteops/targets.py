@@ -387,10 +387,11 @@ class SSHTarget(Target):
 
     @property
     def sftp(self):
+        conn = self.connection  # reconnects (keepalive included) after a drop
         if self._sftp is None:
             from remoteops.ssh import open_sftp
 
-            self._sftp = open_sftp(self.connection, self.name)
+            self._sftp = open_sftp(conn, self.name)
         return self._sftp
 
     def remote_path(self, path: str) -> str:

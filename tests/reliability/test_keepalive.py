@@ -29,8 +29,10 @@ def _known(project, host: str, port: int, server) -> None:
         fh.write(f"[{host}]:{port} {kind} {blob}\n")
 
 
-def _silenced_run(target, proxy: CutProxy, after: float = 1.0) -> tuple[float, str]:
-    """Black-hole the proxy ``after`` seconds into ``sleep 60``; seconds until the error."""
+def _silenced_run(target, proxy: CutProxy, after: float = 1.0,
+                  call=lambda t: t.run("sleep 60")) -> tuple[float, str]:
+    """Black-hole the proxy ``after`` seconds into ``call`` (``sleep 60``); seconds until the
+    error."""
     holed = {}
 
     def hole() -> None:
@@ -40,7 +42,7 @@ def _silenced_run(target, proxy: CutProxy, after: float = 1.0) -> tuple[float, s
 
     threading.Thread(target=hole, daemon=True).start()
     with pytest.raises(ConnectError) as err:
-        target.run("sleep 60")
+        call(target)
     assert holed.get("n"), "the proxy carried no connection to black-hole"
     return time.monotonic() - holed["t"], str(err.value)
 
@@ -56,12 +58,18 @@ def test_silent_drop_is_detected_in_seconds_and_again_after_reconnect(home, proj
         settings = load_settings(project, env=ENV)
         with open_target(settings, "box") as target:
             assert target.run("echo up").stdout.strip() == "up"
+            target.write_bytes(str(project / "sftp.txt"), b"before")  # SFTP open too
             seconds, message = _silenced_run(target, proxy)
             assert seconds < 5, f"took {seconds:.1f}s"
             assert "connection lost" in message and "\n" not in message
             # the next call reconnects (a new flow the proxy forwards) with keepalive again
             assert target.run("echo again").stdout.strip() == "again"
+            assert target.read_bytes(str(project / "sftp.txt")) == b"before"
             seconds, message = _silenced_run(target, proxy)
+            assert seconds < 5 and "connection lost" in message
+            # run_python feeds stdin through its own channel: the same holds there
+            seconds, message = _silenced_run(
+                target, proxy, call=lambda t: t.run_python("import time\ntime.sleep(60)"))
             assert seconds < 5 and "connection lost" in message
     finally:
         proxy.close()

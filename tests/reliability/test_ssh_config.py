@@ -137,6 +137,16 @@ TABLE = {
                    "Match !canonical host box\n  HostName notcanon\nMatch localuser rotest*\n"
                    "  IdentityFile ~/.ssh/local\nMatch all\n  User everyone\n"},
         ["box", "other"]),
+    "match final: a second pass over the resolved HostName": (
+        {"config": "Host box\n  HostName Real.Example\nHost real.example\n  User second\n"
+                   "Match final host real.example\n  Port 8\nMatch canonical\n"
+                   "  IdentityFile ~/.ssh/canon\nMatch !final\n  IdentityFile ~/.ssh/first\n"
+                   "Match final all\n  Include final.d/*\n",
+         "final.d/a": "HostName ignored.example\nHost real.example\n  ProxyJump late\n"},
+        ["box", "real.example", "Other"]),
+    "match final inside an include that does not apply still asks for the final pass": (
+        {"config": "Host nomatch\n  Include never\nHost box\n  HostName h2\nHost h2\n  Port 9\n",
+         "never": "Match final\n  User never\n"}, ["box", "nomatch"]),
     "proxyjump chains in order, hop configs, none": (
         {"config": "Host t\n  ProxyJump j1,bob@j2:2200\nHost j1\n  HostName 10.1.1.1\n"
                    "  User ju\n  ProxyJump j0\nHost j2\n  HostName 10.2.2.2\n"
@@ -200,7 +210,7 @@ def test_tokens_expand_as_openssh_does(oracle, template):
     ("Match exec \"true\"\n  Port 1\n", "Match exec"),
     ("Host box\n  CanonicalizeHostname yes\n", "CanonicalizeHostname"),
     ("Match host box localnetwork 10.0.0.0/8\n  Port 1\n", "Match localnetwork"),
-    ("Match final\n  Port 1\n", "Match final"),
+    ("Match final exec true\n  Port 1\n", "Match exec"),
     ("Host box\n  ProxyJump %r@jump\n", "ProxyJump"),
     ("Host box\n  Port twenty\n", "Port"),
     ("Host *\n  ProxyJump a,,b\n", "ProxyJump"),
