@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import socket
 import threading
 import time
@@ -87,8 +88,10 @@ def connection_factory(settings: Settings, spec: str, entry: dict,
             return result
 
         def open_gateway(self) -> Any:
-            if isinstance(self.gateway, str):
-                return paramiko.ProxyCommand(self.gateway)
+            if isinstance(self.gateway, str):  # through the shell, as ssh runs it
+                shell = os.environ.get("SHELL") or "/bin/sh"
+                return paramiko.ProxyCommand(f"{shlex.quote(shell)} -c "
+                                             f"{shlex.quote('exec ' + self.gateway)}")
             return super().open_gateway()
 
         def close(self) -> None:

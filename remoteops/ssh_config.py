@@ -1,16 +1,18 @@
 """Resolve a host through ``~/.ssh/config`` exactly as OpenSSH's ``ssh`` does.
 
-Why our own reader: paramiko's ``SSHConfig`` has no ``Include``, matches
-``Host`` patterns with ``fnmatch`` (``[...]`` classes OpenSSH lacks), and
-evaluates ``Match`` after the whole file instead of in order; asking ``ssh -G``
-at run time would run ``Match exec`` commands, resolve ``~`` against the
-passwd home instead of ``$HOME`` and needs an OpenSSH client on the laptop.
-So the rules of OpenSSH 9's ``readconf.c`` are written down here and checked
-against ``ssh -G`` over a table of configs (tests/reliability/test_ssh_config.py).
+Why our own reader: paramiko's ``SSHConfig`` (5.1) skips ``Include`` silently,
+cannot see a user given on the command line in ``Match user``, runs ``Match
+exec`` commands, and keeps a ``ProxyJump`` after an earlier ``ProxyCommand``
+(ssh keeps the first); Fabric then walks a ``ProxyJump a,b`` chain backwards.
+Asking ``ssh -G`` at run time would make us equal by construction, but it runs
+``Match exec`` commands, resolves ``~`` and relative Includes against the passwd
+home instead of ``$HOME``, and needs an OpenSSH client on the laptop. So the
+rules of OpenSSH 9's ``readconf.c`` are written down here and checked against
+``ssh -G`` over a table of configs (tests/reliability/test_ssh_config.py).
 
 What would make ``ssh`` connect somewhere we cannot follow (``Match exec``,
-``Match final``, ``Match localnetwork``, hostname canonicalization, ``%``
-tokens in ``ProxyJump``) is refused with a one-line error naming the keyword.
+``Match localnetwork``, hostname canonicalization, ``%`` tokens in
+``ProxyJump``) is refused with a one-line error naming the keyword.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class HostConfig:
     identity_files: list[str] = field(default_factory=list)   # expanded, in order
     identity_raw: list[str] = field(default_factory=list)     # as written (``ssh -G`` shows these)
     identities_only: bool = False
-    proxy_jump: str | None = None        # the raw ProxyJump value ("none" when switched off)
+    proxy_jump: str | None = None        # ProxyJump as ``ssh -G`` shows it, or "none"
     proxy_command: str | None = None     # expanded; None when unset or "none"
     via: "HostConfig | None" = None      # the hop we connect through (first hop innermost)
 
@@ -119,12 +121,13 @@ def split_args(text: str, where: str) -> list[str]:
     return args
 
 
-def _split_line(line: str, where: str) -> tuple[str, list[str]] | None:
+def _split_line(line: str, where: str) -> tuple[str, list[str], str] | None:
+    """Keyword, its arguments, and the raw rest of the line (ProxyCommand keeps that)."""
     line = line.strip(" \t\r\n\f")
     m = re.match(r"([^\s=]+)\s*(?:=\s*)?(.*)$", line)
     if not line or line.startswith("#") or not m:
         return None
-    return m.group(1).lower(), split_args(m.group(2), where)
+    return m.group(1).lower(), split_args(m.group(2), where), m.group(2)
 
 
 def match_pattern(text: str, pattern: str) -> bool:
@@ -255,7 +258,7 @@ class _Reader:
             parsed = _split_line(line, where)
             if parsed is None:
                 continue
-            keyword, args = parsed
+            keyword, args, rest = parsed
             if keyword == "host":
                 if not args:
                     raise _error(where, "Host needs at least one pattern")
@@ -266,6 +269,8 @@ class _Reader:
                 if not args:
                     raise _error(where, "Include needs a file name")
                 self._include(args, user_conf, active and not never, depth, where)
+            elif active and keyword == "proxycommand" and args:
+                self.opts.first("proxycommand", rest)  # a ProxyJump before set it to "none"
             elif active:
                 self._apply(keyword, args, where)
             elif keyword == "proxyjump" and args:
@@ -373,9 +378,6 @@ class _Reader:
             opts.first("identitiesonly", args[0].lower() == "yes")
         elif keyword == "hostkeyalias":
             opts.first("hostkeyalias", args[0])
-        elif keyword == "proxycommand":
-            if "proxycommand" not in opts:  # a ProxyJump set earlier set it to "none"
-                opts["proxycommand"] = " ".join(args)  # the rest of the line, as OpenSSH keeps it
         elif keyword == "proxyjump":
             self._check_jump(args[0], where)
             if "proxycommand" in opts or "proxyjump" in opts:

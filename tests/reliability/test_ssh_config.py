@@ -155,9 +155,10 @@ TABLE = {
         ["t", "n", "j2", "j1", "x"]),
     "proxycommand and proxyjump: the first wins": (
         {"config": "Host pc\n  ProxyCommand nc %h %p\nHost pj\n  ProxyJump jj\n"
+                   "Host pq\n  ProxyCommand=sh -c \"nc  '%h' %p\"\n"
                    "Host jj later\n  ProxyJump none\nHost *\n  ProxyJump later\n"
                    "  ProxyCommand other %h\n"},
-        ["pc", "pj"]),
+        ["pc", "pj", "pq"]),
     "proxyjump to IPv6 addresses and URIs": (
         {"config": "Host a\n  ProxyJump [::1]:2200\nHost b\n  ProxyJump u@x,ssh://h:22/\n"
                    "Host c\n  ProxyJump a@b@cc,h:\nHost * !a !b !c\n  ProxyJump none\n"},
@@ -282,3 +283,44 @@ def test_two_hop_proxyjump_connects_in_openssh_order(home, project, sshd_server)
         for server in (j1, j2):
             server.stop()
             shutil.rmtree(server.folder, ignore_errors=True)
+
+
+RELAY = r'''
+import os, socket, sys, threading
+host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+open(log, "a").write(f"{host} {port}\n")
+s = socket.create_connection((host, port))
+def up():
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(data)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    os.write(1, data)
+'''
+
+
+def test_proxycommand_runs_through_the_shell_with_tokens_expanded(home, project, sshd_server,
+                                                                  tmp_path):
+    import sys
+
+    from remoteops.config import load_settings
+    from remoteops.targets import open_target
+    from tests.conftest import trust
+
+    trust(project, sshd_server)
+    relay, log = tmp_path / "relay.py", tmp_path / "relay.log"
+    relay.write_text(RELAY)
+    (home / ".ssh" / "config").write_text(
+        f"Host viacmd\n  HostName {sshd_server.host}\n  Port {sshd_server.port}\n  User root\n"
+        f"  IdentityFile {sshd_server.client_key}\n"
+        f"  ProxyCommand {sys.executable} {relay} %h %p {log} 2>/dev/null\n")
+    with open_target(load_settings(project), "viacmd") as target:
+        assert target.run("echo relayed").stdout.strip() == "relayed"
+    assert log.read_text() == f"{sshd_server.host} {sshd_server.port}\n"
