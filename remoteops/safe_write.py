@@ -42,8 +42,8 @@ def safe_parts(rel: object, areas: Sequence[str] = (AREA,)) -> list[str]:
     equal to or under one of the other ``areas`` (the stages' declared outputs)."""
     if not isinstance(rel, str) or not rel:
         raise _refuse(rel, "not a path")
-    if "\0" in rel or "\\" in rel:
-        raise _refuse(rel, "a NUL byte or a backslash in the name")
+    if "\\" in rel or not rel.isprintable():
+        raise _refuse(rel, "a control character or a backslash in the name")
     if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
         raise _refuse(rel, "an absolute path")
     parts = rel.split("/")

@@ -249,6 +249,11 @@ def download_progress(quiet: bool):
     return None if quiet or not console().is_terminal else _bar
 
 
+def _printable(value: Any) -> str:
+    """Text from the server, shown without its control characters (no terminal escapes)."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
 def collect_warnings(data: dict) -> list[str]:
     """One line per thing collect left behind, saying what to do about it."""
     lines = []
@@ -259,9 +264,11 @@ def collect_warnings(data: dict) -> list[str]:
         lines.append(f"warning: skipped {len(skipped)} file(s): {names}{more}; run 'invoke "
                      "collect' again once the run has finished to bring them back")
     for r in data.get("refused") or []:
-        lines.append(f"warning: the server did not list {r['path']!r}"
-                     f"{' (stage ' + str(r['stage']) + ')' if r.get('stage') else ''}: "
-                     f"{r['reason']}; declare stage outputs inside the project")
+        if not isinstance(r, dict):
+            continue
+        stage = f" (stage {r['stage']})" if r.get("stage") else ""
+        lines.append(_printable(f"warning: the server did not list {r.get('path')!r}{stage}: "
+                                f"{r.get('reason')}; declare stage outputs inside the project"))
     return lines
 
 

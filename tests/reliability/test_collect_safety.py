@@ -329,7 +329,7 @@ def test_declared_outputs_widen_the_write_area_exactly():
     assert safe_parts("models/final.bin", areas) == ["models", "final.bin"]
     assert safe_parts("exports/a/b.bin", areas) == ["exports", "a", "b.bin"]
     for bad in ("models/final.bin.evil", "models/other.bin", "outputs", "export/x",
-                "exports/../x", "tasks.py"):
+                "exports/../x", "tasks.py", "outputs/\x1b[2Jcleared", "outputs/a\nb"):
         try:
             safe_parts(bad, areas)
         except UnsafePath as exc:
