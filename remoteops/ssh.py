@@ -101,8 +101,10 @@ def connection_factory(settings: Settings, spec: str, entry: dict,
 
     def build(hop: HostConfig, keys: list[str]) -> Any:
         files = [f for f in dict.fromkeys(keys + hop.identity_files) if os.path.isfile(f)]
+        # IdentitiesOnly: no default ~/.ssh/id_* files; agent keys stay allowed (paramiko tries
+        # them after the files), since an encrypted IdentityFile is often loaded in the agent.
         connect_kwargs: dict[str, Any] = {
-            "allow_agent": not hop.identities_only, "look_for_keys": not hop.identities_only,
+            "allow_agent": True, "look_for_keys": not hop.identities_only,
             "banner_timeout": timeout, "auth_timeout": timeout}
         if files:
             connect_kwargs["key_filename"] = files
