@@ -12,7 +12,7 @@ rules of OpenSSH 9's ``readconf.c`` are written down here and checked against
 
 What would make ``ssh`` connect somewhere we cannot follow (``Match exec``,
 ``Match localnetwork``, hostname canonicalization, ``%`` tokens in
-``ProxyJump``) is refused with a one-line error naming the keyword.
+``ProxyJump``, ``ProxyUseFdpass``) is refused with a one-line error naming the keyword.
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ class _Reader:
         opts = self.opts
         if keyword in ("hostname", "user", "port", "proxyjump", "proxycommand",
                        "identityfile", "identitiesonly", "canonicalizehostname",
-                       "hostkeyalias") and not args:
+                       "hostkeyalias", "proxyusefdpass") and not args:
             raise _error(where, f"{keyword} needs a value")
         if keyword == "hostname":
             opts.first("hostname", args[0])
@@ -388,6 +388,11 @@ class _Reader:
                     raise _error(where, "% tokens in ProxyJump are not supported by remoteops "
                                         "(OpenSSH versions differ on them); write the hosts out.")
                 opts["proxycommand"] = "none"
+        elif keyword == "proxyusefdpass":
+            if args[0].lower() == "yes":  # the ProxyCommand would hand over a socket we cannot take
+                raise _error(where, "ProxyUseFdpass yes is not supported by remoteops; use "
+                                    "ProxyJump, or a ProxyCommand that relays stdin/stdout.")
+            opts.first("proxyusefdpass", "no")
         elif keyword == "canonicalizehostname":
             if args[0].lower() != "no":
                 raise _error(where, f"CanonicalizeHostname {args[0]} is not supported by "

@@ -176,7 +176,8 @@ def test_resolution_equals_ssh_G(oracle, case):
     files, hosts = TABLE[case]
     oracle.write(files)
     for spec in hosts:
-        host, user, port = (spec, None, None) if isinstance(spec, str) else (list(spec) + [None])[:3]
+        host, user, port = (spec, None, None) if isinstance(spec, str) else \
+            (list(spec) + [None])[:3]
         assert_same(oracle, host, user, port)
 
 
@@ -184,7 +185,8 @@ def test_proxyjump_chain_is_connected_in_openssh_order(oracle):
     oracle.write(TABLE["proxyjump chains in order, hop configs, none"][0])
     chain = oracle.ours("t").chain()
     assert [(h.hostname, h.port, h.user) for h in chain] == [
-        ("jd", 2022, "deflt"), ("j0", 2000, oracle.local.name), ("10.1.1.1", 22, "ju"), ("10.2.2.2", 2200, "bob"),
+        ("jd", 2022, "deflt"), ("j0", 2000, oracle.local.name), ("10.1.1.1", 22, "ju"),
+        ("10.2.2.2", 2200, "bob"),
         ("t", 22, oracle.local.name)]
 
 
@@ -210,6 +212,7 @@ def test_tokens_expand_as_openssh_does(oracle, template):
 @pytest.mark.parametrize("config, keyword", [
     ("Match exec \"true\"\n  Port 1\n", "Match exec"),
     ("Host box\n  CanonicalizeHostname yes\n", "CanonicalizeHostname"),
+    ("Host box\n  ProxyCommand relay %h\n  ProxyUseFdpass yes\n", "ProxyUseFdpass"),
     ("Match host box localnetwork 10.0.0.0/8\n  Port 1\n", "Match localnetwork"),
     ("Match final exec true\n  Port 1\n", "Match exec"),
     ("Host box\n  ProxyJump %r@jump\n", "ProxyJump"),
