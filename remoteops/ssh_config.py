@@ -279,6 +279,7 @@ class _Reader:
 
     @staticmethod
     def _check_perm(path: str) -> None:
+        """As ssh: a config others can write could send us anywhere."""
         st = os.stat(path)
         if st.st_uid not in (0, os.getuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise ConfigError(f"Bad owner or permissions on {path}: ssh refuses it too; "
@@ -412,7 +413,7 @@ def _read_options(host: str, local: LocalUser, files: list[tuple[str, bool]],
         opts["proxycommand"] = "none"
     reader = _Reader(host, local, opts)
     for path, user_conf in files:
-        reader.read(path, user_conf, True)
+        reader.read(path, user_conf, True, check_perm=user_conf)
     if reader.want_final:
         # As ssh.c: the final pass matches Host lines against the resolved, lowercased
         # HostName, which is fixed from now on; first values still win.

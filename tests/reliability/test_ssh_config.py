@@ -229,6 +229,17 @@ def test_unsupported_features_are_refused_naming_the_keyword(oracle, config, key
     assert keyword in message and "\n" not in message and "line" in message
 
 
+def test_a_config_others_can_write_is_refused(oracle):
+    oracle.write({"config": "Include extra\n", "extra": "Host box\n  HostName evil\n"})
+    (oracle.config.parent / "extra").chmod(0o666)
+    with pytest.raises(ConfigError, match="Bad owner or permissions"):
+        oracle.ours("box")
+    (oracle.config.parent / "extra").chmod(0o644)
+    oracle.config.chmod(0o664)  # plain "ssh box" checks ~/.ssh/config too ("ssh -F" does not)
+    with pytest.raises(ConfigError, match="Bad owner or permissions"):
+        oracle.ours("box")
+
+
 def test_unsupported_match_for_another_host_does_not_get_in_the_way(oracle):
     oracle.write({"config": "Match host other exec \"false\"\n  Port 1\nHost box\n  Port 5\n"})
     assert oracle.ours("box").port == 5
