@@ -1,7 +1,8 @@
 """Where the server side lives: ``SSHTarget`` (Fabric) or ``LocalTarget`` (this machine).
 
 Both expose one small interface: ``run`` a shell command, ``run_python`` a
-script whose JSON answer survives login-shell banners, ``put``/``get`` files
+script whose payload travels on stdin (never in ``ps``) and whose JSON answer
+survives login-shell banners, ``put``/``get`` files
 (SFTP, never the shell), and ``read_bytes``/``write_bytes`` (atomic). The base
 class owns the cross-cutting work (timing, errors); subclasses fill in the
 ``_methods``.
