@@ -301,7 +301,8 @@ def test_two_hop_proxyjump_connects_in_openssh_order(home, project, sshd_server)
 
 RELAY = r'''
 import os, socket, sys, threading
-host, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, log = sys.argv[1:]  # "2>/dev/null" is the shell's, never an argument
+port = int(port)
 open(log, "a").write(f"{host} {port}\n")
 s = socket.create_connection((host, port))
 def up():
