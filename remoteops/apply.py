@@ -40,7 +40,7 @@ from remoteops.incoming import (MANIFEST_WAIT_SECONDS, MissingMembers,  # noqa: 
                                 read_manifest_file, stage, wait_for_delta)
 from remoteops.locks import FileLock
 from remoteops.pipeline import refuse_if_live
-from remoteops.paths import UnsafePath, canonical, check_tree, temp_name
+from remoteops.paths import UnsafePath, ancestors, canonical, check_tree, link_of, temp_name
 
 STATE = ".remoteops"
 HEADROOM = 16 << 20  # bytes left free besides what an apply writes
@@ -65,24 +65,12 @@ def _write_json(path: Path, data: Any) -> None:
     fsync_dirs([path.parent])
 
 
-def _link(entry) -> str | None:
-    return getattr(entry, "link", None)
-
-
 def check_manifest(manifest: Manifest) -> None:
     """Every path of a manifest normalised, inside the root, and forming a tree."""
     try:
-        check_tree([(f.path, _link(f)) for f in manifest.files], "the bundle manifest")
+        check_tree([(f.path, link_of(f)) for f in manifest.files], "the bundle manifest")
     except UnsafePath as exc:
         raise BundleError(str(exc)) from None
-
-
-def _ancestors(path: Path, root: Path) -> set[Path]:
-    out = set()
-    while path != root and root in path.parents:
-        path = path.parent
-        out.add(path)
-    return out
 
 
 class Project:
@@ -184,7 +172,7 @@ class Project:
                 on_disk.pop(rel, None)
         need = sorted(p for p, f in wanted.items()
                       if on_disk.get(p) != f.sha256 or modes.get(p) != f.mode
-                      or (p in links) != (_link(f) is not None))
+                      or (p in links) != (link_of(f) is not None))
         delete = sorted(p for p in on_disk if p not in wanted)
         changed = [p for p in need if p in on_disk]
         return {"need": need, "delete": delete,
@@ -271,7 +259,7 @@ class Project:
                 changes: dict[str, Put | None] = {}
                 for p in plan["need"]:
                     entry = needed[p]
-                    changes[p] = (Put(None, entry.mode, _link(entry)) if _link(entry) is not None
+                    changes[p] = (Put(None, entry.mode, link_of(entry)) if link_of(entry) is not None
                                   else Put(staged[p], entry.mode, move=True))
                 changes.update({p: None for p in plan["delete"]})
                 if not changes:
@@ -351,7 +339,7 @@ class Project:
                 copy = files_dir / rel
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 copy_synced(path, copy)
-                folders |= {copy.parent} | _ancestors(copy.parent, backup)
+                folders |= {copy.parent} | ancestors(copy.parent, backup)
                 record = {"path": rel, "sha256": on_disk[rel], "size": os.lstat(path).st_size,
                           "mode": modes[rel]}
                 if rel in links:
@@ -374,14 +362,14 @@ class Project:
             path = self.root / rel
             remove(path)
             prune_dirs(path.parent, self.root)
-            touched |= _ancestors(path, self.root)
+            touched |= ancestors(path, self.root)
         for rel in puts:
             path = self.root / rel
             if not clear_dirs(path):
                 raise RemoteOpsError(f"{path} is a folder that is not empty; move it away and "
                                      "run the command again (the change will be undone).")
             place(changes[rel], path)
-            touched |= _ancestors(path, self.root)
+            touched |= ancestors(path, self.root)
             self._fault_point()
         fsync_dirs(touched)  # the new names are durable before the journal goes
         self._finish(after, sorted(changes), known)
@@ -467,7 +455,7 @@ class Project:
             path = self.root / rel
             remove(path)  # a folder there is the one the change was to replace: kept
             prune_dirs(path.parent, self.root)
-            folders |= _ancestors(path, self.root)
+            folders |= ancestors(path, self.root)
             touched.append(rel)
         records = sorted(meta["overwritten"] + meta["deleted"],
                          key=lambda r: (r["path"].count("/"), r["path"]))
@@ -485,7 +473,7 @@ class Project:
             if not clear_dirs(dest):
                 displaced.append(displace(self.root, rel, self.state / "displaced"))
             place(Put(source, record["mode"], record.get("link")), dest)
-            folders |= _ancestors(dest, self.root)
+            folders |= ancestors(dest, self.root)
             touched.append(rel)
         fsync_dirs(folders)
         return touched, displaced

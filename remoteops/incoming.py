@@ -14,23 +14,11 @@ from pathlib import Path
 
 from remoteops.applyplan import fsync_dirs
 from remoteops.bundles import CHUNK, BundleError, Manifest, iter_members, sha256_file
-from remoteops.paths import RESERVED, safe_relpath
+from remoteops.paths import RESERVED, ancestors, link_of, safe_relpath
 
 
 class MissingMembers(BundleError):
     """The upload lacks files the server's plan needs (its files changed since the plan)."""
-
-
-def _link(entry) -> str | None:
-    return getattr(entry, "link", None)
-
-
-def _ancestors(path: Path, top: Path) -> set[Path]:
-    out = set()
-    while path != top and top in path.parents:
-        path = path.parent
-        out.add(path)
-    return out
 
 
 def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path,
@@ -40,7 +28,7 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
     Each staged file and its folder is fsynced: the journal will rely on them.
     """
     wanted = manifest.file_map()
-    need = [p for p in need if _link(wanted[p]) is None]  # links come from the manifest
+    need = [p for p in need if link_of(wanted[p]) is None]  # links come from the manifest
     if not need:
         return {}
     if delta is None or not delta.is_file():
@@ -59,7 +47,7 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
             continue
         rel = (safe_relpath(member.name[len("files/"):], "the upload")
                if member.name.startswith("files/") else None)
-        if rel not in wanted or _link(wanted[rel]) is not None:
+        if rel not in wanted or link_of(wanted[rel]) is not None:
             raise BundleError(f"the upload holds {member.name}, which the manifest does not "
                               "list as a file; refusing it (nothing was changed).")
         if rel not in needed:
@@ -77,7 +65,7 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
             raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
                               "damaged); nothing was changed: rebuild and deploy again.")
         staged[rel] = out
-        folders |= {out.parent} | _ancestors(out.parent, staging.parent)
+        folders |= {out.parent} | ancestors(out.parent, staging.parent)
     missing = [p for p in need if p not in staged]
     if missing:
         raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "

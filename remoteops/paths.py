@@ -155,3 +155,17 @@ def link_entry(root: Path, path: Path) -> str:
     except UnsafePath as exc:
         raise UnsafePath(str(exc).replace("the project holds an unsafe path",
                                           f"{rel} is a link to")) from None
+
+
+def link_of(entry) -> str | None:
+    """The link target of a manifest entry, or None for a regular file."""
+    return getattr(entry, "link", None)
+
+
+def ancestors(path: Path, top: Path) -> set[Path]:
+    """Every folder between ``path`` and ``top`` (``top`` itself excluded)."""
+    out = set()
+    while path != top and top in path.parents:
+        path = path.parent
+        out.add(path)
+    return out
