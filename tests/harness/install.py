@@ -45,6 +45,11 @@ def ensure_tools(*tools: str) -> dict[str, str]:
     return {t: tool_path(t) for t in tools}
 
 
+# what the test suite drives: real sshd servers, ssh -G as the config oracle, strace to
+# watch the apply's fsyncs, rsync for the deploy benchmark's comparison
+TEST_TOOLS = ("sshd", "ssh", "ssh-keygen", "rsync", "strace")
+
+
 def ensure_sshd() -> str:
-    """Return sshd's path (and make sure the OpenSSH client and rsync are there too)."""
-    return ensure_tools("sshd", "ssh", "ssh-keygen", "rsync")["sshd"]
+    """Return sshd's path, after making sure every tool the tests drive is installed."""
+    return ensure_tools(*TEST_TOOLS)["sshd"]
