@@ -165,6 +165,8 @@ class Runner:
         lock = pipeline_lock(self.root, f"pipeline {self.state['run_id']}", fd=self.lock_fd)
         if self.lock_fd is None:
             lock.acquire()  # started by hand, not through pipeline-start
+        else:  # ours alone: a process a plugin starts must not keep the root locked
+            os.set_inheritable(self.lock_fd, False)
         lock.update(run_id=self.state["run_id"])
         self.state["runner"] = {"pid": os.getpid(), "host": os.uname().nodename,
                                 "started": now_iso(), "identity": process_identity()}
