@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from remoteops.targets import parse_marked
 from tests.test_pipeline import DEMO, _head, tiny_model  # noqa: F401  (fixture)
 
 YES = {"TRAIN_SYNC_ASSUME_YES": "1", "REMOTEOPS_GPU_GATE": "warn"}
@@ -227,6 +228,11 @@ command = "echo plain"
     assert st["mine"]["outputs"]["declared"] == ["results/model.bin", "results/missing.txt"]
     assert "declared output results/missing.txt was not produced" in st["mine"]["warnings"]
     assert st["plain"]["outputs"]["declared"] == ["outputs/adapter/adapter_plain"]
+    # what collect fetches: the server's file list now names the declared output
+    out = subprocess.run([sys.executable, "-m", "remoteops.agent", "pipeline-files", "--root",
+                          str(project), "--json"], capture_output=True, text=True, check=True)
+    listing = parse_marked(out.stdout)
+    assert "results/model.bin" in [f["path"] for f in listing["files"]]
 
 
 @pytest.mark.parametrize("value", ['["/etc/passwd"]', '["../outside"]', "3"])
