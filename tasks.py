@@ -32,6 +32,18 @@ def test(c, k=None, x=False, latest=False):
     c.run(shlex.join(args), pty=False, env={"PYTHONUNBUFFERED": "1", "CI_REQUIRE_QUANT": "1"})
 
 
+def _pins(text: str) -> dict[str, str]:
+    """name -> version of each ``name==version`` line (local labels like +cpu dropped)."""
+    return {n.strip().lower().replace("_", "-"): v.split("+")[0].strip()
+            for n, _, v in (l.split("#")[0].partition("==") for l in text.splitlines()) if v}
+
+
+def _moved_pins(constraints: str, frozen: str) -> list[str]:
+    pinned, now = _pins(constraints), _pins(frozen)
+    return [f"{n} {pinned[n]} -> {v}" for n, v in sorted(now.items())
+            if n in pinned and pinned[n] != v]
+
+
 def _latest_env(c) -> str:
     """Build .venv-latest with the newest releases the ranges in pyproject.toml allow."""
     from pathlib import Path
@@ -43,13 +55,9 @@ def _latest_env(c) -> str:
     # torch stays at the CPU build on disk; everything else goes to its newest release
     c.run(shlex.join([pip, "install", "-q", "--upgrade", "--upgrade-strategy", "eager",
                       "torch==2.13.0", "-e", ".[train,quant,dev]"]))
-    drift = c.run(shlex.join([str(venv / "bin" / "python"), "-m", "pip", "freeze",
-                              "--exclude-editable"]), hide=True).stdout.splitlines()
-    pinned = {l.split("==")[0].lower(): l for l in Path("constraints.txt").read_text().splitlines()
-              if "==" in l}
-    changed = [f"{pinned[l.split('==')[0].lower()]} -> {l.split('==')[1]}" for l in drift
-               if "==" in l and l.split("==")[0].lower() in pinned
-               and pinned[l.split("==")[0].lower()] != l]
+    frozen = c.run(shlex.join([str(venv / "bin" / "python"), "-m", "pip", "freeze",
+                               "--exclude-editable"]), hide=True).stdout
+    changed = _moved_pins(Path("constraints.txt").read_text(), frozen)
     print("newer than constraints.txt: " + (", ".join(changed) if changed else "nothing"))
     return str(venv / "bin" / "python")
 

@@ -45,3 +45,13 @@ def test_ci_and_readme_install_with_the_constraints():
     assert "-c constraints.txt" in first_block[1], first_block
     assert first_block[1].split("&&")[-1].strip() == ".venv/bin/invoke test"
     assert first_block[1] in ci
+
+
+def test_latest_reports_only_real_version_moves():
+    sys.path.insert(0, str(REPO))
+    import tasks
+
+    moved = tasks._moved_pins("# pins\ntorch==2.13.0\nTransformers==5.24.0\npeft==0.21.0\n",
+                              "torch==2.13.0+cpu\ntransformers==5.30.1\npeft==0.21.0\n"
+                              "newpkg==1.0\n")
+    assert moved == ["transformers 5.24.0 -> 5.30.1"]
