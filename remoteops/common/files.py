@@ -1,0 +1,94 @@
+"""Files: sha256, fsync, and atomic, durable writes (temp file + fsync + rename + fsync)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable
+
+CHUNK = 1 << 20  # bytes read or sent at a time
+
+
+def temp_name(dest_name: str) -> str:
+    """A short temp name beside ``dest_name``: never over NAME_MAX, however long the name."""
+    return f".remoteops-tmp-{hashlib.sha256(os.fsencode(dest_name)).hexdigest()[:16]}"
+
+
+def sha256_fileobj(fh: BinaryIO, limit: int | None = None) -> tuple[int, str]:
+    """Size and sha256 of what is read from ``fh`` until its end, or ``limit`` bytes."""
+    digest, size = hashlib.sha256(), 0
+    while limit is None or size < limit:
+        chunk = fh.read(CHUNK if limit is None else min(CHUNK, limit - size))
+        if not chunk:
+            break
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of the file at ``path``."""
+    with open(path, "rb") as fh:
+        return sha256_fileobj(fh)[1]
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file, or a folder (its entries: names created, renamed or removed in it)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+fsync_dir = fsync_path
+
+
+def fsync_dirs(folders: Iterable[str | os.PathLike]) -> None:
+    """fsync each folder that still is one (a folder pruned or replaced since is skipped:
+    its parent, in the set too, records that)."""
+    for folder in sorted({Path(f) for f in folders}):
+        if folder.is_dir() and not folder.is_symlink():
+            fsync_path(folder)
+
+
+def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data``, all or nothing, durably: a temp file in the same
+    folder (a short name, so names up to NAME_MAX work), fsynced, renamed over ``path``,
+    then the folder fsynced. Missing parent folders are created. The temp name is unique
+    per process and thread, so concurrent writers never share one, and ends in ``.tmp``
+    (collect skips such names); it is removed when the write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{temp_name(path.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic_text(path: str | os.PathLike, text: str) -> None:
+    """``write_atomic_bytes`` of ``text`` in UTF-8."""
+    write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, *,
+                      ensure_ascii: bool = True, default: Callable[[Any], Any] | None = None,
+                      newline: bool = True) -> None:
+    """``write_atomic_text`` of ``json.dumps(obj, indent=..., ensure_ascii=..., default=...)``,
+    followed by a newline unless ``newline`` is false."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, default=default)
+    write_atomic_text(path, text + "\n" if newline else text)
+
+
+__all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "fsync_path", "fsync_dir",
+           "fsync_dirs", "write_atomic_bytes", "write_atomic_text", "write_atomic_json"]
