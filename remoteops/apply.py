@@ -26,43 +26,29 @@ import os
 import shutil
 import socket
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
 from remoteops import __version__
 from remoteops.applyplan import (LINK_MODE, Put, clear_dirs, conflict, copy_synced, displace,
-                                 fsync_dirs, link_digest, order, place, prune_dirs, remove)
+                                 link_digest, order, place, prune_dirs, remove)
 from remoteops.backupset import SEQ_FILE, catalogue, chain, compose, next_seq, read_backup
-from remoteops.bundles import BundleError, Manifest, plan_between, sha256_file
+from remoteops.bundles import BundleError, Manifest, plan_between
+from remoteops.common.clock import now_iso, utc_stamp
+from remoteops.common.files import fsync_dirs, sha256_file, temp_name, write_atomic_json
 from remoteops.errors import RemoteOpsError
 from remoteops.incoming import (MANIFEST_WAIT_SECONDS, MissingMembers,  # noqa: F401 - re-exported
                                 read_manifest_file, stage, wait_for_delta)
 from remoteops.locks import FileLock
 from remoteops.pipeline import refuse_if_live
-from remoteops.paths import UnsafePath, ancestors, canonical, check_tree, link_of, temp_name
+from remoteops.paths import UnsafePath, ancestors, canonical, check_tree, link_of
 
 STATE = ".remoteops"
 HEADROOM = 16 << 20  # bytes left free besides what an apply writes
 
 
-def _stamp() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, ensure_ascii=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dirs([path.parent])
+    write_atomic_json(path, data, indent=1, ensure_ascii=False, newline=False)
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -136,7 +122,7 @@ class Project:
         _write_json(self.state / "index.json", self._fresh_index)
 
     def ledger(self, entry: dict) -> None:
-        entry = {"time": _now(), "user": getpass.getuser(), "host": socket.gethostname(),
+        entry = {"time": now_iso(), "user": getpass.getuser(), "host": socket.gethostname(),
                  "agent": __version__, **entry}
         self.state.mkdir(parents=True, exist_ok=True)
         with open(self.state / "ledger.jsonl", "a", encoding="utf-8") as fh:
@@ -320,7 +306,7 @@ class Project:
         if reason:
             raise RemoteOpsError(f"{reason}. Nothing was changed.")
         seq = next_seq(self.state, self.backups)
-        name = f"{_stamp()}-{label}"
+        name = f"{utc_stamp()}-{label}"
         backup = self.backups / name
         n = 1
         while backup.exists():
@@ -349,13 +335,13 @@ class Project:
                 created.append(rel)
         fsync_dirs(folders)  # every copy is durable before backup.json says it exists
         meta = {"kind": kind, "label": label, "version": version, "seq": seq,
-                "created_at": _now(), "overwritten": overwritten, "deleted": deleted,
+                "created_at": now_iso(), "overwritten": overwritten, "deleted": deleted,
                 "created": created, "manifest_before": before, "manifest_after": after,
                 **(extra or {})}
         _write_json(self.state / SEQ_FILE, seq)
         _write_json(backup / "backup.json", meta)  # the backup is complete from here on
         _write_json(self.state / "journal.json", {"backup": backup.name, "kind": kind,
-                                                  "started": _now(), "pid": os.getpid()})
+                                                  "started": now_iso(), "pid": os.getpid()})
         removals, puts = order(changes)
         touched: set[Path] = {self.root}
         for rel in removals:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from remoteops.paths import link_digest, temp_name  # noqa: F401 - link_digest re-exported
+from remoteops.common.clock import utc_stamp
+from remoteops.common.files import CHUNK, temp_name
+from remoteops.paths import link_digest  # noqa: F401 - re-exported
 
 LINK_MODE = 0o777  # what lstat reports for a link on Linux, and what a link entry records
 
@@ -32,29 +33,13 @@ class Put:
     move: bool = False  # ``source`` is a verified staging copy: rename it into place
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dirs(folders) -> None:
-    """fsync each folder (its entries: names created, renamed or removed in it)."""
-    for folder in sorted(set(folders)):
-        folder = Path(folder)
-        if folder.is_dir() and not folder.is_symlink():  # else pruned or replaced since:
-            fsync_path(folder)  # its parent, in the set too, records that
-
-
 def copy_synced(source: Path, dest: Path, mode: int | None = None) -> None:
     """Copy a file (or re-create a link) at ``dest`` and fsync it before returning."""
     if source.is_symlink():
         os.symlink(os.readlink(source), dest)
         return
     with open(source, "rb") as src, open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+        shutil.copyfileobj(src, dst, CHUNK)
         dst.flush()
         os.fsync(dst.fileno())
     shutil.copystat(source, dest)
@@ -152,7 +137,7 @@ def conflict(root: Path, changes: dict) -> str | None:
 
 def displace(root: Path, rel: str, into: Path) -> Path:
     """Move whatever is at ``rel`` out of the way into ``into`` (recovery never gets stuck)."""
-    target = into / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) / rel
+    target = into / utc_stamp() / rel
     n = 1
     while target.exists() or target.is_symlink():
         n += 1

@@ -16,11 +16,11 @@ import os
 import tarfile
 from pathlib import Path
 
+from remoteops.common.files import CHUNK
 from remoteops.errors import RemoteOpsError
 from remoteops.paths import UnsafePath, safe_relpath
 
 FORMAT = 1
-CHUNK = 1 << 20
 
 
 class BundleError(RemoteOpsError):

@@ -27,8 +27,10 @@ from remoteops.config import Settings
 from remoteops.paths import link_digest, link_entry
 from remoteops.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
                                     looks_like_private_key)
-from remoteops.bundle_tar import (CHUNK, FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
+from remoteops.bundle_tar import (FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
                                   iter_members, write_tar)  # re-exported for the deploy path
+from remoteops.common.clock import now_iso
+from remoteops.common.files import sha256_file, sha256_fileobj  # noqa: F401 - re-exported
 
 # Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
 # words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
@@ -104,14 +106,6 @@ def content_id(files: Iterable[FileEntry], toolkit_wheel: dict, plugins: list[st
     body = json.dumps({"format": FORMAT, "files": [_entry_dict(f) for f in files],
                        "toolkit": toolkit_wheel, "plugins": sorted(plugins)}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class HashCache:
@@ -394,7 +388,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     version = (previous.version + 1) if previous else 1
     commit, dirty = _git_state(project)
     manifest = Manifest(project=name, version=version, content_id=cid,
-                        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        created_at=now_iso(),
                         source_commit=commit, source_dirty=dirty, toolkit_version=__version__,
                         toolkit_wheel=wheel_info, plugins=plugins, files=entries)
     if on_manifest is not None:
@@ -443,10 +437,7 @@ def verify_bundle(tar_path: Path, manifest: Manifest | None = None) -> Manifest:
         if want is None:
             raise BundleError(f"{tar_path.name} holds {member.name}, which its manifest does not "
                               "list; refusing it.")
-        h = hashlib.sha256()
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-        if h.hexdigest() != want:
+        if sha256_fileobj(fh)[1] != want:
             raise BundleError(f"{member.name} in {tar_path.name} does not match its sha256 (the "
                               "bundle was tampered with or damaged); rebuild it.")
     if expected:

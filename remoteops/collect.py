@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from remoteops import safe_write
+from remoteops.common.files import CHUNK
 from remoteops.errors import ConnectError, RemoteOpsError
 from remoteops.targets import Target
 
-CHUNK = 1 << 20
 RETRIES = 2  # fresh listings for files that changed while being fetched
 RETRY_DELAY = 0.5
 STILL_WRITING = "still being written on the server"

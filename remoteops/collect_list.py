@@ -10,11 +10,12 @@ entry. ``now`` is this machine's clock, for ``collect --since``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
 from pathlib import Path
+
+from remoteops.common.files import sha256_fileobj
 
 
 def declared_outputs(stage: dict) -> list[str]:
@@ -37,17 +38,9 @@ def _inside(project: Path, path: Path) -> bool:
 
 
 def _hash_prefix(path: Path) -> tuple[os.stat_result, str]:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        left = st.st_size
-        while left > 0:
-            chunk = fh.read(min(1 << 20, left))
-            if not chunk:
-                break
-            digest.update(chunk)
-            left -= len(chunk)
-    return st, digest.hexdigest()
+        return st, sha256_fileobj(fh, limit=st.st_size)[1]
 
 
 def _walk(top: Path) -> list[Path]:

@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from remoteops.applyplan import fsync_dirs
-from remoteops.bundles import CHUNK, BundleError, Manifest, iter_members, sha256_file
+from remoteops.bundles import BundleError, Manifest, iter_members
+from remoteops.common.files import CHUNK, fsync_dirs, sha256_file
 from remoteops.paths import RESERVED, ancestors, link_of, safe_relpath
 
 

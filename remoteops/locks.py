@@ -22,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+from remoteops.common.clock import now_iso
 from remoteops.errors import RemoteOpsError
 
 
@@ -93,10 +94,6 @@ def identity_alive(ident: dict | None) -> bool | None:
 
 
 # -- the lock --------------------------------------------------------------------------------
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
 
 def _decode(raw: bytes) -> dict | None:
     if not raw.strip():
@@ -196,7 +193,7 @@ class FileLock:
     def update(self, **extra) -> None:
         """(Re)write the holder's details; ``extra`` may name another process (a hand-over)."""
         info = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                "user": getpass.getuser(), "time": _now(), "flock": True,
+                "user": getpass.getuser(), "time": now_iso(), "flock": True,
                 "identity": process_identity()}
         info.update(extra)
         data = json.dumps(info).encode()

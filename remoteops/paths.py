@@ -132,11 +132,6 @@ def check_tree(entries: list[tuple[str, str | None]], where: str,
             parent = posixpath.dirname(parent)
 
 
-def temp_name(dest_name: str) -> str:
-    """A short temp name beside ``dest_name``: never over NAME_MAX, however long the name."""
-    return f".remoteops-tmp-{hashlib.sha256(os.fsencode(dest_name)).hexdigest()[:16]}"
-
-
 def link_digest(target: str) -> str:
     """What stands for a link's content in manifests and backups (never a file's sha256
     by accident: a file would have to hold exactly these bytes)."""

@@ -20,15 +20,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from remoteops.common.clock import now_iso
+from remoteops.common.files import write_atomic_json
 from remoteops.config import Settings
 from remoteops.errors import RemoteOpsError
 from remoteops.locks import FileLock, identity_alive, pid_alive, process_identity
-from remoteops.trainer.rundir import RUNS_DIR, utc_stamp
+from remoteops.trainer.rundir import RUNS_DIR
 
 DEFAULT_STAGES = ["precheck", "sample", "style", "writing", "all", "collect"]
 KINDS = ("precheck", "train", "command", "collect")
@@ -47,10 +48,6 @@ def stop_grace(settings) -> float:
         return min(600.0, max(0.0, float(settings.get("pipeline.stop_grace_seconds", 10.0))))
     except (TypeError, ValueError):
         return 10.0
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def stage_kind(name: str, table: dict) -> str:
@@ -146,19 +143,7 @@ load_state = read_state
 def save_state(run_dir: Path, state: dict) -> None:
     """Atomically and durably: temp file, fsync, rename, fsync of the folder."""
     state["updated"] = now_iso()
-    data = (json.dumps(state, indent=1, default=str) + "\n").encode("utf-8")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".state.json.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, run_dir / "state.json")
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic_json(run_dir / "state.json", state, indent=1, default=str)
 
 
 def find_run(project_root: Path, run_id: str | None) -> Path:
@@ -321,6 +306,6 @@ def agent_args(*args: str) -> list[str]:
 
 __all__ = ["DEFAULT_STAGES", "POLICY", "plan_stages", "load_state", "read_state", "save_state",
            "find_run", "list_runs", "effective_status", "runner_health", "runner_alive",
-           "spawn_detached", "agent_args", "ChildResult", "now_iso", "utc_stamp", "pid_alive",
+           "spawn_detached", "agent_args", "ChildResult", "pid_alive",
            "live_run", "refuse_if_live", "finish_pending_apply", "pipeline_lock", "DamagedRun",
            "process_identity"]

@@ -33,10 +33,11 @@ import copy
 import json
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from remoteops.common.clock import now_iso_precise
+from remoteops.common.files import write_atomic_json, write_atomic_text
 from remoteops.errors import ConfigError
 
 POST_EVAL_HOOK = "post_eval"
@@ -44,9 +45,7 @@ QUANT_HOOK = "register_quant_checks"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from remoteops.trainer.rundir import write_atomic
-
-    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_atomic_json(path, data, indent=2, ensure_ascii=False, default=str)
 
 
 def _read_json(path: Path) -> Any:
@@ -166,7 +165,7 @@ def run_quant_checks(settings, stage: str, run_dir: Path, pm=None, only: str | N
     out = Path(run_dir) / f"quant_{stage}.json"
     previous = _read_json(out) or {}
     merged = {**previous.get("checks", {}), **results}
-    _write_json(out, {"stage": stage, "time": _now(), "adapter": str(job.adapter),
+    _write_json(out, {"stage": stage, "time": now_iso_precise(), "adapter": str(job.adapter),
                       "base_model": str(job.base_model), "eval_set": str(job.eval_set),
                       "checks": merged})
     return results
@@ -178,7 +177,7 @@ def run_after_stage(settings, stage: str, run_dir: str | Path, pm=None, *, expli
     run_dir = Path(run_dir)
     pm = _pm(settings, pm)
     started = time.time()
-    record: dict[str, Any] = {"stage": stage, "time": _now()}
+    record: dict[str, Any] = {"stage": stage, "time": now_iso_precise()}
     try:
         record["post_eval"] = run_post_eval(settings, stage, run_dir, pm, explicit, log)
     except Exception as exc:  # recorded; the pipeline goes on
@@ -196,10 +195,6 @@ def run_after_stage(settings, stage: str, run_dir: str | Path, pm=None, *, expli
     return record
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1%}"
 
@@ -212,7 +207,5 @@ def write_closure_report(run_dir: str | Path, settings=None) -> Path:
     data = build_closure(run_dir, settings)
     _write_json(run_dir / "final_closure_report.json", data)
     path = run_dir / "final_closure_report.md"
-    from remoteops.trainer.rundir import write_atomic
-
-    write_atomic(path, render_closure(data))
+    write_atomic_text(path, render_closure(data))
     return path

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from remoteops.trainer.rundir import write_atomic
+from remoteops.common.files import write_atomic_text
 
 
 def _read_json(path: Path) -> Any:
@@ -159,8 +159,8 @@ def write_training_summary(run_dir: Path, settings: Any = None,
               f"remoteops-agent train --stage <stage> --run-dir {state['run_dir']}",
               "```", ""]
     path = run_dir / "TRAINING_SUMMARY.md"
-    write_atomic(path, "\n".join(lines))
-    write_atomic(run_dir / "run_summary.json", json.dumps(
+    write_atomic_text(path, "\n".join(lines))
+    write_atomic_text(run_dir / "run_summary.json", json.dumps(
         {"run_id": state["run_id"], "status": state["status"], "stages": rows,
          "plots": {k: v.name for k, v in plots.items() if v}}, indent=1, default=str) + "\n")
     return path

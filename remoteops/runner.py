@@ -33,11 +33,12 @@ import time
 import traceback
 from pathlib import Path
 
+from remoteops.common.clock import now_iso
+from remoteops.common.files import write_atomic_text
 from remoteops.config import load_settings
 from remoteops.pipeline import (MIN_HEARTBEAT_S, POLICY, ChildResult, _die_with_parent,
-                                agent_args, load_state, now_iso, pipeline_lock,
+                                agent_args, load_state, pipeline_lock,
                                 process_identity, save_state, stage_outputs, stop_grace)
-from remoteops.trainer.rundir import write_atomic
 
 # The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
 PLACEHOLDER = re.compile(r"\{(stage|run_dir|project_root)\}")
@@ -140,7 +141,7 @@ class Runner:
             every = 2.0
         every = max(MIN_HEARTBEAT_S, every)  # 0 or less must not spin a core
         while True:
-            write_atomic(self.run_dir / "runner.heartbeat",
+            write_atomic_text(self.run_dir / "runner.heartbeat",
                          json.dumps({"time": time.time(), "pid": os.getpid()}))
             if self._stop_beat.wait(every):
                 return
@@ -362,7 +363,7 @@ class Runner:
         args = ["train", "--stage", stage["name"], "--run-dir", str(self.run_dir)]
         if overrides:  # typed values, read back as JSON by the trainer: no env-var renaming
             path = self.run_dir / "overrides" / f"{stage['name']}.attempt{stage['attempt']}.json"
-            write_atomic(path, json.dumps({"train": overrides}, indent=1) + "\n")
+            write_atomic_text(path, json.dumps({"train": overrides}, indent=1) + "\n")
             args += ["--overrides", str(path)]
         if resume:
             args += ["--resume", "latest"]
@@ -419,7 +420,7 @@ class Runner:
         target = LocalTarget("server", str(self.root), sys.executable)
         results = run_precheck(settings, target)
         rows = [r.to_dict() for r in results]
-        write_atomic(self.run_dir / "precheck.json", json.dumps(rows, indent=1) + "\n")
+        write_atomic_text(self.run_dir / "precheck.json", json.dumps(rows, indent=1) + "\n")
         stage["outputs"]["precheck"] = "precheck.json"
         stage["warnings"] += [f"{r['name']}: {r['value']}" for r in rows if r["status"] == "warn"]
         failed = [r for r in rows if r["status"] == "fail"]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from remoteops.common.files import sha256_fileobj
 from remoteops.errors import RemoteOpsError
 
 AREA = "outputs"  # the only folder of the project that collect may write
@@ -121,12 +121,8 @@ def local_sha256(base: Path, parts: list[str]) -> tuple[int, str] | None:
 
 
 def _hash_at(fd: int, name: str) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
     with os.fdopen(os.open(name, _READ_FLAGS, dir_fd=fd), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+        return sha256_fileobj(fh)
 
 
 class Part:

@@ -12,10 +12,10 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from remoteops.common.files import CHUNK
 from remoteops.errors import ConnectError
 from remoteops.targets import Target
 
-CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
 
 

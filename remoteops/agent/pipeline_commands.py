@@ -35,8 +35,9 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
     """Start the pipeline detached (new session, no terminal) and return at once."""
     from remoteops.config import load_settings
     from remoteops.errors import RemoteOpsError
+    from remoteops.common.clock import now_iso
     from remoteops.pipeline import (agent_args, effective_status, find_run,
-                                    finish_pending_apply, load_state, now_iso, pipeline_lock,
+                                    finish_pending_apply, load_state, pipeline_lock,
                                     plan_stages, process_identity, save_state, spawn_detached)
     from remoteops.trainer.rundir import new_run_dir
 
@@ -216,8 +217,8 @@ def pipeline_logs(root, run_id, stage, offset, lines, as_json):
 def pipeline_cancel(root, run_id, as_json):
     """Stop a run and its whole process tree (SIGTERM, then SIGKILL); mark it cancelled."""
     from remoteops.config import load_settings
-    from remoteops.pipeline import (find_run, load_state, now_iso, runner_alive, save_state,
-                                    stop_grace)
+    from remoteops.common.clock import now_iso
+    from remoteops.pipeline import find_run, load_state, runner_alive, save_state, stop_grace
     from remoteops.proctree import descendants
 
     project = _root(root)
@@ -294,7 +295,8 @@ def pipeline_files(root, run_id, with_checkpoints, as_json):
 @json_option
 def pipeline_mark(root, run_id, stage, status, reason, as_json):
     """Record a stage the laptop ran (collect) in the run's state."""
-    from remoteops.pipeline import find_run, load_state, now_iso, save_state
+    from remoteops.common.clock import now_iso
+    from remoteops.pipeline import find_run, load_state, save_state
 
     run_dir = find_run(_root(root), run_id)
     state = load_state(run_dir)

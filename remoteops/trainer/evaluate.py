@@ -20,7 +20,6 @@ import math
 import re
 import time
 import unicodedata
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,8 +180,9 @@ def run_eval(cfg, run_dir: Path, adapter: Path | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from remoteops.common.clock import now_iso_precise
+    from remoteops.common.files import write_atomic_text
     from remoteops.trainer.data import encode, read_jsonl, render
-    from remoteops.trainer.rundir import write_atomic
     from remoteops.trainer.train import load_tokenizer, quiet_transformers, say
 
     log = log or say
@@ -231,7 +231,7 @@ def run_eval(cfg, run_dir: Path, adapter: Path | None = None,
     metrics = {"coverage": scored["coverage"], "format": scored["format"],
                "eval_loss": adapter_loss, "perplexity": _ppl(adapter_loss),
                "base_eval_loss": base_loss, "base_perplexity": _ppl(base_loss)}
-    report = {"stage": cfg.name, "time": datetime.now(timezone.utc).isoformat(),
+    report = {"stage": cfg.name, "time": now_iso_precise(),
               "duration_s": round(time.time() - started, 2), "adapter": str(adapter),
               "base_model": str(cfg.base_model), "eval_set": data.path,
               "metrics": metrics, "targets": scored["targets"], "pass": scored["pass"],
@@ -239,7 +239,7 @@ def run_eval(cfg, run_dir: Path, adapter: Path | None = None,
                                                  "rules_passed")},
               "items": scored["items"]}
     path = Path(run_dir) / f"eval_report_{cfg.name}.json"
-    write_atomic(path, json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_atomic_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     for name, t in scored["targets"].items():
         log(f"{cfg.name} {name}: {fmt(t['value'])} (target {t['target']:.0%}): {t['status']}")

@@ -13,26 +13,16 @@ import json
 import os
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from remoteops.common.clock import now_iso_precise, utc_stamp
+from remoteops.common.files import write_atomic_text
 
 RUNS_DIR = Path("outputs") / "training_sync"
 SIGNALS = ("healthy", "done", "failed")
 METRIC_FIELDS = ("stage", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm",
                  "tokens_per_s", "time")
-
-
-def utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def new_run_dir(project_dir: Path) -> Path:
@@ -75,9 +65,9 @@ class RunDir:
         """Write ``<stage>.<name>`` and its JSON; a new done/failed clears the other."""
         assert name in SIGNALS, name
         info = {"stage": self.stage, "signal": name, "reason": reason,
-                "time": datetime.now(timezone.utc).isoformat(), "pid": os.getpid(), **details}
-        write_atomic(self.path / f"{self.stage}.{name}.json", json.dumps(info, indent=2) + "\n")
-        write_atomic(self.path / f"{self.stage}.{name}", (reason or name) + "\n")
+                "time": now_iso_precise(), "pid": os.getpid(), **details}
+        write_atomic_text(self.path / f"{self.stage}.{name}.json", json.dumps(info, indent=2) + "\n")
+        write_atomic_text(self.path / f"{self.stage}.{name}", (reason or name) + "\n")
 
     def clear_signals(self) -> None:
         for name in SIGNALS:
@@ -90,8 +80,8 @@ class RunDir:
 
     # -- heartbeat -------------------------------------------------------------
     def beat(self) -> None:
-        write_atomic(self.path / "heartbeat", json.dumps(
-            {"time": time.time(), "iso": datetime.now(timezone.utc).isoformat(),
+        write_atomic_text(self.path / "heartbeat", json.dumps(
+            {"time": time.time(), "iso": now_iso_precise(),
              "pid": os.getpid(), "stage": self.stage, "step": self.step}) + "\n")
 
     def start_heartbeat(self, every: float) -> None:
@@ -149,5 +139,5 @@ class RunDir:
         path = self.path / "summary.json"
         data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         data.setdefault("stages", {})[self.stage] = entry
-        data["updated"] = datetime.now(timezone.utc).isoformat()
-        write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+        data["updated"] = now_iso_precise()
+        write_atomic_text(path, json.dumps(data, indent=2, default=str) + "\n")

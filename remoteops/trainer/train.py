@@ -13,10 +13,10 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from remoteops.common.clock import now_iso_precise
 from remoteops.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
@@ -284,10 +284,6 @@ def _trainer_class():
     return RemoteOpsTrainer
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
 def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
               log: Callable[[str], None] = say) -> dict[str, Any]:
     """Train one stage into ``run_path``; returns the stage's summary entry."""
@@ -299,8 +295,8 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
     old = json.loads((run.path / "summary.json").read_text(encoding="utf-8")).get(
         "stages", {}).get(cfg.name, {}) if (resume and (run.path / "summary.json").exists()) else {}
     started = time.time()
-    entry: dict[str, Any] = {"status": "running", "reason": "", "started": _now(), "pid": os.getpid(),
-                             "config": cfg.as_dict(), "run_dir": str(run.path),
+    entry: dict[str, Any] = {"status": "running", "reason": "", "started": now_iso_precise(),
+                             "pid": os.getpid(), "config": cfg.as_dict(), "run_dir": str(run.path),
                              "resumed_from": str(resume) if resume else None,
                              "base_eval_loss": old.get("base_eval_loss")}
     run.clear_signals()
@@ -375,7 +371,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             raise
     finally:
         entry["duration_s"] = round(time.time() - started, 2)
-        entry["finished"] = _now()
+        entry["finished"] = now_iso_precise()
         entry["checkpoints"] = [{k: c[k] for k in ("path", "step", "epoch", "size", "eval_loss",
                                                    "best", "latest")}
                                 for c in list_checkpoints(run.checkpoints)]
