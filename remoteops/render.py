@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from remoteops.common.sizes import human_size
+
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
@@ -99,14 +101,6 @@ def print_settings(items: Iterable[tuple[str, Any, str]], files: list[str], as_j
     console().print(table)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def print_built(built: Any, as_json: bool) -> None:
     m = built.manifest
     data = {"bundle": str(built.tar_path), "manifest": str(built.manifest_path),
@@ -120,8 +114,8 @@ def print_built(built: Any, as_json: bool) -> None:
         return
     note = " (unchanged since the last build)" if built.reused else ""
     print(f"bundle v{m.version} {m.content_id[:12]}{note}: {built.tar_path}")
-    print(f"  {len(m.files)} files, {human_bytes(m.total_size)} "
-          f"({human_bytes(data['compressed'])} compressed), toolkit {m.toolkit_version}")
+    print(f"  {len(m.files)} files, {human_size(m.total_size)} "
+          f"({human_size(data['compressed'])} compressed), toolkit {m.toolkit_version}")
     _print_exclusions(built)
 
 
@@ -149,7 +143,7 @@ def print_plan(outcome: Any) -> None:
     send = sum(files[p].size for p in plan["need"])
     print(f"  {len(plan['added'])} added, {len(plan['changed'])} changed, "
           f"{len(plan['delete'])} deleted, {plan['unchanged']} unchanged; "
-          f"{human_bytes(send)} of files to send")
+          f"{human_size(send)} of files to send")
     rows = ([("+", p) for p in plan["added"]] + [("~", p) for p in plan["changed"]]
             + [("-", p) for p in plan["delete"]])
     for mark, path in rows[:20]:
@@ -167,7 +161,7 @@ def print_deploy(outcome: Any, as_json: bool) -> None:
         return
     if outcome.noop:
         print(f"up to date (v{outcome.bundle.manifest.version}); sent "
-              f"{human_bytes(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
+              f"{human_size(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
         return
     applied = outcome.applied
     if applied.get("recovered"):
@@ -178,7 +172,7 @@ def print_deploy(outcome: Any, as_json: bool) -> None:
         print(f"broke a stale lock left by {applied['broken_lock'].get('holder')}")
     print(f"applied v{applied['version']}: {applied['created']} created, "
           f"{applied['overwritten']} overwritten, {applied['deleted']} deleted; sent "
-          f"{human_bytes(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
+          f"{human_size(outcome.sent_bytes)} in {outcome.seconds:.2f}s")
     print(f"backup: {applied['backup']}")
     print(f"undo with: invoke rollback --backup {applied['backup_name']}")
 
@@ -241,6 +235,6 @@ def print_backups(target: str, rows: list[dict], as_json: bool) -> None:
     for r in rows:
         table.add_row("*" if r["current"] else "", escape(r["name"]), r["kind"],
                       f"v{r['version']}", f"v{r['from_version']}" if r["from_version"] else "-",
-                      str(r["files"]), human_bytes(r["size"]))
+                      str(r["files"]), human_size(r["size"]))
     print_wide(table)
     print("* current: rolling back to it undoes the latest deploy")

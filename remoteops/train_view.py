@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from remoteops.errors import RemoteOpsError
-from remoteops.render import console, human_bytes, name_column, print_json, print_wide
+from remoteops.common.sizes import human_size
+from remoteops.render import console, name_column, print_json, print_wide
 
 _STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
           "pending": "", "cancelled": "yellow", "dead": "bold red"}
@@ -281,7 +282,7 @@ def print_collected(data: dict, as_json: bool) -> None:
     if data["in_place"]:
         print("collect: results are already here (local target, in place)")
     else:
-        print(f"collected {len(data['fetched'])} file(s), {human_bytes(data['bytes'])} "
+        print(f"collected {len(data['fetched'])} file(s), {human_size(data['bytes'])} "
               f"({data['unchanged']} already here) in {data['seconds']:.1f}s")
     if data.get("summary"):
         print(f"summary: {data['summary']}")

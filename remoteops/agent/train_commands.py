@@ -119,7 +119,8 @@ def register(group: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def checkpoints(stage, config, run_dir, as_json):
         """List a stage's checkpoints with sizes, best and latest."""
-        from remoteops.trainer.checkpoints import human_size, list_checkpoints
+        from remoteops.common.sizes import human_size
+        from remoteops.trainer.checkpoints import list_checkpoints
 
         _, cfg = _load(config, stage)
         path = _resolve_run_dir(cfg.project_dir, run_dir) or _latest_run_dir(cfg.project_dir, stage)
@@ -136,7 +137,7 @@ def register(group: click.Group) -> None:
             loss = f"eval_loss {c['eval_loss']:.4f}" if c["eval_loss"] is not None else ""
             epoch = f"epoch {c['epoch']:g}" if c["epoch"] is not None else ""
             click.echo(f"  {c['name']:<18} step {c['step']:<6} {epoch:<10} {loss:<18} "
-                       f"{human_size(c['size']):>9}  {' '.join(tags)}")
+                       f"{human_size(c['size'], 'binary'):>9}  {' '.join(tags)}")
 
     @group.command("eval")
     @click.option("--stage", required=True, help="Stage name.")

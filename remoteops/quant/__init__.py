@@ -27,7 +27,7 @@ DEFAULT_PPL_DELTA_FAIL = 1.0     # above this (perplexity doubled): not feasible
 
 __all__ = ["QuantJob", "perplexity_from_logits", "VERDICTS", "FEASIBLE", "WITH_LOSS",
            "NOT_FEASIBLE", "SKIPPED", "row_verdict", "overall_verdict", "skipped",
-           "missing_modules", "human_size"]
+           "missing_modules"]
 
 
 def row_verdict(ppl_delta: float | None, problems: Iterable[str] = (),
@@ -78,13 +78,3 @@ def missing_modules(names: Iterable[str]) -> list[str]:
         except Exception as exc:  # ImportError, or a broken install raising anything
             out.append(f"{name} ({type(exc).__name__}: {exc})")
     return out
-
-
-def human_size(n: int | float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

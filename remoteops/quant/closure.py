@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from remoteops.quant import human_size
+from remoteops.common.clock import now_iso_precise
+from remoteops.common.sizes import human_size
 
 SECTIONS = ("Training outcome", "Eval metrics vs targets", "Post-eval fixes (before / after)",
             "Issue log", "Quantization", "Reproduce")
@@ -41,7 +41,7 @@ def build_closure(run_dir: Path, settings=None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     summary = _read(run_dir / "summary.json") or {}
     project = Path(settings.project_dir) if settings is not None else None
-    out: dict[str, Any] = {"run_dir": str(run_dir), "written": datetime.now(timezone.utc).isoformat(),
+    out: dict[str, Any] = {"run_dir": str(run_dir), "written": now_iso_precise(),
                            "project_dir": str(project) if project else None, "stages": {}}
     for stage in _stages(run_dir, summary):
         train = (summary.get("stages") or {}).get(stage)
@@ -215,7 +215,7 @@ def _quant_md(q: dict | None) -> list[str]:
             verdict = r.get("verdict") or "n/a"
             if verdict != "feasible" and r.get("reason"):
                 verdict += f": {r['reason']}"
-            out.append(f"| {name} | {r.get('type')} | {human_size(r.get('size_bytes'))} | "
+            out.append(f"| {name} | {r.get('type')} | {human_size(r.get('size_bytes'), 'iec')} | "
                        f"{_num(r.get('ppl'), 6)} | {_pct(r.get('ppl_delta'), signed=True)} | "
                        f"{_num(r.get('tokens_per_s'), 4)} | {_cell(verdict)} |")
     out += ["", "Size is the file size (GGUF) or the loaded model's memory footprint (bitsandbytes); "
@@ -234,7 +234,7 @@ def _quant_md(q: dict | None) -> list[str]:
                 bits.append(f"logit max abs diff {r['logit_max_abs_diff']:.2e}, top-1 agreement "
                             f"{_pct(r.get('top1_agreement'))}")
             if r.get("memory_bytes"):
-                bits.append(f"memory {human_size(r['memory_bytes'])}")
+                bits.append(f"memory {human_size(r['memory_bytes'], 'iec')}")
             if r.get("sample"):
                 bits.append(f"sample `{_cell(r['sample'][:80])}`")
             if bits:
@@ -255,7 +255,7 @@ def quant_section(run_dir: str | Path, check: str) -> str | None:
         if not res.get("rows"):
             lines.append(f"| {stage} | - | - | - | {res.get('verdict')}: {_cell(res.get('reason'))} |")
         for r in res.get("rows") or []:
-            lines.append(f"| {stage} | {r.get('type')} | {human_size(r.get('size_bytes'))} | "
+            lines.append(f"| {stage} | {r.get('type')} | {human_size(r.get('size_bytes'), 'iec')} | "
                          f"{_pct(r.get('ppl_delta'), signed=True)} | {r.get('verdict')} |")
     if not lines:
         return None

@@ -8,7 +8,8 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-from remoteops.trainer.checkpoints import dir_size, human_size  # noqa: F401 (re-exported)
+from remoteops.common.sizes import human_size
+from remoteops.trainer.checkpoints import dir_size
 from remoteops.trainer.rundir import RunDir
 
 
@@ -74,7 +75,7 @@ class CheckpointReporter(TrainerCallback):
             why.insert(1, f"best so far (eval_loss {eval_loss:.4f})" if eval_loss is not None
                        else "best so far")
         size = dir_size(path)
-        self.say(f"checkpoint saved: {path} ({human_size(size)}): {', '.join(why)}")
+        self.say(f"checkpoint saved: {path} ({human_size(size, 'binary')}): {', '.join(why)}")
         if self.on_saved:
             self.on_saved({"path": str(path), "step": state.global_step, "size": size,
                            "why": why, "eval_loss": eval_loss})

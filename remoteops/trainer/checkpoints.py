@@ -17,14 +17,6 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def is_complete(path: Path) -> bool:
     """A checkpoint a resume can use: the trainer state (written last) and optimizer state."""
     return (path / "trainer_state.json").is_file() and any(path.glob("optimizer.*"))
