@@ -30,7 +30,8 @@ from remoteops.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
 from remoteops.bundle_tar import (FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
                                   iter_members, write_tar)  # re-exported for the deploy path
 from remoteops.common.clock import now_iso
-from remoteops.common.files import sha256_file, sha256_fileobj  # noqa: F401 - re-exported
+from remoteops.common.files import (sha256_file, sha256_fileobj,  # noqa: F401 - re-exported
+                                    write_atomic_text)
 
 # Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
 # words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
@@ -142,12 +143,10 @@ class HashCache:
     def save(self) -> None:
         if self.new == self.old:
             return
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
-            tmp.write_text(json.dumps(self.new, separators=(",", ":")))
-            os.replace(tmp, self.path)
+            write_atomic_text(self.path, json.dumps(self.new, separators=(",", ":")))
         except OSError:
-            tmp.unlink(missing_ok=True)  # only a cache
+            pass  # only a cache (a failed write removes its temp file)
 
 
 # -- choosing files -------------------------------------------------------------------------
@@ -400,9 +399,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
     write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier)
     manifest_path = out / f"{name}-v{version}.manifest.json"
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, manifest_path)
+    write_atomic_text(manifest_path, manifest.to_json())
     return Built(tar_path, manifest_path, manifest, seconds=time.monotonic() - started,
                  excluded=chosen.report())
 

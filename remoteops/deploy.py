@@ -37,6 +37,7 @@ from typing import Callable
 from remoteops.bundles import (BundleError, Built, Manifest, _project_sources, build_bundle,
                                content_id, load_manifest, manifest_for, plan_between,
                                read_member_bytes, sha256_file, verify_bundle, write_delta)
+from remoteops.common.files import write_atomic_json
 from remoteops.config import Settings
 from remoteops.errors import RemoteCommandError, RemoteOpsError
 from remoteops.targets import AgentMissing, SSHTarget, Target, shell_path
@@ -250,10 +251,7 @@ def _remember(settings: Settings, target: Target, manifest_path: Path, manifest:
               "content_id": manifest.content_id, "version": manifest.version,
               "manifest": str(Path(manifest_path).resolve()), "free_bytes": free_bytes}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic_json(path, record, indent=1)
     except OSError:
         pass
 

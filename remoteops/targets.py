@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remoteops.common.files import write_atomic_bytes
 from remoteops.config import Settings, resolve_secret
 from remoteops.errors import ConnectError, RemoteCommandError, RemoteOpsError
 
@@ -253,14 +254,7 @@ class LocalTarget(Target):
         return self._path(path).read_bytes()
 
     def _write_bytes(self, path: str, data: bytes) -> None:
-        dest = self._path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        write_atomic_bytes(self._path(path), data)
 
     def _size(self, path: str) -> int | None:
         try:
