@@ -142,7 +142,7 @@ class Runner:
         every = max(MIN_HEARTBEAT_S, every)  # 0 or less must not spin a core
         while True:
             write_atomic_text(self.run_dir / "runner.heartbeat",
-                         json.dumps({"time": time.time(), "pid": os.getpid()}))
+                              json.dumps({"time": time.time(), "pid": os.getpid()}))
             if self._stop_beat.wait(every):
                 return
 
