@@ -21,7 +21,7 @@ def register_checks(register: Callable[[Any], None], settings: Any) -> None:
 
 @hookspec
 def register_executors(register: Callable[[str, Any], None]) -> None:
-    """Register stage executors by name: ``register("slurm", SlurmExecutor)``."""
+    """Register stage executors by name: ``register("slurm", SlurmExecutor)``. (Not called yet.)"""
 
 
 @hookspec
@@ -36,7 +36,7 @@ def after_stage(stage: str, run_dir: str, status: str, settings: Any) -> None:
 
 @hookspec
 def health_rules(register: Callable[[Any], None], settings: Any) -> None:
-    """Register extra training health rules (called with each new metrics row)."""
+    """Register extra training health rules (called with each new metrics row). (Not called yet.)"""
 
 
 @hookspec
@@ -51,4 +51,4 @@ def register_quant_checks(register: Callable[[str, Any], None], settings: Any) -
 
 @hookspec
 def report_sections(run_dir: str, summary: dict, settings: Any) -> list[tuple[str, str]] | None:
-    """Return ``(title, markdown)`` sections to add to the run's reports."""
+    """Return ``(title, markdown)`` sections to add to the run's TRAINING_SUMMARY.md."""

@@ -107,9 +107,31 @@ def stage_rows(run_dir: Path, state: dict, project_root: Path | None) -> list[di
     return rows
 
 
+def plugin_sections(run_dir: Path, summary: dict, settings: Any, root: Path,
+                    pm: Any = None) -> list[tuple[str, str]]:
+    """``(title, markdown)`` sections from every ``report_sections`` implementation.
+
+    A failing plugin is named in a section of its own instead: a report problem must not
+    hide the run's outcome.
+    """
+    from remoteops.config import load_settings
+    from remoteops.plugins import get_plugin_manager
+
+    try:
+        settings = settings if settings is not None else load_settings(root)
+        pm = pm or get_plugin_manager(root, settings["plugins_dir"])
+        found = pm.hook.report_sections(run_dir=str(run_dir), summary=summary, settings=settings)
+    except Exception as exc:  # noqa: BLE001 - one plugin's bug must not lose the report
+        return [("Plugin sections", f"could not be written: `{type(exc).__name__}: {exc}`")]
+    return [(str(title), str(body)) for sections in found for title, body in sections or []]
+
+
 def write_training_summary(run_dir: Path, settings: Any = None,
-                           project_root: Path | None = None) -> Path:
-    """Write TRAINING_SUMMARY.md, the loss PNGs and run_summary.json into ``run_dir``."""
+                           project_root: Path | None = None, pm: Any = None) -> Path:
+    """Write TRAINING_SUMMARY.md, the loss PNGs and run_summary.json into ``run_dir``.
+
+    Plugins add sections through the ``report_sections`` hook.
+    """
     run_dir = Path(run_dir)
     state = _read_json(run_dir / "state.json")
     if state is None:
@@ -150,6 +172,9 @@ def write_training_summary(run_dir: Path, settings: Any = None,
     lines += ["## Retries and warnings", ""]
     lines += [f"- {stage}: {w}" for stage, w in warnings] or ["- none"]
     lines.append("")
+    summary = {"run_id": state["run_id"], "status": state["status"], "stages": rows}
+    for title, body in plugin_sections(run_dir, summary, settings, root, pm):
+        lines += [f"## {title}", "", body, ""]
     lines += ["## Reproduce", "", "```bash",
               f"invoke remote-train --host {state.get('host') or 'local'} --stages "
               f"{','.join(s['name'] for s in state['stages'] if s['status'] != 'skipped')} --yes",

@@ -256,7 +256,7 @@ class Runner:
         try:
             from remoteops.reports import write_training_summary
 
-            write_training_summary(self.run_dir, self.settings)
+            write_training_summary(self.run_dir, self.settings, pm=self.pm)
         except Exception as exc:  # a report problem must not hide the run's outcome
             self.log(f"could not write the report: {type(exc).__name__}: {exc}")
         try:
