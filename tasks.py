@@ -5,7 +5,7 @@ import sys
 
 from invoke import task
 
-from remoteops.tasks import make_namespace
+from remoteops.laptop.tasks import make_namespace
 
 ns = make_namespace()
 
@@ -78,7 +78,7 @@ def bench_trainer(c, steps=40, repeats=3):
     """Benchmark our trainer against a plain transformers.Trainer (step-time ratio)."""
     import json
 
-    from remoteops.trainer.bench import run_bench
+    from tests.bench.bench_trainer import run_bench
 
     print(json.dumps(run_bench(steps=steps, repeats=repeats), indent=2))
 

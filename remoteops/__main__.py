@@ -1,3 +1,3 @@
-from remoteops.main import program
+from remoteops.laptop.main import program
 
 program.run()

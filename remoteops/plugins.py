@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from remoteops import hookspecs
-from remoteops.errors import RemoteOpsError
+from remoteops.common.errors import RemoteOpsError
 
 GROUP = "remoteops"
 # Built-ins in this tuple, loaded in this order.

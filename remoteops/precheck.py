@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from remoteops.checks import FAIL, Check, CheckResult
-from remoteops.config import Settings
+from remoteops.common.config import Settings
 from remoteops.plugins import collect, get_plugin_manager
-from remoteops.targets import Target
+from remoteops.common.target import Target
 
 # Runs on the server: every probe in its own namespace, each failure contained.
 PROBE_RUNNER = r'''
@@ -48,7 +48,7 @@ def load_checks(settings: Settings, pm: Any = None) -> list[Check]:
     names = [c.name for c in checks]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
-        from remoteops.errors import RemoteOpsError
+        from remoteops.common.errors import RemoteOpsError
 
         raise RemoteOpsError(f"two plugins register a check named {sorted(dupes)[0]!r}; block "
                              "one with REMOTEOPS_BLOCK_PLUGINS or rename its check.")

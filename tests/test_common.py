@@ -206,12 +206,12 @@ BANNED = ("torch", "transformers", "peft", "bitsandbytes", "llama_cpp", "fabric"
 @pytest.mark.parametrize("stub_parent", [True, False])
 def test_common_imports_nothing_outside_itself(stub_parent):
     """``remoteops.common`` is pure Python both sides use: no torch, no SSH, no CLI, and no
-    other part of remoteops but ``remoteops.paths`` (checked in a fresh interpreter)."""
+    other part of remoteops but ``remoteops.common.paths`` (checked in a fresh interpreter)."""
     loaded = _modules_after_importing_common(stub_parent)
     assert {"remoteops.common.files", "remoteops.common.clock",
             "remoteops.common.sizes"} <= set(loaded)
     assert [m for m in loaded if m.split(".")[0] in BANNED] == []
     if stub_parent:
         outside = [m for m in loaded if m.startswith("remoteops.")
-                   and not m.startswith("remoteops.common") and m != "remoteops.paths"]
+                   and not m.startswith("remoteops.common") and m != "remoteops.common.paths"]
         assert outside == []

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from remoteops.config import load_settings
-from remoteops.errors import ConfigError
+from remoteops.common.config import load_settings
+from remoteops.common.errors import ConfigError
 
 
 def write(path, text):

@@ -217,9 +217,9 @@ def counted(target, monkeypatch) -> list[str]:
 def test_a_confirmed_deploy_asks_once_and_makes_one_command(deploy, project, server_root,
                                                              monkeypatch):
     """In-process, with a confirm callback (an interactive deploy): the plan from the record."""
-    from remoteops.config import load_settings
-    from remoteops.deploy import deploy as run_deploy
-    from remoteops.targets import open_target
+    from remoteops.common.config import load_settings
+    from remoteops.laptop.deploy import deploy as run_deploy
+    from remoteops.laptop.targets import open_target
 
     deploy("deploy-bundle", "--yes")
     (project / "code" / "train.py").write_text("print('asked')\n")

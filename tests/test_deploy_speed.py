@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from remoteops.bundles import (HashCache, iter_members, load_manifest, write_delta, write_tar)
+from remoteops.laptop.build import (HashCache, iter_members, load_manifest, write_delta, write_tar)
 
 
 def _digest(path: Path) -> str:

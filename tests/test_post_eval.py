@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from remoteops.config import load_settings
+from remoteops.common.config import load_settings
 from remoteops.plugins import PluginManager, builtin_dir, load_file
 from remoteops.trainer.demo_model import copy_demo_project
 from remoteops.trainer.evaluate import compare_targets, score_items
@@ -69,7 +69,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def test_rules_lift_format_compliance_over_target_with_counts_and_issue_log(project, tmp_path):
-    from remoteops.postprocess import run_after_stage
+    from remoteops.server.postprocess import run_after_stage
 
     run = tmp_path / "run"
     run.mkdir()
@@ -136,8 +136,8 @@ class _FakeSettings(dict):
 
 
 def test_disabled_or_other_stage_does_not_run_but_the_command_does(project, tmp_path):
-    from remoteops.agent.quant_commands import register
-    from remoteops.postprocess import run_after_stage
+    from remoteops.server.agent.quant_commands import register
+    from remoteops.server.postprocess import run_after_stage
 
     run = tmp_path / "run"
     run.mkdir()
@@ -150,7 +150,7 @@ def test_disabled_or_other_stage_does_not_run_but_the_command_does(project, tmp_
 
     group = click.Group()
     register(group)
-    import remoteops.postprocess as pp
+    import remoteops.server.postprocess as pp
 
     orig = pp._pm
     pp._pm = lambda s, p: pm  # the command loads plugins itself; give it ours

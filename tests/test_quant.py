@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from remoteops.config import load_settings  # noqa: E402
+from remoteops.common.config import load_settings  # noqa: E402
 from remoteops.plugins import PluginManager, builtin_dir, load_file  # noqa: E402
 from remoteops.quant import (FEASIBLE, NOT_FEASIBLE, SKIPPED, WITH_LOSS,  # noqa: E402
                              overall_verdict, row_verdict)
@@ -154,7 +154,7 @@ def test_converter_is_unpacked_safely_and_a_bad_checkout_is_named(tmp_path):
 def test_gguf_check_converts_quantizes_loads_and_measures(trained):
     need("llama_cpp", "llama-cpp-python, the quant extra")
     need("gguf", "the quant extra")
-    from remoteops.postprocess import run_quant_checks
+    from remoteops.server.postprocess import run_quant_checks
 
     project, run = trained
     logs: list[str] = []
@@ -184,7 +184,7 @@ def test_gguf_check_converts_quantizes_loads_and_measures(trained):
 
 def test_gguf_unknown_pre_tokenizer_is_a_clear_not_feasible(trained, tmp_path):
     need("llama_cpp", "llama-cpp-python, the quant extra")
-    from remoteops.postprocess import run_quant_checks
+    from remoteops.server.postprocess import run_quant_checks
 
     project, run = trained
     with open(project / "remoteops.toml", encoding="utf-8") as fh:
@@ -215,7 +215,7 @@ def test_gguf_unknown_pre_tokenizer_is_a_clear_not_feasible(trained, tmp_path):
 # -- bitsandbytes ---------------------------------------------------------------------------
 def test_bnb_check_loads_8bit_and_nf4_on_cpu(trained):
     need("bitsandbytes", "the quant extra")
-    from remoteops.postprocess import run_quant_checks
+    from remoteops.server.postprocess import run_quant_checks
 
     project, run = trained
     res = run_quant_checks(settings_of(project), "tiny", run, plugin_manager("quant_bnb"),
@@ -235,9 +235,9 @@ BLOCKED = r"""
 import json, sys
 sys.modules["bitsandbytes"] = None  # as if it were not installed
 from pathlib import Path
-from remoteops.config import load_settings
+from remoteops.common.config import load_settings
 from remoteops.plugins import PluginManager, builtin_dir, load_file
-from remoteops.postprocess import run_after_stage, write_closure_report
+from remoteops.server.postprocess import run_after_stage, write_closure_report
 project, run = Path(sys.argv[1]), Path(sys.argv[2])
 pm = PluginManager()
 for name in ("post_eval_fix", "quant_bnb"):
@@ -269,8 +269,8 @@ def test_bnb_missing_is_skipped_with_reason_and_the_rest_goes_on(trained, tmp_pa
 
 # -- the closure report ----------------------------------------------------------------------
 def test_closure_report_has_every_section(trained):
-    from remoteops.agent.quant_commands import register
-    from remoteops.postprocess import run_after_stage
+    from remoteops.server.agent.quant_commands import register
+    from remoteops.server.postprocess import run_after_stage
 
     import click
     from click.testing import CliRunner

@@ -5,8 +5,8 @@ import shutil
 import subprocess
 import sys
 
-from remoteops.config import load_settings
-from remoteops.targets import open_target
+from remoteops.common.config import load_settings
+from remoteops.laptop.targets import open_target
 from tests.conftest import ssh_alias, trust
 
 # Every check passes on a CPU machine with these (the GPU gate is tested elsewhere).

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from remoteops.config import load_settings  # noqa: E402
-from remoteops.errors import ConfigError  # noqa: E402
+from remoteops.common.config import load_settings  # noqa: E402
+from remoteops.common.errors import ConfigError  # noqa: E402
 from remoteops.trainer.demo_model import build_demo_model, copy_demo_project  # noqa: E402
 from remoteops.trainer.stageconf import resolve_stage  # noqa: E402
 

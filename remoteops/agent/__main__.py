@@ -1,3 +1,3 @@
-from remoteops.agent.cli import main
+from remoteops.server.agent.cli import main
 
 main()

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from remoteops.errors import ConfigError
+from remoteops.common.errors import ConfigError
 from remoteops.trainer.rundir import run_dirs
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

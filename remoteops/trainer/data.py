@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remoteops.errors import ConfigError
+from remoteops.common.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
 

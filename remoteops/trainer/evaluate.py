@@ -23,7 +23,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable
 
-from remoteops.errors import ConfigError
+from remoteops.common.errors import ConfigError
 
 _PUNCT = set("，。、；：？！“”‘’（）《》【】「」,.;:?!\"'()[]<>*`#~|")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")

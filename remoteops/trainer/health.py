@@ -32,7 +32,7 @@ _CUDA_MARKERS = ("cuda error", "cublas", "cudnn", "nccl", "device-side assert",
 
 def classify_exception(exc: BaseException) -> str:
     """The failure class of an exception raised by training."""
-    from remoteops.errors import ConfigError
+    from remoteops.common.errors import ConfigError
 
     name = type(exc).__name__
     text = str(exc).lower()

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from remoteops.trainer.defaults import HEALTH_DEFAULTS
+from remoteops.common.defaults import HEALTH_DEFAULTS
 
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)
 _CUDA = re.compile(r"CUDA error|cudaError|CUDNN_STATUS|NCCL error|device-side assert|"

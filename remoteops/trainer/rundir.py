@@ -18,8 +18,8 @@ from typing import Any
 
 from remoteops.common.clock import now_iso_precise, utc_stamp
 from remoteops.common.files import write_atomic_text
+from remoteops.common.runs import RUNS_DIR
 
-RUNS_DIR = Path("outputs") / "training_sync"
 SIGNALS = ("healthy", "done", "failed")
 METRIC_FIELDS = ("stage", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm",
                  "tokens_per_s", "time")

@@ -12,16 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remoteops.errors import ConfigError
-from remoteops.trainer.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS
+from remoteops.common.errors import ConfigError
+from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, PRESETS, TRAIN_DEFAULTS  # noqa: F401
 
 # A preset scales the stage's own settings, so it works for any data size.
-PRESETS: dict[str, dict[str, float]] = {
-    "quick": {"epochs_scale": 0.5, "max_seq_len_cap": 256},
-    "standard": {},
-    "extended": {"epochs_scale": 2.0},
-}
-
 # The seed project's targets (key-point coverage, format compliance).
 SEED_TARGETS = {
     "style": {"coverage": 0.90, "format": 0.95},
@@ -106,7 +100,7 @@ def read_overrides(path: str | None) -> dict[str, Any] | None:
 
 def resolve_stage(settings, stage: str, preset: str | None = None,
                   overrides: dict[str, Any] | None = None) -> StageConfig:
-    """The effective settings of ``stage`` from loaded ``settings`` (see remoteops.config)."""
+    """The effective settings of ``stage`` from loaded ``settings`` (see remoteops.common.config)."""
     stages = settings.get("stages") or {}
     entry = stages.get(stage)
     if entry is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from remoteops.common.clock import now_iso_precise
-from remoteops.errors import ConfigError
+from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
 from remoteops.trainer.rundir import RunDir

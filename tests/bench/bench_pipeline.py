@@ -30,7 +30,7 @@ def _cli(project: Path, env: dict, *args: str) -> tuple[float, subprocess.Comple
 def _user_venv(work: Path, user: str) -> Path:
     """A venv the throwaway user can run (root's Python lives under a private /root), with
     this toolkit installed from its own wheel, as deploy-bundle would do."""
-    from remoteops.wheel import build_toolkit_wheel
+    from remoteops.laptop.wheel import build_toolkit_wheel
 
     venv = work / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from remoteops.apply import Project
-from remoteops.errors import RemoteOpsError
-from remoteops.targets import parse_marked
+from remoteops.server.apply import Project
+from remoteops.common.errors import RemoteOpsError
+from remoteops.common.wire import parse_marked
 from tests.reliability.test_trees import agent, make_bundle, tree
 
 V1 = {"a.txt": b"a1\n", "keep.txt": b"k\n"}

@@ -33,7 +33,7 @@ command = "bash mine.sh"
 HOSTILE = r'''
 import json, subprocess, sys, time
 from pathlib import Path
-from remoteops.targets import BEGIN, END, parse_marked
+from remoteops.common.wire import BEGIN, END, parse_marked
 
 plan = json.loads((Path(__file__).parent / "plan.json").read_text())
 real = subprocess.run([sys.executable, *sys.argv[1:]], capture_output=True, text=True)
@@ -236,7 +236,7 @@ def test_since_is_judged_by_the_servers_clock(cli, project, home, tmp_path, sshd
 
 
 def test_since_parsing_and_cutoffs():
-    from remoteops.collect import Since, parse_since
+    from remoteops.laptop.collect import Since, parse_since
 
     assert parse_since("10") == Since(seconds=600)
     assert parse_since("90s") == Since(seconds=90)
@@ -280,7 +280,7 @@ def test_a_command_stage_declared_output_is_collected_and_an_escaping_one_is_rep
 
 
 def test_server_listing_hashes_exactly_the_listed_bytes_and_skips_escaping_links(tmp_path):
-    from remoteops.collect_list import list_run_files
+    from remoteops.server.collect_list import list_run_files
 
     project = tmp_path / "proj"
     run = project / "outputs" / "training_sync" / "run_x"
@@ -308,8 +308,8 @@ _SEGMENT = st.sampled_from(["outputs", "..", ".", "", "a", "adapter", "~", "/", 
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(st.lists(_SEGMENT, max_size=6).map("/".join), st.text(max_size=40)))
 def test_fuzz_a_name_is_either_refused_or_stays_inside_outputs(name):
-    from remoteops.errors import RemoteOpsError
-    from remoteops.safe_write import UnsafePath, safe_parts
+    from remoteops.common.errors import RemoteOpsError
+    from remoteops.laptop.safe_write import UnsafePath, safe_parts
 
     base = Path("/nonexistent/project")
     try:
@@ -323,7 +323,7 @@ def test_fuzz_a_name_is_either_refused_or_stays_inside_outputs(name):
 
 
 def test_declared_outputs_widen_the_write_area_exactly():
-    from remoteops.safe_write import UnsafePath, safe_parts
+    from remoteops.laptop.safe_write import UnsafePath, safe_parts
 
     areas = ["outputs", "models/final.bin", "exports"]
     assert safe_parts("models/final.bin", areas) == ["models", "final.bin"]

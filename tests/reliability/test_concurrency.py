@@ -115,7 +115,7 @@ def test_pipeline_start_undoes_a_deploy_killed_half_way(local, project, server_r
 RACER = r"""
 import os, sys, time
 from pathlib import Path
-from remoteops.locks import FileLock, LockedError
+from remoteops.common.locks import FileLock, LockedError
 path, go, done = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
 while time.time() < go:
     time.sleep(0.001)
@@ -161,12 +161,12 @@ def test_eight_processes_racing_for_a_dead_holders_lock_exactly_one_wins(tmp_pat
 def test_a_live_holder_keeps_the_lock_and_its_death_frees_it(tmp_path):
     path = tmp_path / "lock"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom remoteops.locks import FileLock\n"
+        "import sys, time\nfrom remoteops.common.locks import FileLock\n"
         f"FileLock({str(path)!r}, 'deploy v9').acquire()\nprint('held', flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        from remoteops.locks import FileLock, LockedError
+        from remoteops.common.locks import FileLock, LockedError
 
         with pytest.raises(LockedError, match=f"locked by deploy v9 \\(pid {holder.pid} "):
             FileLock(path, "me").acquire()

@@ -1,4 +1,4 @@
-"""Fuzz the one path check (remoteops.paths) every manifest entry, tar member, link target
+"""Fuzz the one path check (remoteops.common.paths) every manifest entry, tar member, link target
 and backup record goes through: whatever it accepts stays inside the root, outside
 ``.remoteops/``, and names no file over NAME_MAX. A fixed budget keeps it to seconds."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from remoteops.bundle_tar import BundleError, check_member
-from remoteops.paths import (NAME_MAX, RESERVED, UnsafePath, safe_link_target, safe_relpath)
+from remoteops.common.bundle_tar import BundleError, check_member
+from remoteops.common.paths import (NAME_MAX, RESERVED, UnsafePath, safe_link_target, safe_relpath)
 
 PIECES = ["", ".", "..", "...", RESERVED, RESERVED.upper(), "a", "b c", "é", "\x00", "\\",
           "..\\..", "~", "$HOME", "n" * 255, "é" * 128, "x" * 256, "/", "//", "files"]

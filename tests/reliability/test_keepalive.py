@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from remoteops.config import load_settings
-from remoteops.errors import ConnectError
-from remoteops.targets import open_target
+from remoteops.common.config import load_settings
+from remoteops.common.errors import ConnectError
+from remoteops.laptop.targets import open_target
 from tests.conftest import sshd_folder, trust
 from tests.harness.proxy import CutProxy
 from tests.harness.sshd import start_sshd

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from remoteops.config import load_settings
-from remoteops.errors import RemoteCommandError
-from remoteops.targets import LocalTarget, open_target
+from remoteops.common.config import load_settings
+from remoteops.common.errors import RemoteCommandError
+from remoteops.laptop.targets import LocalTarget, open_target
 from tests.conftest import trust
 
 # The server's Python must outlive a few samples of the process table.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from remoteops.targets import parse_marked
+from remoteops.common.wire import parse_marked
 from tests.test_pipeline import DEMO, _head, tiny_model  # noqa: F401  (fixture)
 
 YES = {"TRAIN_SYNC_ASSUME_YES": "1", "REMOTEOPS_GPU_GATE": "warn"}
@@ -146,7 +146,7 @@ command = "echo after"
 
 
 def test_placeholders_are_shell_quoted_and_other_braces_left_alone():
-    from remoteops.runner import expand_command
+    from remoteops.server.runner import expand_command
 
     got = expand_command("ls {run_dir}/x {project_root} {stage} ${HOME} {other} {0}",
                          run_dir="/srv/my runs/r1", project_root="/p; rm -rf ~", stage="s")
@@ -183,7 +183,7 @@ def test_a_truncated_state_is_reported_damaged_not_skipped(cli, project):
 
 
 def test_state_writes_are_atomic_and_fsynced(tmp_path):
-    from remoteops.pipeline import read_state, save_state
+    from remoteops.common.runs import read_state, save_state
 
     save_state(tmp_path, {"run_id": "r", "stages": []})
     assert read_state(tmp_path)["run_id"] == "r"
@@ -191,8 +191,8 @@ def test_state_writes_are_atomic_and_fsynced(tmp_path):
 
 
 def test_a_zero_heartbeat_does_not_make_the_runner_spin(project):
-    from remoteops.config import load_settings
-    from remoteops.pipeline import plan_stages, save_state
+    from remoteops.common.config import load_settings
+    from remoteops.common.runs import plan_stages, save_state
 
     toml(project, '[stages.nap]\ncommand = "sleep 4"\n')
     settings = load_settings(project)

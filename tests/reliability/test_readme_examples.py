@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from remoteops.trainer.defaults import HEALTH_DEFAULTS
+from remoteops.common.defaults import HEALTH_DEFAULTS
 from remoteops.trainer.logwatch import check_text, parse_losses
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -69,7 +69,7 @@ def test_every_readme_loss_pattern_and_the_default_read_the_claimed_formats(fmt)
 
 
 def test_every_readme_toml_block_is_valid_toml_and_a_valid_project_config(tmp_path, home):
-    from remoteops.config import load_settings
+    from remoteops.common.config import load_settings
 
     blocks = toml_blocks()
     assert len(blocks) >= 2

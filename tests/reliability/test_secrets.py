@@ -172,7 +172,7 @@ def test_secret_tables_bad_references_and_login_passwords(cli, project, text, ne
 
 
 def test_which_key_names_count_as_secrets():
-    from remoteops.secret_rules import is_secret_key
+    from remoteops.common.secret_rules import is_secret_key
 
     secret = ["db_password", "aws_secret_access_key", "hf_token", "HF_TOKEN", "api_key", "apiKey",
               "apikey", "secret", "wandb_token", "access_key", "AWS_ACCESS_KEY_ID",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from remoteops.errors import ConfigError
-from remoteops.ssh_config import LocalUser, parse_jump_hop, resolve
+from remoteops.common.errors import ConfigError
+from remoteops.laptop.ssh_config import LocalUser, parse_jump_hop, resolve
 from tests.harness.sshd import make_user, remove_user
 
 DEFAULT_KEYS = ["~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ecdsa_sk", "~/.ssh/id_ed25519",
@@ -246,8 +246,8 @@ def test_unsupported_match_for_another_host_does_not_get_in_the_way(oracle):
 
 
 def test_command_line_user_reaches_match_user(home, project):
-    from remoteops.config import load_settings
-    from remoteops.targets import open_target
+    from remoteops.common.config import load_settings
+    from remoteops.laptop.targets import open_target
 
     (home / ".ssh" / "config").write_text(
         "Match user alice\n  HostName alices.example\n  Port 2201\n"
@@ -269,8 +269,8 @@ def test_unsupported_match_is_a_one_line_error_on_the_command_line(cli, home, pr
 
 
 def test_two_hop_proxyjump_connects_in_openssh_order(home, project, sshd_server):
-    from remoteops.config import load_settings
-    from remoteops.targets import open_target
+    from remoteops.common.config import load_settings
+    from remoteops.laptop.targets import open_target
     from tests.conftest import sshd_folder, trust
     from tests.harness.sshd import start_sshd
 
@@ -325,8 +325,8 @@ def test_proxycommand_runs_through_the_shell_with_tokens_expanded(home, project,
                                                                   tmp_path):
     import sys
 
-    from remoteops.config import load_settings
-    from remoteops.targets import open_target
+    from remoteops.common.config import load_settings
+    from remoteops.laptop.targets import open_target
     from tests.conftest import trust
 
     trust(project, sshd_server)

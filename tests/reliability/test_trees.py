@@ -1,7 +1,7 @@
 """Trees on the server: type changes, long names, unsafe paths, disk space, fsync, hash
 cache and links, through the real apply (the agent's code on real files, killed for real).
 
-Most tests drive ``remoteops.apply.Project`` directly with bundles built here: the
+Most tests drive ``remoteops.server.apply.Project`` directly with bundles built here: the
 items are about the tree on the server, not the transport.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from remoteops import __version__
-from remoteops.apply import Project
-from remoteops.applyplan import link_digest
-from remoteops.bundle_tar import write_tar
-from remoteops.bundles import FileEntry, Manifest, content_id
-from remoteops.errors import RemoteOpsError
+from remoteops.server.apply import Project
+from remoteops.server.applyplan import link_digest
+from remoteops.common.bundle_tar import write_tar
+from remoteops.laptop.build import FileEntry, Manifest, content_id
+from remoteops.common.errors import RemoteOpsError
 from tests.test_deploy import deploy, server_root  # noqa: F401 - fixtures: a deploy over sshd
 
 WHEEL = {"name": "remoteops-0-py3-none-any.whl", "sha256": "0" * 64, "size": 0}

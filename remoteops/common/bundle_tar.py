@@ -1,0 +1,238 @@
+"""The bundle tar itself: deterministic zstd-framed writing and safe, checked reading.
+
+Each large file gets its own zstd frame and small files are grouped at
+boundaries that depend only on their names, so a new bundle version copies
+the unchanged frames of the previous one (after checking them) and still
+comes out byte-identical to a fresh build. Reading normalises member names,
+refuses any that could leave the root (``remoteops.common.paths``), links and
+devices, and turns any corruption into a ``BundleError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from remoteops.common.files import CHUNK
+from remoteops.common.errors import RemoteOpsError
+from remoteops.common.paths import UnsafePath, safe_relpath
+
+FORMAT = 1
+
+
+class BundleError(RemoteOpsError):
+    """A bundle is missing, tampered with, truncated, or unsafe."""
+
+
+def _tarinfo(name: str, size: int, mode: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, mode, 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+# The tar stream is compressed as a series of independent zstd frames ("segments"):
+# each large file alone, small files in groups whose boundaries depend only on
+# member names. A segment's frame is a pure function of its bytes and the level, so
+# a new version copies the frames of unchanged segments from the previous bundle
+# (checked by sha256) instead of compressing everything again: same bytes either way.
+SEGMENT_ALONE = 1 << 20     # members this large get a frame of their own
+SEGMENT_EVERY = 16          # about one group boundary per this many small members
+FRAMES_DIR = ".frames"
+
+
+def frames_index_path(tar_path: Path) -> Path:
+    return tar_path.parent / FRAMES_DIR / (tar_path.name + ".json")
+
+
+def _segments(members: list[tuple]) -> list[list[tuple]]:
+    out: list[list[tuple]] = []
+    current: list[tuple] = []
+    for member in members:
+        big = member[3] >= SEGMENT_ALONE
+        boundary = hashlib.sha256(member[0].encode()).digest()[0] < 256 // SEGMENT_EVERY
+        if current and (big or boundary or current[-1][3] >= SEGMENT_ALONE):
+            out.append(current)
+            current = []
+        current.append(member)
+    if current:
+        out.append(current)
+    return out
+
+
+def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
+    """What a segment's frame depends on: its members and, for the last, the end padding."""
+    if any(m[4] is None for m in segment):
+        return None
+    body = json.dumps([FORMAT, level, tail, [[m[0], m[3], m[2], m[4]] for m in segment]])
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _reusable_frames(previous: Path | None, level: int) -> dict[str, dict]:
+    if previous is None:
+        return {}
+    try:
+        index = json.loads(frames_index_path(previous).read_text())
+        if index.get("level") != level or not previous.is_file():
+            return {}
+        return {f["key"]: f for f in index["frames"] if f.get("key")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _copy_frame(src, frame: dict) -> bytes | None:
+    src.seek(frame["offset"])
+    data = src.read(frame["length"])
+    if len(data) != frame["length"] or hashlib.sha256(data).hexdigest() != frame["sha256"]:
+        return None
+    return data
+
+
+def write_tar(out: Path, members: list[tuple], level: int = 3,
+              previous: Path | None = None) -> dict:
+    """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256])`` members.
+
+    Written atomically, as independent frames (see ``_segments``); frames of segments
+    that ``previous`` (an earlier bundle) already holds are copied from it. Returns
+    ``{"frames", "reused", "reused_bytes"}``.
+    """
+    import zstandard
+
+    sized = []
+    for m in members:
+        name, source, mode = m[:3]
+        sized.append((name, source, mode, os.stat(source).st_size,
+                      m[3] if len(m) > 3 else None))
+    segments = _segments(sized)
+    reuse = _reusable_frames(previous, level)
+    tmp = out.with_name(out.name + ".tmp")
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
+    frames: list[dict] = []
+    offset = 0
+    tar_offset = 0
+    stats = {"frames": len(segments), "reused": 0, "reused_bytes": 0}
+    src = open(previous, "rb") if reuse else None
+    try:
+        with open(tmp, "wb") as raw:
+            for i, segment in enumerate(segments):
+                last = i == len(segments) - 1
+                headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
+                                                             "strict") for m in segment]
+                length = sum(len(h) + m[3] + (-m[3] % tarfile.BLOCKSIZE)
+                             for h, m in zip(headers, segment))
+                tail = b""
+                if last:
+                    end = tar_offset + length + 2 * tarfile.BLOCKSIZE
+                    tail = tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
+                    length += len(tail)
+                tar_offset += length
+                key = _segment_key(level, segment, len(tail) if last else -1)
+                data = _copy_frame(src, reuse[key]) if key in reuse and src else None
+                if data is not None:
+                    raw.write(data)
+                    digest, size = reuse[key]["sha256"], len(data)
+                    stats["reused"] += 1
+                    stats["reused_bytes"] += size
+                else:
+                    digest, size, intact = _compress_segment(cctx, raw, segment, headers, tail,
+                                                             length)
+                    if not intact:
+                        key = None  # a file changed while bundling: never reuse this frame
+                frames.append({"key": key, "offset": offset, "length": size, "sha256": digest})
+                offset += size
+    finally:
+        if src is not None:
+            src.close()
+    index = frames_index_path(out)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"level": level, "frames": frames}))
+    os.replace(tmp, out)
+    return stats
+
+
+def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
+                      length: int) -> tuple[str, int, bool]:
+    """Compress one segment as one frame into ``raw``; return its sha256, size, and whether
+    every member still had the size and sha256 it was listed with."""
+    h = hashlib.sha256()
+    written = 0
+    intact = True
+
+    def emit(chunk: bytes) -> None:
+        nonlocal written
+        if chunk:
+            raw.write(chunk)
+            h.update(chunk)
+            written += len(chunk)
+
+    comp = cctx.compressobj(size=length)
+    for header, (name, source, mode, size, sha) in zip(headers, segment):
+        emit(comp.compress(header))
+        fh_hash = hashlib.sha256()
+        left = size
+        with open(source, "rb") as fh:
+            while left > 0:
+                chunk = fh.read(min(CHUNK, left))
+                if not chunk:
+                    raise BundleError(f"{source} shrank while the bundle was written; build "
+                                      "it again.")
+                left -= len(chunk)
+                fh_hash.update(chunk)
+                emit(comp.compress(chunk))
+        if sha is not None and fh_hash.hexdigest() != sha:
+            intact = False
+        emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
+    emit(comp.compress(tail))
+    emit(comp.flush())
+    return h.hexdigest(), written, intact
+
+
+def check_member(member: tarfile.TarInfo) -> str:
+    """Refuse unsafe paths (see paths.safe_relpath), links and devices before anything is
+    extracted; return the member's normalised name."""
+    try:
+        name = safe_relpath(member.name, "the bundle")
+    except UnsafePath as exc:
+        raise BundleError(str(exc)) from None
+    if not (member.isfile() or member.isdir()):
+        raise BundleError(f"the bundle holds {name!r}, which is a link or device; refusing it.")
+    return name
+
+
+class _MemberReader:
+    """A member's file object whose read errors (bad zstd frame, short tar) are BundleErrors."""
+
+    def __init__(self, fh, tar_name: str):
+        self._fh, self._tar_name = fh, tar_name
+
+    def read(self, size: int = -1) -> bytes:
+        import zstandard
+
+        try:
+            return self._fh.read(size)
+        except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
+            raise BundleError(f"{self._tar_name} is truncated or corrupted ({exc}); rebuild it "
+                              "with invoke build-bundle.") from None
+
+
+def iter_members(tar_path: Path):
+    """Yield ``(member, fileobj)`` of a bundle tar, checking each member is safe."""
+    import zstandard
+
+    try:
+        with open(tar_path, "rb") as raw, \
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr, \
+                tarfile.open(fileobj=zr, mode="r|") as tar:
+            for member in tar:
+                member.name = check_member(member)
+                yield member, (_MemberReader(tar.extractfile(member), tar_path.name)
+                               if member.isfile() else None)
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
+        raise BundleError(f"{tar_path.name} is truncated or corrupted ({exc}); rebuild it with "
+                          "invoke build-bundle.") from None
+
+

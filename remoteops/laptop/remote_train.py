@@ -1,0 +1,163 @@
+"""``remote-train`` on the laptop: deploy if needed, start the detached pipeline, follow it,
+collect the results. The server side goes on whatever happens to this process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from remoteops.laptop.collect import collect_run, in_place, write_areas
+from remoteops.common.config import Settings
+from remoteops.common.errors import ConnectError, RemoteCommandError, RemoteOpsError
+from remoteops.common.runs import plan_stages
+from remoteops.common.target import Target
+
+SERVER_DONE = ("done", "failed", "cancelled", "dead")
+
+
+@dataclass
+class TrainRequest:
+    host: str | None
+    stages: list[str] | None
+    skip_sample: bool
+    resume: str | bool | None
+    detach: bool
+    deploy: bool
+
+
+def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list[str]:
+    """What will run: host, stages (with datasets and presets), model."""
+    lines = [f"remote-train on {target.describe()} ({target.project_root})"]
+    if req.resume:
+        run = req.resume if isinstance(req.resume, str) else "the latest run"
+        lines.append(f"  resume {run} from its first unfinished stage")
+        return lines
+    lines.append(f"  model: {settings['train.base_model']}; gpu gate: {settings['gpu_gate']}")
+    for stage in plan_stages(settings, req.stages, req.skip_sample or settings["skip_sample"]):
+        table = settings["stages"].get(stage["name"], {})
+        detail = {"precheck": "check the server", "collect": "bring results back"}.get(
+            stage["kind"], "")
+        if stage["kind"] == "train":
+            detail = (f"train on {table.get('dataset')} (preset "
+                      f"{table.get('preset') or settings['train.preset']})")
+        elif stage["kind"] == "command":
+            detail = f"run: {table.get('command')}"
+        state = " [skipped: --skip-sample]" if stage["status"] == "skipped" else ""
+        lines.append(f"  - {stage['name']}: {detail}{state}")
+    return lines
+
+
+def refuse_if_live(target: Target) -> None:
+    """Refuse (one line) before deploying while a run is live on the target's root: its next
+    stage would read the new files. The server checks again under its locks."""
+    from remoteops.common.target import AgentMissing
+
+    try:
+        live = target.run_agent("pipeline-live", "--root", target.project_root).get("live")
+    except AgentMissing:
+        return  # no agent there yet: nothing can be running
+    except RemoteCommandError as exc:
+        if "No such command" in str(exc):
+            return  # an older agent: its deploy-apply is the only check
+        raise
+    if live:
+        raise RemoteOpsError(
+            f"pipeline run {live['run_id']} is live on {target.describe()} (runner pid "
+            f"{live['pid']}, since {live['since']}); nothing was deployed or started. Follow it "
+            f"with 'invoke status {live['run_id']}', or stop it with 'invoke cancel --run "
+            f"{live['run_id']}'.")
+
+
+def start(settings: Settings, target: Target, req: TrainRequest) -> dict:
+    args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
+            "--host-label", target.describe()]
+    if req.stages:
+        args += ["--stages", ",".join(req.stages)]
+    if req.skip_sample or settings["skip_sample"]:
+        args += ["--skip-sample"]
+    if req.resume:
+        run = req.resume if isinstance(req.resume, str) else _latest_run(target)
+        args += ["--resume", run]
+    return target.run_agent(*args, timeout=120)
+
+
+def _latest_run(target: Target) -> str:
+    runs = target.run_agent("pipeline-runs", "--root", target.project_root)["runs"]
+    if not runs:
+        raise RemoteOpsError(f"no run to resume on {target.describe()}; start one with "
+                             "'invoke remote-train'.")
+    return runs[-1]["run_id"]
+
+
+def status(target: Target, run_id: str | None = None, lines: int = 8) -> dict:
+    args = ["pipeline-status", "--root", target.project_root, "--lines", str(lines)]
+    return target.run_agent(*(args + (["--run", run_id] if run_id else [])))
+
+
+def follow(open_target: Callable[[], Target], target: Target, run_id: str,
+           show: Callable[[dict | None, str], None], poll: float = 1.0) -> tuple[dict, Target]:
+    """Poll the run until the server side ends; reconnect by itself after a dropped link."""
+    failures = 0
+    while True:
+        try:
+            data = status(target, run_id)
+            failures = 0
+        except (ConnectError, RemoteCommandError, OSError, EOFError) as exc:
+            if " is damaged: " in str(exc):
+                raise  # the run's state.json is unreadable: reconnecting will not mend it
+            failures += 1
+            delay = min(30.0, 2.0 ** min(failures, 5))
+            show(None, f"connection lost ({exc}); reconnecting in {delay:.0f}s "
+                       f"(the run goes on on the server)")
+            time.sleep(delay)
+            target.close()
+            try:
+                target = open_target()
+            except RemoteOpsError:
+                pass
+            continue
+        show(data, "")
+        finished = data["status"] == "dead" or data["status"] in SERVER_DONE and (
+            data.get("runner", {}).get("exited") or not data["runner_health"].get("alive"))
+        if finished:
+            return data, target
+        time.sleep(poll)
+
+
+def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> dict:
+    args = ["pipeline-mark", "--root", target.project_root, "--run", run_id, "--stage",
+            "collect", "--status", "done" if ok else "failed"]
+    return target.run_agent(*(args + (["--reason", reason] if reason else [])))
+
+
+def collect_and_report(settings: Settings, target: Target, run_id: str | None,
+                       progress_factory=None, since: float | None = None) -> dict:
+    """Fetch results, mark collect done on the server (which rewrites its reports), and fetch
+    the rewritten reports, so the laptop's copy equals the server's."""
+    areas = write_areas(settings)  # the laptop's own config says where collect may write
+    result = collect_run(target, settings.project_dir, run_id, since=since,
+                         progress_factory=progress_factory, areas=areas)
+    run_id = result.run_id
+    state = status(target, run_id, lines=0)
+    collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
+    if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
+            "failed", "running", "dead", "cancelled"):
+        mark_collected(target, run_id, True)
+        result.merge(collect_run(target, settings.project_dir, run_id, areas=areas))
+        state = status(target, run_id, lines=0)
+    summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
+    closure = summary.with_name("final_closure_report.md")
+    return {**result.to_dict(), "status": state["status"],
+            "summary": str(summary) if summary.is_file() else None,
+            "closure_report": str(closure) if closure.is_file() else None}
+
+
+def local_run_dir(settings: Settings, run_id: str) -> Path:
+    return settings.project_dir / "outputs" / "training_sync" / run_id
+
+
+__all__ = ["TrainRequest", "describe_plan", "refuse_if_live", "start", "status", "follow", "collect_and_report",
+           "in_place", "SERVER_DONE"]

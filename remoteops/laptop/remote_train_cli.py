@@ -1,0 +1,290 @@
+"""What the laptop shows while training: the plan, the live stage view, status, logs, runs."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Any, Callable
+
+from rich.console import Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from remoteops.common.errors import RemoteOpsError
+from remoteops.common.sizes import human_size
+from remoteops.laptop.render import console, name_column, print_json, print_wide
+
+_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
+          "pending": "", "cancelled": "yellow", "dead": "bold red"}
+
+
+def _styled(status: str) -> str:
+    style = _STYLE.get(status)
+    return f"[{style}]{status}[/]" if style else status
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _stage_table(data: dict) -> Table:
+    table = Table(title=f"{data['run_id']} on {escape(data.get('host') or 'server')}: "
+                        f"{_styled(data['status'])}",
+                  title_justify="left")
+    name_column(table, "stage")
+    for col in ("status", "time", "try", "note"):
+        table.add_column(col, overflow="fold")
+    for s in data["stages"]:
+        note = s.get("failure_class") or ""
+        if s.get("reason"):
+            note = f"{note}: {s['reason']}" if note else s["reason"]
+        status = s["status"]
+        table.add_row(s["name"], _styled(status), _dur(s.get("duration_s")),
+                      str(s.get("attempt") or "-"), escape(note[:90]))
+    return table
+
+
+def _current_line(data: dict) -> str:
+    cur = data.get("current") or {}
+    if not cur:
+        return ""
+    parts = [f"stage {cur['stage']}"]
+    if "step" in cur:
+        total = f"/{cur['total_steps']}" if cur.get("total_steps") else ""
+        parts.append(f"step {cur['step']}{total}")
+        parts.append(f"loss {cur['loss']:.4f}")
+    if cur.get("tokens_per_s"):
+        parts.append(f"{cur['tokens_per_s']:.0f} tok/s")
+    if cur.get("eta_s") is not None:
+        parts.append(f"ETA {_dur(cur['eta_s'])}")
+    return "  ".join(parts)
+
+
+def render_status(data: dict, note: str = "") -> Group:
+    items: list[Any] = [_stage_table(data)]
+    line = _current_line(data)
+    if line:
+        items.append(Text(line, style="cyan"))
+    if data.get("log_tail"):
+        items.append(Text("\n".join(l[-160:] for l in data["log_tail"][-6:]), style="dim"))
+    if note:
+        items.append(Text(note, style="yellow"))
+    return Group(*items)
+
+
+def print_status(data: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(data)
+        return
+    console().print(render_status(data))
+    if data["status"] == "dead":
+        age = data.get("runner_health", {}).get("heartbeat_age_s")
+        print(f"the runner is dead (last heartbeat {age}s ago); continue with: "
+              f"invoke remote-train --resume {data['run_id']}")
+
+
+class _PlainFollower:
+    """Without a terminal: one line per change instead of a live view."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}
+
+    def __call__(self, data: dict | None, note: str) -> None:
+        if note:
+            print(note, flush=True)
+        if data is None:
+            return
+        for s in data["stages"]:
+            if self.seen.get(s["name"]) != s["status"]:
+                self.seen[s["name"]] = s["status"]
+                extra = f" ({s.get('failure_class')}: {s.get('reason')})" if s["status"] == \
+                    "failed" else ""
+                print(f"{time.strftime('%H:%M:%S')} {s['name']}: {s['status']}{extra}", flush=True)
+
+
+@contextlib.contextmanager
+def _follower():
+    out = console()
+    if not out.is_terminal:
+        yield _PlainFollower()
+        return
+    with Live(console=out, refresh_per_second=4, transient=False) as live:
+        def show(data: dict | None, note: str) -> None:
+            if data is not None:
+                show.last = data
+            if getattr(show, "last", None) is not None:
+                live.update(render_status(show.last, note))
+            elif note:
+                live.update(Text(note, style="yellow"))
+        yield show
+
+
+def run_remote_train(settings, open_target: Callable, stages: list[str] | None, resume: Any,
+                     detach: bool, deploy: bool, as_json: bool, confirm) -> int:
+    """The whole remote-train flow; returns the exit status."""
+    from remoteops.laptop.collect import in_place
+    from remoteops.laptop.remote_train import (TrainRequest, collect_and_report, describe_plan, follow,
+                                        refuse_if_live, start)
+
+    req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
+    target = open_target()
+    try:
+        for line in describe_plan(settings, target, req):
+            print(line)
+        if confirm is not None and not confirm({}):
+            raise RemoteOpsError("cancelled; nothing was started.")
+        if deploy and settings["pipeline.deploy"] and not in_place(target, settings.project_dir):
+            refuse_if_live(target)  # before anything is built, sent or changed
+            from remoteops.laptop.deploy import deploy as deploy_bundle
+            from remoteops.laptop.render import print_plan
+
+            outcome = deploy_bundle(settings, target, on_plan=None if as_json else print_plan)
+            if outcome.applied:
+                print(f"deployed v{outcome.applied['version']} (backup "
+                      f"{outcome.applied['backup_name']})")
+        started = start(settings, target, req)
+        run_id = started["run_id"]
+        print(f"started {run_id} on {target.describe()} (runner pid {started['pid']})",
+              flush=True)
+        reattach = (f"reattach with: invoke status {run_id} | invoke logs --run {run_id} -f | "
+                    f"invoke remote-train --resume {run_id}")
+        if detach:
+            print(f"detached; the run goes on. {reattach}; then: invoke collect --run {run_id}")
+            return 0
+        try:
+            with _follower() as show:
+                data, target = follow(open_target, target, run_id, show,
+                                      float(settings["pipeline.poll_seconds"]))
+        except KeyboardInterrupt:
+            print(f"\ndetached (Ctrl-C); the run goes on on the server. {reattach}")
+            return 0
+        if data["status"] != "done":
+            failed = next((s for s in data["stages"] if s["status"] == "failed"), None)
+            why = (f"stage {failed['name']} failed ({failed['failure_class']}): {failed['reason']}"
+                   if failed else f"the run is {data['status']}")
+            print(f"{why}; fix it and continue with: invoke remote-train --resume {run_id}",
+                  file=sys.stderr)
+        result = collect_and_report(settings, target, run_id, download_progress(as_json))
+        if as_json:
+            for line in collect_warnings(result):
+                print(line, file=sys.stderr)
+            print_json({**result, "run_id": run_id})
+        else:
+            print_collected(result, False)
+        return 0 if data["status"] == "done" else 1
+    finally:
+        target.close()
+
+
+def stream_logs(open_target: Callable, run: str | None, stage: str | None, follow: bool,
+                lines: int) -> None:
+    target = open_target()
+    try:
+        base = ["pipeline-logs", "--root", target.project_root]
+        base += (["--run", run] if run else []) + (["--stage", stage] if stage else [])
+        data = target.run_agent(*base, "--lines", str(lines))
+        sys.stdout.write(data["text"])
+        offset, run_id = data["offset"], data["run_id"]
+        while follow:
+            time.sleep(1.0)
+            try:
+                data = target.run_agent("pipeline-logs", "--root", target.project_root, "--run",
+                                        run_id, *(["--stage", stage] if stage else []),
+                                        "--offset", str(offset))
+            except (RemoteOpsError, OSError, EOFError) as exc:
+                print(f"[connection lost ({exc}); reconnecting]", file=sys.stderr)
+                time.sleep(2)
+                target.close()
+                target = open_target()
+                continue
+            sys.stdout.write(data["text"])
+            sys.stdout.flush()
+            offset = data["offset"]
+            if data["status"] not in ("running", "starting") and not data["text"]:
+                print(f"[run {run_id} is {data['status']}]")
+                return
+    except KeyboardInterrupt:
+        print()
+    finally:
+        target.close()
+
+
+def print_runs(runs: list[dict], as_json: bool) -> None:
+    if as_json:
+        print_json(runs)
+        return
+    if not runs:
+        print("no runs yet; start one with: invoke remote-train")
+        return
+    table = Table(title="pipeline runs", title_justify="left")
+    for col in ("run", "started", "status"):
+        name_column(table, col)
+    table.add_column("stages", overflow="fold")
+    name_column(table, "time")
+    table.add_column("best eval loss", overflow="fold")
+    for r in runs:
+        stages = r.get("reason") or " ".join(f"{n}:{s}" for n, s in r["stages"].items())
+        best = " ".join(f"{k}={v:.3f}" for k, v in r["best"].items() if v is not None) or "-"
+        table.add_row(r["run_id"], r["created"], _styled(r["status"]),
+                      stages, _dur(r["duration_s"]), best)
+    print_wide(table)
+
+
+@contextlib.contextmanager
+def _bar(total: int):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("collect", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console(), transient=True) as bar:
+        task = bar.add_task("collect", total=total)
+        yield lambda n: bar.update(task, advance=n)
+
+
+def download_progress(quiet: bool):
+    return None if quiet or not console().is_terminal else _bar
+
+
+def _printable(value: Any) -> str:
+    """Text from the server, shown without its control characters (no terminal escapes)."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+def collect_warnings(data: dict) -> list[str]:
+    """One line per thing collect left behind, saying what to do about it."""
+    lines = []
+    skipped = data.get("skipped") or []
+    if skipped:
+        names = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        lines.append(f"warning: skipped {len(skipped)} file(s): {names}{more}; run 'invoke "
+                     "collect' again once the run has finished to bring them back")
+    for r in data.get("refused") or []:
+        if not isinstance(r, dict):
+            continue
+        stage = f" (stage {r['stage']})" if r.get("stage") else ""
+        lines.append(_printable(f"warning: the server did not list {r.get('path')!r}{stage}: "
+                                f"{r.get('reason')}; declare stage outputs inside the project"))
+    return lines
+
+
+def print_collected(data: dict, as_json: bool) -> None:
+    for line in collect_warnings(data):
+        print(line, file=sys.stderr)
+    if as_json:
+        print_json(data)
+        return
+    if data["in_place"]:
+        print("collect: results are already here (local target, in place)")
+    else:
+        print(f"collected {len(data['fetched'])} file(s), {human_size(data['bytes'])} "
+              f"({data['unchanged']} already here) in {data['seconds']:.1f}s")
+    if data.get("summary"):
+        print(f"summary: {data['summary']}")
+    if data.get("closure_report"):
+        print(f"closure report: {data['closure_report']}")

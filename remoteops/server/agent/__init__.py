@@ -1,0 +1,1 @@
+"""The server side: ``remoteops-agent`` (also ``python -m remoteops.agent``)."""

@@ -1,0 +1,3 @@
+from remoteops.server.agent.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""How a change meets the disk: its order, atomic and durable placing, links.
+
+A change is a set of paths, each removed (None) or given content (``Put``).
+Where a path changes type between versions (a file becomes a folder or the
+reverse) every removal must happen before anything is placed, deepest first,
+so that the folders they empty are gone before a file takes their name.
+Whatever the journal relies on is fsynced first, files and the folders that
+name them, as dpkg does: after a power cut recovery finds what it recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from remoteops.common.clock import utc_stamp
+from remoteops.common.files import CHUNK, temp_name
+from remoteops.common.paths import link_digest  # noqa: F401 - re-exported
+
+LINK_MODE = 0o777  # what lstat reports for a link on Linux, and what a link entry records
+
+
+@dataclass(frozen=True)
+class Put:
+    """Content for a path: a copy of ``source`` with ``mode``, or a link to ``link``."""
+
+    source: Path | None
+    mode: int
+    link: str | None = None
+    move: bool = False  # ``source`` is a verified staging copy: rename it into place
+
+
+def copy_synced(source: Path, dest: Path, mode: int | None = None) -> None:
+    """Copy a file (or re-create a link) at ``dest`` and fsync it before returning."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), dest)
+        return
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+        dst.flush()
+        os.fsync(dst.fileno())
+    shutil.copystat(source, dest)
+    if mode is not None:
+        os.chmod(dest, mode)
+
+
+def place(put: Put, dest: Path) -> None:
+    """Put content at ``dest`` atomically (temp name + rename), durable once its folder is
+    fsynced. ``dest`` must not be a folder (see ``clear_dirs``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if put.move and put.link is None:
+        try:
+            os.chmod(put.source, put.mode)
+            os.replace(put.source, dest)
+            return
+        except OSError:
+            pass  # another file system: copy below
+    tmp = dest.with_name(temp_name(dest.name))
+    tmp.unlink(missing_ok=True)
+    if put.link is not None:
+        os.symlink(put.link, tmp)
+    else:
+        copy_synced(put.source, tmp, put.mode)
+    os.replace(tmp, dest)
+
+
+def remove(dest: Path) -> None:
+    """Remove a file or link at ``dest``; a folder there is left to ``clear_dirs``."""
+    try:
+        if dest.is_symlink() or not dest.is_dir():
+            dest.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # gone already, or a parent is a file now (removed in its turn)
+
+
+def prune_dirs(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to ``root`` while they are empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def clear_dirs(dest: Path) -> bool:
+    """Remove a folder at ``dest`` holding only empty folders; False if it holds more."""
+    if dest.is_symlink() or not dest.is_dir():
+        return True
+    for folder, dirs, files in os.walk(dest, topdown=False):
+        if files or any(os.path.islink(os.path.join(folder, d)) for d in dirs):
+            return False
+        os.rmdir(folder)
+    return True
+
+
+def order(changes: dict) -> tuple[list[str], list[str]]:
+    """Removals deepest first, then what is placed, parents before children."""
+    removals = sorted((p for p, c in changes.items() if c is None),
+                      key=lambda p: (-p.count("/"), p))
+    puts = sorted((p for p, c in changes.items() if c is not None),
+                  key=lambda p: (p.count("/"), p))
+    return removals, puts
+
+
+def conflict(root: Path, changes: dict) -> str | None:
+    """Why placing ``changes`` would meet something they do not remove (None: it will not).
+
+    Checked before anything changes: a folder where a file goes must hold only
+    files this change removes; a parent folder must not be a file it keeps.
+    """
+    removed = {p for p, c in changes.items() if c is None}
+    for rel, change in changes.items():
+        if change is None:
+            continue
+        dest = root / rel
+        if dest.is_dir() and not dest.is_symlink():
+            for folder, dirs, files in os.walk(dest):
+                for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+                    inner = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+                    if inner not in removed:
+                        return (f"{rel} is a folder on the server holding {inner}, which the "
+                                f"change does not manage; move it away and run it again")
+        parent = os.path.dirname(rel)
+        while parent:
+            path = root / parent
+            if (path.is_symlink() or path.exists()) and not path.is_dir() \
+                    and parent not in removed:
+                return (f"{parent} is a file on the server where the change needs a folder; "
+                        "move it away and run it again")
+            parent = os.path.dirname(parent)
+    return None
+
+
+def displace(root: Path, rel: str, into: Path) -> Path:
+    """Move whatever is at ``rel`` out of the way into ``into`` (recovery never gets stuck)."""
+    target = into / utc_stamp() / rel
+    n = 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = target.with_name(f"{target.name[:200]}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(root / rel, target)
+    return target
+
+
+def entry_of(path: Path) -> tuple[str, int, str | None] | None:
+    """``(kind, mode, link target)`` of what is at ``path``: kind ``file``/``link``, or None."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "link", LINK_MODE, os.readlink(path)
+    if stat.S_ISREG(st.st_mode):
+        return "file", st.st_mode & 0o7777, None
+    return None

@@ -1,0 +1,125 @@
+"""What arrives on the server for an apply: the manifest, the upload, and its staging.
+
+The laptop starts the agent while it still sends the files, so the agent
+waits for them here; the upload is then extracted into a staging folder and
+every byte checked before the tree is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from remoteops.common.manifest import BundleError, Manifest, iter_members
+from remoteops.common.files import CHUNK, fsync_dirs, sha256_file
+from remoteops.common.paths import RESERVED, ancestors, link_of, safe_relpath
+
+
+class MissingMembers(BundleError):
+    """The upload lacks files the server's plan needs (its files changed since the plan)."""
+
+
+def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path,
+          delta_sha256: str | None) -> dict[str, Path]:
+    """Extract and verify every needed file into ``staging`` before touching the tree.
+
+    Each staged file and its folder is fsynced: the journal will rely on them.
+    """
+    wanted = manifest.file_map()
+    need = [p for p in need if link_of(wanted[p]) is None]  # links come from the manifest
+    if not need:
+        return {}
+    if delta is None or not delta.is_file():
+        raise BundleError("the upload of changed files is missing on the server; run the "
+                          "deploy again.")
+    if delta_sha256 and sha256_file(delta) != delta_sha256:
+        delta.unlink()
+        raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
+                          "transit); nothing was changed: run the deploy again.")
+    needed = set(need)
+    toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
+    staged: dict[str, Path] = {}
+    folders: set[Path] = set()
+    for member, fh in iter_members(delta):
+        if fh is None or member.name == toolkit:  # the upload may be the whole bundle
+            continue
+        rel = (safe_relpath(member.name[len("files/"):], "the upload")
+               if member.name.startswith("files/") else None)
+        if rel not in wanted or link_of(wanted[rel]) is not None:
+            raise BundleError(f"the upload holds {member.name}, which the manifest does not "
+                              "list as a file; refusing it (nothing was changed).")
+        if rel not in needed:
+            continue  # the server has it already
+        out = staging / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        with open(out, "wb") as dst:
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
+                h.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if h.hexdigest() != wanted[rel].sha256:
+            raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
+                              "damaged); nothing was changed: rebuild and deploy again.")
+        staged[rel] = out
+        folders |= {out.parent} | ancestors(out.parent, staging.parent)
+    missing = [p for p in need if p not in staged]
+    if missing:
+        raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
+                             f"{len(missing) - 1} more are not in the upload); run the "
+                             "deploy again.")
+    fsync_dirs(folders)
+    return staged
+
+
+
+# How long the agent waits for a manifest the laptop is still uploading: the deploy
+# starts the agent and sends the manifest at the same time (two login-shell starts
+# overlap instead of adding up).
+MANIFEST_WAIT_SECONDS = 30.0
+
+
+def _wait_for_upload(path: Path, seconds: float) -> None:
+    """Wait until ``path`` appears (an atomic rename by the uploader), or give up.
+
+    Only for files under ``<root>/.remoteops/incoming/``; stops early when the SSH
+    session that started us is gone (we were re-parented). While ``<path>.part`` (a
+    resumable upload) keeps growing, the wait goes on: ``seconds`` counts from the
+    last growth.
+    """
+    if path.parent.name != "incoming" or path.parent.parent.name != RESERVED:
+        return
+    parent = os.getppid()
+    part = path.with_name(path.name + ".part")
+    deadline = time.monotonic() + seconds
+    delay = 0.005
+    seen = None
+    while not path.is_file() and time.monotonic() < deadline and os.getppid() == parent:
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None and size != seen:
+            seen = size
+            deadline = time.monotonic() + seconds
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def wait_for_delta(path: Path, seconds: float = MANIFEST_WAIT_SECONDS) -> None:
+    """Wait for an upload the laptop sends while the agent starts (see _wait_for_upload)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        _wait_for_upload(path, seconds)
+
+
+def read_manifest_file(path: str | Path, wait: float = MANIFEST_WAIT_SECONDS) -> Manifest:
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file() and wait > 0:
+        _wait_for_upload(path, wait)
+    if not path.is_file():
+        raise BundleError(f"manifest {path} is not on the server; run the deploy again.")
+    return Manifest.from_json(path.read_text(encoding="utf-8"))

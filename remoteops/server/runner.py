@@ -1,0 +1,532 @@
+"""The detached pipeline runner: runs a run's stages in order, applying the failure policy.
+
+Started by ``remoteops-agent pipeline-start`` in its own session; it holds the
+project's pipeline lock (inherited, already locked), beats
+``runner.heartbeat``, and rewrites ``state.json`` after every transition.
+SIGTERM (``invoke cancel``) stops the current stage's whole process tree and
+marks the run cancelled.
+
+A stage's output reaches its log through a pipe the runner reads, so when a
+stage is stopped (failure, NaN, cancel) the tree is frozen, what it wrote
+before is kept, and nothing it writes afterwards is taken as its output. Each
+attempt is judged only on its own output (not the runner's header line, not an
+earlier attempt's). Whatever goes wrong inside the runner itself, the stage is
+marked failed with the reason and the later stages skipped, never left
+"running".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import termios
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from remoteops.common.clock import now_iso
+from remoteops.common.files import write_atomic_text
+from remoteops.common.config import load_settings
+from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
+                                   process_identity, save_state, stage_outputs, stop_grace)
+from remoteops.server.pipeline import ChildResult, _die_with_parent, agent_args
+
+# The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
+PLACEHOLDER = re.compile(r"\{(stage|run_dir|project_root)\}")
+LOG_WINDOW = 4 << 20  # judge at most the last 4 MiB of an attempt's output
+LOSS_VERDICTS = ("nan", "divergence")
+
+
+def expand_command(template: str, **values: str) -> str:
+    """Replace ``{stage}``, ``{run_dir}``, ``{project_root}``, shell-quoted; nothing else."""
+    return PLACEHOLDER.sub(lambda m: shlex.quote(str(values[m.group(1)])), template)
+
+
+class _Pump(threading.Thread):
+    """Copies a stage's output from its pipe to the log until muted or end of file."""
+
+    def __init__(self, fd: int, log_path: Path):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.log = open(log_path, "ab")
+        self.lock = threading.Lock()
+        self.muted = False
+
+    def run(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            with self.lock:
+                if self.muted:
+                    return
+                if ready:
+                    data = os.read(self.fd, 1 << 16)
+                    if not data:
+                        return
+                    self.log.write(data)
+                    self.log.flush()
+
+    def drain_and_mute(self) -> None:
+        """Keep what is in the pipe now (the tree is frozen), then take nothing more."""
+        with self.lock:
+            if self.muted:
+                return
+            for _ in range(1024):
+                waiting = int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4),
+                                         sys.byteorder)
+                if waiting <= 0:
+                    break
+                data = os.read(self.fd, min(waiting, 1 << 20))
+                if not data:
+                    break
+                self.log.write(data)
+            self.log.flush()
+            self.muted = True
+
+    def close(self) -> None:
+        self.drain_and_mute()
+        self.join(5)
+        os.close(self.fd)  # a writer still running now gets EPIPE
+        self.log.close()
+
+
+def judge_output(log_path: Path, offset: int, watch: dict):
+    """The log verdict on one attempt's output: the bytes after ``offset`` (its header)."""
+    from remoteops.trainer.logwatch import check_text
+
+    try:
+        with open(log_path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(offset, size - LOG_WINDOW))
+            text = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
+    return check_text(text, **watch)
+
+
+class Runner:
+    def __init__(self, project_root: Path, run_dir: Path, lock_fd: int | None = None):
+        self.root = project_root
+        self.run_dir = run_dir
+        self.lock_fd = lock_fd
+        self.settings = load_settings(project_root)
+        self.state = load_state(run_dir)
+        self.grace = stop_grace(self.settings)
+        self.cancelled = False
+        self.child: subprocess.Popen | None = None
+        self.stage: dict | None = None  # the stage running now
+        self._stop_beat = threading.Event()
+        self.pm = None
+
+    # -- plumbing --------------------------------------------------------------------------
+    def save(self) -> None:
+        save_state(self.run_dir, self.state)
+
+    def log(self, message: str) -> None:
+        line = f"{now_iso()} {message}"
+        print(line, flush=True)
+
+    def _beat(self) -> None:
+        try:
+            every = float(self.state["options"]["heartbeat_seconds"])
+        except (KeyError, TypeError, ValueError):
+            every = 2.0
+        every = max(MIN_HEARTBEAT_S, every)  # 0 or less must not spin a core
+        while True:
+            write_atomic_text(self.run_dir / "runner.heartbeat",
+                              json.dumps({"time": time.time(), "pid": os.getpid()}))
+            if self._stop_beat.wait(every):
+                return
+
+    def _on_term(self, signum, frame) -> None:
+        # the stage loop sees it within 0.2 s and stops the stage's whole tree
+        self.cancelled = True
+
+    def hooks(self):
+        if self.pm is None:
+            from remoteops.plugins import get_plugin_manager
+
+            self.pm = get_plugin_manager(self.root, self.settings["plugins_dir"])
+        return self.pm.hook
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        from remoteops.server.proctree import become_subreaper
+
+        signal.signal(signal.SIGTERM, self._on_term)
+        become_subreaper()  # a stage's daemonising grandchildren stay in our tree
+        lock = pipeline_lock(self.root, f"pipeline {self.state['run_id']}", fd=self.lock_fd)
+        if self.lock_fd is None:
+            lock.acquire()  # started by hand, not through pipeline-start
+        else:  # ours alone: a process a plugin starts must not keep the root locked
+            os.set_inheritable(self.lock_fd, False)
+        lock.update(run_id=self.state["run_id"])
+        self.state["runner"] = {"pid": os.getpid(), "host": os.uname().nodename,
+                                "started": now_iso(), "identity": process_identity()}
+        self.state["status"] = "running"
+        self.save()
+        threading.Thread(target=self._beat, daemon=True).start()
+        try:
+            for stage in self.state["stages"]:
+                if stage["status"] in ("done", "skipped"):
+                    continue
+                if stage["kind"] == "collect":
+                    stage["status"] = "pending"
+                    stage["reason"] = "runs on the laptop: invoke collect"
+                    continue
+                if self.cancelled:
+                    self._skip_rest(stage, including=True)
+                    break
+                try:
+                    ok = self.run_stage(stage)
+                except Exception as exc:  # a runner bug or an input we did not foresee
+                    ok = self._internal_failure(stage, exc)
+                if not ok:
+                    self._skip_rest(stage)
+                    break
+            self.state["status"] = ("cancelled" if self.cancelled else
+                                    "failed" if any(s["status"] == "failed"
+                                                    for s in self.state["stages"]) else "done")
+        except BaseException as exc:  # record whatever kills the runner itself
+            self.state["status"] = "failed"
+            self.state["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._settle_unfinished()
+            self.state["finished"] = now_iso()
+            self.log(f"run {self.state['run_id']} {self.state['status']}")
+            self.save()
+            self._write_reports()
+            self._stop_beat.set()
+            # last write: the laptop collects once it sees the runner has exited
+            self.state["runner"]["exited"] = now_iso()
+            self.save()
+            lock.release()
+        return 0 if self.state["status"] == "done" else 1
+
+    def _internal_failure(self, stage: dict, exc: Exception) -> bool:
+        self.log("".join(traceback.format_exception(exc)).rstrip())
+        if self.child is not None:
+            self._stop_tree(None)
+        reason = f"the runner failed: {type(exc).__name__}: {exc}"[:300]
+        if stage["attempts"] and "ended" not in stage["attempts"][-1]:
+            stage["attempts"][-1].update(ended=now_iso(), failure_class="internal",
+                                         reason=reason)
+        stage.update(status="failed", ended=now_iso(), failure_class="internal", reason=reason)
+        stage.pop("process", None)
+        self.save()
+        return False
+
+    def _settle_unfinished(self) -> None:
+        """No stage may stay "running" once the runner stops."""
+        failed = None
+        for stage in self.state["stages"]:
+            if stage["status"] == "running":
+                stage.update(status="cancelled" if self.cancelled else "failed",
+                             ended=now_iso(), failure_class=stage.get("failure_class") or (
+                                 "cancelled" if self.cancelled else "internal"),
+                             reason=stage.get("reason") or self.state.get("error")
+                             or "the runner stopped")
+                failed = failed or stage
+        if failed is not None:
+            self._skip_rest(failed)
+
+    def _skip_rest(self, failed: dict, including: bool = False) -> None:
+        after = False
+        for stage in self.state["stages"]:
+            if stage is failed:
+                after = True
+                if not including:
+                    continue
+            if after and stage["status"] not in ("done", "skipped"):
+                stage["status"] = "cancelled" if self.cancelled else "skipped"
+                stage["reason"] = ("run cancelled" if self.cancelled else
+                                   f"stage {failed['name']} failed ({failed['failure_class']})")
+        self.save()
+
+    def _write_reports(self) -> None:
+        try:
+            from remoteops.server.reports import write_training_summary
+
+            write_training_summary(self.run_dir, self.settings, pm=self.pm)
+        except Exception as exc:  # a report problem must not hide the run's outcome
+            self.log(f"could not write the report: {type(exc).__name__}: {exc}")
+        try:
+            from remoteops.server.postprocess import write_closure_report
+        except ModuleNotFoundError:
+            return
+        try:
+            write_closure_report(self.run_dir, self.settings)
+        except Exception as exc:
+            self.log(f"could not write the closure report: {type(exc).__name__}: {exc}")
+
+    # -- one stage -------------------------------------------------------------------------
+    def run_stage(self, stage: dict) -> bool:
+        from remoteops.trainer.checkpoints import latest_checkpoint
+
+        self.stage = stage
+        overrides: dict[str, int] = {}
+        checkpoints = self.run_dir / "checkpoints" / stage["name"]
+        if stage.pop("fresh", False):  # chosen with --stages: run it again from the start
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        # an interrupted stage (runner killed, resumed run) continues from its checkpoint
+        resume = stage["kind"] == "train" and latest_checkpoint(checkpoints) is not None
+        max_retries = int(self.settings["pipeline.max_retries"])
+        oom_retries = int(self.settings["pipeline.oom_retries"])
+        while True:
+            stage["attempt"] += 1
+            stage.update(status="running", started=stage["started"] or now_iso(),
+                         failure_class=None, reason=None)
+            attempt = {"n": stage["attempt"], "started": now_iso(), "resume": resume,
+                       "overrides": dict(overrides)}
+            stage["attempts"].append(attempt)
+            self.save()
+            self.log(f"stage {stage['name']} attempt {stage['attempt']} started")
+            self._call_hook("before_stage", stage)
+            t0 = time.time()
+            if os.environ.get("REMOTEOPS_TEST_RUNNER_FAULT") == stage["name"]:
+                raise RuntimeError("fault injected by REMOTEOPS_TEST_RUNNER_FAULT")
+            ok, klass, reason = self._execute(stage, resume, overrides)
+            attempt.update(ended=now_iso(), seconds=round(time.time() - t0, 2),
+                           failure_class=klass, reason=reason)
+            stage.pop("process", None)
+            if self.cancelled:
+                ok, klass, reason = False, "cancelled", "cancelled by invoke cancel"
+            if ok:
+                stage.update(status="done", ended=now_iso())
+                stage["duration_s"] = round(sum(a.get("seconds", 0) for a in stage["attempts"]), 2)
+                self.save()
+                self._call_hook("after_stage", stage)
+                self.log(f"stage {stage['name']} done")
+                return True
+            action = POLICY.get(klass, "fail")
+            retries = len(stage["attempts"]) - 1
+            if action == "smaller_batch" and stage["kind"] != "train":
+                # we cannot change a command's batch size: fail and say what to do
+                action = "fail"
+                reason = (f"{reason} (out of memory: command stages are not retried; lower the "
+                          "batch size in the command)")
+            if action == "smaller_batch" and sum(1 for a in stage["attempts"]
+                                                 if a.get("failure_class") == "oom") <= oom_retries:
+                overrides = self._smaller_batch(stage, overrides)
+                stage["warnings"].append(f"attempt {stage['attempt']}: out of memory; retrying "
+                                         f"with batch {overrides['batch_size']} and gradient "
+                                         f"accumulation {overrides['grad_accum']}")
+                continue
+            if action == "resume" and retries < max_retries:
+                resume = stage["kind"] == "train"
+                stage["warnings"].append(f"attempt {stage['attempt']}: {klass} ({reason}); "
+                                         f"retrying{' from the latest checkpoint' if resume else ''}")
+                continue
+            stage.update(status="cancelled" if klass == "cancelled" else "failed",
+                         ended=now_iso(), failure_class=klass, reason=reason)
+            stage["duration_s"] = round(sum(a.get("seconds", 0) for a in stage["attempts"]), 2)
+            self.save()
+            self._call_hook("after_stage", stage)
+            self.log(f"stage {stage['name']} {stage['status']}: {klass}: {reason}")
+            return False
+
+    def _call_hook(self, name: str, stage: dict) -> None:
+        try:
+            hook = getattr(self.hooks(), name)
+            kwargs = {"stage": stage["name"], "run_dir": str(self.run_dir),
+                      "settings": self.settings}
+            if name == "after_stage":
+                kwargs["status"] = stage["status"]
+            hook(**kwargs)
+        except Exception as exc:  # a plugin's bug is recorded, not fatal
+            stage["warnings"].append(f"{name} hook raised {type(exc).__name__}: {exc}")
+
+    def _smaller_batch(self, stage: dict, overrides: dict) -> dict:
+        from remoteops.trainer.stageconf import resolve_stage
+
+        cfg = resolve_stage(self.settings, stage["name"], overrides=overrides or None)
+        batch, accum = int(cfg.train["batch_size"]), int(cfg.train["grad_accum"])
+        return {"batch_size": max(1, batch // 2), "grad_accum": accum * 2}
+
+    def _execute(self, stage: dict, resume: bool, overrides: dict) -> tuple[bool, str | None,
+                                                                            str | None]:
+        kind = stage["kind"]
+        if kind == "precheck":
+            return self._precheck(stage)
+        log_path = self.run_dir / "logs" / f"{stage['name']}.log"
+        if kind == "command":
+            return self._command(stage, log_path)
+        args = ["train", "--stage", stage["name"], "--run-dir", str(self.run_dir)]
+        if overrides:  # typed values, read back as JSON by the trainer: no env-var renaming
+            path = self.run_dir / "overrides" / f"{stage['name']}.attempt{stage['attempt']}.json"
+            write_atomic_text(path, json.dumps({"train": overrides}, indent=1) + "\n")
+            args += ["--overrides", str(path)]
+        if resume:
+            args += ["--resume", "latest"]
+        result = self._child(agent_args(*args), log_path, {})
+        if result.code == 0:
+            stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
+            self._after_training(stage, log_path)
+            return True, None, None
+        failed = self._signal(stage["name"], "failed")
+        if result.code == 2:
+            return False, (failed or {}).get("reason", "config"), self._last_error(log_path)
+        if failed and failed.get("reason") in POLICY and failed["reason"] != "process_died":
+            return False, failed["reason"], failed.get("message", "")
+        return False, "process_died", f"the trainer exited with {result.code}"
+
+    def _after_training(self, stage: dict, log_path: Path) -> None:
+        """Evaluate, then the configured post-eval and quantization plugins."""
+        result = self._child(agent_args("eval", "--stage", stage["name"], "--run-dir",
+                                        str(self.run_dir)), log_path, {})
+        report = self.run_dir / f"eval_report_{stage['name']}.json"
+        if result.code != 0 or not report.is_file():
+            stage["warnings"].append(f"evaluation failed (exit {result.code}); see "
+                                     f"logs/{stage['name']}.log")
+            return
+        stage["outputs"]["eval_report"] = report.name
+        result = self._child(agent_args("after-stage", "--stage", stage["name"], "--run-dir",
+                                        str(self.run_dir)), log_path, {})
+        if result.code != 0:
+            stage["warnings"].append(f"post-eval/quantization plugins failed (exit "
+                                     f"{result.code}); see logs/{stage['name']}.log")
+
+    def _signal(self, stage: str, name: str) -> dict | None:
+        path = self.run_dir / f"{stage}.{name}.json"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _last_error(log_path: Path) -> str:
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "no log"
+        errors = [l for l in lines if l.startswith("error: ")]
+        return (errors[-1][7:] if errors else (lines[-1] if lines else "no output"))[:300]
+
+    def _precheck(self, stage: dict) -> tuple[bool, str | None, str | None]:
+        from remoteops.common.config import load_settings as load
+        from remoteops.precheck import run_precheck
+        from remoteops.common.target import LocalTarget
+
+        settings = load(self.root, flags={"gpu_gate": self.state["options"]["gpu_gate"]})
+        target = LocalTarget("server", str(self.root), sys.executable)
+        results = run_precheck(settings, target)
+        rows = [r.to_dict() for r in results]
+        write_atomic_text(self.run_dir / "precheck.json", json.dumps(rows, indent=1) + "\n")
+        stage["outputs"]["precheck"] = "precheck.json"
+        stage["warnings"] += [f"{r['name']}: {r['value']}" for r in rows if r["status"] == "warn"]
+        failed = [r for r in rows if r["status"] == "fail"]
+        if failed:
+            return False, "config", "; ".join(f"{r['name']}: {r['value']}" for r in failed[:3])
+        return True, None, None
+
+    def _command(self, stage: dict, log_path: Path) -> tuple[bool, str | None, str | None]:
+        table = self.settings["stages"].get(stage["name"], {})
+        command = expand_command(str(table["command"]), stage=stage["name"],
+                                 run_dir=str(self.run_dir), project_root=str(self.root))
+        pattern = table.get("loss_pattern") or self.settings["health.loss_pattern"] or None
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                return False, "config", (f"the loss_pattern {pattern!r} is not a valid regular "
+                                         f"expression ({exc}); fix it in remoteops.toml")
+        watch = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
+                 "explode_ratio": float(self.settings["health.explode_ratio"])}
+        result = self._child(["bash", "-c", command], log_path,
+                             {"REMOTEOPS_STAGE": stage["name"],
+                              "REMOTEOPS_RUN_DIR": str(self.run_dir)}, watch=watch)
+        if result.killed_for:
+            return False, result.killed_for, result.message
+        verdict = result.verdict
+        if verdict is not None and not verdict.ok and verdict.reason in POLICY:
+            return False, verdict.reason, verdict.message
+        if result.code != 0:
+            return False, "process_died", f"the command exited with {result.code}"
+        self._record_outputs(stage, table)
+        return True, None, None
+
+    def _record_outputs(self, stage: dict, table: dict) -> None:
+        """The command stage's declared outputs, project-relative, for collect."""
+        outs = stage_outputs(stage["name"], table)
+        stage["outputs"]["declared"] = outs
+        missing = [p for p in outs if not (self.root / p).exists()]
+        declared = "outputs" in table
+        for path in missing if declared else []:
+            stage["warnings"].append(f"declared output {path} was not produced")
+
+    def _child(self, args: list[str], log_path: Path, env: dict[str, str],
+               watch: dict | None = None) -> ChildResult:
+        """Run a stage's process; stop its whole tree on cancel, a bad verdict, or its end.
+
+        Its output goes through a pipe we copy to the log, so what the tree writes once it
+        is stopped never reaches the log, and the attempt is judged on its own bytes only.
+        """
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"\n==> {' '.join(args)}\n".encode())
+            offset = log.tell()
+        read_fd, write_fd = os.pipe()
+        try:
+            self.child = subprocess.Popen(args, cwd=str(self.root), stdin=subprocess.DEVNULL,
+                                          stdout=write_fd, stderr=write_fd,
+                                          env={**os.environ, **env},
+                                          preexec_fn=_die_with_parent)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        if self.stage is not None:  # so cancel can find the tree even if we die
+            self.stage["process"] = process_identity(self.child.pid)
+            self.save()
+        pump = _Pump(read_fd, log_path)
+        pump.start()
+        killed_for, message = None, ""
+        last_check = time.monotonic()
+        try:
+            while self.child.poll() is None:
+                time.sleep(0.2)
+                if self.cancelled:
+                    break
+                if watch and time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    verdict = judge_output(log_path, offset, watch)
+                    if not verdict.ok and verdict.reason in POLICY:
+                        killed_for, message = verdict.reason, verdict.message
+                        break
+            stopped = self._stop_tree(pump)
+            code = self.child.wait()
+        finally:
+            pump.close()
+        self.child = None
+        verdict = judge_output(log_path, offset, watch) if watch else None
+        if killed_for or self.cancelled:
+            why = killed_for or "cancelled"
+            with open(log_path, "ab") as log:
+                log.write(f"==> stopped ({why}): the stage's processes were ended"
+                          f"{' (' + str(len(stopped)) + ' needed SIGKILL)' if stopped else ''}; "
+                          "anything they wrote afterwards was discarded\n".encode())
+        return ChildResult(code, killed_for, message, verdict)
+
+    def _stop_tree(self, pump: _Pump | None) -> list[int]:
+        """End every process the stage started: our children (the stage's process, and its
+        orphans re-parented to us) and all below them."""
+        from remoteops.server.proctree import children_of, stop_tree
+
+        child = self.child
+        roots = children_of(os.getpid())
+        return stop_tree(roots, self.grace, on_frozen=pump.drain_and_mute if pump else None,
+                         not_reaped={child.pid} if child is not None else set())
+
+
+def main(project_root: str, run_dir: str, lock_fd: int | None = None) -> int:
+    return Runner(Path(project_root).resolve(), Path(run_dir).resolve(), lock_fd).run()
