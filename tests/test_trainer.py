@@ -394,3 +394,18 @@ def test_optional_stagnation_rule_is_off_by_default_and_fires_when_set():
     strict = HealthCallback(stagnation_steps=2, stagnation_min_delta=0.6)
     assert strict.judge(1, 3.0) is None and strict.judge(2, 2.5) is None  # 0.5 < delta
     assert strict.judge(3, 2.45)[0] == "stagnation"
+
+
+def test_targets_come_from_the_config_not_from_the_stage_name(tmp_path):
+    # A stage called "writing" used to get hidden seed targets (0.85/0.90) whatever the
+    # config said; now a stage without targets gets eval.coverage_target/format_target,
+    # and the demo states its seed targets in its own remoteops.toml.
+    root = tmp_path / "p"
+    copy_demo_project(root)
+    (root / "remoteops.toml").write_text(
+        '[eval]\ncoverage_target = 0.5\nformat_target = 0.6\n'
+        '[stages.writing]\ndataset = "data/writing.jsonl"\n')
+    assert stage_cfg(root, "writing").targets == {"coverage": 0.5, "format": 0.6}
+    demo = tmp_path / "demo"
+    copy_demo_project(demo)
+    assert stage_cfg(demo, "writing").targets == {"coverage": 0.85, "format": 0.90}

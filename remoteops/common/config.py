@@ -81,7 +81,6 @@ DEFAULTS: dict[str, Any] = {
     },
     "deploy": {
         "keep_backups": 10,
-        "verify_after": True,
     },
     "pipeline": {
         "stages": ["precheck", "sample", "style", "writing", "all", "collect"],

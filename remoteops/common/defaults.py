@@ -45,7 +45,7 @@ HEALTH_DEFAULTS = {
 
 EVAL_DEFAULTS = {
     "max_new_tokens": 64,
-    "coverage_target": 0.90,       # used when a stage has no targets and no seed default
+    "coverage_target": 0.90,       # used when a stage names no targets of its own
     "format_target": 0.95,
 }
 

@@ -32,7 +32,6 @@ from remoteops.common.locks import FileLock, identity_alive, pid_alive, process_
 from remoteops.common.defaults import KINDS  # noqa: F401 - the stage kinds
 
 RUNS_DIR = Path("outputs") / "training_sync"  # a project's runs, relative to its root
-DEFAULT_STAGES = ["precheck", "sample", "style", "writing", "all", "collect"]
 # Failure class -> what the runner does about it.
 POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
           "lr_zero": "stop", "stagnation": "stop", "oom": "smaller_batch", "cuda": "resume", "process_died": "resume",
@@ -256,7 +255,7 @@ def refuse_if_live(project_root: str | Path, action: str) -> None:
             "changed.")
 
 
-__all__ = ["DEFAULT_STAGES", "POLICY", "plan_stages", "load_state", "read_state", "save_state",
+__all__ = ["POLICY", "plan_stages", "load_state", "read_state", "save_state",
            "find_run", "list_runs", "effective_status", "runner_health", "runner_alive",
            "pid_alive", "live_run", "refuse_if_live", "pipeline_lock", "DamagedRun",
            "process_identity"]

@@ -38,8 +38,9 @@ def parse_marked(stdout: str) -> Any:
     start = stdout.rfind(BEGIN)
     end = stdout.rfind(END)
     if start < 0 or end < start:
-        raise RemoteCommandError("the target's Python printed no answer; run with -v to see "
-                                 "its output.")
+        raise RemoteCommandError("the target's Python printed no answer; check that "
+                                 "remote_python runs a Python 3 and that the login shell's "
+                                 "startup files do not exit or replace the command.")
     return json.loads(stdout[start + len(BEGIN):end].strip())
 
 

@@ -15,19 +15,6 @@ from typing import Any
 from remoteops.common.errors import ConfigError
 from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, PRESETS, TRAIN_DEFAULTS  # noqa: F401
 
-# A preset scales the stage's own settings, so it works for any data size.
-# The seed project's targets (key-point coverage, format compliance).
-SEED_TARGETS = {
-    "style": {"coverage": 0.90, "format": 0.95},
-    "writing": {"coverage": 0.85, "format": 0.90},
-    "all": {"coverage": 0.88, "format": 0.92},
-}
-
-STAGE_KEYS = ("dataset", "eval_set", "preset", "train", "targets", "health", "eval",
-              "command", "kind", "description", "depends_on", "retries", "outputs",
-              "loss_pattern")
-
-
 @dataclass
 class StageConfig:
     """Everything the trainer needs for one stage; paths are absolute."""
@@ -134,8 +121,7 @@ def resolve_stage(settings, stage: str, preset: str | None = None,
     if overrides:
         _override(train, overrides, "train", TRAIN_DEFAULTS)
 
-    targets = dict(SEED_TARGETS.get(stage, {"coverage": evalc["coverage_target"],
-                                            "format": evalc["format_target"]}))
+    targets = {"coverage": evalc["coverage_target"], "format": evalc["format_target"]}
     user_targets = entry.get("targets") or {}
     for key, value in user_targets.items():
         if key not in ("coverage", "format"):
