@@ -36,7 +36,10 @@ def after_stage(stage: str, run_dir: str, status: str, settings: Any) -> None:
 
 @hookspec
 def health_rules(register: Callable[[Any], None], settings: Any) -> None:
-    """Register extra training health rules (called with each new metrics row). (Not called yet.)"""
+    """Register training health rules: ``register(rule)``, where ``rule(step, loss=None,
+    grad_norm=None, lr=None)`` returns ``(reason, message)`` for a bad step, else None. Both
+    health watches run them: the built-in trainer's before each optimizer step, and the
+    log watch of command stages on each loss it reads."""
 
 
 @hookspec

@@ -161,6 +161,25 @@ def get_plugin_manager(project_dir: str | os.PathLike | None = None,
     return pm
 
 
+def health_rules(pm: pluggy.PluginManager, settings: Any) -> list[Any]:
+    """The rules every ``health_rules`` implementation registers, in hook order."""
+    rules: list[Any] = []
+    pm.hook.health_rules(register=rules.append, settings=settings)
+    return rules
+
+
+def run_health_rules(rules: list[Any], step: int, loss: float | None = None,
+                     grad_norm: float | None = None, lr: float | None = None
+                     ) -> tuple[str, str] | None:
+    """The first ``(reason, message)`` a rule returns for this step, else None."""
+    for rule in rules:
+        found = rule(step=step, loss=loss, grad_norm=grad_norm, lr=lr)
+        if found:
+            reason, message = found
+            return str(reason), str(message)
+    return None
+
+
 def _blocked_names() -> list[str]:
     raw = os.environ.get("REMOTEOPS_BLOCK_PLUGINS", "")
     return [n.strip() for n in raw.split(",") if n.strip()]

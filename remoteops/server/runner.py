@@ -375,7 +375,10 @@ class Runner:
         failed = self._signal(stage["name"], "failed")
         if result.code == 2:
             return False, (failed or {}).get("reason", "config"), self._last_error(log_path)
-        if failed and failed.get("reason") in POLICY and failed["reason"] != "process_died":
+        # The trainer's own classes, and a health_rules plugin's reason (policy: fail); an
+        # unclassified crash is treated as a dead process (resume from the checkpoint).
+        if failed and failed.get("reason") and \
+                failed["reason"] not in ("error", "interrupted", "process_died"):
             return False, failed["reason"], failed.get("message", "")
         return False, "process_died", f"the trainer exited with {result.code}"
 
@@ -439,15 +442,19 @@ class Runner:
             except re.error as exc:
                 return False, "config", (f"the loss_pattern {pattern!r} is not a valid regular "
                                          f"expression ({exc}); fix it in remoteops.toml")
+        from remoteops.plugins import health_rules
+
+        self.hooks()  # the plugin manager, loaded once
         watch = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
-                 "explode_ratio": float(self.settings["health.explode_ratio"])}
+                 "explode_ratio": float(self.settings["health.explode_ratio"]),
+                 "rules": health_rules(self.pm, self.settings)}
         result = self._child(["bash", "-c", command], log_path,
                              {"REMOTEOPS_STAGE": stage["name"],
                               "REMOTEOPS_RUN_DIR": str(self.run_dir)}, watch=watch)
         if result.killed_for:
             return False, result.killed_for, result.message
         verdict = result.verdict
-        if verdict is not None and not verdict.ok and verdict.reason in POLICY:
+        if verdict is not None and not verdict.ok:
             return False, verdict.reason, verdict.message
         if result.code != 0:
             return False, "process_died", f"the command exited with {result.code}"
@@ -500,7 +507,7 @@ class Runner:
                 if watch and time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     verdict = judge_output(log_path, offset, watch)
-                    if not verdict.ok and verdict.reason in POLICY:
+                    if not verdict.ok:  # a plugin rule's own reason too (policy: fail)
                         killed_for, message = verdict.reason, verdict.message
                         break
             stopped = self._stop_tree(pump)

@@ -67,7 +67,8 @@ class HealthCallback(TrainerCallback):
                  warmup_check_steps: int = 3, check_lr: bool = True,
                  stagnation_steps: int = 0, stagnation_min_delta: float = 0.0,
                  on_healthy: Callable[[int], None] | None = None,
-                 on_failure: Callable[[str, str, int], None] | None = None):
+                 on_failure: Callable[[str, str, int], None] | None = None,
+                 rules: list[Callable[..., tuple[str, str] | None]] | None = None):
         self.loss_max = loss_max
         self.explode_ratio = explode_ratio
         self.warmup_check_steps = warmup_check_steps
@@ -78,6 +79,7 @@ class HealthCallback(TrainerCallback):
         self.on_healthy = on_healthy
         self.on_failure = on_failure
         self.failure: dict[str, Any] | None = None
+        self.rules = list(rules or [])  # from health_rules plugins
         self.healthy = False
         self.min_loss = math.inf
         self.warmup_steps = 0
@@ -122,6 +124,10 @@ class HealthCallback(TrainerCallback):
         if self.check_lr and lr is not None and lr <= 0 and step > self.warmup_steps:
             return "lr_zero", (f"learning rate is {lr} at step {step}, after "
                                f"{self.warmup_steps} warmup steps; check train.lr and the schedule")
+        if self.rules:
+            from remoteops.plugins import run_health_rules
+
+            return run_health_rules(self.rules, step, loss, grad_norm, lr)
         return None
 
     def _fail(self, reason: str, message: str, step: int, control) -> None:

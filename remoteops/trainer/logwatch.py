@@ -81,8 +81,12 @@ def _line_of(text: str, pos: int) -> int:
 
 
 def check_text(text: str, pattern: str | None = None, loss_max: float | None = None,
-               explode_ratio: float | None = None) -> Verdict:
-    """Classify a log's text; the earliest problem in the log wins."""
+               explode_ratio: float | None = None, rules: list | None = None) -> Verdict:
+    """Classify a log's text; the earliest problem in the log wins.
+
+    ``rules`` are ``health_rules`` plugins' rules, run on each loss read (its step is
+    its position among the losses, from 1).
+    """
     loss_max = HEALTH_DEFAULTS["loss_max"] if loss_max is None else loss_max
     explode_ratio = HEALTH_DEFAULTS["explode_ratio"] if explode_ratio is None else explode_ratio
     losses = parse_losses(text, pattern)
@@ -91,6 +95,14 @@ def check_text(text: str, pattern: str | None = None, loss_max: float | None = N
     found = judge_losses(losses, loss_max, explode_ratio)
     if found:
         problems.append((found[2], found[0], found[1]))
+    if rules:
+        from remoteops.plugins import run_health_rules
+
+        for step, (lineno, loss) in enumerate(losses, 1):
+            ruled = run_health_rules(rules, step, loss)
+            if ruled:
+                problems.append((lineno, ruled[0], f"{ruled[1]} (log line {lineno})"))
+                break
     for regex, reason in ((_OOM, "oom"), (_CUDA, "cuda")):
         m = regex.search(text)
         if m:

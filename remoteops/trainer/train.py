@@ -285,8 +285,11 @@ def _trainer_class():
 
 
 def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
-              log: Callable[[str], None] = say) -> dict[str, Any]:
-    """Train one stage into ``run_path``; returns the stage's summary entry."""
+              log: Callable[[str], None] = say, rules: list | None = None) -> dict[str, Any]:
+    """Train one stage into ``run_path``; returns the stage's summary entry.
+
+    ``rules`` are the ``health_rules`` plugins' rules, checked before each optimizer step.
+    """
     from remoteops.trainer.callbacks import CheckpointReporter, MetricsCallback
     from remoteops.trainer.health import HealthCallback, classify_exception
 
@@ -325,7 +328,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             stagnation_min_delta=float(cfg.health["stagnation_min_delta"]),
             on_healthy=lambda step: (run.signal("healthy", "warmup check passed", step=step),
                                      log(f"stage '{cfg.name}' healthy after {step} steps")),
-            on_failure=lambda reason, msg, step: None)
+            on_failure=lambda reason, msg, step: None, rules=rules)
         metrics = MetricsCallback(run, collator)
         args = training_args(cfg, run.checkpoints, bool(prep.eval))
         trainer = _trainer_class()(

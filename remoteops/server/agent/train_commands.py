@@ -88,9 +88,11 @@ def register(group: click.Group) -> None:
         if resume:
             path, ckpt = find_resume(cfg.project_dir, stage, resume, path)
         path = path or new_run_dir(cfg.project_dir)
+        from remoteops.plugins import get_plugin_manager, health_rules
         from remoteops.trainer.train import run_train
 
-        entry = run_train(cfg, path, ckpt)
+        rules = health_rules(get_plugin_manager(cfg.project_dir, settings["plugins_dir"]), settings)
+        entry = run_train(cfg, path, ckpt, rules=rules)
         if as_json:
             click.echo(json.dumps(entry, default=str))
         if entry["status"] != "done":
