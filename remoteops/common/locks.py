@@ -32,6 +32,18 @@ class LockedError(RemoteOpsError):
 
 # -- process identity ------------------------------------------------------------------------
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat`` from field 3 (state) on, or None when it cannot be read.
+
+    The command name (field 2) may hold spaces and ')': the split is after its last ')'.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether a process of this machine is running (a zombie is not)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -42,21 +54,15 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    except OSError:
-        return True
+    fields = stat_fields(pid)
+    return fields[0] not in ("Z", "X") if fields else True
 
 
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22)."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            # the command name (field 2) may hold spaces and ')': split after its last ')'
-            fields = fh.read().rsplit(")", 1)[-1].split()
-        return int(fields[19])  # fields[0] is field 3 (state)
-    except (OSError, IndexError, ValueError):
+        return int(stat_fields(pid)[19])  # fields[0] is field 3 (state)
+    except (TypeError, IndexError, ValueError):
         return None
 
 

@@ -29,6 +29,7 @@ from remoteops.common.files import write_atomic_json
 from remoteops.common.config import Settings
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.locks import FileLock, identity_alive, pid_alive, process_identity
+from remoteops.common.paths import UnsafePath, safe_relpath
 from remoteops.common.defaults import KINDS  # noqa: F401 - the stage kinds
 
 RUNS_DIR = Path("outputs") / "training_sync"  # a project's runs, relative to its root
@@ -69,11 +70,14 @@ def stage_outputs(name: str, table: dict) -> list[str]:
                              f"e.g. outputs = [\"outputs/adapter/adapter_{name}\"].")
     clean = []
     for path in outs:
-        parts = Path(path).parts
-        if Path(path).is_absolute() or ".." in parts or path.startswith("~"):
+        try:
+            rel = None if path.startswith("~") else safe_relpath(path, f"stages.{name}.outputs")
+        except UnsafePath:
+            rel = None
+        if rel is None:
             raise RemoteOpsError(f"stages.{name}.outputs: {path!r} leaves the project folder; "
                                  "name paths relative to the project root.")
-        clean.append(Path(path).as_posix())
+        clean.append(rel)
     return clean
 
 

@@ -20,7 +20,7 @@ import signal
 import time
 from typing import Callable
 
-from remoteops.common.locks import pid_alive, process_start
+from remoteops.common.locks import pid_alive, process_start, stat_fields
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -39,10 +39,8 @@ def _parents() -> dict[int, int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[-1].split()
-            out[int(name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
+            out[int(name)] = int(stat_fields(name)[1])
+        except (TypeError, IndexError, ValueError):
             continue
     return out
 

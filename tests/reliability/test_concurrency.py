@@ -19,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_deploy import expected_tree, make_project, tree
+from tests.reliability.test_pipeline_faults import BASE, YES
 from tests.test_pipeline import wait_for
 
-YES = {"TRAIN_SYNC_ASSUME_YES": "1", "REMOTEOPS_GPU_GATE": "warn"}
-SLOW = """
-[pipeline]
-heartbeat_seconds = 0.5
-poll_seconds = 0.3
-stop_grace_seconds = 1.0
-stages = ["slow"]
+SLOW = BASE + """stages = ["slow"]
 
 [stages.slow]
 command = "echo begin; sleep 60; echo end"
