@@ -215,3 +215,36 @@ def test_common_imports_nothing_outside_itself(stub_parent):
         outside = [m for m in loaded if m.startswith("remoteops.")
                    and not m.startswith("remoteops.common") and m != "remoteops.common.paths"]
         assert outside == []
+
+
+def test_atomic_output_streams_into_place_or_leaves_the_old_file(tmp_path):
+    dest = tmp_path / "deep" / "bundle.tar.zst"
+    with files.atomic_output(dest) as fh:
+        for _ in range(3):
+            fh.write(b"x" * CHUNK)
+        assert not dest.exists()  # nothing at the name until the block ends
+    assert dest.read_bytes() == b"x" * (3 * CHUNK)
+    with pytest.raises(RuntimeError):
+        with files.atomic_output(dest) as fh:
+            fh.write(b"half")
+            raise RuntimeError("the writer died")
+    assert dest.read_bytes() == b"x" * (3 * CHUNK)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["bundle.tar.zst"]
+
+
+def test_link_or_copy_places_the_bytes_whole(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(100_000))
+    dest = tmp_path / "out" / "b.bin"
+    files.link_or_copy(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["b.bin"]
+
+
+def test_no_module_writes_a_temp_file_of_its_own():
+    """Every streaming write goes through files.atomic_output: no module names its own
+    ``<name>.tmp`` temp file beside a destination any more."""
+    root = Path(__file__).resolve().parents[1] / "remoteops"
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if re.search(r"""with_name\([^)]*["']\.tmp["']""", p.read_text())]
+    assert offenders == []

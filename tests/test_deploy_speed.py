@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from remoteops.laptop.build import (HashCache, iter_members, load_manifest, write_delta, write_tar)
+from remoteops.common.bundle_tar import iter_members, write_tar
+from remoteops.common.manifest import load_manifest
+from remoteops.laptop.build import HashCache, write_delta
 
 
 def _digest(path: Path) -> str:

@@ -16,7 +16,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from remoteops.common.files import CHUNK
+from remoteops.common.files import CHUNK, atomic_output, write_atomic_text
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.paths import UnsafePath, safe_relpath
 
@@ -109,7 +109,6 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                       m[3] if len(m) > 3 else None))
     segments = _segments(sized)
     reuse = _reusable_frames(previous, level)
-    tmp = out.with_name(out.name + ".tmp")
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
     frames: list[dict] = []
     offset = 0
@@ -117,7 +116,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     stats = {"frames": len(segments), "reused": 0, "reused_bytes": 0}
     src = open(previous, "rb") if reuse else None
     try:
-        with open(tmp, "wb") as raw:
+        with atomic_output(out) as raw:
             for i, segment in enumerate(segments):
                 last = i == len(segments) - 1
                 headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
@@ -147,10 +146,8 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     finally:
         if src is not None:
             src.close()
-    index = frames_index_path(out)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    index.write_text(json.dumps({"level": level, "frames": frames}))
-    os.replace(tmp, out)
+    # the index follows its bundle: a bundle without an index is only not reused from
+    write_atomic_text(frames_index_path(out), json.dumps({"level": level, "frames": frames}))
     return stats
 
 

@@ -32,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from remoteops.common.config_schema import HOST_KEYS, find_line, split_key, validate  # noqa: F401
+from remoteops.common.config_schema import find_line, split_key, validate
 from remoteops.common.errors import ConfigError
 from remoteops.common.secret_rules import is_login_password, is_secret_key
 from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS

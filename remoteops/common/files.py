@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 CHUNK = 1 << 20  # bytes read or sent at a time
 
@@ -55,18 +57,22 @@ def fsync_dirs(folders: Iterable[str | os.PathLike]) -> None:
             fsync_path(folder)
 
 
-def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data``, all or nothing, durably: a temp file in the same
-    folder (a short name, so names up to NAME_MAX work), fsynced, renamed over ``path``,
-    then the folder fsynced. Missing parent folders are created. The temp name is unique
-    per process and thread, so concurrent writers never share one, and ends in ``.tmp``
-    (collect skips such names); it is removed when the write fails."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing, durably, through the binary file this yields.
+
+    The file is a temp file in the same folder (a short name, so names up to NAME_MAX
+    work; unique per process and thread, so concurrent writers never share one; ending in
+    ``.tmp``, which collect skips). When the block ends without an error the temp file is
+    fsynced and renamed over ``path``, then the folder is fsynced; when it raises, the
+    temp file is removed and ``path`` is untouched. Missing parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{temp_name(path.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -74,6 +80,32 @@ def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Make ``dest`` hold ``src``'s bytes, all or nothing: a hard link where the file system
+    allows one, else a copy (through ``atomic_output``)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{temp_name(dest.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as fh, atomic_output(dest) as out:
+            shutil.copyfileobj(fh, out, CHUNK)
+        return
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+
+
+def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` through ``atomic_output``: all or nothing, durably."""
+    with atomic_output(path) as fh:
+        fh.write(data)
 
 
 def write_atomic_text(path: str | os.PathLike, text: str) -> None:
@@ -91,4 +123,4 @@ def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2,
 
 
 __all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "fsync_path", "fsync_dir",
-           "fsync_dirs", "write_atomic_bytes", "write_atomic_text", "write_atomic_json"]
+           "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes", "write_atomic_text", "write_atomic_json"]

@@ -31,14 +31,10 @@ from remoteops.common.config import Settings
 from remoteops.common.paths import link_digest, link_entry
 from remoteops.common.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
                                     looks_like_private_key)
-from remoteops.common.bundle_tar import (FORMAT, BundleError, _tarinfo, check_member,  # noqa: F401
-                                  iter_members, write_tar)  # re-exported for the deploy path
+from remoteops.common.bundle_tar import BundleError, _tarinfo, iter_members, write_tar
 from remoteops.common.clock import now_iso
-from remoteops.common.manifest import (FileEntry, Manifest, content_id,  # noqa: F401 - re-exported
-                                       load_manifest, manifest_for, plan_between,
-                                       read_member_bytes, verify_bundle)
-from remoteops.common.files import (sha256_file, sha256_fileobj,  # noqa: F401 - re-exported
-                                    write_atomic_text)
+from remoteops.common.manifest import FileEntry, Manifest, content_id
+from remoteops.common.files import atomic_output, sha256_file, write_atomic_text
 
 # Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
 # words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
@@ -391,31 +387,29 @@ def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3,
     if out.is_file():
         return out  # the name carries the content: same name, same bytes
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     members = []
     sources = (_project_sources(manifest, names, source_dir)
                if manifest is not None and source_dir is not None else None)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
-    with open(tmp, "wb") as raw, cctx.stream_writer(raw, closefd=False) as zw, \
-            tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        if sources is not None:
-            for entry, data in sources:
-                name = f"files/{entry.path}"
-                tar.addfile(_tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
-                members.append(name)
-        else:
-            for member, fh in iter_members(bundle_tar):
-                if fh is not None and member.name in wanted:
-                    tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
-                    members.append(member.name)
-    missing = wanted - set(members)
-    if missing:
-        tmp.unlink()
-        raise BundleError(f"{bundle_tar.name} lacks {sorted(missing)[0]}; it is truncated: "
-                          "rebuild it.")
-    os.replace(tmp, out)
+    with atomic_output(out) as raw:
+        with cctx.stream_writer(raw, closefd=False) as zw, \
+                tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            if sources is not None:
+                for entry, data in sources:
+                    name = f"files/{entry.path}"
+                    tar.addfile(_tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
+                    members.append(name)
+            else:
+                for member, fh in iter_members(bundle_tar):
+                    if fh is not None and member.name in wanted:
+                        tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+                        members.append(member.name)
+        missing = wanted - set(members)
+        if missing:  # raising leaves no file behind
+            raise BundleError(f"{bundle_tar.name} lacks {sorted(missing)[0]}; it is truncated: "
+                              "rebuild it.")
     return out
 
 
-__all__ = ["Manifest", "FileEntry", "Built", "BundleError", "build_bundle", "verify_bundle",
-           "plan_between", "select_files", "select", "Selection", "write_tar", "iter_members"]
+__all__ = ["Built", "build_bundle", "write_delta", "HashCache", "describe_exclusions",
+           "select_files", "select", "Selection"]

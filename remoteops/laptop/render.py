@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remoteops.common.sizes import human_size
-from remoteops.tables import console, name_column, print_json, print_plugins, print_wide  # noqa: F401
+from remoteops.tables import console, name_column, print_json, print_wide
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 

@@ -16,9 +16,8 @@ import uuid
 from pathlib import Path
 
 from remoteops.common.config import Settings, resolve_secret
-from remoteops.common.errors import ConnectError, RemoteCommandError, RemoteOpsError  # noqa: F401
-from remoteops.common.target import AgentMissing, LocalTarget, Result, Target, shell_path  # noqa: F401
-from remoteops.common.wire import BEGIN, END, PAYLOAD_MARK, parse_marked  # noqa: F401
+from remoteops.common.errors import ConnectError, RemoteCommandError
+from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
 
@@ -246,5 +245,4 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
                      keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
 
 
-__all__ = ["Target", "LocalTarget", "SSHTarget", "Result", "open_target", "parse_marked",
-           "shell_path", "RemoteOpsError"]
+__all__ = ["SSHTarget", "open_target"]

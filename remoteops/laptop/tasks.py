@@ -84,7 +84,7 @@ def config(c, json=False):
 def plugins(c, json=False):
     """List the loaded plugins: name, version, source, hooks."""
     from remoteops.plugins import get_plugin_manager
-    from remoteops.laptop.render import print_plugins
+    from remoteops.tables import print_plugins
 
     settings = _settings()
     print_plugins(get_plugin_manager(settings.project_dir, settings["plugins_dir"]).infos(), json)

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from remoteops import __version__
+from remoteops.common.files import atomic_output
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SKIP_DIRS = {"__pycache__"}
@@ -70,12 +71,11 @@ def build_toolkit_wheel(out_dir: Path) -> Path:
                 if text]
     record = [_record_line(arc, data) for arc, data in entries] + [f"{dist_info}/RECORD,,"]
     entries.append((f"{dist_info}/RECORD", ("\n".join(record) + "\n").encode()))
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_output(path) as out, \
+            zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for arc, data in entries:
             info = zipfile.ZipInfo(arc, date_time=_EPOCH)
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
-    os.replace(tmp, path)
     return path

@@ -15,7 +15,8 @@ import pytest
 
 from remoteops.common.config import load_settings
 from remoteops.common.errors import RemoteCommandError
-from remoteops.laptop.targets import LocalTarget, open_target
+from remoteops.common.target import LocalTarget
+from remoteops.laptop.targets import open_target
 from tests.conftest import trust
 
 # The server's Python must outlive a few samples of the process table.

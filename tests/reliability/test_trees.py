@@ -22,7 +22,7 @@ from remoteops import __version__
 from remoteops.server.apply import Project
 from remoteops.server.applyplan import link_digest
 from remoteops.common.bundle_tar import write_tar
-from remoteops.laptop.build import FileEntry, Manifest, content_id
+from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.errors import RemoteOpsError
 from tests.test_deploy import deploy, server_root  # noqa: F401 - fixtures: a deploy over sshd
 
