@@ -10,6 +10,7 @@ checked like tar members (``remoteops.common.paths``) before anything uses them.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from remoteops.common.errors import RemoteOpsError
@@ -60,6 +61,35 @@ def catalogue(backups: Path) -> list[tuple[Path, dict]]:
         if isinstance(meta, dict):
             out.append((folder, meta))
     return sorted(out, key=lambda fm: (_seq(fm[1]), fm[0].name))
+
+
+def list_backups(backups: Path) -> list[dict]:
+    """Backups oldest first by sequence number; the last undoes what is deployed now."""
+    out = []
+    for folder, meta in catalogue(backups):
+        try:
+            files = meta["overwritten"] + meta["deleted"]
+            out.append({"name": folder.name, "path": str(folder), "kind": meta["kind"],
+                        "version": meta["version"], "seq": meta.get("seq"),
+                        "created_at": meta["created_at"],
+                        "files": len(files) + len(meta["created"]),
+                        "size": sum(r["size"] for r in files),
+                        "from_version": (meta["manifest_before"] or {}).get("version"),
+                        "current": False})
+        except (KeyError, TypeError, AttributeError):
+            continue  # damaged metadata: not offered
+    if out:
+        out[-1]["current"] = True
+    return out
+
+
+def prune(backups: Path, keep: int) -> list[str]:
+    """Remove all but the ``keep`` latest backups; their names."""
+    rows = list_backups(backups)
+    doomed = rows[:-keep] if keep > 0 else []
+    for b in doomed:
+        shutil.rmtree(b["path"], ignore_errors=True)
+    return [b["name"] for b in doomed]
 
 
 def next_seq(state: Path, backups: Path) -> int:
