@@ -159,11 +159,17 @@ def _read(target: Target, remote: str, src, n: int) -> bytes:
         raise _broken(target, remote, exc) from None
 
 
-def _listing(target: Target, run_id: str | None, with_checkpoints: bool) -> tuple[dict, float]:
-    """The server's listing and its clock's offset from ours (server minus laptop)."""
+def listing_args(target: Target, run_id: str | None, with_checkpoints: bool = False) -> list[str]:
+    """The ``pipeline-files`` request: the run's files with their sizes and sha256, and its
+    status (``state``)."""
     args = ["pipeline-files", "--root", target.project_root]
     args += ["--run", run_id] if run_id else []
-    args += ["--with-checkpoints"] if with_checkpoints else []
+    return args + (["--with-checkpoints"] if with_checkpoints else [])
+
+
+def fetch_listing(target: Target, args: list[str]) -> tuple[dict, float]:
+    """The server's answer to ``args`` (a listing) and its clock's offset from ours (server
+    minus laptop)."""
     before = time.time()
     listing = target.run_agent(*args)
     after = time.time()
@@ -207,10 +213,16 @@ def _validated(listing: dict, project_dir: Path,
 
 def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
                 since: Since | float | None = None, with_checkpoints: bool = False,
-                progress_factory=None, areas: list[str] | None = None) -> Collected:
-    """Fetch what differs (by sha256) from the server's run directory and stage outputs."""
+                progress_factory=None, areas: list[str] | None = None,
+                listed: tuple[dict, float] | None = None) -> Collected:
+    """Fetch what differs (by sha256) from the server's run directory and stage outputs.
+
+    ``listed``: a listing already fetched (``fetch_listing``), else one is asked for. The
+    server is listed again only for files that changed while they were being fetched.
+    """
     started = time.monotonic()
-    listing, offset = _listing(target, run_id, with_checkpoints)
+    listing, offset = listed or fetch_listing(target, listing_args(target, run_id,
+                                                                   with_checkpoints))
     result = Collected(listing.get("run_id") or run_id or "?",
                        refused=list(listing.get("refused") or []))
     if in_place(target, project_dir):
@@ -250,7 +262,8 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
                 result.skipped += [{"path": p, "reason": STILL_WRITING} for p in again]
                 break
             time.sleep(RETRY_DELAY * (attempt + 1))
-            fresh, _ = _listing(target, result.run_id, with_checkpoints)
+            fresh, _ = fetch_listing(target, listing_args(target, result.run_id,
+                                                          with_checkpoints))
             todo = [(i, p) for i, p in _validated(fresh, project_dir, areas) if i["path"] in again]
             listed = {i["path"] for i, _ in todo}
             result.skipped += [{"path": p, "reason": GONE} for p in again if p not in listed]
@@ -266,6 +279,6 @@ class _null:
         return False
 
 
-__all__ = ["Collected", "Since", "parse_since", "collect_run", "fetch_file", "in_place",
-           "write_areas",
+__all__ = ["Collected", "Since", "parse_since", "collect_run", "fetch_file", "fetch_listing",
+           "listing_args", "in_place", "write_areas",
            "STILL_WRITING"]

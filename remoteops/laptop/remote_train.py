@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from remoteops.laptop.collect import collect_run, in_place, write_areas
+from remoteops.laptop.collect import collect_run, fetch_listing, in_place, listing_args, write_areas
 from remoteops.common.config import Settings
 from remoteops.common.errors import ConnectError, RemoteCommandError, RemoteOpsError
 from remoteops.common.runs import plan_stages
@@ -127,10 +127,14 @@ def follow(open_target: Callable[[], Target], target: Target, run_id: str,
         time.sleep(poll)
 
 
-def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> dict:
+def mark_args(target: Target, run_id: str, ok: bool, reason: str = "") -> list[str]:
     args = ["pipeline-mark", "--root", target.project_root, "--run", run_id, "--stage",
             "collect", "--status", "done" if ok else "failed"]
-    return target.run_agent(*(args + (["--reason", reason] if reason else [])))
+    return args + (["--reason", reason] if reason else [])
+
+
+def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> dict:
+    return target.run_agent(*mark_args(target, run_id, ok, reason))
 
 
 def collect_and_report(settings: Settings, target: Target, run_id: str | None,
@@ -138,16 +142,19 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     """Fetch results, mark collect done on the server (which rewrites its reports), and fetch
     the rewritten reports, so the laptop's copy equals the server's."""
     areas = write_areas(settings)  # the laptop's own config says where collect may write
+    listed = fetch_listing(target, listing_args(target, run_id))  # files and state, one call
     result = collect_run(target, settings.project_dir, run_id, since=since,
-                         progress_factory=progress_factory, areas=areas)
+                         progress_factory=progress_factory, areas=areas, listed=listed)
     run_id = result.run_id
-    state = status(target, run_id, lines=0)
+    state = listed[0].get("state") or status(target, run_id, lines=0)  # (an older agent)
     collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
     if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
             "failed", "running", "dead", "cancelled"):
-        mark_collected(target, run_id, True)
-        result.merge(collect_run(target, settings.project_dir, run_id, areas=areas))
-        state = status(target, run_id, lines=0)
+        # one call marks collect done, rewrites the reports and lists them again
+        marked = fetch_listing(target, mark_args(target, run_id, True) + ["--list-files"])
+        result.merge(collect_run(target, settings.project_dir, run_id, areas=areas,
+                                 listed=marked))
+        state = marked[0]["state"]
     summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
     closure = summary.with_name("final_closure_report.md")
     return {**result.to_dict(), "status": state["status"],

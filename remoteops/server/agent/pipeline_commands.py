@@ -276,14 +276,25 @@ def pipeline_runs(root, as_json):
 @click.option("--with-checkpoints", is_flag=True, help="Also list checkpoints (large).")
 @json_option
 def pipeline_files(root, run_id, with_checkpoints, as_json):
-    """The files `collect` brings back: the run directory and the stages' outputs."""
-    from remoteops.server.collect_list import list_run_files
+    """The files `collect` brings back (the run directory and the stages' outputs), with the
+    run's status, so one call tells collect all it needs."""
     from remoteops.common.runs import find_run, load_state
 
     project = _root(root)
     run_dir = find_run(project, run_id)
-    listing = list_run_files(project, run_dir, load_state(run_dir), with_checkpoints)
+    listing = _listing(project, run_dir, load_state(run_dir), with_checkpoints)
     emit(listing, as_json, "\n".join(f["path"] for f in listing["files"]))
+
+
+def _listing(project: Path, run_dir: Path, state: dict, with_checkpoints: bool) -> dict:
+    from remoteops.common.runs import effective_status
+    from remoteops.server.collect_list import list_run_files
+
+    listing = list_run_files(project, run_dir, state, with_checkpoints)
+    listing["state"] = {"status": effective_status(run_dir, state),
+                        "stages": [{"name": s["name"], "status": s["status"]}
+                                   for s in state["stages"]]}
+    return listing
 
 
 @click.command("pipeline-mark")
@@ -292,13 +303,16 @@ def pipeline_files(root, run_id, with_checkpoints, as_json):
 @click.option("--stage", required=True, help="Stage to mark (the laptop marks collect).")
 @click.option("--status", "status", type=click.Choice(["done", "failed"]), required=True)
 @click.option("--reason", default="", help="Why (for failed).")
+@click.option("--list-files", is_flag=True,
+              help="Answer with the run's files as pipeline-files does (after the rewrite).")
 @json_option
-def pipeline_mark(root, run_id, stage, status, reason, as_json):
-    """Record a stage the laptop ran (collect) in the run's state."""
+def pipeline_mark(root, run_id, stage, status, reason, list_files, as_json):
+    """Record a stage the laptop ran (collect) in the run's state; rewrite the summary."""
     from remoteops.common.clock import now_iso
     from remoteops.common.runs import find_run, load_state, save_state
 
-    run_dir = find_run(_root(root), run_id)
+    project = _root(root)
+    run_dir = find_run(project, run_id)
     state = load_state(run_dir)
     for entry in state["stages"]:
         if entry["name"] == stage:
@@ -309,7 +323,10 @@ def pipeline_mark(root, run_id, stage, status, reason, as_json):
     from remoteops.server.reports import write_training_summary
 
     write_training_summary(run_dir)
-    emit({"run_id": state["run_id"], "status": state["status"]}, as_json, state["status"])
+    answer = {"run_id": state["run_id"], "status": state["status"]}
+    if list_files:
+        answer.update(_listing(project, run_dir, state, False))
+    emit(answer, as_json, state["status"])
 
 
 @click.command("after-stage")
