@@ -5,7 +5,7 @@ driver problem fail precheck; ``warn`` reports it as a warning and precheck
 passes; ``off`` skips the gate.
 """
 
-from remoteops import Check, hookimpl
+from remoteops.api import Check, hookimpl
 
 PROBE = '''
 def probe(ctx):

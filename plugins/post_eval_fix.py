@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import re
 
-from remoteops import hookimpl
+from remoteops.api import hookimpl
 
 __version__ = "0.1.0"
 
@@ -245,7 +245,7 @@ def issue_log(items, before, after, answers, fixed, applied) -> dict[str, list[d
 
 def apply_fixes(stage: str, report: dict, rules: list[dict]) -> dict:
     """The ``post_eval`` section for ``report`` (its items hold the generated answers)."""
-    from remoteops.trainer.evaluate import compare_targets, score_items
+    from remoteops.api import compare_targets, score_items
 
     items = [{"prompt": it.get("prompt"),
               "key_points": list(it.get("key_points_hit", [])) + list(it.get("key_points_missed", [])),
@@ -285,7 +285,7 @@ def post_eval(stage, report, run_dir, settings):
 
 @hookimpl
 def report_sections(run_dir):
-    from remoteops.quant.closure import post_eval_section
+    from remoteops.api import post_eval_section
 
     table = post_eval_section(run_dir)
     return [("Post-eval fixes", table)] if table else None

@@ -5,7 +5,7 @@ Written as any third-party plugin would be: ``register_checks`` registers
 Python, so probes use only the standard library.
 """
 
-from remoteops import Check, hookimpl
+from remoteops.api import Check, hookimpl
 
 
 def _gb(n_bytes):

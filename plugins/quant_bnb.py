@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 
-from remoteops import hookimpl
-from remoteops.quant import (NOT_FEASIBLE, missing_modules, overall_verdict, row_verdict,
+from remoteops.api import hookimpl
+from remoteops.api import (NOT_FEASIBLE, missing_modules, overall_verdict, row_verdict,
                              skipped)
 
 __version__ = "0.1.0"
@@ -69,7 +69,7 @@ class BitsAndBytesCheck:
     def _measure(self, job, kind, device, ref, double_quant, bound, fail) -> dict:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from remoteops.quant.job import hf_generate_speed, hf_perplexity
+        from remoteops.api import hf_generate_speed, hf_perplexity
 
         if kind == "int8":
             qconf = BitsAndBytesConfig(load_in_8bit=True)
@@ -116,7 +116,7 @@ def register_quant_checks(register):
 
 @hookimpl
 def report_sections(run_dir):
-    from remoteops.quant.closure import quant_section
+    from remoteops.api import quant_section
 
     table = quant_section(run_dir, "bnb")
     return [("Quantization: bitsandbytes", table)] if table else None

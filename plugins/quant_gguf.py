@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import shutil
 
-from remoteops import hookimpl
-from remoteops.quant import NOT_FEASIBLE, missing_modules, overall_verdict, row_verdict, skipped
+from remoteops.api import hookimpl
+from remoteops.api import NOT_FEASIBLE, missing_modules, overall_verdict, row_verdict, skipped
 
 __version__ = "0.1.0"
 DEFAULT_TYPES = ["f16", "q8_0", "q4_k_m"]
@@ -37,7 +37,7 @@ class GgufCheck:
     settings_key = "quant_gguf"
 
     def run(self, job) -> dict:
-        from remoteops.quant.gguf_tools import GgufError
+        from remoteops.api import GgufError
 
         opts = job.options(self.settings_key)
         missing = missing_modules(["llama_cpp", "gguf", "sentencepiece"])
@@ -55,7 +55,7 @@ class GgufCheck:
     def _run(self, job, opts, result) -> None:
         import llama_cpp
 
-        from remoteops.quant.gguf_tools import CONVERTER_TYPES, convert, find_converter, quantize
+        from remoteops.api import CONVERTER_TYPES, convert, find_converter, quantize
 
         types = [str(t).lower() for t in opts.get("types", DEFAULT_TYPES)]
         bound = float(opts.get("max_ppl_delta", 0.05))
@@ -127,7 +127,7 @@ class GgufCheck:
 
 
 def _measure(*args):
-    from remoteops.quant.gguf_tools import measure
+    from remoteops.api import measure
 
     return measure(*args)
 
@@ -139,7 +139,7 @@ def register_quant_checks(register):
 
 @hookimpl
 def report_sections(run_dir):
-    from remoteops.quant.closure import quant_section
+    from remoteops.api import quant_section
 
     table = quant_section(run_dir, "gguf")
     return [("Quantization: GGUF (llama.cpp)", table)] if table else None

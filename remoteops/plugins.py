@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import pluggy
 
@@ -185,6 +185,25 @@ def _blocked_names() -> list[str]:
     return [n.strip() for n in raw.split(",") if n.strip()]
 
 
+def each_plugin(pm: pluggy.PluginManager, hook: str) -> Iterator[tuple[str, Any]]:
+    """``(plugin name, caller)`` for each plugin implementing ``hook``, in load order.
+
+    The caller is pluggy's own hook caller (``pm.subset_hook_caller``) narrowed to that
+    one plugin (wrappers stay), so every call goes through ``pm.hook`` with its checks,
+    tracing and wrappers, while the caller can time each plugin and keep one plugin's
+    failure from stopping the next.
+    """
+    caller = getattr(pm.hook, hook)
+    impls = caller.get_hookimpls()
+    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+    tracing = bool(os.environ.get("REMOTEOPS_TRACE_HOOKS"))
+    for impl in plain:
+        others = [i.plugin for i in plain if i is not impl]
+        if tracing:
+            sys.stderr.write(f"hook {hook} -> plugin {impl.plugin_name}\n")
+        yield impl.plugin_name, pm.subset_hook_caller(hook, remove_plugins=others)
+
+
 def collect(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
     """Call a ``register_*`` hook plugin by plugin, in load order; return what was registered.
 
@@ -195,10 +214,6 @@ def collect(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> list[Any]:
     def register(*args: Any) -> None:
         items.append(args[0] if len(args) == 1 else args)
 
-    available = dict(kwargs, register=register)
-    tracing = bool(os.environ.get("REMOTEOPS_TRACE_HOOKS"))
-    for impl in getattr(pm.hook, hook).get_hookimpls():
-        if tracing:
-            sys.stderr.write(f"hook {hook} -> plugin {impl.plugin_name}\n")
-        impl.function(**{name: available[name] for name in impl.argnames})
+    for _name, call in each_plugin(pm, hook):
+        call(register=register, **kwargs)
     return items

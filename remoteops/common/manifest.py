@@ -17,6 +17,9 @@ from typing import Iterable
 from remoteops.common.bundle_tar import FORMAT, BundleError, iter_members  # noqa: F401
 from remoteops.common.files import sha256_fileobj
 
+# Bytes a deploy leaves free on the server beyond what it writes (both sides plan with it).
+DISK_HEADROOM = 16 << 20
+
 
 @dataclass(frozen=True)
 class FileEntry:

@@ -25,7 +25,8 @@ from typing import Callable
 from remoteops.common.config import Settings
 from remoteops.common.errors import RemoteCommandError, RemoteOpsError
 from remoteops.common.files import sha256_file
-from remoteops.common.manifest import Manifest, manifest_for, read_member_bytes, verify_bundle
+from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, read_member_bytes,
+                                       verify_bundle)
 from remoteops.laptop.build import Built, build_bundle
 from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, apply_args,
                                             delta_key, holder, state_dir, upload_file)
@@ -205,7 +206,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         # the upload, then its files uncompressed (staged) and the backups: a compressible
         # bundle needs far more than it sends
         sizes = manifest.file_map()
-        needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + (16 << 20)
+        needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + DISK_HEADROOM
                  + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
         if outcome.plan["free_bytes"] < needs:
             raise RemoteOpsError(

@@ -18,7 +18,7 @@ from remoteops.common.config import Settings
 from remoteops.common.errors import RemoteCommandError
 from remoteops.common.target import AgentMissing, Target
 from remoteops.common.files import sha256_file
-from remoteops.common.manifest import Manifest, manifest_for, plan_between
+from remoteops.common.manifest import DISK_HEADROOM, Manifest, manifest_for, plan_between
 from remoteops.laptop.build import Built, _project_sources, write_delta
 from remoteops.laptop.deploy_common import (WHOLE_BUNDLE_SHARE, Background, DeployOutcome,
                                             apply_args, bundles_dir, delta_key, state_dir,
@@ -26,8 +26,6 @@ from remoteops.laptop.deploy_common import (WHOLE_BUNDLE_SHARE, Background, Depl
 from remoteops.laptop.deploy_record import remember
 from remoteops.laptop.transfer import put_resumable
 
-# Disk headroom the server must have had (at its last answer) for the fast path.
-HEADROOM = 16 << 20
 
 
 class FastPath:
@@ -53,7 +51,7 @@ class FastPath:
             return self.plan
         plan = plan_between(self.base, manifest)
         sizes = manifest.file_map()
-        if self.free < 2 * sum(sizes[p].size for p in plan["need"]) + HEADROOM:
+        if self.free < 2 * sum(sizes[p].size for p in plan["need"]) + DISK_HEADROOM:
             plan = None  # maybe short of disk: the server's plan checks before the upload
         else:
             plan.update(free_bytes=self.free, current_version=self.base.version,

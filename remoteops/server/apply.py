@@ -32,17 +32,15 @@ from pathlib import Path
 
 from remoteops import __version__
 from remoteops.common.errors import RemoteOpsError
-from remoteops.common.manifest import BundleError, Manifest, plan_between
+from remoteops.common.manifest import DISK_HEADROOM, BundleError, Manifest, plan_between
 from remoteops.common.paths import UnsafePath, check_tree, link_of
 from remoteops.common.runs import refuse_if_live
 from remoteops.server import journal, rollback
 from remoteops.server.applyplan import Put
 from remoteops.server.backupset import list_backups, prune
-from remoteops.server.incoming import (MANIFEST_WAIT_SECONDS, MissingMembers,  # noqa: F401 - re-exported
-                                       read_manifest_file, stage, wait_for_delta)
-from remoteops.server.projectroot import STATE, ProjectRoot  # noqa: F401 - re-exported
+from remoteops.server.incoming import MissingMembers, stage
+from remoteops.server.projectroot import ProjectRoot
 
-HEADROOM = 16 << 20  # bytes left free besides what an apply writes
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -114,7 +112,7 @@ class Project(ProjectRoot):
 
     def _check_space(self, plan: dict) -> None:
         """Room for the new files uncompressed (staged) and the backups, before staging."""
-        need = plan["need_bytes"] + plan["backup_bytes"] + HEADROOM
+        need = plan["need_bytes"] + plan["backup_bytes"] + DISK_HEADROOM
         free = self.free()
         if free < need:
             raise RemoteOpsError(f"not enough disk on the server: {free / 1e9:.2f} GB free, the "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from remoteops.common.clock import utc_stamp
 from remoteops.common.files import CHUNK, temp_name
-from remoteops.common.paths import link_digest  # noqa: F401 - re-exported
 
 LINK_MODE = 0o777  # what lstat reports for a link on Linux, and what a link entry records
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from remoteops.common.clock import now_iso, utc_stamp
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import fsync_dirs, sha256_file, temp_name
-from remoteops.common.paths import ancestors
-from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace,
-                                        link_digest, order, place, prune_dirs, remove)
+from remoteops.common.paths import ancestors, link_digest
+from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace, order,
+                                        place, prune_dirs, remove)
 from remoteops.server.backupset import SEQ_FILE, next_seq
 from remoteops.server.projectroot import ProjectRoot, write_json
 

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.files import write_atomic_json, write_atomic_text
 from remoteops.common.errors import ConfigError
+from remoteops.plugins import collect, each_plugin
 
 POST_EVAL_HOOK = "post_eval"
 QUANT_HOOK = "register_quant_checks"
@@ -87,33 +88,31 @@ def run_post_eval(settings, stage: str, run_dir: Path, pm=None, explicit: bool =
     path = Path(run_dir) / f"eval_report_{stage}.json"
     report = _read_json(path)
     results: dict[str, Any] = {}
-    impls = [i for i in pm.hook.post_eval.get_hookimpls()
-             if explicit or runs_after(settings, i.plugin_name, stage)]
-    if not impls:
+    plugins = [(name, call) for name, call in each_plugin(pm, POST_EVAL_HOOK)
+               if explicit or runs_after(settings, name, stage)]
+    if not plugins:
         return results
     if report is None:
-        for impl in impls:
-            results[impl.plugin_name] = {"status": "skipped",
-                                         "reason": f"no readable {path.name}; run eval first"}
+        for name, _call in plugins:
+            results[name] = {"status": "skipped", "reason": f"no readable {path.name}; run eval first"}
         return results
     original = copy.deepcopy(report)
-    args = {"stage": stage, "report": report, "run_dir": str(run_dir), "settings": settings}
-    for impl in impls:
+    for name, call in plugins:
         started = time.time()
         try:
-            impl.function(**{a: args[a] for a in impl.argnames})
+            call(stage=stage, report=report, run_dir=str(run_dir), settings=settings)
             section = report.get("post_eval") or {}
-            results[impl.plugin_name] = {"status": "done", "duration_s": round(time.time() - started, 2),
-                                         "before": section.get("before"), "after": section.get("after")}
+            results[name] = {"status": "done", "duration_s": round(time.time() - started, 2),
+                             "before": section.get("before"), "after": section.get("after")}
             after = (section.get("after") or {}).get("metrics", {})
             before = (section.get("before") or {}).get("metrics", {})
-            log(f"{stage} post-eval {impl.plugin_name}: format {_pct(before.get('format'))} -> "
+            log(f"{stage} post-eval {name}: format {_pct(before.get('format'))} -> "
                 f"{_pct(after.get('format'))}, coverage {_pct(before.get('coverage'))} -> "
                 f"{_pct(after.get('coverage'))}")
         except Exception as exc:  # a plugin's bug must not stop the pipeline
-            results[impl.plugin_name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                                         "traceback": traceback.format_exc()[-2000:]}
-            log(f"{stage} post-eval {impl.plugin_name} failed: {type(exc).__name__}: {exc}")
+            results[name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()[-2000:]}
+            log(f"{stage} post-eval {name} failed: {type(exc).__name__}: {exc}")
     # The evaluation itself stays as measured; plugins only add their sections.
     for key in ("items", "metrics", "targets", "pass"):
         if key in original:
@@ -126,7 +125,6 @@ def run_quant_checks(settings, stage: str, run_dir: Path, pm=None, only: str | N
                      explicit: bool = False, log: Callable[[str], None] = print,
                      adapter: Path | None = None) -> dict[str, Any]:
     """Run the registered quantization checks for ``stage``; writes ``quant_<stage>.json``."""
-    from remoteops.plugins import collect
     from remoteops.quant import NOT_FEASIBLE, QuantJob, SKIPPED
 
     pm = _pm(settings, pm)

@@ -25,7 +25,8 @@ from remoteops.common.files import sha256_file, write_atomic_json
 from remoteops.common.locks import FileLock
 from remoteops.common.manifest import Manifest
 from remoteops.common.paths import UnsafePath, canonical
-from remoteops.server.applyplan import LINK_MODE, link_digest
+from remoteops.common.paths import link_digest
+from remoteops.server.applyplan import LINK_MODE
 from remoteops.server.backupset import read_backup
 
 STATE = ".remoteops"

@@ -20,7 +20,7 @@ import pytest
 
 from remoteops import __version__
 from remoteops.server.apply import Project
-from remoteops.server.applyplan import link_digest
+from remoteops.common.paths import link_digest
 from remoteops.common.bundle_tar import write_tar
 from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.errors import RemoteOpsError

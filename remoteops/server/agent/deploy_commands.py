@@ -36,7 +36,8 @@ keep_option = click.option("--keep", default=10, show_default=True,
 @json_option
 def deploy_plan(root: str, manifest: str, as_json: bool) -> None:
     """Compare a bundle manifest with the files under the project root."""
-    from remoteops.server.apply import Project, read_manifest_file
+    from remoteops.server.apply import Project
+    from remoteops.server.incoming import read_manifest_file
 
     plan = Project(root).plan(read_manifest_file(manifest))
     emit(plan, as_json, f"send {len(plan['need'])} file(s), delete {len(plan['delete'])}, "
@@ -60,7 +61,8 @@ def deploy_apply(root: str, manifest: str, delta: str | None, delta_sha256: str 
                  expect_base: str | None, expect_agent: str | None, holder: str, keep: int,
                  as_json: bool) -> None:
     """Apply a bundle in place: lock, back up, journal, replace, record."""
-    from remoteops.server.apply import Project, read_manifest_file, wait_for_delta
+    from remoteops.server.apply import Project
+    from remoteops.server.incoming import read_manifest_file, wait_for_delta
 
     new = read_manifest_file(manifest)
     if delta:
