@@ -84,6 +84,15 @@ def bench_trainer(c, steps=40, repeats=3):
 
 
 @task
+def bench_qlora(c, steps=30, repeats=2, end_to_end=False):
+    """QLoRA on a CUDA GPU: tokens/s of our trainer against a plain HF 4-bit run."""
+    from tests.bench.bench_qlora import main
+
+    main(["--steps", str(steps), "--repeats", str(repeats)]
+         + (["--end-to-end"] if end_to_end else []))
+
+
+@task
 def bench_pipeline(c):
     """Benchmark pipeline overhead per stage and `invoke status` over a slow login shell."""
     from tests.bench.bench_pipeline import main
@@ -91,5 +100,5 @@ def bench_pipeline(c):
     main([])
 
 
-for _t in (bench_deploy, bench_trainer, bench_pipeline):
+for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline):
     ns.add_task(_t)

@@ -120,3 +120,25 @@ def test_a_table_given_a_single_value_is_explained(project):
     with pytest.raises(ConfigError) as err:
         load_settings(project, env={})
     assert "'ssh' is a table" in str(err.value)
+
+
+def test_a_runs_settings_are_fixed_at_its_start_and_hold_no_secret(project, tmp_path):
+    """pipeline-start saves the settings; the runner, trainer and plugins of the run read
+    them back (common.runs.run_settings), whatever the files say later."""
+    from remoteops.common.runs import SETTINGS_FILE, run_settings, save_run_settings
+
+    write(project / "remoteops.toml", '[hosts.gpu]\nhostname = "gpu.example.com"\n'
+          'passphrase = {"$env" = "KEY_PASSPHRASE"}\n[train]\nlr = 0.001\n')
+    s = load_settings(project, env={"KEY_PASSPHRASE": "secret_value"}, flags={"gpu_gate": "off"})
+    run = tmp_path / "run_1"
+    save_run_settings(run, s)
+    write(project / "remoteops.toml", "[train]\nlr = 0.5\n")  # edited later
+    again = run_settings(run, project)
+    assert again.values == s.values and again.sources == s.sources
+    assert again["train.lr"] == 0.001 and again.source("gpu_gate") == "flag"
+    assert again["hosts.gpu.passphrase"] == {"$env": "KEY_PASSPHRASE"}
+    assert "secret_value" not in (run / SETTINGS_FILE).read_text()
+    (run / SETTINGS_FILE).write_text("{")
+    with pytest.raises(Exception, match="is damaged .*start a new run"):
+        run_settings(run, project)
+    assert run_settings(tmp_path / "older_run", project)["train.lr"] == 0.5

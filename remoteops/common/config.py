@@ -34,7 +34,7 @@ else:  # pragma: no cover
 
 from remoteops.common.config_schema import find_line, split_key, validate
 from remoteops.common.errors import ConfigError
-from remoteops.common.secret_rules import is_login_password, is_secret_key
+from remoteops.common.secret_rules import is_ref, is_secret_key, mask, refuse_secret
 from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS
 
 PROJECT_FILE = "remoteops.toml"
@@ -111,7 +111,6 @@ SEED_ENV = {
 ENV_NOT_SETTINGS = {"REMOTEOPS_USER_CONFIG", "REMOTEOPS_BLOCK_PLUGINS", "REMOTEOPS_TRACE_HOOKS",
                     "REMOTEOPS_DEBUG", "REMOTEOPS_PROJECT_DIR", "REMOTEOPS_NO_ENTRYPOINTS"}
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
@@ -151,7 +150,18 @@ class Settings:
     def items(self) -> Iterator[tuple[str, Any, str]]:
         """Every leaf setting as (dotted key, value, source), secrets masked."""
         for key, value in _flatten(self.values):
-            yield key, _mask(key, value), self.source(key)
+            yield key, mask(key, value), self.source(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What rebuilds these settings in another process (``from_snapshot``). Secrets
+        are ``$env`` references, never values, so a snapshot holds none."""
+        return {"values": self.values, "sources": self.sources,
+                "project_dir": str(self.project_dir), "files": list(self.files)}
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> "Settings":
+        return cls(copy.deepcopy(dict(data["values"])), dict(data["sources"]),
+                   Path(data["project_dir"]), list(data.get("files") or []))
 
     def to_json(self) -> str:
         return json.dumps({k: {"value": v, "source": s} for k, v, s in self.items()},
@@ -265,8 +275,8 @@ def _merge(values: dict, sources: dict, layer: Mapping, label: str | None,
         # remoteops' own settings are not secrets whatever their names (include_secrets)
         own = top not in OPEN_TABLES and key in values
         secret_here = secret or (is_secret_key(str(key)) and not named and not own)
-        _refuse_secret(dotted, value, secret_here, where.at(origin, dotted))
-        if isinstance(raw, Mapping) and not _is_ref(raw):
+        refuse_secret(dotted, value, secret_here, where.at(origin, dotted))
+        if isinstance(raw, Mapping) and not is_ref(raw):
             node = values.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{where.at(origin, dotted)}: '{dotted}' must be a single value, "
@@ -350,61 +360,9 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 def _flatten(d: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in d.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and not _is_ref(value):
+        if isinstance(value, Mapping) and value and not is_ref(value):
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted, value
 
 
-def _is_ref(value: Any) -> bool:
-    return isinstance(value, Mapping) and set(value) == {"$env"}
-
-
-def _env_name(leaf: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", leaf).strip("_").upper() or "MY_SECRET"
-
-
-def _refuse_secret(dotted: str, value: Any, secret: bool, where: str) -> None:
-    """Refuse login passwords, and secret-looking keys that are not ``$env`` references.
-
-    The messages never contain the value.
-    """
-    leaf = dotted.rsplit(".", 1)[-1]
-    if is_login_password(leaf):
-        raise ConfigError(f"{where}: '{dotted}' looks like a password; remoteops never stores "
-                          "passwords: remove it and log in with an SSH key or ssh-agent.")
-    if isinstance(value, Mapping) and "$env" in value:
-        name = value.get("$env")
-        if set(value) != {"$env"} or not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: '{dotted}' is not a valid reference; write it as "
-                              f"{leaf} = {{\"$env\" = \"{_env_name(leaf)}\"}} (the name of an "
-                              "environment variable, nothing else in the table).")
-        return
-    if not secret or (isinstance(value, Mapping) and value):
-        return  # a table under a secret name: each of its values is checked in turn
-    parts = dotted.split(".")
-    first = next((i for i, part in enumerate(parts) if is_secret_key(part)), len(parts) - 1)
-    name = _env_name("_".join(parts[first:]))  # credentials.user -> CREDENTIALS_USER
-    raise ConfigError(f"{where}: '{dotted}' holds a secret in plain text; remoteops never "
-                      f"stores, prints or ships secrets: reference it instead, e.g. {leaf} = "
-                      f"{{\"$env\" = \"{name}\"}}, and export {name} where remoteops runs.")
-
-
-def resolve_secret(value: Any, env: Mapping[str, str] | None = None) -> str | None:
-    """The secret a ``{"$env": NAME}`` reference points at (None when unset)."""
-    if value in (None, ""):
-        return None
-    if _is_ref(value):
-        env = os.environ if env is None else env
-        name = value["$env"]
-        if name not in env:
-            raise ConfigError(f"the environment variable {name} referenced in the config is not "
-                              f"set; export it before running.")
-        return env[name]
-    raise ConfigError("secrets must be referenced as {\"$env\" = \"NAME\"}, not written out.")
-
-
-def _mask(key: str, value: Any) -> Any:
-    if _is_ref(value):
-        return f"$env:{value['$env']}"
-    return value

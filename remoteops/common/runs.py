@@ -40,6 +40,7 @@ POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
           "internal": "fail"}
 # Floors for intervals read from settings: 0 or a negative value must not make a loop spin.
 MIN_HEARTBEAT_S = 0.2
+SETTINGS_FILE = "settings.json"  # in a run directory: the settings the run started with
 
 
 def stop_grace(settings) -> float:
@@ -110,6 +111,26 @@ def plan_stages(settings: Settings, only: list[str] | None, skip_sample: bool) -
 
 
 # -- state files -------------------------------------------------------------------------
+
+def save_run_settings(run_dir: Path, settings: Settings) -> None:
+    """Fix a run's settings when it starts (or resumes): every process of the run (runner,
+    trainer, eval, after-stage plugins) reads these instead of loading the files again."""
+    write_atomic_json(Path(run_dir) / SETTINGS_FILE, settings.snapshot(), indent=1, default=str)
+
+
+def run_settings(run_dir: Path, project_root: Path | None = None) -> Settings:
+    """The settings the run started with; a run from before snapshots loads the files."""
+    from remoteops.common.config import load_settings
+
+    try:
+        data = json.loads((Path(run_dir) / SETTINGS_FILE).read_text(encoding="utf-8"))
+        return Settings.from_snapshot(data)
+    except FileNotFoundError:
+        return load_settings(project_root)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RemoteOpsError(f"{Path(run_dir) / SETTINGS_FILE} is damaged ({exc}); start a "
+                             "new run.") from None
+
 
 def runs_root(project_root: Path) -> Path:
     return project_root / RUNS_DIR

@@ -14,8 +14,12 @@ project names them in ``bundle.include_secrets``. ``.env`` counts as a secret
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
+
+from remoteops.common.errors import ConfigError
 
 # Names that can only mean a login password: refused outright.
 LOGIN_PASSWORD_KEYS = frozenset({"password", "passwd", "pass", "pwd", "ssh_password",
@@ -117,5 +121,63 @@ def looks_like_private_key(path: Path) -> bool:
     return bool(_KEY_HEADER.search(head))
 
 
-__all__ = ["SECRET_FILE_PATTERNS", "SECRET_CANDIDATE", "LOGIN_PASSWORD_KEYS", "is_secret_key", "is_login_password",
+# Secrets in settings are references to environment variables: {"$env" = "NAME"}.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"$env"}
+
+
+def env_name(leaf: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", leaf).strip("_").upper() or "MY_SECRET"
+
+
+def refuse_secret(dotted: str, value: Any, secret: bool, where: str) -> None:
+    """Refuse login passwords, and secret-looking keys that are not ``$env`` references.
+
+    The messages never contain the value.
+    """
+    leaf = dotted.rsplit(".", 1)[-1]
+    if is_login_password(leaf):
+        raise ConfigError(f"{where}: '{dotted}' looks like a password; remoteops never stores "
+                          "passwords: remove it and log in with an SSH key or ssh-agent.")
+    if isinstance(value, Mapping) and "$env" in value:
+        name = value.get("$env")
+        if set(value) != {"$env"} or not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: '{dotted}' is not a valid reference; write it as "
+                              f"{leaf} = {{\"$env\" = \"{env_name(leaf)}\"}} (the name of an "
+                              "environment variable, nothing else in the table).")
+        return
+    if not secret or (isinstance(value, Mapping) and value):
+        return  # a table under a secret name: each of its values is checked in turn
+    parts = dotted.split(".")
+    first = next((i for i, part in enumerate(parts) if is_secret_key(part)), len(parts) - 1)
+    name = env_name("_".join(parts[first:]))  # credentials.user -> CREDENTIALS_USER
+    raise ConfigError(f"{where}: '{dotted}' holds a secret in plain text; remoteops never "
+                      f"stores, prints or ships secrets: reference it instead, e.g. {leaf} = "
+                      f"{{\"$env\" = \"{name}\"}}, and export {name} where remoteops runs.")
+
+
+def resolve_secret(value: Any, env: Mapping[str, str] | None = None) -> str | None:
+    """The secret a ``{"$env": NAME}`` reference points at (None when unset)."""
+    if value in (None, ""):
+        return None
+    if is_ref(value):
+        env = os.environ if env is None else env
+        name = value["$env"]
+        if name not in env:
+            raise ConfigError(f"the environment variable {name} referenced in the config is not "
+                              f"set; export it before running.")
+        return env[name]
+    raise ConfigError("secrets must be referenced as {\"$env\" = \"NAME\"}, not written out.")
+
+
+def mask(key: str, value: Any) -> Any:
+    if is_ref(value):
+        return f"$env:{value['$env']}"
+    return value
+
+
+__all__ = ["is_ref", "refuse_secret", "resolve_secret", "mask", "SECRET_FILE_PATTERNS", "SECRET_CANDIDATE", "LOGIN_PASSWORD_KEYS", "is_secret_key", "is_login_password",
            "looks_like_private_key"]

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from remoteops.common.config import Settings, resolve_secret
+from remoteops.common.config import Settings
+from remoteops.common.secret_rules import resolve_secret
 from remoteops.common.errors import ConnectError, HostKeyError
 from remoteops.laptop.hostkeys import changed_key_error, secure_client
 

@@ -15,7 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
-from remoteops.common.config import Settings, resolve_secret
+from remoteops.common.config import Settings
+from remoteops.common.secret_rules import resolve_secret
 from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.target import LocalTarget, Target
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 from remoteops.common.clock import now_iso
 from remoteops.common.files import write_atomic_text
-from remoteops.common.config import load_settings
 from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
-                                   process_identity, save_state, stage_outputs, stop_grace)
+                                   process_identity, run_settings, save_state, stage_outputs,
+                                   stop_grace)
 from remoteops.server.pipeline import ChildResult, _die_with_parent, agent_args
 
 # The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
@@ -117,8 +117,8 @@ class Runner:
         self.root = project_root
         self.run_dir = run_dir
         self.lock_fd = lock_fd
-        self.settings = load_settings(project_root)
         self.state = load_state(run_dir)
+        self.settings = run_settings(run_dir, project_root)  # as the run started: loaded once
         self.grace = stop_grace(self.settings)
         self.cancelled = False
         self.child: subprocess.Popen | None = None
@@ -415,13 +415,11 @@ class Runner:
         return (errors[-1][7:] if errors else (lines[-1] if lines else "no output"))[:300]
 
     def _precheck(self, stage: dict) -> tuple[bool, str | None, str | None]:
-        from remoteops.common.config import load_settings as load
         from remoteops.precheck import run_precheck
         from remoteops.common.target import LocalTarget
 
-        settings = load(self.root, flags={"gpu_gate": self.state["options"]["gpu_gate"]})
         target = LocalTarget("server", str(self.root), sys.executable)
-        results = run_precheck(settings, target)
+        results = run_precheck(self.settings, target)  # the gpu_gate flag is in them
         rows = [r.to_dict() for r in results]
         write_atomic_text(self.run_dir / "precheck.json", json.dumps(rows, indent=1) + "\n")
         stage["outputs"]["precheck"] = "precheck.json"

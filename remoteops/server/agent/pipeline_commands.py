@@ -37,7 +37,8 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
     from remoteops.common.errors import RemoteOpsError
     from remoteops.common.clock import now_iso
     from remoteops.common.runs import (effective_status, find_run, load_state, pipeline_lock,
-                                       plan_stages, process_identity, save_state)
+                                       plan_stages, process_identity, save_run_settings,
+                                       save_state)
     from remoteops.server.pipeline import agent_args, finish_pending_apply, spawn_detached
     from remoteops.trainer.rundir import new_run_dir
 
@@ -81,6 +82,7 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
             state.setdefault("notes", []).append(
                 f"undid an interrupted {recovered['undone']} ({recovered['label']}) first")
         run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_settings(run_dir, settings)  # every process of the run reads these
         save_state(run_dir, state)
         # the runner inherits the locked descriptor: the lock is never free in between
         fd = lock.hand_over()
@@ -216,16 +218,16 @@ def pipeline_logs(root, run_id, stage, offset, lines, as_json):
 @json_option
 def pipeline_cancel(root, run_id, as_json):
     """Stop a run and its whole process tree (SIGTERM, then SIGKILL); mark it cancelled."""
-    from remoteops.common.config import load_settings
     from remoteops.common.clock import now_iso
-    from remoteops.common.runs import find_run, load_state, runner_alive, save_state, stop_grace
+    from remoteops.common.runs import (find_run, load_state, run_settings, runner_alive,
+                                       save_state, stop_grace)
     from remoteops.server.proctree import descendants
 
     project = _root(root)
     run_dir = find_run(project, run_id)
     state = load_state(run_dir)
     was = state["status"]
-    grace = stop_grace(load_settings(project))
+    grace = stop_grace(run_settings(run_dir, project))
     # only the process the state names (pid and start time): never one that reuses its pid
     if runner_alive(state):
         pid = state["runner"]["pid"]
@@ -309,7 +311,7 @@ def _listing(project: Path, run_dir: Path, state: dict, with_checkpoints: bool) 
 def pipeline_mark(root, run_id, stage, status, reason, list_files, as_json):
     """Record a stage the laptop ran (collect) in the run's state; rewrite the summary."""
     from remoteops.common.clock import now_iso
-    from remoteops.common.runs import find_run, load_state, save_state
+    from remoteops.common.runs import find_run, load_state, run_settings, save_state
 
     project = _root(root)
     run_dir = find_run(project, run_id)
@@ -322,7 +324,7 @@ def pipeline_mark(root, run_id, stage, status, reason, list_files, as_json):
     save_state(run_dir, state)
     from remoteops.server.reports import write_training_summary
 
-    write_training_summary(run_dir)
+    write_training_summary(run_dir, run_settings(run_dir, project))
     answer = {"run_id": state["run_id"], "status": state["status"]}
     if list_files:
         answer.update(_listing(project, run_dir, state, False))
@@ -334,14 +336,14 @@ def pipeline_mark(root, run_id, stage, status, reason, list_files, as_json):
 @click.option("--run-dir", required=True, help="The run directory.")
 def after_stage(stage, run_dir):
     """Run the configured post-eval and quantization plugins for a stage."""
-    from remoteops.common.config import load_settings
+    from remoteops.common.runs import run_settings
 
     try:
         from remoteops.server.postprocess import run_after_stage
     except ModuleNotFoundError:
         click.echo("no post-processing installed")
         return
-    result = run_after_stage(load_settings(), stage, Path(run_dir))
+    result = run_after_stage(run_settings(Path(run_dir)), stage, Path(run_dir))
     click.echo(json.dumps(result, default=str)[:2000])
 
 

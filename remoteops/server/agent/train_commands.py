@@ -17,10 +17,16 @@ from remoteops.common.errors import ConfigError
 
 
 def _load(config: str | None, stage: str, preset: str | None = None,
-          overrides: str | None = None):
+          overrides: str | None = None, run_dir: str | None = None):
+    """The settings and the stage's resolved config. In a pipeline run (``--run-dir`` holds
+    the run's settings) those settings, else the project's files."""
     from remoteops.common.config import load_settings
+    from remoteops.common.runs import SETTINGS_FILE, run_settings
     from remoteops.trainer.stageconf import read_overrides, resolve_stage
 
+    if not config and run_dir and (Path(run_dir) / SETTINGS_FILE).is_file():
+        settings = run_settings(Path(run_dir))
+        return settings, resolve_stage(settings, stage, preset, read_overrides(overrides))
     if config:
         path = Path(config).expanduser().resolve()
         if not path.is_file():
@@ -75,7 +81,7 @@ def register(group: click.Group) -> None:
         from remoteops.trainer.checkpoints import find_resume
         from remoteops.trainer.rundir import new_run_dir
 
-        settings, cfg = _load(config, stage, preset, overrides)
+        settings, cfg = _load(config, stage, preset, overrides, run_dir)
         if dry_run:
             from remoteops.trainer.train import dry_run as do_dry_run
 
@@ -153,7 +159,7 @@ def register(group: click.Group) -> None:
         from remoteops.trainer.evaluate import run_eval
         from remoteops.trainer.rundir import new_run_dir
 
-        _, cfg = _load(config, stage)
+        _, cfg = _load(config, stage, run_dir=run_dir)
         path = _resolve_run_dir(cfg.project_dir, run_dir)
         if path is None:
             try:
