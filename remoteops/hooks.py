@@ -22,7 +22,9 @@ stagnation) with the project's ``[health]`` settings (and ``[stages.<stage>.heal
 plus every ``health_rules`` plugin. After ``health.warmup_check_steps`` clean checks it
 marks the stage healthy, as the built-in trainer does. The signals are the built-in
 trainer's files (``<stage>.healthy|done|failed`` and their JSON, through
-``remoteops.common.rundir.RunDir``), which the runner and ``invoke status`` read.
+``remoteops.common.rundir.RunDir``), which the runner and ``invoke status`` read. In a
+multi-process run (``RANK`` set, as torchrun, accelerate and DeepSpeed do) only rank 0
+writes metrics, ``healthy`` and ``done``; any rank may write ``failed``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class TrainingHooks:
         if rules is None:
             rules = _plugin_rules(root, settings) if load_plugins and settings is not None else []
         self.judge = HealthJudge.from_settings(self.health, rules, warmup_steps=warmup_steps)
+        self.rank0 = os.environ.get("RANK", "0") in ("", "0")
         self.failure: Problem | None = None
         self.healthy = False
         self.done = False
@@ -126,7 +129,7 @@ class TrainingHooks:
         if self.healthy:
             return
         self.healthy = True
-        if self.run is not None:
+        if self.run is not None and self.rank0:
             self.run.signal("healthy", why, step=step, loss=_number(loss))
 
     def mark_failed(self, reason: str, message: str, step: int | None = None) -> None:
@@ -142,7 +145,7 @@ class TrainingHooks:
         if self.failure is not None:
             return False
         self.done = True
-        if self.run is not None:
+        if self.run is not None and self.rank0:
             final = {k: _number(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v
                      for k, v in (metrics or {}).items()}
             self.run.signal("done", "training finished", final=final)
@@ -151,14 +154,14 @@ class TrainingHooks:
     def log_metrics(self, step: int, **metrics: Any) -> None:
         """Append a row to the run's ``metrics.csv`` (``loss``, ``lr``, ``grad_norm``,
         ``eval_loss``, ``epoch``, ``tokens_per_s``, ``time``; other names are ignored)."""
-        if self.run is None:
+        if self.run is None or not self.rank0:
             return
         self.run.step = step
         self.run.append_metrics({"step": step, **{k: _number(v) for k, v in metrics.items()}})
 
     def beat(self, step: int | None = None) -> None:
         """Write the run's ``heartbeat`` (time, pid, stage, step)."""
-        if self.run is not None:
+        if self.run is not None and self.rank0:
             if step is not None:
                 self.run.step = step
             self.run.beat()

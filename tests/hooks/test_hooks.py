@@ -122,3 +122,16 @@ def test_outside_a_stage_nothing_is_written_and_checks_still_judge(tmp_path, mon
     hooks.mark_healthy(1)
     assert hooks.check(2, loss=float("nan")).reason == "nan"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_in_a_multi_process_run_only_rank_0_writes_metrics_but_any_rank_may_fail(tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    other = TrainingHooks(tmp_path / "run", "all")
+    for step in (1, 2, 3):
+        other.check(step, loss=1.0)
+        other.log_metrics(step, loss=1.0)
+    assert other.healthy and not (tmp_path / "run" / "metrics.csv").exists()
+    assert not (tmp_path / "run" / "all.healthy").exists()
+    other.check(4, loss=float("inf"))
+    assert _signal(tmp_path / "run", "all.failed")["message"] == "loss is inf at step 4"
