@@ -27,6 +27,8 @@ LOG_WINDOW = 4 << 20  # judge at most the last 4 MiB of an attempt's output
 
 
 class StageWatch:
+    """One stage's watch, for each of its attempts in turn (``start`` begins one)."""
+
     def __init__(self, run_dir: Path, stage: dict, window_s: float,
                  log: dict | None = None, obey_failed: bool = True):
         self.signals = RunDir(run_dir, stage["name"])
@@ -46,23 +48,22 @@ class StageWatch:
 
     # -- one attempt ------------------------------------------------------------------
     def start(self, log_path: Path, offset: int) -> None:
-        if self.log_settings is not None:
-            self.signals.clear_signals()
         self.stage.pop("health", None)
-        self.log_path, self.pos = log_path, offset
+        self.log_path, self.pos, self.t0 = log_path, offset, time.monotonic()
         self.logwatch = None
-        if self.log_settings is not None:
+        if self.log_settings is not None:  # a command stage: its signals start afresh
+            self.signals.clear_signals()
             self.logwatch = LogWatch(**self.log_settings)
             self.logwatch.line = _lines_before(log_path, offset)  # line numbers of the file
-        self.t0 = time.monotonic()
 
     def poll(self) -> Verdict | None:
         """A failed verdict to stop the stage on, else None; updates the stage's health."""
         self.changed = False
-        verdict = self._read()
+        self._read()
         failed = self._failed()
         if failed is not None:
             return failed
+        verdict = self.logwatch.verdict() if self.logwatch is not None else None
         if verdict is not None and not verdict.ok:
             return verdict
         self._health()
@@ -71,12 +72,11 @@ class StageWatch:
     def final(self, exit_code: int) -> Verdict | None:
         """The attempt's verdict once its process has exited (None: no log watched and no
         failed signal)."""
-        verdict = self._read(final=True)
-        if verdict is not None:
-            verdict = self.logwatch.verdict(exit_code)
-            for warning in verdict.warnings:
-                if warning not in self.stage["warnings"]:
-                    self.stage["warnings"].append(warning)
+        self._read(final=True)
+        verdict = self.logwatch.verdict(exit_code) if self.logwatch is not None else None
+        for warning in verdict.warnings if verdict is not None else []:
+            if warning not in self.stage["warnings"]:
+                self.stage["warnings"].append(warning)
         failed = self._failed()
         if failed is not None:  # the training code's own word beats our reading of its log
             return failed
@@ -85,14 +85,14 @@ class StageWatch:
         return verdict
 
     # -- parts ------------------------------------------------------------------------
-    def _read(self, final: bool = False) -> Verdict | None:
+    def _read(self, final: bool = False) -> None:
+        """Feed the log watch what the attempt wrote since the last read."""
         if self.logwatch is None:
-            return None
+            return
         try:
             with open(self.log_path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                if size - self.pos > LOG_WINDOW:
-                    self.pos = size - LOG_WINDOW
+                self.pos = max(self.pos, size - LOG_WINDOW)
                 fh.seek(self.pos)
                 data = fh.read(size - self.pos)
         except FileNotFoundError:
@@ -101,7 +101,6 @@ class StageWatch:
         self.logwatch.feed_bytes(data)
         if final:
             self.logwatch.close()
-        return self.logwatch.verdict()
 
     def _failed(self) -> Verdict | None:
         if not self.obey_failed:
