@@ -172,12 +172,9 @@ def run_health_rules(rules: list[Any], step: int, loss: float | None = None,
                      grad_norm: float | None = None, lr: float | None = None
                      ) -> tuple[str, str] | None:
     """The first ``(reason, message)`` a rule returns for this step, else None."""
-    for rule in rules:
-        found = rule(step=step, loss=loss, grad_norm=grad_norm, lr=lr)
-        if found:
-            reason, message = found
-            return str(reason), str(message)
-    return None
+    from remoteops.common.health import run_rules
+
+    return run_rules(rules, step, loss, grad_norm, lr)
 
 
 def _blocked_names() -> list[str]:

@@ -41,7 +41,8 @@ def test_a_plugin_rule_stops_a_command_stage(cli, project):
     assert res.returncode != 0
     stage = stages(project)["work"]
     assert stage["status"] == "failed" and stage["failure_class"] == "plugin_rule", stage
-    assert "step 2 reached the plugin's limit (loss 1.5) (log line 2)" in stage["reason"]
+    # line numbers of logs/work.log, after its blank line and the runner's ==> header
+    assert "step 2 reached the plugin's limit (loss 1.5) (log line 4)" in stage["reason"]
     assert time.monotonic() - started < 25  # stopped at the rule, not after the sleep
 
 

@@ -312,7 +312,7 @@ def test_eval_metrics_with_a_fake_generator_are_exact():
 
 # -- log-based checker ---------------------------------------------------------------
 def test_log_checker_catches_nan_traceback_oom_and_stale(tmp_path):
-    from remoteops.trainer.logwatch import check_log, check_text
+    from remoteops.server.logwatch import check_log, check_text
 
     ok = check_text("{'loss': '6.9', 'eval_loss': '6.8'}\n{'loss': '6.1'}\n")
     assert ok.ok and ok.losses == [6.9, 6.1]
@@ -321,12 +321,13 @@ def test_log_checker_catches_nan_traceback_oom_and_stale(tmp_path):
     custom = check_text("it 1 | L 3.0\nit 2 | L inf\n", pattern=r"\| L ([\w.]+)")
     assert custom.reason == "nan"
     tb = check_text("loss: 1.0\nTraceback (most recent call last):\n  File \"t.py\", line 1\n"
-                    "KeyError: 'input_ids'\n")
+                    "KeyError: 'input_ids'\n", exit_code=1)  # a crash: judged as it ends
     assert tb.reason == "traceback" and "KeyError" in tb.message
     oom = check_text("Traceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of "
-                     "memory. Tried to allocate 2.00 GiB\n")
+                     "memory. Tried to allocate 2.00 GiB\n", exit_code=1)
     assert oom.reason == "oom"
-    assert check_text("RuntimeError: CUDA error: device-side assert triggered").reason == "cuda"
+    assert check_text("RuntimeError: CUDA error: device-side assert triggered",
+                      exit_code=1).reason == "cuda"
     assert check_text("loss=1.0\nloss=0.5\nloss=90\n").reason == "divergence"
     log = tmp_path / "train.log"
     log.write_text("loss=1.0\n")

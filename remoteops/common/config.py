@@ -109,7 +109,9 @@ SEED_ENV = {
 }
 # REMOTEOPS_* variables that configure the tool itself, not settings.
 ENV_NOT_SETTINGS = {"REMOTEOPS_USER_CONFIG", "REMOTEOPS_BLOCK_PLUGINS", "REMOTEOPS_TRACE_HOOKS",
-                    "REMOTEOPS_DEBUG", "REMOTEOPS_PROJECT_DIR", "REMOTEOPS_NO_ENTRYPOINTS"}
+                    "REMOTEOPS_DEBUG", "REMOTEOPS_PROJECT_DIR", "REMOTEOPS_NO_ENTRYPOINTS",
+                    # what the runner tells a command stage (remoteops.hooks reads them)
+                    "REMOTEOPS_RUN_DIR", "REMOTEOPS_STAGE", "REMOTEOPS_PROJECT_ROOT"}
 
 
 _TRUE = {"1", "true", "yes", "on", "y"}

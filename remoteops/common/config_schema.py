@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = {
     "health.stagnation_min_delta": GE0,
     "health.heartbeat_seconds": GT0,
     "health.stale_seconds": GT0,
+    "health.window_seconds": GE0,   # 0: healthy only when the process says so
     "eval.max_new_tokens": GE1,
     "eval.coverage_target": SHARE,
     "eval.format_target": SHARE,
@@ -205,6 +206,8 @@ def validate(values: dict, defaults: dict, locate: Locate) -> None:
 
 
 def _check_loss_pattern(pattern: Any, dotted: str, locate: Locate) -> None:
+    if pattern == "":
+        return  # the built-in line formats only
     try:
         groups = re.compile(pattern).groups if isinstance(pattern, str) else -1
     except re.error as exc:

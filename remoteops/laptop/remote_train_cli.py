@@ -45,7 +45,11 @@ def _stage_table(data: dict) -> Table:
         if s.get("reason"):
             note = f"{note}: {s['reason']}" if note else s["reason"]
         status = s["status"]
-        table.add_row(s["name"], _styled(status), _dur(s.get("duration_s")),
+        shown = _styled(status)
+        if s.get("health") and status in ("running", "done"):  # the health window passed
+            shown += " [green](healthy)[/]"
+            note = note or f"healthy: {s['health'].get('how', '')}"
+        table.add_row(s["name"], shown, _dur(s.get("duration_s")),
                       str(s.get("attempt") or "-"), escape(note[:90]))
     return table
 
@@ -94,6 +98,7 @@ class _PlainFollower:
 
     def __init__(self) -> None:
         self.seen: dict[str, str] = {}
+        self.healthy: set[str] = set()
 
     def __call__(self, data: dict | None, note: str) -> None:
         if note:
@@ -106,6 +111,10 @@ class _PlainFollower:
                 extra = f" ({s.get('failure_class')}: {s.get('reason')})" if s["status"] == \
                     "failed" else ""
                 print(f"{time.strftime('%H:%M:%S')} {s['name']}: {s['status']}{extra}", flush=True)
+            if s.get("health") and s["name"] not in self.healthy:
+                self.healthy.add(s["name"])
+                print(f"{time.strftime('%H:%M:%S')} {s['name']}: healthy "
+                      f"({s['health'].get('how', '')})", flush=True)
 
 
 @contextlib.contextmanager

@@ -39,11 +39,10 @@ from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline
                                    process_identity, run_settings, save_state, stage_outputs,
                                    stop_grace)
 from remoteops.server.pipeline import ChildResult, _die_with_parent, agent_args
+from remoteops.server.stagewatch import StageWatch
 
 # The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
 PLACEHOLDER = re.compile(r"\{(stage|run_dir|project_root)\}")
-LOG_WINDOW = 4 << 20  # judge at most the last 4 MiB of an attempt's output
-LOSS_VERDICTS = ("nan", "divergence")
 
 
 def expand_command(template: str, **values: str) -> str:
@@ -96,20 +95,6 @@ class _Pump(threading.Thread):
         self.join(5)
         os.close(self.fd)  # a writer still running now gets EPIPE
         self.log.close()
-
-
-def judge_output(log_path: Path, offset: int, watch: dict):
-    """The log verdict on one attempt's output: the bytes after ``offset`` (its header)."""
-    from remoteops.trainer.logwatch import check_text
-
-    try:
-        with open(log_path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            fh.seek(max(offset, size - LOG_WINDOW))
-            text = fh.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        text = ""
-    return check_text(text, **watch)
 
 
 class Runner:
@@ -367,7 +352,8 @@ class Runner:
             args += ["--overrides", str(path)]
         if resume:
             args += ["--resume", "latest"]
-        result = self._child(agent_args(*args), log_path, {})
+        result = self._child(agent_args(*args), log_path, {}, watch=StageWatch.for_stage(
+            self.settings, self.run_dir, stage, obey_failed=False))  # the health window
         if result.code == 0:
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
             self._after_training(stage, log_path)
@@ -443,12 +429,14 @@ class Runner:
         from remoteops.plugins import health_rules
 
         self.hooks()  # the plugin manager, loaded once
-        watch = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
-                 "explode_ratio": float(self.settings["health.explode_ratio"]),
-                 "rules": health_rules(self.pm, self.settings)}
+        log = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
+               "explode_ratio": float(self.settings["health.explode_ratio"]),
+               "rules": health_rules(self.pm, self.settings)}
+        watch = StageWatch.for_stage(self.settings, self.run_dir, stage, log)
         result = self._child(["bash", "-c", command], log_path,
-                             {"REMOTEOPS_STAGE": stage["name"],
-                              "REMOTEOPS_RUN_DIR": str(self.run_dir)}, watch=watch)
+                             {"REMOTEOPS_STAGE": stage["name"],  # remoteops.hooks reads these
+                              "REMOTEOPS_RUN_DIR": str(self.run_dir),
+                              "REMOTEOPS_PROJECT_ROOT": str(self.root)}, watch=watch)
         if result.killed_for:
             return False, result.killed_for, result.message
         verdict = result.verdict
@@ -469,7 +457,7 @@ class Runner:
             stage["warnings"].append(f"declared output {path} was not produced")
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
-               watch: dict | None = None) -> ChildResult:
+               watch: StageWatch | None = None) -> ChildResult:
         """Run a stage's process; stop its whole tree on cancel, a bad verdict, or its end.
 
         Its output goes through a pipe we copy to the log, so what the tree writes once it
@@ -479,6 +467,8 @@ class Runner:
         with open(log_path, "ab") as log:
             log.write(f"\n==> {' '.join(args)}\n".encode())
             offset = log.tell()
+        if watch is not None:
+            watch.start(log_path, offset)
         read_fd, write_fd = os.pipe()
         try:
             self.child = subprocess.Popen(args, cwd=str(self.root), stdin=subprocess.DEVNULL,
@@ -504,8 +494,10 @@ class Runner:
                     break
                 if watch and time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
-                    verdict = judge_output(log_path, offset, watch)
-                    if not verdict.ok:  # a plugin rule's own reason too (policy: fail)
+                    verdict = watch.poll()  # log, signals, health window
+                    if watch.changed:
+                        self.save()
+                    if verdict is not None:  # a plugin rule's own reason too (policy: fail)
                         killed_for, message = verdict.reason, verdict.message
                         break
             stopped = self._stop_tree(pump)
@@ -513,7 +505,7 @@ class Runner:
         finally:
             pump.close()
         self.child = None
-        verdict = judge_output(log_path, offset, watch) if watch else None
+        verdict = watch.final(code) if watch else None
         if killed_for or self.cancelled:
             why = killed_for or "cancelled"
             with open(log_path, "ab") as log:

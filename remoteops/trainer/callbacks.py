@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from remoteops.common.sizes import human_size
 from remoteops.trainer.checkpoints import dir_size
-from remoteops.trainer.rundir import RunDir
+from remoteops.common.rundir import RunDir
 
 
 class MetricsCallback(TrainerCallback):

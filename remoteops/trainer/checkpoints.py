@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from remoteops.common.errors import ConfigError
-from remoteops.trainer.rundir import run_dirs
+from remoteops.common.rundir import run_dirs
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 

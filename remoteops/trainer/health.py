@@ -18,33 +18,14 @@ hides NaN losses otherwise (the callback turns it off when it can).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from remoteops.common.health import HealthJudge, classify_exception  # noqa: F401 - public here too
+
 REASONS = ("nan", "divergence", "lr_zero", "stagnation", "oom", "cuda", "data", "config", "interrupted",
            "error")
-
-_CUDA_MARKERS = ("cuda error", "cublas", "cudnn", "nccl", "device-side assert",
-                 "illegal memory access", "cuda driver", "cuda runtime", "no kernel image")
-
-
-def classify_exception(exc: BaseException) -> str:
-    """The failure class of an exception raised by training."""
-    from remoteops.common.errors import ConfigError
-
-    name = type(exc).__name__
-    text = str(exc).lower()
-    if name == "OutOfMemoryError" or "out of memory" in text:
-        return "oom"
-    if any(marker in text for marker in _CUDA_MARKERS) or name.startswith("Cuda"):
-        return "cuda"
-    if isinstance(exc, ConfigError):
-        return "data" if type(exc).__name__ == "DataError" else "config"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return "error"
 
 
 class HealthFailure(Exception):
@@ -69,20 +50,14 @@ class HealthCallback(TrainerCallback):
                  on_healthy: Callable[[int], None] | None = None,
                  on_failure: Callable[[str, str, int], None] | None = None,
                  rules: list[Callable[..., tuple[str, str] | None]] | None = None):
-        self.loss_max = loss_max
-        self.explode_ratio = explode_ratio
+        self.health_judge = HealthJudge(loss_max, explode_ratio, check_lr=check_lr,
+                                  stagnation_steps=stagnation_steps,
+                                  stagnation_min_delta=stagnation_min_delta, rules=rules)
         self.warmup_check_steps = warmup_check_steps
-        self.check_lr = check_lr
-        self.stagnation_steps = stagnation_steps  # 0: off
-        self.stagnation_min_delta = stagnation_min_delta
-        self._since_best = 0
         self.on_healthy = on_healthy
         self.on_failure = on_failure
         self.failure: dict[str, Any] | None = None
-        self.rules = list(rules or [])  # from health_rules plugins
         self.healthy = False
-        self.min_loss = math.inf
-        self.warmup_steps = 0
         self._start_step = 0
         self._loss_sum = None
         self._loss_fed = False
@@ -98,37 +73,8 @@ class HealthCallback(TrainerCallback):
     # -- the checks -------------------------------------------------------------
     def judge(self, step: int, loss: float | None = None, grad_norm: float | None = None,
               lr: float | None = None) -> tuple[str, str] | None:
-        """``(reason, message)`` for a bad step, else None. Pure; usable without a trainer."""
-        if loss is not None and not math.isfinite(loss):
-            return "nan", f"loss is {loss} at step {step}"
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            return "nan", f"gradient norm is {grad_norm} at step {step}"
-        if loss is not None:
-            if loss > self.loss_max:
-                return "divergence", (f"loss {loss:.4g} at step {step} is above health.loss_max "
-                                      f"({self.loss_max:g})")
-            if (math.isfinite(self.min_loss) and loss > self.explode_ratio * self.min_loss
-                    and loss - self.min_loss > 1.0):
-                return "divergence", (f"loss {loss:.4g} at step {step} is over "
-                                      f"{self.explode_ratio:g}x the lowest so far "
-                                      f"({self.min_loss:.4g})")
-            if loss < self.min_loss - self.stagnation_min_delta or not math.isfinite(self.min_loss):
-                self._since_best = 0
-            else:
-                self._since_best += 1
-            self.min_loss = min(self.min_loss, loss)
-            if self.stagnation_steps and self._since_best >= self.stagnation_steps:
-                return "stagnation", (f"loss has not improved on {self.min_loss:.4g} for "
-                                      f"{self._since_best} steps (health.stagnation_steps); "
-                                      "check the learning rate and the data")
-        if self.check_lr and lr is not None and lr <= 0 and step > self.warmup_steps:
-            return "lr_zero", (f"learning rate is {lr} at step {step}, after "
-                               f"{self.warmup_steps} warmup steps; check train.lr and the schedule")
-        if self.rules:
-            from remoteops.plugins import run_health_rules
-
-            return run_health_rules(self.rules, step, loss, grad_norm, lr)
-        return None
+        """``(reason, message)`` for a bad step, else None (``remoteops.common.health``)."""
+        return self.health_judge.judge(step, loss, grad_norm, lr)
 
     def _fail(self, reason: str, message: str, step: int, control) -> None:
         if self.failure is None:
@@ -146,7 +92,8 @@ class HealthCallback(TrainerCallback):
                 args.logging_nan_inf_filter = False
             except Exception:  # frozen arguments: NaN still reaches the gradient check
                 pass
-        self.warmup_steps = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
+        self.health_judge.warmup_steps = (args.get_warmup_steps(state.max_steps)
+                                          if state.max_steps else 0)
         self._start_step = state.global_step  # a resumed run proves itself again
         self.healthy = False
         if model is not None:

@@ -20,7 +20,7 @@ from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
-from remoteops.trainer.rundir import RunDir
+from remoteops.common.rundir import RunDir
 from remoteops.trainer.stageconf import StageConfig
 
 

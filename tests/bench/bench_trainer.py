@@ -41,7 +41,7 @@ def run_bench(steps: int = 40, repeats: int = 3, warmup_steps: int = 5, model_di
     from remoteops.trainer.data import Collator, encode, read_jsonl
     from remoteops.trainer.demo_model import DEMO_DIR, build_demo_model
     from remoteops.trainer.health import HealthCallback
-    from remoteops.trainer.rundir import RunDir
+    from remoteops.common.rundir import RunDir
     from remoteops.trainer.train import _trainer_class, load_tokenizer, quiet_transformers
 
     quiet_transformers()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from remoteops.common.defaults import HEALTH_DEFAULTS
-from remoteops.trainer.logwatch import check_text, parse_losses
+from remoteops.server.logwatch import check_text, parse_losses
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

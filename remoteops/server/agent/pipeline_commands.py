@@ -40,7 +40,7 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
                                        plan_stages, process_identity, save_run_settings,
                                        save_state)
     from remoteops.server.pipeline import agent_args, finish_pending_apply, spawn_detached
-    from remoteops.trainer.rundir import new_run_dir
+    from remoteops.common.rundir import new_run_dir
 
     project = _root(root)
     settings = load_settings(project, flags={"gpu_gate": gpu_gate})

@@ -27,7 +27,7 @@ def _settings(config: str | None):
 
 
 def _run_dir(settings, stage: str | None, run_dir: str | None) -> Path:
-    from remoteops.trainer.rundir import run_dirs
+    from remoteops.common.rundir import run_dirs
 
     if run_dir:
         path = Path(run_dir).expanduser()
@@ -93,7 +93,7 @@ def register(group: click.Group) -> None:
         except ConfigError:
             if run_dir:
                 raise
-            from remoteops.trainer.rundir import new_run_dir
+            from remoteops.common.rundir import new_run_dir
 
             path = new_run_dir(settings.project_dir)
             path.mkdir(parents=True)

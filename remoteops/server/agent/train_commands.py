@@ -49,7 +49,7 @@ def _resolve_run_dir(project: Path, run_dir: str | None) -> Path | None:
 
 
 def _latest_run_dir(project: Path, stage: str) -> Path:
-    from remoteops.trainer.rundir import run_dirs
+    from remoteops.common.rundir import run_dirs
 
     runs = [r for r in run_dirs(project) if (r / "checkpoints" / stage).is_dir()
             or (r / f"{stage}.done").exists() or (r / "summary.json").exists()]
@@ -79,7 +79,7 @@ def register(group: click.Group) -> None:
     def train(stage, config, preset, resume, dry_run, run_dir, as_json, overrides):
         """Train one stage with LoRA/QLoRA (exit 1 when the health watch stops it)."""
         from remoteops.trainer.checkpoints import find_resume
-        from remoteops.trainer.rundir import new_run_dir
+        from remoteops.common.rundir import new_run_dir
 
         settings, cfg = _load(config, stage, preset, overrides, run_dir)
         if dry_run:
@@ -157,7 +157,7 @@ def register(group: click.Group) -> None:
     def eval_cmd(stage, config, run_dir, adapter, as_json):
         """Evaluate a stage's adapter against its eval set and targets."""
         from remoteops.trainer.evaluate import run_eval
-        from remoteops.trainer.rundir import new_run_dir
+        from remoteops.common.rundir import new_run_dir
 
         _, cfg = _load(config, stage, run_dir=run_dir)
         path = _resolve_run_dir(cfg.project_dir, run_dir)

@@ -1,4 +1,5 @@
-"""The run directory's files (pure Python, no torch).
+"""The run directory's files (pure Python, no torch): what the built-in trainer and
+``remoteops.hooks`` (any trainer) write, and what the runner and ``invoke status`` read.
 
 ``outputs/training_sync/run_<UTC stamp>/`` holds ``metrics.csv``,
 ``summary.json`` (one entry per stage), signals ``<stage>.healthy|done|failed``
@@ -75,8 +76,12 @@ class RunDir:
                 (self.path / f"{self.stage}.{name}{suffix}").unlink(missing_ok=True)
 
     def read_signal(self, name: str) -> dict[str, Any] | None:
-        path = self.path / f"{self.stage}.{name}.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        """The signal's JSON; None when absent or unreadable (not written through here)."""
+        try:
+            info = json.loads((self.path / f"{self.stage}.{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
 
     # -- heartbeat -------------------------------------------------------------
     def beat(self) -> None:
