@@ -11,7 +11,8 @@ from pathlib import Path
 
 from remoteops.common.bundle_tar import iter_members, write_tar
 from remoteops.common.manifest import load_manifest
-from remoteops.laptop.build import HashCache, write_delta
+from remoteops.laptop.build import HashCache
+from remoteops.laptop.delta import write_delta
 
 
 def _digest(path: Path) -> str:

@@ -15,12 +15,10 @@ version is bumped only when the content id changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +29,10 @@ from remoteops.common.config import Settings
 from remoteops.common.paths import link_digest, link_entry
 from remoteops.common.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
                                     looks_like_private_key)
-from remoteops.common.bundle_tar import BundleError, _tarinfo, iter_members, write_tar
+from remoteops.common.bundle_tar import BundleError, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
-from remoteops.common.files import atomic_output, sha256_file, write_atomic_text
+from remoteops.common.files import sha256_file, write_atomic_text
 
 # Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
 # words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
@@ -343,73 +341,5 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                  excluded=chosen.report())
 
 
-def _project_sources(manifest: Manifest, names: list[str], source_dir: Path,
-                     limit: int = 64 << 20) -> list[tuple[FileEntry, bytes]] | None:
-    """The named files read from the project folder, when each still matches the manifest.
-
-    In manifest (= bundle member) order. None when any does not (then read the bundle).
-    Links are left out: they travel in the manifest alone.
-    """
-    wanted = set(names) - {f.path for f in manifest.files if f.link is not None}
-    out, total = [], 0
-    for entry in manifest.files:
-        if entry.path not in wanted:
-            continue
-        total += entry.size
-        if total > limit:
-            return None
-        try:
-            data = (source_dir / entry.path).read_bytes()
-        except OSError:
-            return None
-        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-            return None
-        out.append((entry, data))
-    return out if len(out) == len(wanted) else None
-
-
-def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3,
-                manifest: Manifest | None = None, source_dir: Path | None = None) -> Path:
-    """A deterministic tar.zst holding only ``files/<name>`` for ``names``, from a bundle.
-
-    With ``manifest`` and ``source_dir`` (the project the bundle was built from), files
-    that still match the manifest's sha256 are read from there rather than by
-    decompressing the whole bundle; the bytes written are the same either way.
-    """
-    import io
-
-    import zstandard
-
-    if manifest is not None:  # links travel in the manifest alone
-        links = {f.path for f in manifest.files if f.link is not None}
-        names = [n for n in names if n not in links]
-    wanted = {f"files/{n}" for n in names}
-    if out.is_file():
-        return out  # the name carries the content: same name, same bytes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    members = []
-    sources = (_project_sources(manifest, names, source_dir)
-               if manifest is not None and source_dir is not None else None)
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
-    with atomic_output(out) as raw:
-        with cctx.stream_writer(raw, closefd=False) as zw, \
-                tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            if sources is not None:
-                for entry, data in sources:
-                    name = f"files/{entry.path}"
-                    tar.addfile(_tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
-                    members.append(name)
-            else:
-                for member, fh in iter_members(bundle_tar):
-                    if fh is not None and member.name in wanted:
-                        tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
-                        members.append(member.name)
-        missing = wanted - set(members)
-        if missing:  # raising leaves no file behind
-            raise BundleError(f"{bundle_tar.name} lacks {sorted(missing)[0]}; it is truncated: "
-                              "rebuild it.")
-    return out
-
-
-__all__ = ["Built", "build_bundle", "write_delta", "HashCache", "describe_exclusions",
+__all__ = ["Built", "build_bundle", "HashCache", "describe_exclusions",
            "select_files", "select", "Selection"]

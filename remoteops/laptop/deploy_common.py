@@ -16,7 +16,8 @@ from remoteops.common.config import Settings
 from remoteops.common.files import link_or_copy
 from remoteops.common.target import Target
 from remoteops.common.manifest import Manifest
-from remoteops.laptop.build import Built, write_delta
+from remoteops.laptop.build import Built
+from remoteops.laptop.delta import write_delta
 
 Confirm = Callable[[dict], bool]
 # Upload the bundle itself rather than a delta when the plan needs this share of its bytes.

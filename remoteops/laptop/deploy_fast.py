@@ -19,7 +19,8 @@ from remoteops.common.errors import RemoteCommandError
 from remoteops.common.target import AgentMissing, Target
 from remoteops.common.files import sha256_file
 from remoteops.common.manifest import DISK_HEADROOM, Manifest, manifest_for, plan_between
-from remoteops.laptop.build import Built, _project_sources, write_delta
+from remoteops.laptop.build import Built
+from remoteops.laptop.delta import project_sources, write_delta
 from remoteops.laptop.deploy_common import (WHOLE_BUNDLE_SHARE, Background, DeployOutcome,
                                             apply_args, bundles_dir, delta_key, state_dir,
                                             upload_file)
@@ -142,7 +143,7 @@ def delta_from_sources(settings: Settings, manifest: Manifest, need: list[str], 
     sizes = manifest.file_map()
     if sum(sizes[p].size for p in need) >= WHOLE_BUNDLE_SHARE * max(1, manifest.total_size):
         return None  # the bundle itself is the upload
-    if _project_sources(manifest, need, settings.project_dir) is None:
+    if project_sources(manifest, need, settings.project_dir) is None:
         return None
     try:
         return write_delta(Path(os.devnull), need, out_dir / f"{manifest.project}-{key}.tar.zst",

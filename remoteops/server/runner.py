@@ -6,28 +6,20 @@ project's pipeline lock (inherited, already locked), beats
 SIGTERM (``invoke cancel``) stops the current stage's whole process tree and
 marks the run cancelled.
 
-A stage's output reaches its log through a pipe the runner reads, so when a
-stage is stopped (failure, NaN, cancel) the tree is frozen, what it wrote
-before is kept, and nothing it writes afterwards is taken as its output. Each
-attempt is judged only on its own output (not the runner's header line, not an
-earlier attempt's). Whatever goes wrong inside the runner itself, the stage is
+A stage's processes run through ``server/stage_process`` (output piped to the
+log, the whole tree stopped at the end; each attempt judged on its own output);
+a command stage's specifics are in ``server/command_stage``. Whatever goes wrong inside the runner itself, the stage is
 marked failed with the reason and the later stages skipped, never left
 "running".
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import re
-import select
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import termios
 import threading
 import time
 import traceback
@@ -36,66 +28,10 @@ from pathlib import Path
 from remoteops.common.clock import now_iso
 from remoteops.common.files import write_atomic_text
 from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
-                                   process_identity, run_settings, save_state, stage_outputs,
-                                   stop_grace)
-from remoteops.server.pipeline import ChildResult, _die_with_parent, agent_args
+                                   process_identity, run_settings, save_state, stop_grace)
+from remoteops.server.pipeline import ChildResult, agent_args
+from remoteops.server.stage_process import StageProcess
 from remoteops.server.stagewatch import StageWatch
-
-# The names a command may use; any other brace (``${HOME}``, an awk program) is left alone.
-PLACEHOLDER = re.compile(r"\{(stage|run_dir|project_root)\}")
-
-
-def expand_command(template: str, **values: str) -> str:
-    """Replace ``{stage}``, ``{run_dir}``, ``{project_root}``, shell-quoted; nothing else."""
-    return PLACEHOLDER.sub(lambda m: shlex.quote(str(values[m.group(1)])), template)
-
-
-class _Pump(threading.Thread):
-    """Copies a stage's output from its pipe to the log until muted or end of file."""
-
-    def __init__(self, fd: int, log_path: Path):
-        super().__init__(daemon=True)
-        self.fd = fd
-        self.log = open(log_path, "ab")
-        self.lock = threading.Lock()
-        self.muted = False
-
-    def run(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.fd], [], [], 0.2)
-            with self.lock:
-                if self.muted:
-                    return
-                if ready:
-                    data = os.read(self.fd, 1 << 16)
-                    if not data:
-                        return
-                    self.log.write(data)
-                    self.log.flush()
-
-    def drain_and_mute(self) -> None:
-        """Keep what is in the pipe now (the tree is frozen), then take nothing more."""
-        with self.lock:
-            if self.muted:
-                return
-            for _ in range(1024):
-                waiting = int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4),
-                                         sys.byteorder)
-                if waiting <= 0:
-                    break
-                data = os.read(self.fd, min(waiting, 1 << 20))
-                if not data:
-                    break
-                self.log.write(data)
-            self.log.flush()
-            self.muted = True
-
-    def close(self) -> None:
-        self.drain_and_mute()
-        self.join(5)
-        os.close(self.fd)  # a writer still running now gets EPIPE
-        self.log.close()
-
 
 class Runner:
     def __init__(self, project_root: Path, run_dir: Path, lock_fd: int | None = None):
@@ -106,7 +42,7 @@ class Runner:
         self.settings = run_settings(run_dir, project_root)  # as the run started: loaded once
         self.grace = stop_grace(self.settings)
         self.cancelled = False
-        self.child: subprocess.Popen | None = None
+        self.process = StageProcess(project_root, self.grace)
         self.stage: dict | None = None  # the stage running now
         self._stop_beat = threading.Event()
         self.pm = None
@@ -199,8 +135,8 @@ class Runner:
 
     def _internal_failure(self, stage: dict, exc: Exception) -> bool:
         self.log("".join(traceback.format_exception(exc)).rstrip())
-        if self.child is not None:
-            self._stop_tree(None)
+        if self.process.running:
+            self.process.stop_tree()
         reason = f"the runner failed: {type(exc).__name__}: {exc}"[:300]
         if stage["attempts"] and "ended" not in stage["attempts"][-1]:
             stage["attempts"][-1].update(ended=now_iso(), failure_class="internal",
@@ -416,114 +352,35 @@ class Runner:
         return True, None, None
 
     def _command(self, stage: dict, log_path: Path) -> tuple[bool, str | None, str | None]:
-        table = self.settings["stages"].get(stage["name"], {})
-        command = expand_command(str(table["command"]), stage=stage["name"],
-                                 run_dir=str(self.run_dir), project_root=str(self.root))
-        pattern = table.get("loss_pattern") or self.settings["health.loss_pattern"] or None
-        if pattern:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                return False, "config", (f"the loss_pattern {pattern!r} is not a valid regular "
-                                         f"expression ({exc}); fix it in remoteops.toml")
         from remoteops.plugins import health_rules
+        from remoteops.server import command_stage
 
         self.hooks()  # the plugin manager, loaded once
-        log = {"pattern": pattern, "loss_max": float(self.settings["health.loss_max"]),
-               "explode_ratio": float(self.settings["health.explode_ratio"]),
-               "rules": health_rules(self.pm, self.settings)}
+        table = self.settings["stages"].get(stage["name"], {})
+        try:
+            args, env, log = command_stage.prepare(self.settings, table, stage["name"],
+                                                   self.run_dir, self.root)
+        except ValueError as exc:
+            return False, "config", str(exc)
+        log["rules"] = health_rules(self.pm, self.settings)
         watch = StageWatch.for_stage(self.settings, self.run_dir, stage, log)
-        result = self._child(["bash", "-c", command], log_path,
-                             {"REMOTEOPS_STAGE": stage["name"],  # remoteops.hooks reads these
-                              "REMOTEOPS_RUN_DIR": str(self.run_dir),
-                              "REMOTEOPS_PROJECT_ROOT": str(self.root)}, watch=watch)
-        if result.killed_for:
-            return False, result.killed_for, result.message
-        verdict = result.verdict
-        if verdict is not None and not verdict.ok:
-            return False, verdict.reason, verdict.message
-        if result.code != 0:
-            return False, "process_died", f"the command exited with {result.code}"
-        self._record_outputs(stage, table)
-        return True, None, None
-
-    def _record_outputs(self, stage: dict, table: dict) -> None:
-        """The command stage's declared outputs, project-relative, for collect."""
-        outs = stage_outputs(stage["name"], table)
-        stage["outputs"]["declared"] = outs
-        missing = [p for p in outs if not (self.root / p).exists()]
-        declared = "outputs" in table
-        for path in missing if declared else []:
-            stage["warnings"].append(f"declared output {path} was not produced")
+        result = self._child(args, log_path, env, watch=watch)
+        ok, klass, reason = command_stage.judge(result)
+        if ok:
+            command_stage.record_outputs(self.root, stage, table)
+        return ok, klass, reason
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
                watch: StageWatch | None = None) -> ChildResult:
-        """Run a stage's process; stop its whole tree on cancel, a bad verdict, or its end.
+        """Run one process of the stage (``server/stage_process``), recording it in the
+        state so that cancel finds its tree even if the runner dies."""
+        def started(pid: int) -> None:
+            if self.stage is not None:
+                self.stage["process"] = process_identity(pid)
+                self.save()
 
-        Its output goes through a pipe we copy to the log, so what the tree writes once it
-        is stopped never reaches the log, and the attempt is judged on its own bytes only.
-        """
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            log.write(f"\n==> {' '.join(args)}\n".encode())
-            offset = log.tell()
-        if watch is not None:
-            watch.start(log_path, offset)
-        read_fd, write_fd = os.pipe()
-        try:
-            self.child = subprocess.Popen(args, cwd=str(self.root), stdin=subprocess.DEVNULL,
-                                          stdout=write_fd, stderr=write_fd,
-                                          env={**os.environ, **env},
-                                          preexec_fn=_die_with_parent)
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        if self.stage is not None:  # so cancel can find the tree even if we die
-            self.stage["process"] = process_identity(self.child.pid)
-            self.save()
-        pump = _Pump(read_fd, log_path)
-        pump.start()
-        killed_for, message = None, ""
-        last_check = time.monotonic()
-        try:
-            while self.child.poll() is None:
-                time.sleep(0.2)
-                if self.cancelled:
-                    break
-                if watch and time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    verdict = watch.poll()  # log, signals, health window
-                    if watch.changed:
-                        self.save()
-                    if verdict is not None:  # a plugin rule's own reason too (policy: fail)
-                        killed_for, message = verdict.reason, verdict.message
-                        break
-            stopped = self._stop_tree(pump)
-            code = self.child.wait()
-        finally:
-            pump.close()
-        self.child = None
-        verdict = watch.final(code) if watch else None
-        if killed_for or self.cancelled:
-            why = killed_for or "cancelled"
-            with open(log_path, "ab") as log:
-                log.write(f"==> stopped ({why}): the stage's processes were ended"
-                          f"{' (' + str(len(stopped)) + ' needed SIGKILL)' if stopped else ''}; "
-                          "anything they wrote afterwards was discarded\n".encode())
-        return ChildResult(code, killed_for, message, verdict)
-
-    def _stop_tree(self, pump: _Pump | None) -> list[int]:
-        """End every process the stage started: our children (the stage's process, and its
-        orphans re-parented to us) and all below them."""
-        from remoteops.server.proctree import children_of, stop_tree
-
-        child = self.child
-        roots = children_of(os.getpid())
-        return stop_tree(roots, self.grace, on_frozen=pump.drain_and_mute if pump else None,
-                         not_reaped={child.pid} if child is not None else set())
-
+        return self.process.run(args, log_path, env, watch, on_start=started,
+                                cancelled=lambda: self.cancelled, on_change=self.save)
 
 def main(project_root: str, run_dir: str, lock_fd: int | None = None) -> int:
     return Runner(Path(project_root).resolve(), Path(run_dir).resolve(), lock_fd).run()

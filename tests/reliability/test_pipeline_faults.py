@@ -146,7 +146,7 @@ command = "echo after"
 
 
 def test_placeholders_are_shell_quoted_and_other_braces_left_alone():
-    from remoteops.server.runner import expand_command
+    from remoteops.server.command_stage import expand_command
 
     got = expand_command("ls {run_dir}/x {project_root} {stage} ${HOME} {other} {0}",
                          run_dir="/srv/my runs/r1", project_root="/p; rm -rf ~", stage="s")
