@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# What only a CUDA GPU can show, in one run (about 5 minutes on one H100):
+#   1. QLoRA with bitsandbytes: our trainer against a plain HF 4-bit run (tokens/s), and the
+#      real `remoteops-agent train` with quantization = "qlora" end to end;
+#   2. the PyTorch Lightning health callback under 32, bf16-mixed and 16-mixed precision;
+#   3. the adapter chat server's first-token latency and tokens/s on the GPU.
+# Run from the repository root on the GPU machine. Wheels the machine lacks may sit in
+# .whl/ (bitsandbytes, and the transformers/peft of constraints.txt); they are installed
+# into /tmp/site first. Results go to $OUT (default /tmp/gpu-check).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import sys, torch, transformers, peft; print("python", sys.version.split()[0],
+"torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+    python3 -c 'import bitsandbytes; print("bitsandbytes", bitsandbytes.__version__)'
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== 1. QLoRA: ours against plain HF 4-bit"
+timeout 300 python3 -m tests.bench.bench_qlora --end-to-end --json "$OUT/qlora.json" \
+    >"$OUT/qlora.log" 2>&1
+echo "exit $?" >>"$OUT/qlora.log"
+grep -E '^(model|bench-qlora|end to end)|exit' "$OUT/qlora.log"
+
+echo "== 2. Lightning callback on CUDA"
+timeout 120 python3 tests/bench/gpu_lightning.py >"$OUT/lightning.log" 2>&1
+echo "exit $?" >>"$OUT/lightning.log"
+grep -E '^\{|exit' "$OUT/lightning.log"
+
+if [ -f tests/bench/bench_serve.py ]; then
+    echo "== 3. adapter chat server on CUDA"
+    timeout 150 python3 - "$OUT" <<'EOF' >"$OUT/serve.log" 2>&1
+import subprocess, sys
+from pathlib import Path
+from remoteops.trainer.demo_model import build_demo_model
+out = Path(sys.argv[1])
+model = build_demo_model(Path("/tmp/serve-model"), seed=0, hidden_size=2048, layers=16)
+with open(out / "serve.json", "w") as fh:
+    sys.exit(subprocess.call([sys.executable, "tests/bench/bench_serve.py", "--model", str(model),
+                              "--only", "adapter", "--json"], stdout=fh))
+EOF
+    echo "exit $?" >>"$OUT/serve.log"
+    tail -5 "$OUT/serve.log"; cat "$OUT/serve.json"
+fi
