@@ -54,7 +54,7 @@ def _latest_env(c) -> str:
     pip = str(venv / "bin" / "pip")
     # torch stays at the CPU build on disk; everything else goes to its newest release
     c.run(shlex.join([pip, "install", "-q", "--upgrade", "--upgrade-strategy", "eager",
-                      "torch==2.13.0", "-e", ".[train,quant,dev]"]))
+                      "torch==2.13.0", "-e", ".[train,quant,serve,dev]"]))
     frozen = c.run(shlex.join([str(venv / "bin" / "python"), "-m", "pip", "freeze",
                                "--exclude-editable"]), hide=True).stdout
     changed = _moved_pins(Path("constraints.txt").read_text(), frozen)

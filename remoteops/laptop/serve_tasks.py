@@ -108,9 +108,10 @@ def _print_servers(where: str, servers: list[dict], as_json: bool) -> None:
     console().print(table)
 
 
-@task(positional=["prompt"],
-      help={**COMMON, "prompt": "one prompt (default: an interactive session; with --compare, "
-            "the stage's eval prompts)", "stage": "talk to the server of this stage",
+@task(iterable=["prompt"],
+      help={**COMMON, "prompt": "a prompt (give -p again for more; default: an interactive "
+            "session, or with --compare the stage's eval prompts)",
+            "stage": "talk to the server of this stage",
             "port": "talk to the server on this port", "compare": "'base': put the base "
             "model's answer beside the adapter's, as a table", "report": "with --compare: also "
             "write the table into the run's TRAINING_SUMMARY.md on the server",
@@ -121,13 +122,11 @@ def _print_servers(where: str, servers: list[dict], as_json: bool) -> None:
 def chat(c, prompt=None, host=None, stage=None, port=None, compare=None, report=False,
          limit=5, max_tokens=128, temperature=None, project_root=None, trust_host=False,
          json=False):
-    """Talk to a served stage: one prompt, an interactive session, or --compare base."""
+    """Talk to a served stage: -p PROMPT, an interactive session, or --compare base."""
     from remoteops.laptop import chat as client
     from remoteops.laptop import serve as serving
 
-    if prompt in ("-h", "--help"):  # a positional argument takes even --help: point to it
-        raise RemoteOpsError("ask for chat's help as 'invoke --help chat' (or 'remoteops --help "
-                             "chat').")
+    prompts = [p for p in prompt or [] if p.strip()]
     if compare not in (None, "base"):
         raise RemoteOpsError(f"--compare {compare!r}: only 'base' is known (the base model's "
                              "answer beside the adapter's).")
@@ -139,11 +138,13 @@ def chat(c, prompt=None, host=None, stage=None, port=None, compare=None, report=
         with serving.endpoint(target, entry) as url:
             names = client.models(url)
             if compare:
-                return _compare(target, entry, url, names, prompt, int(limit), int(max_tokens),
+                return _compare(target, entry, url, names, prompts, int(limit), int(max_tokens),
                                 report, json)
             model = entry["stage"] if entry["stage"] in names else names[0]
-            if prompt:
-                return _one(url, model, prompt, int(max_tokens), float(temperature or 0), json)
+            for text in prompts:
+                _one(url, model, text, int(max_tokens), float(temperature or 0), json)
+            if prompts:
+                return None
             _interactive(url, model, int(max_tokens), float(temperature or 0))
 
 
@@ -195,7 +196,7 @@ def _compare(target, entry, url, names, prompt, limit, max_tokens, report, as_js
                              "file has the adapter merged in); start it with 'invoke serve "
                              f"--stage {entry['stage']} --format adapter --port <another>'.")
     if prompt:
-        prompts = [{"messages": [{"role": "user", "content": prompt}]}]
+        prompts = [{"messages": [{"role": "user", "content": text}]} for text in prompt]
     else:
         prompts = target.run_agent("serve-prompts", "--root", target.project_root, "--stage",
                                    entry["stage"], "--limit", str(limit))["prompts"]

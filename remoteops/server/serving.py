@@ -241,8 +241,9 @@ def health(root: Path, entry: dict) -> dict:
     return out
 
 
-def listing(root: Path) -> list[dict]:
-    """Every server of this project root with its probed status, by port."""
+def listing(root: Path, probe_http: bool = True) -> list[dict]:
+    """Every server of this project root with its probed status, by port; without
+    ``probe_http`` only whether its process lives (running or dead), for cheap listings."""
     folder = serve_dir(root)
     out = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -250,7 +251,9 @@ def listing(root: Path) -> list[dict]:
             continue
         entry = read_entry(root, int(path.stem))
         if entry and isinstance(entry.get("port"), int):
-            out.append({**entry, **health(root, entry)})
+            alive = identity_alive(entry.get("identity")) is not False
+            out.append({**entry, **(health(root, entry) if probe_http else
+                                    {"status": "running" if alive else "dead"})})
     return out
 
 
