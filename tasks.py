@@ -91,5 +91,19 @@ def bench_pipeline(c):
     main([])
 
 
-for _t in (bench_deploy, bench_trainer, bench_pipeline):
+@task(help={"model": "a Hugging Face model folder (default: the tiny demo model)",
+            "adapter": "a peft adapter for --model (default: a random LoRA)",
+            "gguf": "a GGUF file (default: made from the merged model)",
+            "tokens": "tokens per answer", "repeats": "requests per server"})
+def bench_serve(c, model=None, adapter=None, gguf=None, tokens=64, repeats=3):
+    """Benchmark serving: first-token latency and tokens/s, adapter server vs GGUF q4_k_m."""
+    from tests.bench.bench_serve import main
+
+    args = ["--tokens", str(tokens), "--repeats", str(repeats)]
+    for flag, value in (("--model", model), ("--adapter", adapter), ("--gguf", gguf)):
+        args += [flag, value] if value else []
+    main(args)
+
+
+for _t in (bench_deploy, bench_trainer, bench_pipeline, bench_serve):
     ns.add_task(_t)
