@@ -44,7 +44,7 @@ PROMPT = [{"role": "user", "content": "写一段关于学习的简短说明。Ex
 
 def build_inputs(work: Path, args) -> dict:
     """Base model, adapter and GGUF file to measure (made here when not given)."""
-    from tests.serve.conftest import make_adapter, make_gguf
+    from tests.serve.models import make_adapter, make_gguf
 
     base = Path(args.model) if args.model else None
     if base is None:
@@ -110,6 +110,14 @@ def measure(url: str, model: str, tokens: int, repeats: int) -> dict:
             "completion_tokens": counts[-1], "repeats": repeats}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def device() -> str:
     try:
         import torch
@@ -122,8 +130,6 @@ def device() -> str:
 
 
 def run(args) -> dict:
-    from tests.harness.sshd import free_port
-
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         inputs = build_inputs(work, args)
@@ -138,7 +144,7 @@ def run(args) -> dict:
             plans.append((f"gguf:{args.quant}", {"format": f"gguf:{args.quant}", "stage": "bench",
                                                  "model": str(inputs["gguf"])}))
         for name, spec in plans:
-            port = free_port("127.0.0.1")
+            port = free_port()
             proc = start_server(work, port, spec)
             try:
                 res = measure(f"http://127.0.0.1:{port}/v1", "bench", args.tokens, args.repeats)

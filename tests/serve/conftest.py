@@ -4,7 +4,6 @@ with llama.cpp's own converter and quantizer, and a finished run that names the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,45 +11,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from tests.serve.models import make_adapter, make_gguf  # noqa: E402
+
 STAGE = """
 [stages.tiny]
 dataset = "data/sample.jsonl"
 eval_set = "data/eval/style.jsonl"
 """
-
-
-def make_adapter(base: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    import torch
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, cfg).save_pretrained(str(out))
-    return out
-
-
-def make_gguf(base: Path, adapter: Path, out_dir: Path, quant: str = "q4_k_m") -> Path:
-    """Merge, convert to f16 and quantize, as the GGUF check does (the converter is cached)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from remoteops.quant.gguf_tools import convert, find_converter, quantize
-
-    merged = out_dir / "merged"
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(merged)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(merged)
-    conv = find_converter({}, lambda m: None)
-    f16 = out_dir / "model-f16.gguf"
-    convert(merged, f16, "f16", conv["dir"], "qwen2", lambda m: None)
-    path = out_dir / f"model-{quant}.gguf"
-    quantize(f16, path, quant)
-    f16.unlink()
-    return path
 
 
 def write_run(root: Path, run_id: str, stage: str) -> Path:
@@ -85,7 +52,4 @@ def served_root(tmp_path_factory) -> Path:
     except ImportError:
         pass  # the GGUF test skips (or fails under CI_REQUIRE_QUANT=1)
     write_run(root, "run_20261126T100000Z", "tiny")
-    (root / "outputs" / "quant" / "tiny" / "gguf" / "merged").exists() and \
-        __import__("shutil").rmtree(root / "outputs" / "quant" / "tiny" / "gguf" / "merged")
-    json.dumps({})  # keep the import used
     return root
