@@ -72,15 +72,23 @@ def find(target: Target, port: int | None = None, stage: str | None = None) -> d
 
 
 @contextlib.contextmanager
-def endpoint(target: Target, entry: dict, local_port: int = 0) -> Iterator[str]:
-    """The base URL (``.../v1``) of a served model, reachable from this machine while open."""
+def endpoint(target: Target, entry: dict, local_port: int = 0,
+             on_error: Callable[[str], None] | None = None) -> Iterator[str]:
+    """The base URL (``.../v1``) of a served model, reachable from this machine while open;
+    ``on_error`` hears each connection the forward could not pass on."""
     if target.kind == "local":
         yield f"http://127.0.0.1:{entry['port']}/v1"
         return
     from remoteops.laptop.tunnel import Forward
 
-    with Forward(lambda: target.connection.transport, entry["port"], local_port) as fwd:
-        yield fwd.url
+    with Forward(lambda: target.connection.transport, entry["port"], local_port,
+                 on_error=on_error) as fwd:
+        try:
+            yield fwd.url
+        except RemoteOpsError:
+            if fwd.errors:  # the forward's own reason beats "cannot reach the server"
+                raise RemoteOpsError(f"{fwd.errors[-1]}.") from None
+            raise
 
 
 __all__ = ["start", "servers", "stop", "wait_ready", "find", "endpoint"]

@@ -67,7 +67,8 @@ def serve(c, host=None, stage=None, format="adapter", port=None, run=None, local
             _say(f"URL: {where}" if target.kind == "local" else where)
             _say("the server runs detached; 'invoke serve --stop' ends it.")
             return None
-        with serving.endpoint(target, entry, int(local_port or entry["port"])) as url:
+        with serving.endpoint(target, entry, int(local_port or entry["port"]),
+                              on_error=lambda why: _say(f"a connection failed: {why}")) as url:
             _say(f"URL: {url}  (OpenAI-compatible; model \"{entry['stage']}\"; "
                  "POST /chat/completions)")
             _say("forwarding over SSH until Ctrl-C; the server keeps running after that: "

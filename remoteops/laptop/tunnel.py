@@ -8,6 +8,7 @@ per connection, so a connection that dropped is reopened by the next request.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -20,8 +21,11 @@ class Forward:
     """Listen on ``127.0.0.1:local_port`` (0: any free port) and forward to the server."""
 
     def __init__(self, transport: Callable[[], Any], remote_port: int, local_port: int = 0,
-                 remote_host: str = "127.0.0.1"):
+                 remote_host: str = "127.0.0.1", on_error: Callable[[str], None] | None = None):
         self._transport = transport
+        self._on_error = on_error
+        # paramiko logs a refused channel at ERROR level; we report it ourselves, in one line
+        logging.getLogger("paramiko.transport").addHandler(logging.NullHandler())
         self.remote = (remote_host, int(remote_port))
         self.errors: list[str] = []
         self._closed = threading.Event()
@@ -55,8 +59,10 @@ class Forward:
                 chan = self._transport().open_channel("direct-tcpip", self.remote, addr,
                                                       timeout=15)
             except Exception as exc:  # noqa: BLE001 - refused by sshd, connection lost...
+                self.errors.append(_why(exc))  # before the close the client will see
                 conn.close()
-                self.errors.append(_why(exc))
+                if self._on_error is not None:
+                    self._on_error(self.errors[-1])
                 continue
             threading.Thread(target=_pipe, args=(conn, chan, self._closed), daemon=True).start()
 
@@ -73,7 +79,7 @@ class Forward:
 
 
 def _why(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
+    text = getattr(exc, "text", None) or str(exc) or type(exc).__name__
     if "prohibited" in text.lower() or "refused" in text.lower():
         return (f"the server's sshd refused to forward the port ({text}): allow it with "
                 "AllowTcpForwarding local (or yes) in its sshd_config")

@@ -259,7 +259,7 @@ def listing(root: Path, probe_http: bool = True) -> list[dict]:
 
 def stop(root: Path, port: int | None, grace: float) -> dict:
     """Stop the server on ``port`` (every server of the root when None) and its whole tree."""
-    from remoteops.common.locks import process_start
+    from remoteops.common.locks import pid_alive
     from remoteops.server.proctree import descendants, stop_tree
 
     entries = [read_entry(root, port)] if port else [
@@ -275,8 +275,8 @@ def stop(root: Path, port: int | None, grace: float) -> dict:
         if identity_alive(entry.get("identity")):
             stop_tree([pid], grace)
         tree = descendants([pid]) if isinstance(pid, int) else {}
-        alive = [p for p, s in tree.items() if identity_alive(entry.get("identity")) or
-                 (p != pid and process_start(p) == s)]
+        alive = [p for p in tree if pid_alive(p)  # zombies are gone for good
+                 and (p != pid or identity_alive(entry.get("identity")))]
         if alive:
             left.append({"port": entry["port"], "pids": alive})
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from remoteops.common.locks import pid_alive
-from tests.conftest import ssh_alias, trust
-from tests.harness.sshd import free_port
+from tests.conftest import sshd_folder, ssh_alias, trust
+from tests.harness.sshd import free_port, start_sshd
 
 RUN = "run_20261126T100000Z"
 
@@ -213,7 +214,7 @@ def test_gguf_served_over_ssh_chat_through_its_own_tunnel_and_stopped(cli, lapto
     assert serving_pids(port) == [] and port_is_free(port)
 
 
-def test_local_target_serves_without_a_tunnel_and_bad_input_is_one_line(cli, laptop,
+def test_local_target_serves_without_a_tunnel_and_bad_input_is_one_line(cli, laptop, home,
                                                                          served_root):
     where = ("--host", "local", "--project-root", str(served_root))
     for args, expected in (
@@ -233,6 +234,19 @@ def test_local_target_serves_without_a_tunnel_and_bad_input_is_one_line(cli, lap
     try:
         res = cli("chat", *where, "--max-tokens", "4", "-p", "你好")
         assert res.returncode == 0 and res.stdout.strip(), res.stdout + res.stderr
+        # an sshd that forbids forwarding: chat says so and what to change, in one line
+        folder = sshd_folder()
+        strict = start_sshd(folder, extra_config="AllowTcpForwarding no")
+        try:
+            ssh_alias(home, "strict", strict)
+            trust(laptop, strict)
+            res = cli("chat", "--host", "strict", "-p", "hi", env=env(served_root))
+        finally:
+            strict.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+        line = one_line_error(res)
+        assert "the server's sshd refused to forward the port" in line
+        assert "AllowTcpForwarding local (or yes)" in line
     finally:
         res = cli("serve", *where, "--stop", "--port", str(port))
     assert res.returncode == 0 and f"stopped port {port} on local" in res.stdout
