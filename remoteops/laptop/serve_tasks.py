@@ -54,6 +54,9 @@ def serve(c, host=None, stage=None, format="adapter", port=None, run=None, local
         if status:
             return _print_servers(target.describe(), serving.servers(target), json)
         port = check_port(port or DEFAULT_PORT)
+        forwarding = target.kind != "local" and not detach
+        if forwarding and not attach:  # before anything starts on the server
+            _local_port_free(int(local_port or port))
         if attach:
             entry = serving.find(target, port=port)
         else:
@@ -63,19 +66,40 @@ def serve(c, host=None, stage=None, format="adapter", port=None, run=None, local
              f"(pid {entry['pid']}): {entry['model']}")
         if target.kind == "local" or detach:
             where = f"http://127.0.0.1:{entry['port']}/v1" if target.kind == "local" else \
-                "reach it with 'invoke serve --attach' (forwarding) or 'invoke chat'"
+                f"reach it with 'invoke serve --attach --port {entry['port']}' (forwarding) or " \
+                f"'invoke chat --port {entry['port']}'"
             _say(f"URL: {where}" if target.kind == "local" else where)
             _say("the server runs detached; 'invoke serve --stop' ends it.")
             return None
-        with serving.endpoint(target, entry, int(local_port or entry["port"]),
-                              on_error=lambda why: _say(f"a connection failed: {why}")) as url:
+        try:
+            forward = serving.endpoint(target, entry, int(local_port or entry["port"]),
+                                       on_error=lambda why: _say(f"a connection failed: {why}"))
+            url = forward.__enter__()
+        except RemoteOpsError as exc:
+            raise RemoteOpsError(f"{exc} The server runs on {target.describe()}: forward to it "
+                                 "with 'invoke serve --attach --local-port <port>'.") from None
+        try:
             _say(f"URL: {url}  (OpenAI-compatible; model \"{entry['stage']}\"; "
                  "POST /chat/completions)")
             _say("forwarding over SSH until Ctrl-C; the server keeps running after that: "
                  "'invoke serve --stop' ends it, 'invoke chat' talks to it.")
             _forward_until_interrupted(target)
+        finally:
+            forward.__exit__(None, None, None)
     _say(f"forwarding stopped; port {entry['port']} is still served on {target.describe()} "
          "('invoke serve --stop' ends it).")
+
+
+def _local_port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise RemoteOpsError(f"local port {port} is in use on this machine; choose another "
+                                 "with --local-port (nothing was started).") from None
 
 
 def _forward_until_interrupted(target) -> None:

@@ -95,13 +95,11 @@ class ChatModel:
                 if stats is not None:
                     stats["tokens"] = len(out)
                 text = self.tokenizer.decode(out, skip_special_tokens=True)
-                piece = "" if text.endswith("\ufffd") else text[len(shown):]
+                last = i == max_tokens - 1  # then an incomplete character is shown as is
+                piece = "" if text.endswith("\ufffd") and not last else text[len(shown):]
                 shown += piece
                 yield piece  # one chunk per token, empty while a character is incomplete
                 x = torch.tensor([[token]], device=self.device)
-            rest = self.tokenizer.decode(out, skip_special_tokens=True)[len(shown):]
-            if rest:
-                yield rest
 
 
 def _pick(logits, temperature: float, top_p: float, gen) -> int:
