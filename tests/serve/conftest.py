@@ -36,7 +36,7 @@ def write_run(root: Path, run_id: str, stage: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_root(tmp_path_factory) -> Path:
+def served_root(tmp_path_factory):
     """The server's project root: demo model, adapter_tiny, its GGUF q4_k_m, a finished run."""
     from remoteops.trainer.demo_model import build_demo_model, copy_demo_project
 
@@ -52,4 +52,22 @@ def served_root(tmp_path_factory) -> Path:
     except ImportError:
         pass  # the GGUF test skips (or fails under CI_REQUIRE_QUANT=1)
     write_run(root, "run_20261126T100000Z", "tiny")
-    return root
+    yield root
+    stop_every_server(root)
+
+
+def stop_every_server(root: Path) -> None:
+    """What a failed test left served (its assertions come before its own --stop)."""
+    import subprocess
+    import sys
+
+    if list((root / ".remoteops" / "serve").glob("*.json")):
+        subprocess.run([sys.executable, "-m", "remoteops.agent", "serve-stop", "--root",
+                        str(root)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_served(request):
+    yield
+    if "served_root" in request.fixturenames:
+        stop_every_server(request.getfixturevalue("served_root"))
