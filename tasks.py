@@ -54,7 +54,7 @@ def _latest_env(c) -> str:
     pip = str(venv / "bin" / "pip")
     # torch stays at the CPU build on disk; everything else goes to its newest release
     c.run(shlex.join([pip, "install", "-q", "--upgrade", "--upgrade-strategy", "eager",
-                      "torch==2.13.0", "-e", ".[train,quant,dev]"]))
+                      "torch==2.13.0", "-e", ".[train,quant,serve,dev]"]))
     frozen = c.run(shlex.join([str(venv / "bin" / "python"), "-m", "pip", "freeze",
                                "--exclude-editable"]), hide=True).stdout
     changed = _moved_pins(Path("constraints.txt").read_text(), frozen)
@@ -100,5 +100,19 @@ def bench_pipeline(c):
     main([])
 
 
-for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline):
+@task(help={"model": "a Hugging Face model folder (default: the tiny demo model)",
+            "adapter": "a peft adapter for --model (default: a random LoRA)",
+            "gguf": "a GGUF file (default: made from the merged model)",
+            "tokens": "tokens per answer", "repeats": "requests per server"})
+def bench_serve(c, model=None, adapter=None, gguf=None, tokens=64, repeats=3):
+    """Benchmark serving: first-token latency and tokens/s, adapter server vs GGUF q4_k_m."""
+    from tests.bench.bench_serve import main
+
+    args = ["--tokens", str(tokens), "--repeats", str(repeats)]
+    for flag, value in (("--model", model), ("--adapter", adapter), ("--gguf", gguf)):
+        args += [flag, value] if value else []
+    main(args)
+
+
+for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline, bench_serve):
     ns.add_task(_t)

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from remoteops.common.errors import RemoteOpsError
+from remoteops.common.serving import describe
 from remoteops.common.sizes import human_size
 from remoteops.laptop.render import console, name_column, print_json, print_wide
 
@@ -87,6 +88,9 @@ def print_status(data: dict, as_json: bool) -> None:
         print_json(data)
         return
     console().print(render_status(data))
+    for entry in data.get("serving") or []:  # invoke serve: what this root serves now
+        print(f"serving on port {entry['port']}: {describe(entry)} {entry['status']} "
+              f"(pid {entry.get('pid')}; 'invoke serve --status' probes it)")
     if data["status"] == "dead":
         age = data.get("runner_health", {}).get("heartbeat_age_s")
         print(f"the runner is dead (last heartbeat {age}s ago); continue with: "

@@ -323,10 +323,12 @@ def collect(c, run=None, host=None, since=None, project_root=None, trust_host=Fa
 
 def make_namespace() -> Collection:
     """A fresh collection of every remoteops task (add your own tasks to it freely)."""
+    from remoteops.laptop.serve_tasks import chat, serve
+
     ns = Collection()
     for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
               deploy_bundle, rollback, backups, remote_train, status, logs, cancel, runs,
-              collect):
+              collect, serve, chat):
         ns.add_task(t)
     return ns
 

@@ -126,6 +126,28 @@ def plugin_sections(run_dir: Path, summary: dict, settings: Any, root: Path,
     return [(str(title), str(body)) for sections in found for title, body in sections or []]
 
 
+def _cell(text: Any) -> str:
+    return " ".join(str(text or "").split()).replace("|", "\\|")[:300] or "-"
+
+
+def chat_sections(run_dir: Path) -> list[str]:
+    """Each ``chat_compare_<stage>.json`` (``invoke chat --compare base --report``) as a table."""
+    lines: list[str] = []
+    for path in sorted(run_dir.glob("chat_compare_*.json")):
+        data = _read_json(path) or {}
+        rows = data.get("rows") or []
+        if not isinstance(rows, list) or not rows:
+            continue
+        lines += [f"## Chat: `{data.get('stage')}` adapter vs base", "",
+                  f"The same prompts, answered greedily (at most {data.get('max_tokens')} tokens) "
+                  f"by the served adapter and by the base model ({data.get('time')}).", "",
+                  "| prompt | adapter | base |", "|---|---|---|"]
+        lines += [f"| {_cell(r.get('prompt'))} | {_cell(r.get('adapter'))} | {_cell(r.get('base'))} |"
+                  for r in rows if isinstance(r, dict)]
+        lines.append("")
+    return lines
+
+
 def write_training_summary(run_dir: Path, settings: Any = None,
                            project_root: Path | None = None, pm: Any = None) -> Path:
     """Write TRAINING_SUMMARY.md, the loss PNGs and run_summary.json into ``run_dir``.
@@ -175,6 +197,7 @@ def write_training_summary(run_dir: Path, settings: Any = None,
     summary = {"run_id": state["run_id"], "status": state["status"], "stages": rows}
     for title, body in plugin_sections(run_dir, summary, settings, root, pm):
         lines += [f"## {title}", "", body, ""]
+    lines += chat_sections(run_dir)
     lines += ["## Reproduce", "", "```bash",
               f"invoke remote-train --host {state.get('host') or 'local'} --stages "
               f"{','.join(s['name'] for s in state['stages'] if s['status'] != 'skipped')} --yes",

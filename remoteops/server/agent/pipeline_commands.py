@@ -179,7 +179,10 @@ def pipeline_status(root, run_id, lines, as_json):
     state = load_state(run_dir)
     current = _current(run_dir, state)
     log = run_dir / "logs" / f"{current['stage']}.log" if current else run_dir / "runner.log"
+    from remoteops.server.serving import listing
+
     data = {**state, "status": effective_status(run_dir, state),
+            "serving": listing(_root(root), probe_http=False),
             "runner_health": runner_health(run_dir, state), "current": current,
             "log_tail": _tail(log, lines), "server_time": time.time()}
     emit(data, as_json, f"{state['run_id']}: {data['status']}")

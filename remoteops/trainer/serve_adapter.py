@@ -1,0 +1,233 @@
+"""A small OpenAI-compatible chat server for a base model plus a LoRA adapter (transformers
++ peft), on the standard library's ``ThreadingHTTPServer``.
+
+Routes: ``GET /health``, ``GET /v1/models`` (the stage's name, and ``base``: the same model
+with the adapter switched off, for side-by-side answers), ``POST /v1/chat/completions``
+(``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stream``,
+and ``min_tokens`` as llama-cpp-python's server takes it). One request generates at a time
+(a lock): a model is not safe to share between threads, and one GPU gains nothing from it.
+Tokens are generated one by one with the KV cache, so a streamed chunk is one token.
+
+Binds the address it is given (the agent gives 127.0.0.1 only). SIGTERM ends it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import signal
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+BASE_ID = "base"  # as remoteops.common.serving.BASE_MODEL_ID (trainer imports no common side)
+
+
+class ChatModel:
+    """The base model with the adapter loaded; ``generate`` yields token texts."""
+
+    def __init__(self, base: Path, adapter: Path | None, name: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from remoteops.trainer.train import load_tokenizer, quiet_transformers
+
+        quiet_transformers()
+        self.name = name
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.tokenizer = load_tokenizer(base)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(self.device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+        self.has_adapter = adapter is not None
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        self.lock = threading.Lock()
+        # transformers 5.24 renamed past_key_values to cache (the old name still works, warning)
+        inner = model.get_base_model() if adapter is not None else model
+        self.cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters \
+            else "past_key_values"
+
+    def model_ids(self) -> list[str]:
+        return [self.name, BASE_ID] if self.has_adapter else [self.name]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        from remoteops.trainer.data import render
+
+        text = render(self.tokenizer, messages, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                 min_tokens: int = 0, use_base: bool = False, seed: int | None = None,
+                 stats: dict | None = None) -> Iterator[str]:
+        """Yield the text each new token adds ("" while it ends in an incomplete character)."""
+        import contextlib
+
+        import torch
+
+        gen = torch.Generator()  # sampling happens on the CPU (one small vector per token)
+        gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+        off = self.model.disable_adapter() if use_base and self.has_adapter \
+            else contextlib.nullcontext()
+        from transformers import DynamicCache
+
+        with self.lock, off, torch.inference_mode():
+            x = torch.tensor([ids], device=self.device)
+            cache = {self.cache_arg: DynamicCache()}  # filled in place, step by step
+            out, shown = [], ""
+            for i in range(max_tokens):
+                step = self.model(input_ids=x, use_cache=True, **cache)
+                logits = step.logits[0, -1].float()
+                if i < min_tokens:
+                    logits[list(self.eos)] = float("-inf")
+                token = _pick(logits, temperature, top_p, gen)
+                if token in self.eos:
+                    break
+                out.append(token)
+                if stats is not None:
+                    stats["tokens"] = len(out)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                last = i == max_tokens - 1  # then an incomplete character is shown as is
+                piece = "" if text.endswith("\ufffd") and not last else text[len(shown):]
+                shown += piece
+                yield piece  # one chunk per token, empty while a character is incomplete
+                x = torch.tensor([[token]], device=self.device)
+
+
+def _pick(logits, temperature: float, top_p: float, gen) -> int:
+    import torch
+
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "remoteops-serve"
+    chat: ChatModel  # set on the subclass
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # one short line per request
+        print(f"{self.address_string()} {fmt % args}", flush=True)
+
+    def _json(self, code: int, data: dict) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, code: int, message: str) -> None:
+        self._json(code, {"error": {"message": message, "type": "invalid_request_error"}})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/health":
+            self._json(200, {"status": "ok", "model": self.chat.name})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "remoteops"}
+                for m in self.chat.model_ids()]})
+        else:
+            self._error(404, f"no route {self.path}; use /v1/chat/completions")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/chat/completions":
+            self._error(404, f"no route {self.path}; use /v1/chat/completions")
+            return
+        try:
+            req = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            messages = req["messages"]
+            assert isinstance(messages, list) and messages
+            model = str(req.get("model") or self.chat.name)
+            max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 256)
+            args = dict(max_tokens=max(1, max_tokens),
+                        temperature=float(req.get("temperature", 1.0)),
+                        top_p=float(req.get("top_p", 1.0)),
+                        min_tokens=int(req.get("min_tokens") or 0),
+                        seed=req.get("seed"), use_base=model == BASE_ID)
+            ids = self.chat.prompt_ids(messages)
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            self._error(400, f"bad request ({type(exc).__name__}: {exc}); send JSON with "
+                             "messages = [{role, content}, ...]")
+            return
+        if model not in self.chat.model_ids():
+            self._error(404, f"model {model!r} is not served; /v1/models lists them")
+            return
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        stats = {"tokens": 0}
+        pieces = self.chat.generate(ids, **args, stats=stats)
+        if req.get("stream"):
+            self._stream(cid, model, pieces)
+            return
+        parts = list(pieces)
+        text, n = "".join(parts), stats["tokens"]
+        self._json(200, {"id": cid, "object": "chat.completion", "created": int(time.time()),
+                         "model": model, "choices": [{
+                             "index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length" if n >= args["max_tokens"] else "stop"}],
+                         "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
+                                   "total_tokens": len(ids) + n}})
+
+    def _stream(self, cid: str, model: str, pieces: Iterator[str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(delta: dict, finish: str | None = None) -> None:
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            send({"role": "assistant"})
+            for piece in pieces:
+                send({"content": piece})
+            send({}, "stop")
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; the generator is dropped with the lock released
+
+
+def make_server(chat: ChatModel, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"chat": chat})
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(base: Path, adapter: Path | None, name: str, host: str, port: int) -> None:
+    """Load the model, then answer on ``host:port`` until SIGTERM (or Ctrl-C)."""
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
+    chat = ChatModel(base, adapter, name)
+    server = make_server(chat, host, port)
+    print(f"ready on http://{host}:{port}/v1 ({chat.device}, models {', '.join(chat.model_ids())}, "
+          f"loaded in {time.monotonic() - started:.1f}s)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        print("stopped", flush=True)
