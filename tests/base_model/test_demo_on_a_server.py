@@ -51,7 +51,6 @@ def test_the_demo_trains_on_a_server_with_no_extra_step(cli, demo, tmp_path):
 
     res = cli("remote-train", "--host", "box", "--yes", "--skip-sample", env=env, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
-    print(res.stdout)
     assert "model: outputs/demo-model (on this laptop: uploaded if the server lacks it)" in \
         res.stdout
     n = len(list((demo / "outputs" / "demo-model").iterdir()))
