@@ -142,13 +142,15 @@ def download_on_server(target: Target, ref: model_ref.ModelRef, show: Say | None
     args = ("fetch-model", "--root", target.project_root)
     state = target.run_agent(*args, "--ref", ref.canonical(), "--host-label", target.describe(),
                              timeout=120)
-    last = ""
+    last, shown_at = "", 0.0
     try:
         while state["status"] in ("starting", "running"):
             line = _progress_line(state)
-            if show and line != last:
+            # a new message at once; byte counts every 10 s (a log, not a flood)
+            if show and line != last and (line.split(":")[0] != last.split(":")[0]
+                                          or time.monotonic() - shown_at >= 10):
                 show(line)
-                last = line
+                last, shown_at = line, time.monotonic()
             time.sleep(poll)
             state = target.run_agent(*args, "--status")
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def receive_commit(root: Path, manifest_path: str) -> dict:
         placed.append(rel)
         moved_bytes += size
     fsync_dirs(sorted(folders))
-    if ref.kind == "hf" and manifest.get("snapshot"):
+    if ref.kind == "hf" and manifest.get("snapshot") and not re.fullmatch(
+            r"[0-9a-f]{40}", ref.revision or ""):  # a branch or tag points at the snapshot
         refs = os.path.join(model_ref.hf_repo_dir(ref, os.environ), "refs", ref.revision or "main")
         os.makedirs(os.path.dirname(refs), exist_ok=True)
         write_atomic_text(refs, manifest["snapshot"])
