@@ -59,7 +59,8 @@ def run_precheck(settings: Settings, target: Target, pm: Any = None) -> list[Che
     """Probe ``target`` once and judge every registered check."""
     checks = load_checks(settings, pm)
     ctx = {"project_root": target.project_root, "datasets": configured_datasets(settings),
-           "settings": _jsonable(settings.values), "target_kind": target.kind}
+           "settings": _jsonable(settings.values), "target_kind": target.kind,
+           "target": target.describe()}
     probes = [[c.name, c.probe] for c in checks if c.probe]
     answers = target.run_python(PROBE_RUNNER, {"ctx": ctx, "probes": probes}) if probes else {}
     results: list[CheckResult] = []

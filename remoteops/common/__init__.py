@@ -17,5 +17,8 @@ the standard library, ``zstandard`` and ``tomli``, and other modules of
 - ``target``: the ``Target`` interface and ``LocalTarget`` (this machine);
 - ``bundle_tar``, ``manifest``: the bundle format, verify, and the plan between manifests;
 - ``runs``: stage planning, run state, liveness and the pipeline lock;
-- ``locks``: the file lock that names its holder.
+- ``locks``: the file lock that names its holder;
+- ``model_ref``: what ``train.base_model`` names (folder, Hugging Face or ModelScope id), where
+  that model is on this machine, and whether its folder is complete (standalone: the
+  base-model precheck probe carries its source to the server).
 """

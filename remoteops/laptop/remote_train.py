@@ -35,7 +35,8 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
         run = req.resume if isinstance(req.resume, str) else "the latest run"
         lines.append(f"  resume {run} from its first unfinished stage")
         return lines
-    lines.append(f"  model: {settings['train.base_model']}; gpu gate: {settings['gpu_gate']}")
+    lines.append(f"  model: {settings['train.base_model']}{_model_note(settings, target)}; "
+                 f"gpu gate: {settings['gpu_gate']}")
     for stage in plan_stages(settings, req.stages, req.skip_sample or settings["skip_sample"]):
         table = settings["stages"].get(stage["name"], {})
         detail = {"precheck": "check the server", "collect": "bring results back"}.get(
@@ -48,6 +49,21 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
         state = " [skipped: --skip-sample]" if stage["status"] == "skipped" else ""
         lines.append(f"  - {stage['name']}: {detail}{state}")
     return lines
+
+
+def _model_note(settings: Settings, target: Target) -> str:
+    from remoteops.laptop.fetch_model import laptop_copy, laptop_ref
+
+    if in_place(target, settings.project_dir):
+        return ""
+    try:
+        ref = laptop_ref(settings)
+    except RemoteOpsError:
+        return ""
+    if ref.kind == "local":
+        return (" (on this laptop: uploaded if the server lacks it)"
+                if laptop_copy(settings, ref) else "")
+    return " (the server downloads it if its cache lacks it)"
 
 
 def refuse_if_live(target: Target) -> None:
@@ -69,6 +85,21 @@ def refuse_if_live(target: Target) -> None:
             f"{live['pid']}, since {live['since']}); nothing was deployed or started. Follow it "
             f"with 'invoke status {live['run_id']}', or stop it with 'invoke cancel --run "
             f"{live['run_id']}'.")
+
+
+def base_model_to_server(settings: Settings, target: Target, req: TrainRequest,
+                         progress=None, say=None) -> dict | None:
+    """A base-model folder on this laptop that the server lacks goes up before the run starts
+    (``fetch-model --from-laptop``'s path): the demo model lives in ``outputs/``, which a
+    deploy never ships. Hub ids are the server's to download (its first training stage)."""
+    if req.resume:
+        return None
+    stages = plan_stages(settings, req.stages, req.skip_sample or settings["skip_sample"])
+    if not any(s["kind"] == "train" and s["status"] != "skipped" for s in stages):
+        return None
+    from remoteops.laptop.fetch_model import ensure_on_server
+
+    return ensure_on_server(settings, target, progress, say)
 
 
 def start(settings: Settings, target: Target, req: TrainRequest) -> dict:
@@ -166,5 +197,5 @@ def local_run_dir(settings: Settings, run_id: str) -> Path:
     return settings.project_dir / "outputs" / "training_sync" / run_id
 
 
-__all__ = ["TrainRequest", "describe_plan", "refuse_if_live", "start", "status", "follow", "collect_and_report",
+__all__ = ["TrainRequest", "describe_plan", "base_model_to_server", "refuse_if_live", "start", "status", "follow", "collect_and_report",
            "in_place", "SERVER_DONE"]

@@ -142,8 +142,9 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
                      detach: bool, deploy: bool, as_json: bool, confirm) -> int:
     """The whole remote-train flow; returns the exit status."""
     from remoteops.laptop.collect import in_place
-    from remoteops.laptop.remote_train import (TrainRequest, collect_and_report, describe_plan, follow,
-                                        refuse_if_live, start)
+    from remoteops.laptop.remote_train import (TrainRequest, base_model_to_server,
+                                               collect_and_report, describe_plan, follow,
+                                               refuse_if_live, start)
 
     req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
     target = open_target()
@@ -161,6 +162,15 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
             if outcome.applied:
                 print(f"deployed v{outcome.applied['version']} (backup "
                       f"{outcome.applied['backup_name']})")
+        if deploy:
+            from remoteops.laptop.fetch_model import describe
+            from remoteops.laptop.render import upload_progress
+
+            with upload_progress(quiet=as_json) as progress:
+                sent = base_model_to_server(settings, target, req, progress,
+                                            lambda line: print(f"base model {line}", flush=True))
+            if sent and sent["sent"]:
+                print(f"base model {describe(sent)}", flush=True)
         started = start(settings, target, req)
         run_id = started["run_id"]
         print(f"started {run_id} on {target.describe()} (runner pid {started['pid']})",

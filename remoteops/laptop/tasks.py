@@ -239,6 +239,27 @@ def remote_train(c, host=None, skip_sample=False, stages=None, resume=None, proj
         raise Exit(code=code)
 
 
+@task(help={"host": HOST_HELP, "from-laptop": "upload this laptop's copy instead (only "
+            "missing or different files, resumable, sha256-verified on the server): for a "
+            "server that reaches no hub", "source": "the folder to upload (default: "
+            "train.base_model's folder, or this laptop's Hugging Face / ModelScope cache)",
+            "project-root": "the project's folder on the server", "trust-host": "record an "
+            "unknown host key", "json": "print JSON"})
+@friendly
+def fetch_model(c, host=None, from_laptop=False, source=None, project_root=None,
+                trust_host=False, json=False):
+    """Put train.base_model on the server: download it there (a hub id), or --from-laptop."""
+    from remoteops.laptop.fetch_model import describe, fetch_model as fetch
+    from remoteops.laptop.render import print_json, upload_progress
+
+    settings = _settings(project_root=project_root)
+    with _target_factory(settings, host, trust_host)() as target, \
+            upload_progress(quiet=json) as progress:
+        result = fetch(settings, target, from_laptop, source, progress,
+                       None if json else functools.partial(print, flush=True))
+    print_json(result) if json else print(describe(result))
+
+
 @task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
             "project-root": "the project's folder on the server", "json": "print JSON",
             "trust-host": "record an unknown host key"})
@@ -327,8 +348,8 @@ def make_namespace() -> Collection:
 
     ns = Collection()
     for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
-              deploy_bundle, rollback, backups, remote_train, status, logs, cancel, runs,
-              collect, serve, chat):
+              deploy_bundle, rollback, backups, fetch_model, remote_train, status, logs, cancel,
+              runs, collect, serve, chat):
         ns.add_task(t)
     return ns
 

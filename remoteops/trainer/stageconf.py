@@ -31,7 +31,21 @@ class StageConfig:
 
     @property
     def base_model(self) -> Path:
-        return _abs(self.project_dir, self.train["base_model"])
+        """The folder holding the base model here: the folder ``train.base_model`` names, or
+        a hub id's snapshot in this machine's cache (see ``remoteops.common.model_ref``)."""
+        import os
+
+        from remoteops.common import model_ref
+
+        try:
+            ref = model_ref.choose(model_ref.parse(self.train["base_model"]), self.project_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        folder = model_ref.model_folder(ref, self.project_dir, os.environ)
+        if folder is None:  # a hub model not in the cache (yet): where it will be
+            folder = (model_ref.hf_repo_dir(ref, os.environ) if ref.kind == "hf"
+                      else model_ref.modelscope_dirs(ref, os.environ)[0])
+        return Path(folder)
 
     @property
     def adapter_dir(self) -> Path:

@@ -95,7 +95,10 @@ def register(group: click.Group) -> None:
             path, ckpt = find_resume(cfg.project_dir, stage, resume, path)
         path = path or new_run_dir(cfg.project_dir)
         from remoteops.plugins import get_plugin_manager, health_rules
+        from remoteops.server.model_fetch import ensure_base_model
         from remoteops.trainer.train import run_train
+
+        ensure_base_model(cfg.train["base_model"], cfg.project_dir)  # a hub id not cached yet
 
         rules = health_rules(get_plugin_manager(cfg.project_dir, settings["plugins_dir"]), settings)
         entry = run_train(cfg, path, ckpt, rules=rules)
