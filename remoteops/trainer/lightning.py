@@ -61,6 +61,11 @@ class LightningHealthCallback(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         loss = loss.detach().float().reshape(())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: Lightning hands the hook the loss times the scale
+            scale = getattr(scaler, "_scale", None)  # on the device: no sync here
+            loss = loss / (scale.to(loss.device).float().reshape(())
+                           if isinstance(scale, torch.Tensor) else float(scaler.get_scale()))
         self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
