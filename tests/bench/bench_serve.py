@@ -110,6 +110,39 @@ def measure(url: str, model: str, tokens: int, repeats: int) -> dict:
             "completion_tokens": counts[-1], "repeats": repeats}
 
 
+def plain_generate(base: Path, adapter: Path, tokens: int, repeats: int) -> dict:
+    """The baseline a user would otherwise write: transformers + peft ``generate`` in
+    process (greedy, exactly ``tokens`` new tokens), on the same device and dtype."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from remoteops.trainer.data import render
+    from remoteops.trainer.train import load_tokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=torch.bfloat16 if cuda else torch.float32).to("cuda" if cuda else "cpu")
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    tok = load_tokenizer(base)
+    ids = tok(render(tok, PROMPT, add_generation_prompt=True), add_special_tokens=False,
+              return_tensors="pt")["input_ids"].to(model.device)
+    rates = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False)
+        if cuda:
+            torch.cuda.synchronize()
+        if i:
+            rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    del model
+    return {"tokens_per_s": round(statistics.median(rates), 1), "repeats": repeats}
+
+
 def free_port() -> int:
     import socket
 
@@ -152,6 +185,11 @@ def run(args) -> dict:
                 proc.terminate()
                 proc.wait(60)
             out["results"][name] = {"load_s": spec["load_s"], **res}
+        if "adapter" in out["results"]:
+            plain = plain_generate(inputs["base"], inputs["adapter"], args.tokens, args.repeats)
+            out["plain_generate"] = plain
+            out["adapter_vs_plain"] = round(out["results"]["adapter"]["tokens_per_s"]
+                                            / plain["tokens_per_s"], 3)
     return out
 
 
@@ -182,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in out["results"].items():
         print(f"{name:<14}{r['load_s']:>8}{r['first_token_ms']:>16}{r['tokens_per_s']:>10}"
               f"{r['stream_tokens_per_s']:>16}")
+    if "plain_generate" in out:
+        print(f"plain transformers+peft generate (no server): "
+              f"{out['plain_generate']['tokens_per_s']} tokens/s; adapter server / plain = "
+              f"{out['adapter_vs_plain']}")
     return out
 
 
