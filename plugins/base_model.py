@@ -17,9 +17,7 @@ Skipped when no stage uses the built-in trainer. The probe carries
 import inspect
 import os
 
-from remoteops import Check, hookimpl
-from remoteops.common import model_ref
-from remoteops.common.sizes import human_size
+from remoteops.api import Check, hookimpl, human_size, model_ref
 
 PROBE = inspect.getsource(model_ref) + r'''
 

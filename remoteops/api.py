@@ -24,6 +24,11 @@ Evaluation (heavy only through its callers)
 Measuring a model (heavy)
     ``hf_perplexity``, ``hf_generate_speed``; GGUF: ``GgufError``, ``CONVERTER_TYPES``,
     ``find_converter``, ``convert``, ``quantize``, ``measure``.
+The base model
+    ``model_ref``: the module that parses ``train.base_model`` (a folder, a Hugging Face or
+    ModelScope id) and judges whether a model folder is complete (standard library only).
+Sizes
+    ``human_size(n)``: bytes as people read them.
 Report sections
     ``post_eval_section(run_dir)``, ``quant_section(run_dir, check)``: markdown tables
     for a ``report_sections`` hook.
@@ -60,17 +65,22 @@ _HOMES = {
     "measure": "remoteops.quant.gguf_tools",
     "post_eval_section": "remoteops.quant.closure",
     "quant_section": "remoteops.quant.closure",
+    "human_size": "remoteops.common.sizes",
 }
+# Whole modules of the API (imported as they are).
+_MODULES = {"model_ref": "remoteops.common.model_ref"}
 
-__all__ = sorted(_HOMES)
+__all__ = sorted([*_HOMES, *_MODULES])
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+    else:
         raise AttributeError(f"remoteops.api has no {name!r}; the plugin API is: "
                              f"{', '.join(__all__)}")
-    value = getattr(importlib.import_module(home), name)
     globals()[name] = value  # later uses skip this function
     return value
 
