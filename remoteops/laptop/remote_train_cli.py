@@ -71,11 +71,24 @@ def _current_line(data: dict) -> str:
     return "  ".join(parts)
 
 
+def base_model_line(data: dict) -> tuple[str, str] | None:
+    """The base model's download (``invoke fetch-model``) as the agent words it, with its
+    style; None when none runs or failed lately (or the agent is older)."""
+    fetch = data.get("base_model")
+    if not isinstance(fetch, dict) or not fetch.get("line"):
+        return None
+    failed = fetch.get("status") in ("failed", "dead")
+    return _printable(fetch["line"]), "bold red" if failed else "cyan"
+
+
 def render_status(data: dict, note: str = "") -> Group:
-    items: list[Any] = [_stage_table(data)]
+    items: list[Any] = [_stage_table(data)] if data.get("run_id") else []
     line = _current_line(data)
     if line:
         items.append(Text(line, style="cyan"))
+    fetch = base_model_line(data)
+    if fetch:
+        items.append(Text(*fetch))
     if data.get("log_tail"):
         items.append(Text("\n".join(l[-160:] for l in data["log_tail"][-6:]), style="dim"))
     if note:
@@ -88,6 +101,8 @@ def print_status(data: dict, as_json: bool) -> None:
         print_json(data)
         return
     console().print(render_status(data))
+    if not data.get("run_id"):  # only the base model's download so far
+        print("no pipeline runs yet; start one with 'invoke remote-train'")
     for entry in data.get("serving") or []:  # invoke serve: what this root serves now
         print(f"serving on port {entry['port']}: {describe(entry)} {entry['status']} "
               f"(pid {entry.get('pid')}; 'invoke serve --status' probes it)")
@@ -103,12 +118,19 @@ class _PlainFollower:
     def __init__(self) -> None:
         self.seen: dict[str, str] = {}
         self.healthy: set[str] = set()
+        self.fetch: str | None = None
 
     def __call__(self, data: dict | None, note: str) -> None:
         if note:
             print(note, flush=True)
         if data is None:
             return
+        fetch = (data.get("base_model") or {}).get("status")
+        if fetch != self.fetch:  # the base model's download: when it starts and ends
+            self.fetch = fetch
+            line = base_model_line(data)
+            if line:
+                print(f"{time.strftime('%H:%M:%S')} {line[0]}", flush=True)
         for s in data["stages"]:
             if self.seen.get(s["name"]) != s["status"]:
                 self.seen[s["name"]] = s["status"]

@@ -4,7 +4,8 @@
 (``HF_ENDPOINT``, ``HF_HOME``, ``HF_TOKEN`` as the server's environment sets them), a ModelScope
 id through ``modelscope.snapshot_download``. Both resume what an earlier try left. Runs
 detached (the laptop may go away); ``<root>/.remoteops/model-fetch.json`` holds its progress
-(bytes on disk against the hub's file list) and its end, ``model-fetch.log`` its output.
+(bytes on disk against the hub's file list, the speed) and its end, ``model-fetch.log`` its
+output; ``progress_status`` reads it for ``pipeline-status`` (the laptop's ``status``).
 Afterwards every Hugging Face blob named by a sha256 is hashed against its name, and the
 folder must be complete (``model_ref.inspect_folder``).
 
@@ -31,6 +32,8 @@ STATE = "model-fetch.json"
 LOG = "model-fetch.log"
 Say = Callable[[str], None]
 Progress = Callable[[int, int | None], None]
+RATE_WINDOW_S = 10.0          # the speed shown is over about this many seconds
+RECENT_FAILURE_S = 24 * 3600  # status shows a failed download for this long
 
 
 def resolve(text: str, root: Path) -> model_ref.ModelRef:
@@ -237,6 +240,45 @@ def read_state(root: Path) -> dict | None:
     return state
 
 
+def progress_status(root: Path) -> dict | None:
+    """What ``status`` shows of the detached download (``fetch-model``): while it runs, and
+    for a day after it failed; None when none ran, or the last one ended well. ``line`` is
+    the text, e.g. ``base model: fetching Qwen/Qwen3-8B, 1.2 GB of 16.4 GB (7%), 35.0 MB/s``."""
+    state = read_state(root)
+    status = (state or {}).get("status")
+    if status not in ("starting", "running", "failed", "dead"):
+        return None
+    try:
+        ref = model_ref.parse(state.get("ref") or "")
+        name = ref.name + (f"@{ref.revision}" if ref.revision and ref.revision !=
+                           model_ref.default_revision(ref.kind) else "")
+    except ValueError:
+        name = str(state.get("ref"))
+    try:
+        age = time.time() - (state_dir(root) / STATE).stat().st_mtime
+    except OSError:
+        age = 0.0
+    done, total = int(state.get("done_bytes") or 0), state.get("total_bytes")
+    rate = state.get("rate_bytes_per_s")
+    message = " ".join(str(state.get("message") or "").split())
+    if status in ("failed", "dead"):
+        if age > RECENT_FAILURE_S:
+            return None
+        ago = f"{int(age // 60)} min ago" if age >= 60 else "just now"
+        line = f"base model: fetching {name} failed ({ago}): {message[:400]}"
+    else:
+        line = f"base model: fetching {name}, {human_size(done)}"
+        if total:
+            line += f" of {human_size(total)} ({int(done * 100 / total)}%)"
+        if rate:
+            line += f", {human_size(rate)}/s"
+        elif not done and message:
+            line += f" ({message[:120]})"
+    return {"ref": state.get("ref"), "name": name, "status": status, "done_bytes": done,
+            "total_bytes": total, "rate_bytes_per_s": rate, "message": message,
+            "age_s": round(age, 1), "log": state.get("log"), "line": line}
+
+
 def _write_state(root: Path, state: dict) -> None:
     write_atomic_json(state_dir(root) / STATE, state)
 
@@ -293,10 +335,19 @@ def work(root: Path, text: str, token: str, host: str = "<this server>") -> dict
             _write_state(root, state)
 
     last = [0.0]
+    seen: list[tuple[float, int]] = []  # (when, bytes) over the last seconds: the speed
 
     def progress(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        seen.append((now, done))
+        while len(seen) > 2 and now - seen[0][0] > RATE_WINDOW_S:
+            seen.pop(0)
+        rate = None
+        if len(seen) > 1 and seen[-1][0] > seen[0][0]:
+            rate = max(0.0, (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0]))
         with lock:
-            state.update(done_bytes=done, total_bytes=total)
+            state.update(done_bytes=done, total_bytes=total,
+                         rate_bytes_per_s=round(rate) if rate is not None else None)
             _write_state(root, state)
         if time.monotonic() - last[0] >= 10:
             last[0] = time.monotonic()
@@ -322,4 +373,4 @@ def work(root: Path, text: str, token: str, host: str = "<this server>") -> dict
 
 
 __all__ = ["resolve", "download", "ensure_base_model", "start", "work", "read_state",
-           "verify_blobs"]
+           "progress_status", "verify_blobs"]

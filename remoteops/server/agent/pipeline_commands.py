@@ -173,16 +173,29 @@ def _tail(path: Path, lines: int) -> list[str]:
 @json_option
 def pipeline_status(root, run_id, lines, as_json):
     """A run's state, whether its runner is alive, current progress and last log lines."""
+    from remoteops.common.errors import RemoteOpsError
     from remoteops.common.runs import effective_status, find_run, load_state, runner_health
+    from remoteops.server.model_fetch import progress_status
+    from remoteops.server.serving import listing
 
-    run_dir = find_run(_root(root), run_id)
+    project = _root(root)
+    fetching = progress_status(project)  # fetch-model's download, running or failed lately
+    try:
+        run_dir = find_run(project, run_id)
+    except RemoteOpsError:
+        if run_id or not fetching:
+            raise
+        # no run yet, but the base model is on its way: that is what there is to show
+        emit({"run_id": None, "status": "none", "stages": [], "base_model": fetching,
+              "serving": listing(project, probe_http=False), "runner_health": {},
+              "current": {}, "log_tail": [], "server_time": time.time()}, as_json,
+             fetching["line"])
+        return
     state = load_state(run_dir)
     current = _current(run_dir, state)
     log = run_dir / "logs" / f"{current['stage']}.log" if current else run_dir / "runner.log"
-    from remoteops.server.serving import listing
-
     data = {**state, "status": effective_status(run_dir, state),
-            "serving": listing(_root(root), probe_http=False),
+            "serving": listing(project, probe_http=False), "base_model": fetching,
             "runner_health": runner_health(run_dir, state), "current": current,
             "log_tail": _tail(log, lines), "server_time": time.time()}
     emit(data, as_json, f"{state['run_id']}: {data['status']}")
