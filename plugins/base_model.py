@@ -10,6 +10,8 @@
 
 Each failure says in one line what to do, usually ``invoke fetch-model --host H`` (download
 on the server) or ``invoke fetch-model --host H --from-laptop`` (upload this laptop's copy).
+Every distinct model that the planned training stages use is checked once: the top-level
+one, and a stage's own (``[stages.X.train] base_model``), whose rows name the stage(s).
 Skipped when no stage uses the built-in trainer. The probe carries
 ``remoteops/common/model_ref.py``'s source: the server's plain Python runs it.
 """
@@ -21,18 +23,43 @@ from remoteops.api import Check, hookimpl, human_size, model_ref
 
 PROBE = inspect.getsource(model_ref) + r'''
 
-def _uses_trainer(settings):
+def _training_stages(settings):
+    """The stages that train with the built-in trainer: those of pipeline.stages (the plan;
+    sample not when skip_sample is set), else any other [stages.X] (run with --stages X)."""
     tables = settings.get("stages") or {}
-    names = list((settings.get("pipeline") or {}).get("stages") or []) + list(tables)
-    for name in names:
+    planned = list((settings.get("pipeline") or {}).get("stages") or [])
+
+    def trains(name):
         table = tables.get(name) or {}
         if not isinstance(table, dict):
-            continue
+            return False
         kind = table.get("kind") or (name if name in ("precheck", "collect") else (
             "command" if table.get("command") else "train"))
-        if kind == "train" and table.get("dataset"):
-            return True
-    return False
+        return kind == "train" and bool(table.get("dataset"))
+
+    names = [n for n in dict.fromkeys(planned) if trains(n)
+             and not (n == "sample" and settings.get("skip_sample"))]
+    return names or [n for n in tables if n not in planned and trains(n)]
+
+
+def _models(settings):
+    """Each distinct base model the training stages use, once: (text, [stages], top-level?)."""
+    top = (settings.get("train") or {}).get("base_model")
+    out = {}
+    for name in _training_stages(settings):
+        table = (settings.get("stages") or {}).get(name) or {}
+        own = (table.get("train") or {}).get("base_model") if isinstance(
+            table.get("train"), dict) else None
+        text = own if own is not None else top
+        try:
+            ref = parse(text)
+            key = (ref.kind, ref.name, ref.revision, ref.ambiguous)
+        except ValueError:
+            key = ("?", str(text))
+        entry = out.setdefault(key, [text, [], False])
+        entry[1].append(name)
+        entry[2] = entry[2] or own is None or own == top
+    return list(out.values())
 
 
 def _free(path):
@@ -110,15 +137,23 @@ def _ask_hub(ref, env, timeout):
 
 
 def probe(ctx):
-    env = os.environ
     settings = ctx["settings"]
-    opts = (settings.get("plugins") or {}).get("base_model") or {}
+    models = _models(settings)
     out = {"target": ctx.get("target") or "", "target_kind": ctx.get("target_kind"),
-           "used": _uses_trainer(settings)}
-    if not out["used"]:
-        return out
+           "used": bool(models), "models": []}
+    for text, stages, top in models:
+        one = _probe_one(ctx, settings, text)
+        one.update(stages=stages, top=top)
+        out["models"].append(one)
+    return out
+
+
+def _probe_one(ctx, settings, text):
+    env = os.environ
+    opts = (settings.get("plugins") or {}).get("base_model") or {}
+    out = {}
     try:
-        ref = parse((settings.get("train") or {}).get("base_model"))
+        ref = parse(text)
     except ValueError as exc:
         out["error"] = str(exc)
         return out
@@ -152,6 +187,19 @@ class BaseModelCheck(Check):
         if not value.get("used"):
             return self.skip("no stage uses the built-in trainer", "train.base_model is read "
                              "by training stages ([stages.NAME] dataset = ...)")
+        rows = []
+        for model in value.get("models") or []:
+            one = self._evaluate_one({**value, **model}, settings)
+            one = one if isinstance(one, list) else [one]
+            if not model.get("top"):  # a stage's own model: the rows name its stage(s)
+                setting = ", ".join(f"[stages.{n}.train]" for n in model["stages"])
+                for row in one:
+                    row.name += f" ({', '.join(model['stages'])})"
+                    row.hint = row.hint.replace("train.base_model", f"{setting} base_model")
+            rows += one
+        return rows
+
+    def _evaluate_one(self, value, settings):
         if value.get("error"):
             return self.fail(value["error"], "fix train.base_model in remoteops.toml")
         host = value.get("target") or "H"
