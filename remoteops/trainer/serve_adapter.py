@@ -47,14 +47,19 @@ class ChatModel:
             model = PeftModel.from_pretrained(model, str(adapter))
         self.model = model.eval()
         self.has_adapter = adapter is not None
+        # the transformers model itself (the LoRA layers are in it), as peft's generate calls it
+        self.lm = model.get_base_model() if adapter is not None else model
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        self.eos_ids = torch.tensor(sorted(self.eos), device=self.device)  # masked below min_tokens
         self.lock = threading.Lock()
         # transformers 5.24 renamed past_key_values to cache (the old name still works, warning)
-        inner = model.get_base_model() if adapter is not None else model
-        self.cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters \
-            else "past_key_values"
+        params = inspect.signature(self.lm.forward).parameters
+        self.step_args: dict[str, Any] = {"use_cache": True}
+        if "logits_to_keep" in params:  # as generate: no logits for the prompt's other positions
+            self.step_args["logits_to_keep"] = 1
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def model_ids(self) -> list[str]:
         return [self.name, BASE_ID] if self.has_adapter else [self.name]
@@ -68,51 +73,59 @@ class ChatModel:
     def generate(self, ids: list[int], max_tokens: int, temperature: float, top_p: float,
                  min_tokens: int = 0, use_base: bool = False, seed: int | None = None,
                  stats: dict | None = None) -> Iterator[str]:
-        """Yield the text each new token adds ("" while it ends in an incomplete character)."""
+        """Yield the text each new token adds ("" while it ends in an incomplete character).
+
+        Per step as transformers' own ``generate`` does: one new token in, the cache built from
+        the model's config, only the last position's logits, the EOS mask a device tensor, and
+        one device sync per token (reading the chosen token); the text decoded incrementally."""
         import contextlib
 
         import torch
+        from transformers import DynamicCache
 
         gen = torch.Generator()  # sampling happens on the CPU (one small vector per token)
         gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         off = self.model.disable_adapter() if use_base and self.has_adapter \
             else contextlib.nullcontext()
-        from transformers import DynamicCache
-
         with self.lock, off, torch.inference_mode():
+            cache = DynamicCache(config=self.lm.config)  # filled in place, step by step
+            args = {**self.step_args, self.cache_arg: cache}
             x = torch.tensor([ids], device=self.device)
-            cache = {self.cache_arg: DynamicCache()}  # filled in place, step by step
-            out, shown = [], ""
+            out: list[int] = []
+            start = read = 0  # out[start:read] is context already shown, out[read:] is not
             for i in range(max_tokens):
-                step = self.model(input_ids=x, use_cache=True, **cache)
-                logits = step.logits[0, -1].float()
+                logits = self.lm(input_ids=x, **args).logits[0, -1].float()
                 if i < min_tokens:
-                    logits[list(self.eos)] = float("-inf")
-                token = _pick(logits, temperature, top_p, gen)
+                    logits.index_fill_(0, self.eos_ids, float("-inf"))
+                x = _pick(logits, temperature, top_p, gen)
+                token = int(x)  # the one sync per token
                 if token in self.eos:
                     break
+                x = x.to(self.device)
                 out.append(token)
                 if stats is not None:
                     stats["tokens"] = len(out)
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                last = i == max_tokens - 1  # then an incomplete character is shown as is
-                piece = "" if text.endswith("\ufffd") and not last else text[len(shown):]
-                shown += piece
-                yield piece  # one chunk per token, empty while a character is incomplete
-                x = torch.tensor([[token]], device=self.device)
+                before = self.tokenizer.decode(out[start:read], skip_special_tokens=True)
+                text = self.tokenizer.decode(out[start:], skip_special_tokens=True)
+                if text.endswith("\ufffd") and i < max_tokens - 1:
+                    yield ""  # one chunk per token; the last shows an incomplete character
+                    continue
+                yield text[len(before):]
+                start, read = read, len(out)
 
 
-def _pick(logits, temperature: float, top_p: float, gen) -> int:
+def _pick(logits, temperature: float, top_p: float, gen):
+    """The next token as a (1, 1) tensor: on the logits' device when greedy, else the CPU."""
     import torch
 
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits).view(1, 1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if 0 < top_p < 1:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # no boolean indexing: no sync
+        probs = probs.scatter(0, order, sorted_p.masked_fill(~keep, 0.0))
+    return torch.multinomial(probs.cpu(), 1, generator=gen).view(1, 1)
 
 
 class _Handler(BaseHTTPRequestHandler):
