@@ -25,7 +25,7 @@ fi
     python3 -c 'import bitsandbytes; print("bitsandbytes", bitsandbytes.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
 
-# SKIP_QLORA=1 skips part 1 (a rerun of the others).
+# SKIP_QLORA=1, SKIP_LIGHTNING=1 skip parts 1 and 2 (a rerun of the others).
 [ -n "${SKIP_QLORA:-}" ] || {
 echo "== 1. QLoRA: ours against plain HF 4-bit"
 timeout 300 python3 -m tests.bench.bench_qlora --end-to-end --json "$OUT/qlora.json" \
@@ -34,10 +34,12 @@ echo "exit $?" >>"$OUT/qlora.log"
 grep -E '^(model|bench-qlora|end to end)|exit' "$OUT/qlora.log"
 }
 
+[ -n "${SKIP_LIGHTNING:-}" ] || {
 echo "== 2. Lightning callback on CUDA"
 timeout 120 python3 tests/bench/gpu_lightning.py >"$OUT/lightning.log" 2>&1
 echo "exit $?" >>"$OUT/lightning.log"
 grep -E '^\{|exit' "$OUT/lightning.log"
+}
 
 if [ -f tests/bench/bench_serve.py ]; then
     echo "== 3. adapter chat server on CUDA"
