@@ -67,10 +67,13 @@ def start_server(root: Path, port: int, spec: dict) -> subprocess.Popen:
     state_path(root, port).parent.mkdir(parents=True, exist_ok=True)
     write_atomic_json(state_path(root, port), {**spec, "port": port})
     log = open(log_path(root, port), "wb")
+    # the server must import what this process imports (a GPU machine may carry newer
+    # transformers/peft on PYTHONPATH): keep PYTHONPATH, put the repo first
     proc = subprocess.Popen([sys.executable, "-m", "remoteops.agent", "serve-run", "--root",
                              str(root), "--port", str(port)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=root,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                [str(REPO), os.environ.get("PYTHONPATH", "")])))
     started = time.monotonic()
     while True:
         try:
