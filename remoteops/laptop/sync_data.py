@@ -20,6 +20,7 @@ the last error for ``--status``.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -131,7 +132,7 @@ class DataSync:
             self.server_state()
         look = self.look(wait)
         todo = [s for s in look.stable if s.id not in self.server]
-        out = Round(local=look.total, pending=look.pending, bad=look.bad)
+        out = Round(local=len(look.stable), pending=look.pending, bad=look.bad)
         batch: list = []
         size = 0
         for sample in todo:
@@ -181,6 +182,8 @@ class DataSync:
     def watch(self) -> Round:
         """Rounds until ``stop`` is set (Ctrl-C, SIGTERM); errors are reported and retried."""
         total, failures = Round(), 0
+        # paramiko logs a reset connection at ERROR level; the loop reports it, in one line
+        logging.getLogger("paramiko.transport").addHandler(logging.NullHandler())
         self.say(f"watching {self.plan.source} ({self.plan.fmt}) -> {self.target.name}:"
                  f"{self.plan.dest} every {self.plan.poll_seconds:g}s; Ctrl-C stops")
         while not self.stop.is_set():
@@ -281,7 +284,7 @@ def sync_status(settings: Settings, target: Target, plan: Plan) -> dict:
     last = read_states(settings).get(_key(target, plan), {})
     oldest = min((s.seen_at for s in waiting), default=None)
     return {"host": target.name, "source": str(plan.source), "format": plan.fmt,
-            "dest": plan.dest, "local": look.total, "being_written": look.pending,
+            "dest": plan.dest, "local": len(look.stable), "being_written": look.pending,
             "server": server["samples"], "server_last_at": server["last_at"],
             "lag": len(waiting) + look.pending, "not_samples": look.bad,
             "complete": server["complete"], "last_sync_at": last.get("last_sync_at"),

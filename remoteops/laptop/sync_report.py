@@ -29,7 +29,7 @@ def describe_status(s: dict) -> str:
     """``sync-data --status`` as a few aligned lines."""
     rows = [
         ("source", f"{s['source']} ({s['format']})"),
-        ("local", f"{s['local']} sample(s)" + (f", {s['being_written']} still being written"
+        ("local", f"{s['local']} complete sample(s)" + (f", {s['being_written']} still being written"
                                               if s["being_written"] else "")),
         ("server", f"{s['server']} verified sample(s) in {s['host']}:{s['dest']}"
                    + (f", last at {s['server_last_at']}" if s["server_last_at"] else "")),

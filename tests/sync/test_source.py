@@ -1,0 +1,40 @@
+"""What the laptop counts as a complete sample: unchanged across two looks and quiet for
+settle_seconds; producers' temp names never; for JSONL, newline-terminated lines only."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from remoteops.laptop.sync_source import Source
+
+
+def test_a_sample_being_written_is_not_stable_until_it_stops_changing(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "a.bin").write_bytes(b"x" * 100)
+    (tmp_path / "s2.tmp").mkdir()  # a producer's temp folder
+    (tmp_path / "s2.tmp" / "a").write_bytes(b"y")
+    (tmp_path / "empty").mkdir()   # not begun
+    src = Source(tmp_path, "dirs", settle_seconds=0.3)
+    first = src.look()
+    assert first.stable == [] and first.pending == 1
+    time.sleep(0.35)
+    with open(tmp_path / "s1" / "a.bin", "ab") as fh:  # the second chunk arrives
+        fh.write(b"z" * 100)
+    assert src.look().stable == []
+    time.sleep(0.35)
+    stable = src.look().stable
+    assert [s.id for s in stable] == ["s1"] and stable[0].bytes == 200
+    os.rename(tmp_path / "s2.tmp", tmp_path / "s2")  # renamed into place: a sample now
+    assert [s.id for s in src.look().stable] == ["s1"]
+    time.sleep(0.35)
+    assert [s.id for s in src.look().stable] == ["s1", "s2"]
+
+
+def test_jsonl_counts_only_complete_lines(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\n{"c": ')
+    look = Source(path, "jsonl", settle_seconds=5).look()
+    assert [(s.id, s.data) for s in look.stable] == [("line-000001.jsonl", b'{"a": 1}\n'),
+                                                     ("line-000003.jsonl", b'{"b": 2}\n')]
+    assert look.pending == 1
