@@ -53,6 +53,7 @@ FORMATS = ("dirs", "files", "jsonl")
 # a sample's id is also its name in the dest folder: one plain name, never hidden
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}")
 # what a producer writes before renaming into place; never a sample
+_IN_PROGRESS = re.compile(r"\.(tmp|part|partial|crdownload)$")
 _TEMP = re.compile(r"^\.|\.(tmp|part|partial|swp|crdownload)$|~$")
 
 
@@ -64,6 +65,11 @@ def valid_id(name: str) -> bool:
 def is_temp_name(name: str) -> bool:
     """A name producers use while writing (hidden, ``.tmp``, ``.part``...): never sent."""
     return bool(_TEMP.search(name))
+
+
+def in_progress(name: str) -> bool:
+    """A name a sample has while it is written (``*.tmp``, ``*.part``...), before its rename."""
+    return bool(_IN_PROGRESS.search(name))
 
 
 def jsonl_id(line_number: int) -> str:
@@ -133,5 +139,6 @@ def read_complete(dest: str | os.PathLike) -> dict | None:
 
 
 __all__ = ["MANIFEST", "COMPLETE", "INCOMING", "LOCK", "FORMATS", "valid_id", "is_temp_name",
+           "in_progress",
            "jsonl_id", "sample_files", "tree_digest", "sample_digest", "read_manifest",
            "read_complete"]

@@ -281,13 +281,17 @@ def sync_status(settings: Settings, target: Target, plan: Plan) -> dict:
     look = sync.look(wait=False, assume_quiet=True)
     server = sync.server_state()
     waiting = [s for s in look.stable if s.id not in sync.server]
+    # exactly once: a sample changed after it was sent is never sent again; say so
+    changed = [s.id for s in look.stable
+               if sync.server.get(s.id) and s.digest() != sync.server[s.id]]
     last = read_states(settings).get(_key(target, plan), {})
     oldest = min((s.seen_at for s in waiting), default=None)
     return {"host": target.name, "source": str(plan.source), "format": plan.fmt,
             "dest": plan.dest, "local": len(look.stable), "being_written": look.pending,
             "server": server["samples"], "server_last_at": server["last_at"],
             "lag": len(waiting) + look.pending, "not_samples": look.bad,
-            "complete": server["complete"], "last_sync_at": last.get("last_sync_at"),
+            "complete": server["complete"], "changed_after_sent": changed,
+            "last_sync_at": last.get("last_sync_at"),
             "last_error": last.get("last_error"), "last_error_at": last.get("last_error_at"),
             "oldest_waiting_seconds": None if oldest is None
             else round(time.monotonic() - oldest, 1)}

@@ -41,6 +41,11 @@ def describe_status(s: dict) -> str:
         ("last sync", s["last_sync_at"] or "never from this laptop"),
         ("last error", _last_error(s)),
     ]
+    if s["changed_after_sent"]:
+        names = ", ".join(s["changed_after_sent"][:5])
+        rows.append(("changed", f"{len(s['changed_after_sent'])} sample(s) changed here after "
+                     f"they were sent ({names}); the server keeps what it verified and never "
+                     "takes an id twice: save a new version under a new name"))
     if s["not_samples"]:
         rows.append(("skipped", ", ".join(s["not_samples"][:5]) + " (not valid samples)"))
     return "\n".join(f"{k:<11} {v}" for k, v in rows)

@@ -12,13 +12,14 @@ growing JSONL file (``jsonl``, one sample per line). A sample is sent only once 
 - ``jsonl``: only newline-terminated lines count; the id is the line number, so the file
   must only ever grow (a rewritten line is reported, never sent twice).
 
-``write_batch`` packs samples into one deterministic plain tar (``.batch.json`` first,
+``write_batch`` packs samples into one deterministic tar.gz (``.batch.json`` first,
 listing each id, path, sha256 and size), so the same samples give the same bytes and an
 upload cut half way resumes into the same file.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -92,6 +93,7 @@ class Source:
         now, out = time.monotonic(), Look()
         for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
             if live_data.is_temp_name(entry.name):
+                out.pending += live_data.in_progress(entry.name)  # a sample on its way
                 continue
             if not live_data.valid_id(entry.name):
                 out.bad.append(entry.name)
@@ -166,9 +168,12 @@ def write_batch(samples: list[Sample], out_dir: Path) -> tuple[Path, str]:
     """Pack ``samples`` into a tar named by its sha256; return ``(path, sha256)``."""
     index = {"samples": [{"id": s.id, "path": s.id, "sha256": s.digest(), "bytes": s.bytes,
                           "files": s.files} for s in samples]}
-    tmp = out_dir / "batch.tar"
-    with atomic_output(tmp) as fh, tarfile.open(fileobj=fh, mode="w",
-                                                format=tarfile.PAX_FORMAT) as tar:
+    tmp = out_dir / "batch.tar.gz"
+    # gzip level 1: tar headers and padding are most of a batch of small samples; mtime 0
+    # keeps the bytes the same for the same samples (a cut upload resumes into them)
+    with atomic_output(tmp) as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1,
+                                                 mtime=0, filename="") as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         head = json.dumps(index, sort_keys=True).encode()
         tar.addfile(_info(".batch.json", len(head)), io.BytesIO(head))
         for s in samples:
@@ -183,7 +188,7 @@ def write_batch(samples: list[Sample], out_dir: Path) -> tuple[Path, str]:
                 with open(s.path, "rb") as src:
                     tar.addfile(_info(s.id, os.fstat(src.fileno()).st_size), src)
     digest = sha256_file(tmp)
-    final = out_dir / f"sync-{digest[:16]}.tar"
+    final = out_dir / f"sync-{digest[:16]}.tar.gz"
     os.replace(tmp, final)
     return final, digest
 

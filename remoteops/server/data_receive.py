@@ -2,7 +2,7 @@
 ``data-receive``, ``data-done``); the folder and manifest format are in
 ``common/live_data``.
 
-A batch is one plain tar uploaded by SFTP (``laptop/transfer.put_resumable``) to
+A batch is one tar (gzip or plain) uploaded by SFTP (``laptop/transfer.put_resumable``) to
 ``.remoteops/incoming/``, its first member ``.batch.json`` listing each sample's id, path,
 sha256 and size. ``receive_batch`` checks the tar's sha256, refuses any member that is not
 a regular file or folder under a listed sample, unpacks into ``<dest>/.incoming/``, fsyncs,
@@ -161,7 +161,7 @@ def receive_batch(root: str, dest: str, tar_path: str, sha256: str) -> dict:
         stage = folder / live_data.INCOMING / f"b-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         stage.mkdir(parents=True)
         try:
-            with tarfile.open(tar_file, "r:") as tar:
+            with tarfile.open(tar_file, "r:*") as tar:
                 samples = _index(tar, tar_file.name)
                 wanted = {s["id"] for s in samples} - have
                 folders = _unpack(tar, tar_file.name, stage, wanted,
@@ -204,7 +204,7 @@ def receive_batch(root: str, dest: str, tar_path: str, sha256: str) -> dict:
 def _prune_parts(incoming: Path, older_than: float = 3600.0) -> None:
     """Part files of batches never finished (the laptop packed other samples since)."""
     now = time.time()
-    for part in incoming.glob("sync-*.tar.part"):
+    for part in incoming.glob("sync-*.part"):
         try:
             if now - part.stat().st_mtime > older_than:
                 part.unlink()

@@ -17,7 +17,7 @@ def test_a_sample_being_written_is_not_stable_until_it_stops_changing(tmp_path):
     (tmp_path / "empty").mkdir()   # not begun
     src = Source(tmp_path, "dirs", settle_seconds=0.3)
     first = src.look()
-    assert first.stable == [] and first.pending == 1
+    assert first.stable == [] and first.pending == 2  # s1, and s2.tmp on its way
     time.sleep(0.35)
     with open(tmp_path / "s1" / "a.bin", "ab") as fh:  # the second chunk arrives
         fh.write(b"z" * 100)

@@ -97,3 +97,11 @@ def test_stage_dest_and_a_files_source_with_temp_names(cli, project, synced):
     assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == \
         ["a.json", "b.json"]
     assert (dest / "b.json").read_text() == '{"b": 2}\n'
+    status = cli("sync-data", "--host", "box", "--stage", "grow", "--status", env=env)
+    assert "local       2 complete sample(s), 1 still being written" in status.stdout
+    (out / "b.json").write_text('{"b": 3}\n')  # rewritten after it was sent
+    res = cli("sync-data", "--host", "box", "--stage", "grow", "--json", env=env)
+    assert json.loads(res.stdout)["sent"] == 0
+    status = cli("sync-data", "--host", "box", "--stage", "grow", "--status", env=env)
+    assert "changed     1 sample(s) changed here after they were sent (b.json)" in status.stdout
+    assert (dest / "b.json").read_text() == '{"b": 2}\n'

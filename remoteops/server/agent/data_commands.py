@@ -28,7 +28,7 @@ def data_status(root, dest, ids, as_json):
 @click.command("data-receive")
 @root_option
 @dest_option
-@click.option("--tar", "tar_path", required=True, help="The uploaded batch (a plain tar).")
+@click.option("--tar", "tar_path", required=True, help="The uploaded batch (a tar, gzip or plain).")
 @click.option("--sha256", required=True, help="The batch's expected sha256.")
 @json_option
 def data_receive(root, dest, tar_path, sha256, as_json):
