@@ -205,7 +205,9 @@ class DataSync:
             total.local, total.server, total.lag = done.local, done.server, done.lag
             if done.batches:
                 record(self.settings, self.target, self.plan, done)
-            self._sleep(self.plan.poll_seconds)
+            # a sample seen being written is looked at again once it can have settled
+            self._sleep(min(self.plan.poll_seconds, max(self.plan.settle_seconds, 0.2))
+                        if done.pending else self.plan.poll_seconds)
         return total
 
 
