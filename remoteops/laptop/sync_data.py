@@ -287,7 +287,7 @@ def sync_status(settings: Settings, target: Target, plan: Plan) -> dict:
     changed = [s.id for s in look.stable
                if sync.server.get(s.id) and s.digest() != sync.server[s.id]]
     last = read_states(settings).get(_key(target, plan), {})
-    oldest = min((s.seen_at for s in waiting), default=None)
+    oldest = min((s.mtime for s in waiting if s.mtime is not None), default=None)
     return {"host": target.name, "source": str(plan.source), "format": plan.fmt,
             "dest": plan.dest, "local": len(look.stable), "being_written": look.pending,
             "server": server["samples"], "server_last_at": server["last_at"],
@@ -296,7 +296,7 @@ def sync_status(settings: Settings, target: Target, plan: Plan) -> dict:
             "last_sync_at": last.get("last_sync_at"),
             "last_error": last.get("last_error"), "last_error_at": last.get("last_error_at"),
             "oldest_waiting_seconds": None if oldest is None
-            else round(time.monotonic() - oldest, 1)}
+            else round(max(0.0, time.time() - oldest), 1)}
 
 
 def mark_done(settings: Settings, target: Target, plan: Plan, say: Say | None = None) -> dict:

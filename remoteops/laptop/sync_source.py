@@ -42,6 +42,7 @@ class Sample:
     bytes: int = 0
     sha256: str = ""
     seen_at: float = 0.0             # monotonic time it was first seen complete
+    mtime: float | None = None       # its newest file's mtime (dirs, files)
 
     def digest(self) -> str:
         if not self.sha256:
@@ -102,6 +103,7 @@ class Source:
             if sample is None:
                 continue
             old = self._sigs.get(entry.name)
+            sample.mtime = max(m for _, _, m in sig) / 1e9
             if assume_quiet and old is None and self._quiet(sig):
                 out.stable.append(sample)
             elif old is None or old[0] != sig:
@@ -168,7 +170,7 @@ def write_batch(samples: list[Sample], out_dir: Path) -> tuple[Path, str]:
     """Pack ``samples`` into a tar named by its sha256; return ``(path, sha256)``."""
     index = {"samples": [{"id": s.id, "path": s.id, "sha256": s.digest(), "bytes": s.bytes,
                           "files": s.files} for s in samples]}
-    tmp = out_dir / "batch.tar.gz"
+    tmp = out_dir / f"batch-{os.getpid()}.tar.gz"
     # gzip level 1: tar headers and padding are most of a batch of small samples; mtime 0
     # keeps the bytes the same for the same samples (a cut upload resumes into them)
     with atomic_output(tmp) as fh, gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=1,

@@ -4,6 +4,8 @@ sent once, --status and --done tell the truth, and bad input is one line of advi
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 
@@ -90,6 +92,12 @@ def test_stage_dest_and_a_files_source_with_temp_names(cli, project, synced):
     (out / "b.json").write_text('{"b": 2}\n')
     (out / "c.json.tmp").write_text("being written")
     (out / ".d.json").write_text("hidden")
+    for name in ("a.json", "b.json"):
+        os.utime(out / name, (time.time() - 90, time.time() - 90))
+    status = cli("sync-data", "--host", "box", "--stage", "grow", "--status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "server      0 verified sample(s) in box:data/grow" in status.stdout
+    assert "lag         3 sample(s) not on the server yet (oldest waiting 9" in status.stdout
     res = cli("sync-data", "--host", "box", "--stage", "grow", "--json", env=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["sent"] == 2
