@@ -140,7 +140,7 @@ STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, 
                                 "kind": str, "description": str, "train": dict, "health": dict,
                                 "eval": dict, "targets": dict, "retries": int,
                                 "depends_on": list, "outputs": list, "loss_pattern": str,
-                                "dataset_live": str}
+                                "dataset_live": str, "min_samples": int}
 
 
 def _type_name(kind: type) -> str:
@@ -266,6 +266,10 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
     if "preset" in entry:
         check_value(f"stages.{name}.preset", entry["preset"], Rule(choices=tuple(PRESETS)),
                     locate(f"stages.{name}.preset"))
+    for key, rule in (("dataset_live", RULES["sync.dest"]), ("min_samples", GE1),
+                      ("poll_seconds", GT0)):
+        if key in entry:
+            check_value(f"stages.{name}.{key}", entry[key], rule, locate(f"stages.{name}.{key}"))
     if "retries" in entry:
         check_value(f"stages.{name}.retries", entry["retries"], GE0,
                     locate(f"stages.{name}.retries"))
