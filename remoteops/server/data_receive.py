@@ -158,6 +158,8 @@ def receive_batch(root: str, dest: str, tar_path: str, sha256: str) -> dict:
             raise RemoteOpsError(f"{dest} was marked complete (sync-data --done); remove "
                                  f"{folder / live_data.COMPLETE} on the server to add more.")
         have = {e["id"] for e in live_data.read_manifest(folder)}
+        # under the lock no other commit runs: what is in .incoming was left by a killed one
+        shutil.rmtree(folder / live_data.INCOMING, ignore_errors=True)
         stage = folder / live_data.INCOMING / f"b-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         stage.mkdir(parents=True)
         try:

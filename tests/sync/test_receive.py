@@ -76,7 +76,7 @@ def test_the_same_batch_twice_commits_each_sample_once(root, tmp_path):
 
 def test_a_commit_killed_before_its_manifest_line_converges(root, tmp_path):
     dest = root / "data" / "live"
-    dest.mkdir(parents=True)
+    (dest / ".incoming" / "b-999-dead" / "c.txt").mkdir(parents=True)  # its scratch space
     (dest / "a.txt").write_bytes(b"alpha\n")    # renamed into place, then the agent died
     (dest / "b.txt").write_bytes(b"half of b")  # a stray, not what the laptop sends
     assert live_data.read_manifest(dest) == []  # unlisted: no reader sees them
@@ -85,6 +85,7 @@ def test_a_commit_killed_before_its_manifest_line_converges(root, tmp_path):
     assert res.returncode == 0, res.stderr
     assert [e["id"] for e in live_data.read_manifest(dest)] == ["a.txt", "b.txt"]
     assert (dest / "b.txt").read_bytes() == b"beta\n"
+    assert not any((dest / ".incoming").iterdir())
 
 
 def test_a_torn_manifest_line_is_cut_off_before_the_next_commit(root, tmp_path):
