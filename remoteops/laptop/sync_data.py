@@ -41,6 +41,10 @@ Say = Callable[[str], None]
 MAX_BATCH_BYTES = 64 << 20
 
 
+class SyncStopped(RemoteOpsError):
+    """A condition that waiting cannot fix: ``--watch`` stops on it instead of retrying."""
+
+
 @dataclass
 class Plan:
     """What ``sync-data`` works on, from ``[sync]`` and the flags."""
@@ -99,6 +103,7 @@ class DataSync:
         self.say = say or (lambda line: None)
         self.source = Source(plan.source, plan.fmt, plan.settle_seconds)
         self.server: dict[str, str] | None = None   # id -> sha256, once asked
+        self.complete = None                         # the server's .complete marker
         self.work = settings.project_dir / ".remoteops" / "sync"
         self.stop = threading.Event()
 
@@ -108,12 +113,13 @@ class DataSync:
             return self.target.run_agent(*args, "--root", self.target.project_root,
                                          "--dest", self.plan.dest, timeout=timeout)
         except AgentMissing:
-            raise RemoteOpsError(f"remoteops is not installed on {self.target.name}; run "
+            raise SyncStopped(f"remoteops is not installed on {self.target.name}; run "
                                  "invoke deploy-bundle (it installs the agent) first.") from None
 
     def server_state(self) -> dict:
         state = self._agent("data-status", "--ids")
         self.server = dict(state.pop("ids"))
+        self.complete = state["complete"]
         return state
 
     # -- one round --------------------------------------------------------------------------
@@ -132,6 +138,10 @@ class DataSync:
             self.server_state()
         look = self.look(wait)
         todo = [s for s in look.stable if s.id not in self.server]
+        if todo and self.complete:
+            raise SyncStopped(f"{self.plan.dest} on {self.target.name} was marked complete "
+                              f"(sync-data --done), so {len(todo)} new sample(s) were not sent; "
+                              f"remove {self.plan.dest}/.complete there to reopen the set.")
         out = Round(local=len(look.stable), pending=look.pending, bad=look.bad)
         batch: list = []
         size = 0
@@ -189,6 +199,9 @@ class DataSync:
         while not self.stop.is_set():
             try:
                 done = self.round()
+            except SyncStopped as exc:
+                record(self.settings, self.target, self.plan, error=str(exc))
+                raise
             except RemoteOpsError as exc:
                 failures += 1
                 self.server = None  # ask again: a batch may have been committed unanswered
@@ -309,4 +322,4 @@ def mark_done(settings: Settings, target: Target, plan: Plan, say: Say | None = 
     return sync._agent("data-done", "--expect", str(done.server))
 
 
-__all__ = ["Plan", "plan_from", "DataSync", "Round", "sync_data", "sync_status", "mark_done"]
+__all__ = ["SyncStopped", "Plan", "plan_from", "DataSync", "Round", "sync_data", "sync_status", "mark_done"]

@@ -57,6 +57,10 @@ def test_jsonl_half_written_last_line_waits_then_goes_once(cli, project, synced)
     late = cli("sync-data", "--host", "box", env=env)
     assert late.returncode == 2 and "Traceback" not in late.stderr
     assert "was marked complete" in late.stderr and ".complete" in late.stderr
+    watch = cli("sync-data", "--host", "box", "--watch", env=env, timeout=60)
+    assert watch.returncode == 2 and "was marked complete" in watch.stderr  # no retry loop
+    assert "1 new sample(s) were not sent" in watch.stderr
+    assert "marked complete" in cli("sync-data", "--host", "box", "--status", env=env).stdout
     assert len(_lines(dest)) == 7
 
 
