@@ -38,3 +38,24 @@ def test_jsonl_counts_only_complete_lines(tmp_path):
     assert [(s.id, s.data) for s in look.stable] == [("line-000001.jsonl", b'{"a": 1}\n'),
                                                      ("line-000003.jsonl", b'{"b": 2}\n')]
     assert look.pending == 1
+
+
+def test_the_same_samples_pack_into_the_same_bytes(tmp_path):
+    """What lets an upload cut half way resume into its part file on the next try."""
+    from remoteops.laptop.sync_source import write_batch
+
+    src = tmp_path / "src"
+    for name in ("s1", "s2"):
+        (src / name / "sub").mkdir(parents=True)
+        (src / name / "sub" / "x.bin").write_bytes(os.urandom(5000))
+    src_look = Source(src, "dirs", settle_seconds=0)
+    src_look.look()
+    samples = src_look.look().stable
+    out = tmp_path / "out"
+    out.mkdir()
+    first, sha1 = write_batch(samples, out)
+    data = first.read_bytes()
+    first.unlink()
+    os.utime(src / "s1" / "sub" / "x.bin", (1, 1))  # mtimes are not in the tar
+    again, sha2 = write_batch(samples, out)
+    assert sha1 == sha2 and again.read_bytes() == data and again.name == first.name
