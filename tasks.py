@@ -114,5 +114,15 @@ def bench_serve(c, model=None, adapter=None, gguf=None, tokens=64, repeats=3):
     main(args)
 
 
-for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline, bench_serve):
+@task(help={"samples": "samples for the throughput run", "scp_samples": "how many of them "
+            "the scp loop sends (scaled to all)", "live_samples": "samples for the latency runs"})
+def bench_sync(c, samples=1000, scp_samples=100, live_samples=40):
+    """Benchmark sync-data against an scp loop: throughput, and latency to the server."""
+    from tests.bench.bench_sync import main
+
+    main(["--samples", str(samples), "--scp-samples", str(scp_samples),
+          "--live-samples", str(live_samples)])
+
+
+for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline, bench_serve, bench_sync):
     ns.add_task(_t)

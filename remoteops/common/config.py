@@ -91,6 +91,14 @@ DEFAULTS: dict[str, Any] = {
         "stop_grace_seconds": 10.0,  # a stopped stage's processes: SIGTERM, then SIGKILL after
         "deploy": True,  # remote-train deploys first when the local tree differs
     },
+    "sync": {  # sync-data: samples from the laptop to a live dataset on the server
+        "source": "",            # local folder (dirs, files) or JSONL file
+        "dest": "data/live",     # on the server, relative to the project root
+        "format": "dirs",        # dirs | files | jsonl
+        "poll_seconds": 2.0,     # --watch: how often to look for new samples
+        "settle_seconds": 1.0,   # unchanged this long (size, mtime) before a sample is sent
+        "batch_max": 200,        # samples per upload (one tar, one agent call)
+    },
     "train": TRAIN_DEFAULTS,
     "health": HEALTH_DEFAULTS,
     "eval": EVAL_DEFAULTS,

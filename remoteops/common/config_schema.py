@@ -87,6 +87,12 @@ RULES: dict[str, Rule] = {
     "pipeline.heartbeat_seconds": GT0,
     "pipeline.poll_seconds": GT0,
     "pipeline.stop_grace_seconds": GE0,   # read only where a release defines it
+    "sync.format": Rule(choices=("dirs", "files", "jsonl")),
+    "sync.dest": Rule(pattern=r"(?!/)(?!.*(^|/)\.\.(/|$))(?!\.remoteops(/|$))[^\0\\]+",
+                      why="a folder relative to the project root, e.g. \"data/live\""),
+    "sync.poll_seconds": GT0,
+    "sync.settle_seconds": GE0,
+    "sync.batch_max": GE1,
     "train.epochs": GT0,
     "train.batch_size": GE1,
     "train.grad_accum": GE1,
@@ -133,7 +139,8 @@ HOST_TYPES: dict[str, type] = {"host": str, "hostname": str, "port": int, "user"
 STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, "command": str,
                                 "kind": str, "description": str, "train": dict, "health": dict,
                                 "eval": dict, "targets": dict, "retries": int,
-                                "depends_on": list, "outputs": list, "loss_pattern": str}
+                                "depends_on": list, "outputs": list, "loss_pattern": str,
+                                "dataset_live": str, "min_samples": int}
 
 
 def _type_name(kind: type) -> str:
@@ -259,6 +266,10 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
     if "preset" in entry:
         check_value(f"stages.{name}.preset", entry["preset"], Rule(choices=tuple(PRESETS)),
                     locate(f"stages.{name}.preset"))
+    for key, rule in (("dataset_live", RULES["sync.dest"]), ("min_samples", GE1),
+                      ("poll_seconds", GT0)):
+        if key in entry:
+            check_value(f"stages.{name}.{key}", entry[key], rule, locate(f"stages.{name}.{key}"))
     if "retries" in entry:
         check_value(f"stages.{name}.retries", entry["retries"], GE0,
                     locate(f"stages.{name}.retries"))

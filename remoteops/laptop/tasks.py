@@ -342,6 +342,42 @@ def collect(c, run=None, host=None, since=None, project_root=None, trust_host=Fa
     print_collected(data, json)
 
 
+@task(help={"host": HOST_HELP, "watch": "keep running: send new samples as they appear "
+            "(Ctrl-C or SIGTERM stops it between batches)", "stage": "sync into this stage's "
+            "dataset_live folder instead of [sync] dest", "status": "show local count, server "
+            "count, lag and the last error; send nothing", "done": "send what is left, then "
+            "mark the dataset complete (the trainer stops waiting for more)", "source": "the "
+            "local folder or .jsonl file (default: [sync] source)", "format": "dirs, files or "
+            "jsonl (default: [sync] format)", "project-root": "the project's folder on the "
+            "server", "trust-host": "record an unknown host key", "json": "print JSON"})
+@friendly
+def sync_data(c, host=None, watch=False, stage=None, status=False, done=False, source=None,
+              format=None, project_root=None, trust_host=False, json=False):
+    """Push new samples to the server's live dataset: complete ones only, exactly once."""
+    from remoteops.laptop import sync_data as sync
+    from remoteops.laptop.render import print_json
+    from remoteops.laptop.sync_report import describe_round, describe_status
+
+    settings = _settings(project_root=project_root)
+    plan = sync.plan_from(settings, stage, source, format)
+    say = None if json else functools.partial(print, flush=True)
+    with _target_factory(settings, host, trust_host)() as target:
+        if status:
+            data = sync.sync_status(settings, target, plan)
+        elif done:
+            data = sync.mark_done(settings, target, plan, say)
+        else:
+            data = sync.sync_data(settings, target, plan, watch=watch, say=say)
+    if json:
+        print_json(data if isinstance(data, dict) else vars(data))
+    elif status:
+        print(describe_status(data))
+    elif done:
+        print(f"{plan.dest}: marked complete with {data['samples']} sample(s)")
+    else:
+        print(describe_round(data, watch))
+
+
 def make_namespace() -> Collection:
     """A fresh collection of every remoteops task (add your own tasks to it freely)."""
     from remoteops.laptop.serve_tasks import chat, serve
@@ -349,7 +385,7 @@ def make_namespace() -> Collection:
     ns = Collection()
     for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
               deploy_bundle, rollback, backups, fetch_model, remote_train, status, logs, cancel,
-              runs, collect, serve, chat):
+              runs, collect, serve, chat, sync_data):
         ns.add_task(t)
     return ns
 
