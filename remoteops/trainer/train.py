@@ -19,6 +19,7 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
+from remoteops.trainer.distributed import is_main, rank, undo_eval_preparation, world_size
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
 from remoteops.common.rundir import RunDir
 from remoteops.trainer.stageconf import StageConfig
@@ -99,8 +100,8 @@ def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
 
 
 def plan_steps(cfg: StageConfig, n: int) -> tuple[int, int]:
-    t = cfg.train
-    per_epoch = math.ceil(math.ceil(n / t["batch_size"]) / t["grad_accum"])
+    t = cfg.train  # under torchrun each optimizer step takes a batch from every rank
+    per_epoch = math.ceil(math.ceil(n / (t["batch_size"] * world_size())) / t["grad_accum"])
     return per_epoch, max(1, math.ceil(per_epoch * t["epochs"]))
 
 
@@ -222,6 +223,7 @@ def training_args(cfg: StageConfig, output_dir: Path, has_eval: bool, **extra):
         greater_is_better=False, seed=t["seed"], data_seed=t["seed"], use_cpu=not gpu,
         bf16=bf16, fp16=gpu and not bf16, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
+        ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used
     )
     kw.update(extra)
     return TrainingArguments(**kw)
@@ -237,6 +239,8 @@ def _trainer_class():
         def __init__(self, *args, health=None, fault: str = "", **kwargs):
             super().__init__(*args, **kwargs)
             self.health = health
+            fault, _, only = (fault or "").partition(":rank")  # a drill on one torchrun rank
+            fault = fault if not only or int(only) == rank() else ""
             # "oom>N" (fault injection for tests and drills): every micro-batch of more than
             # N rows raises a real torch OOM error, as a too-large batch would on a GPU
             self.oom_above = int(fault[4:]) if (fault or "").startswith("oom>") else None
@@ -294,6 +298,9 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
     from remoteops.trainer.health import HealthCallback, classify_exception
 
     quiet_transformers()
+    main = is_main()  # under torchrun rank 0 speaks and writes for the stage
+    if not main:
+        log = lambda message: None  # noqa: E731
     run = RunDir(run_path, cfg.name)
     old = json.loads((run.path / "summary.json").read_text(encoding="utf-8")).get(
         "stages", {}).get(cfg.name, {}) if (resume and (run.path / "summary.json").exists()) else {}
@@ -301,16 +308,21 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
     entry: dict[str, Any] = {"status": "running", "reason": "", "started": now_iso_precise(),
                              "pid": os.getpid(), "config": cfg.as_dict(), "run_dir": str(run.path),
                              "resumed_from": str(resume) if resume else None,
-                             "base_eval_loss": old.get("base_eval_loss")}
-    run.clear_signals()
-    run.update_summary(entry)
-    run.start_heartbeat(cfg.health["heartbeat_seconds"])
+                             "base_eval_loss": old.get("base_eval_loss"),
+                             "world_size": world_size()}
+    if main:
+        run.clear_signals()
+        run.update_summary(entry)
+        run.start_heartbeat(cfg.health["heartbeat_seconds"])
     saved: list[dict] = []
 
-    def failed(reason: str, message: str, step: int | None) -> None:
+    def failed(reason: str, message: str, step: int | None, own: bool = False) -> None:
+        """``own``: this rank's crash (torchrun ends the others): it writes, whichever rank."""
         entry.update(status="failed", reason=reason, message=message, failed_step=step)
-        run.signal("failed", reason, message=message, step=step)
-        log(f"stage '{cfg.name}' FAILED ({reason}) at step {step}: {message}")
+        if main or own:
+            run.signal("failed", reason, message=message, step=step, rank=rank())
+            say(f"stage '{cfg.name}' FAILED ({reason}) at step {step}"
+                f"{'' if main else f' on rank {rank()}'}: {message}")
 
     try:
         prep = prepare(cfg)
@@ -326,8 +338,9 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             warmup_check_steps=cfg.health["warmup_check_steps"],
             stagnation_steps=int(cfg.health["stagnation_steps"]),
             stagnation_min_delta=float(cfg.health["stagnation_min_delta"]),
-            on_healthy=lambda step: (run.signal("healthy", "warmup check passed", step=step),
-                                     log(f"stage '{cfg.name}' healthy after {step} steps")),
+            on_healthy=lambda step: main and (
+                run.signal("healthy", "warmup check passed", step=step),
+                log(f"stage '{cfg.name}' healthy after {step} steps")),
             on_failure=lambda reason, msg, step: None, rules=rules)
         metrics = MetricsCallback(run, collator)
         args = training_args(cfg, run.checkpoints, bool(prep.eval))
@@ -335,17 +348,21 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             model=model, args=args, train_dataset=prep.train,
             eval_dataset=prep.eval or None, data_collator=collator,
             processing_class=prep.tokenizer, health=health, fault=cfg.train["inject_fault"],
-            callbacks=[health, metrics, CheckpointReporter(log, saved.append)])
+            callbacks=[health, *([metrics] if main else []),
+                       CheckpointReporter(log, saved.append)])
         per_epoch, total = plan_steps(cfg, len(prep.train))
         if resume:
             state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
-            run.truncate_metrics_after(int(state.get("global_step", 0)))
+            if main:
+                run.truncate_metrics_after(int(state.get("global_step", 0)))
             log(f"resuming stage '{cfg.name}' from {resume} (step {state.get('global_step')})")
         elif prep.eval:
             entry["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+            undo_eval_preparation(trainer)  # else train() would not wrap the model in DDP
             log(f"base model eval_loss {entry['base_eval_loss']:.4f}")
         log(f"training stage '{cfg.name}' (preset {cfg.preset}, batch "
-            f"{cfg.train['batch_size']}, grad accum {cfg.train['grad_accum']}): "
+            f"{cfg.train['batch_size']}{f' x {world_size()} ranks' if world_size() > 1 else ''}"
+            f", grad accum {cfg.train['grad_accum']}): "
             f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         entry["train_loss"] = result.training_loss
@@ -357,19 +374,20 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             entry["best"] = {"checkpoint": best, "eval_loss": trainer.state.best_metric}
             if prep.eval:  # the model now holds the best checkpoint's weights
                 entry["adapter_eval_loss"] = trainer.evaluate()["eval_loss"]
-            cfg.adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-            trainer.model.save_pretrained(str(cfg.adapter_dir))
-            prep.tokenizer.save_pretrained(str(cfg.adapter_dir))
             entry.update(status="done", adapter=str(cfg.adapter_dir))
-            run.signal("done", "training finished", adapter=str(cfg.adapter_dir),
-                       final=entry["final"], best=entry["best"])
+            if main:
+                cfg.adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+                trainer.model.save_pretrained(str(cfg.adapter_dir))
+                prep.tokenizer.save_pretrained(str(cfg.adapter_dir))
+                run.signal("done", "training finished", adapter=str(cfg.adapter_dir),
+                           final=entry["final"], best=entry["best"])
             log(f"stage '{cfg.name}' done: adapter saved to {cfg.adapter_dir}")
     except ConfigError as exc:
         failed(classify_exception(exc), str(exc), None)
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, record, then report
         reason = classify_exception(exc)
-        failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1)
+        failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1, own=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
     finally:
@@ -378,6 +396,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         entry["checkpoints"] = [{k: c[k] for k in ("path", "step", "epoch", "size", "eval_loss",
                                                    "best", "latest")}
                                 for c in list_checkpoints(run.checkpoints)]
-        run.update_summary(entry)
-        run.stop_heartbeat()
+        if main:
+            run.update_summary(entry)
+            run.stop_heartbeat()
     return entry

@@ -1,0 +1,126 @@
+"""The torchrun executor for real: 2 processes on the CPU (gloo) under the detached runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.executors.conftest import run_pipeline, stages_of
+
+torch = pytest.importorskip("torch")
+
+LR, STEPS = 2e-3, 2  # BASE: lr 2e-3; 8 samples at a global batch of 8 for 2 epochs
+
+TWO_WAYS = """
+[stages.ddp]
+dataset = "data/train8.jsonl"
+eval_set = "data/eval2.jsonl"
+executor = "torchrun"
+nproc_per_node = 2
+
+[stages.ddp.train]
+batch_size = 4          # 4 rows per rank OOM (the drill); the retry runs 2 per rank
+grad_accum = 1
+inject_fault = "oom>2"
+
+[stages.one]
+dataset = "data/train8.jsonl"
+eval_set = "data/eval2.jsonl"
+
+[stages.one.train]
+batch_size = 4
+grad_accum = 2
+"""
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _train_rows(run: Path, stage: str) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["stage"] == stage and r["loss"]]
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(make_project):
+    root = make_project(TWO_WAYS)
+    run, state = run_pipeline(root, "ddp,one")
+    stages = stages_of(state)
+    assert state["status"] == "done", (run / "runner.log").read_text()
+    ddp, one = stages["ddp"], stages["one"]
+    assert ddp["executor"] == {"name": "torchrun", "nproc_per_node": 2, "nnodes": 1}
+    assert one["executor"] == {"name": "process"}
+
+    # the first try ran out of memory on every rank; the retry halved the per-rank batch
+    assert [a["failure_class"] for a in ddp["attempts"]] == ["oom", None]
+    assert ddp["attempts"][1]["overrides"] == {"batch_size": 2, "grad_accum": 2}
+    log = (run / "logs" / "ddp.log").read_text()
+    assert "-m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m " \
+           "remoteops.agent train --stage ddp" in log
+    assert "batch 2 x 2 ranks, grad accum 2" in log
+
+    # rank 0 alone wrote the metrics and the summary; both runs took the same steps
+    assert [r["step"] for r in _train_rows(run, "ddp")] == ["1", "2"]
+    for a, b in zip(_train_rows(run, "ddp"), _train_rows(run, "one")):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    summary = json.loads((run / "summary.json").read_text())["stages"]
+    assert summary["ddp"]["world_size"] == 2 and summary["one"]["world_size"] == 1
+    assert "Executors: ddp: torchrun 2x1; one: process." in \
+        (run / "TRAINING_SUMMARY.md").read_text()
+
+    # The adapters agree. Adam moves a weight by about lr per step at most, so lr x steps
+    # bounds how far training moved any weight; the two runs differ only in the float32
+    # order of the gradient all-reduce (which Adam can amplify where a gradient is near 0):
+    # allow 1% of that bound. Training without the all-reduce (each rank alone, as the HF
+    # Trainer silently did after an evaluate()) missed it 150 times over.
+    tolerance = 0.01 * LR * STEPS
+    a = _weights(root / "outputs" / "adapter" / "adapter_ddp")
+    b = _weights(root / "outputs" / "adapter" / "adapter_one")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max(b[k].abs().max().item() for k in b if "lora_B" in k)  # lora_B starts at 0
+    assert worst <= tolerance, (worst, tolerance)
+    assert moved > 50 * tolerance  # the comparison is not vacuous
+
+
+NAN_ON_RANK_1 = """
+[stages.ddp]
+dataset = "data/train8.jsonl"
+eval_set = "data/eval2.jsonl"
+executor = "torchrun"
+nproc_per_node = 2
+
+[stages.ddp.train]
+batch_size = 2          # 2 steps an epoch: checkpoint-2 is saved before the NaN
+grad_accum = 1
+inject_fault = "nan@3:rank1"
+"""
+
+
+def test_nan_on_rank_1_stops_both_ranks_before_the_step_with_every_weight_finite(make_project):
+    from safetensors.torch import load_file
+
+    root = make_project(NAN_ON_RANK_1)
+    run, state = run_pipeline(root, "ddp")
+    stage = stages_of(state)["ddp"]
+    assert state["status"] == "failed"
+    assert stage["status"] == "failed" and stage["failure_class"] == "nan"
+    assert len(stage["attempts"]) == 1  # NaN is not retried
+    failed = json.loads((run / "ddp.failed.json").read_text())
+    assert failed["reason"] == "nan" and failed["step"] == 3 and failed["rank"] == 0
+    assert "rank 1" in failed["message"] or "ranks 0, 1" in failed["message"]
+    ckpts = run / "checkpoints" / "ddp"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2"]  # nothing after
+    files = list(ckpts.rglob("*.safetensors"))
+    assert files and all(torch.isfinite(t).all() for f in files
+                         for t in load_file(str(f)).values())
+    assert not (root / "outputs" / "adapter" / "adapter_ddp").exists()
+    assert max(int(r["step"]) for r in _train_rows(run, "ddp")) == 3
+    log = (run / "logs" / "ddp.log").read_text()
+    assert log.count("FAILED (nan) at step 3") == 1  # rank 0 speaks for the stage
+    assert "Traceback" not in log
