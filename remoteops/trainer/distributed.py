@@ -61,6 +61,13 @@ def agree(problem: tuple[str, str] | None) -> tuple[str, str] | None:
                    f"{dist.get_world_size()}; every rank stopped before the optimizer step)"
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    dist = _group()
+    if dist is not None:
+        dist.barrier()
+
+
 def undo_eval_preparation(trainer: Any) -> None:
     """After ``trainer.evaluate()`` and before ``trainer.train()`` under torchrun.
 
@@ -87,5 +94,5 @@ def is_wrapped_for_ddp(trainer: Any) -> bool:
     return isinstance(trainer.model_wrapped, DistributedDataParallel)
 
 
-__all__ = ["rank", "world_size", "is_main", "agree", "undo_eval_preparation",
+__all__ = ["rank", "world_size", "is_main", "agree", "barrier", "undo_eval_preparation",
            "is_wrapped_for_ddp"]

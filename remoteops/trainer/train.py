@@ -19,7 +19,10 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
-from remoteops.trainer.distributed import is_main, rank, undo_eval_preparation, world_size
+from remoteops.trainer.distributed import barrier, is_main, rank, undo_eval_preparation, world_size
+from remoteops.trainer.trainer_class import trainer_class
+
+_trainer_class = trainer_class  # the name the benches use
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
 from remoteops.common.rundir import RunDir
 from remoteops.trainer.stageconf import StageConfig
@@ -229,65 +232,6 @@ def training_args(cfg: StageConfig, output_dir: Path, has_eval: bool, **extra):
     return TrainingArguments(**kw)
 
 
-def _trainer_class():
-    import torch
-    from transformers import Trainer
-
-    class RemoteOpsTrainer(Trainer):
-        """Feeds each micro-batch loss to the health watch; can inject drills' faults."""
-
-        def __init__(self, *args, health=None, fault: str = "", **kwargs):
-            super().__init__(*args, **kwargs)
-            self.health = health
-            fault, _, only = (fault or "").partition(":rank")  # a drill on one torchrun rank
-            fault = fault if not only or int(only) == rank() else ""
-            # "oom>N" (fault injection for tests and drills): every micro-batch of more than
-            # N rows raises a real torch OOM error, as a too-large batch would on a GPU
-            self.oom_above = int(fault[4:]) if (fault or "").startswith("oom>") else None
-            kind, _, at = ("" if self.oom_above else fault or "").partition("@")
-            self.fault_kind, self.fault_step = kind, int(at or 1)
-
-        def _fault_now(self, kinds: tuple[str, ...], from_on: bool = False) -> bool:
-            if self.fault_kind not in kinds:
-                return False
-            step = self.state.global_step + 1
-            return step >= self.fault_step if from_on else step == self.fault_step
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
-            if self.oom_above is not None and rows > self.oom_above:
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                    f"train.inject_fault: a micro-batch of {rows} rows > {self.oom_above})")
-            if self._fault_now(("oom",)):
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
-                                             "(injected by train.inject_fault)")
-            if self._fault_now(("cuda",)):
-                raise RuntimeError("CUDA error: an illegal memory access was encountered "
-                                   "(injected by train.inject_fault)")
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if self.health is not None:
-                self.health.observe_loss(loss)
-            return loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
-            if model.training and self.fault_kind in ("nan", "explode"):
-                scale = None
-                if self._fault_now(("nan",)):
-                    scale = float("nan")
-                elif self._fault_now(("explode",), from_on=True):
-                    scale = 1e6
-                if scale is not None:
-                    if return_outputs:
-                        return out[0] * scale, out[1]
-                    return out * scale
-            return out
-
-    return RemoteOpsTrainer
-
-
 def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
               log: Callable[[str], None] = say, rules: list | None = None) -> dict[str, Any]:
     """Train one stage into ``run_path``; returns the stage's summary entry.
@@ -315,6 +259,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         run.update_summary(entry)
         run.start_heartbeat(cfg.health["heartbeat_seconds"])
     saved: list[dict] = []
+    crashed = False
 
     def failed(reason: str, message: str, step: int | None, own: bool = False) -> None:
         """``own``: this rank's crash (torchrun ends the others): it writes, whichever rank."""
@@ -344,7 +289,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             on_failure=lambda reason, msg, step: None, rules=rules)
         metrics = MetricsCallback(run, collator)
         args = training_args(cfg, run.checkpoints, bool(prep.eval))
-        trainer = _trainer_class()(
+        trainer = trainer_class()(
             model=model, args=args, train_dataset=prep.train,
             eval_dataset=prep.eval or None, data_collator=collator,
             processing_class=prep.tokenizer, health=health, fault=cfg.train["inject_fault"],
@@ -386,6 +331,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         failed(classify_exception(exc), str(exc), None)
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, record, then report
+        crashed = True  # the other ranks may wait in a collective: torchrun ends them
         reason = classify_exception(exc)
         failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1, own=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -399,4 +345,6 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         if main:
             run.update_summary(entry)
             run.stop_heartbeat()
+    if not crashed:
+        barrier()  # no rank exits (and has torchrun stop the rest) before rank 0 has written
     return entry
