@@ -1,0 +1,82 @@
+"""Choosing an executor: refused in one line before anything starts; a command stage under
+torchrun (a Python script really started on 2 ranks; a shell command refused)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.executors.conftest import agent, run_pipeline, stages_of
+
+STAGE = '\n[stages.s]\ndataset = "data/train8.jsonl"\n'
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ('executor = "torchrn"',
+     "stages.s.executor is 'torchrn', which no plugin registers (did you mean 'torchrun'?); "
+     "use one of process, torchrun in remoteops.toml."),
+    ("nproc_per_node = 2",
+     "stages.s.nproc_per_node is a torchrun setting but the stage runs as a plain process; add "
+     "executor = \"torchrun\" to [stages.s] or remove nproc_per_node."),
+    ('executor = "torchrun"\nnnodes = 2',
+     "stages.s.nnodes is 2: several machines meet at a rendezvous; set rdzv_endpoint = "
+     "\"HOST:PORT\" (the first machine) in [stages.s]."),
+    ('executor = "torchrun"\nnproc_per_node = 0', "'stages.s.nproc_per_node' is 0; it must be a "
+     "number >= 1"),
+])
+def test_a_bad_executor_setting_is_refused_in_one_line_before_anything_starts(
+        make_project, extra, expected):
+    root = make_project(STAGE + extra + "\n")
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "s")
+    assert res.returncode != 0
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (root / "outputs").exists()  # no run directory, no process
+
+
+WORKER = '''import os, sys, time
+from pathlib import Path
+rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
+Path(sys.argv[1], f"rank{rank}-of-{world}").write_text(os.environ["REMOTEOPS_STAGE"])
+print(f"step 1 loss 2.5 (rank {rank})", flush=True)
+'''
+
+
+def test_a_python_script_runs_on_every_rank_and_a_shell_command_is_refused(make_project):
+    root = make_project(f"""
+[stages.script]
+command = "{sys.executable} worker.py {{run_dir}}"
+executor = "torchrun"
+nproc_per_node = 2
+
+[stages.shell]
+command = "echo hello | tee out.txt"
+executor = "torchrun"
+nproc_per_node = 2
+""")
+    (root / "worker.py").write_text(WORKER)
+    run, state = run_pipeline(root, "script,shell", timeout=120)
+    stages = stages_of(state)
+    script, shell = stages["script"], stages["shell"]
+    assert script["status"] == "done", (run / "logs" / "script.log").read_text()
+    assert sorted(p.name for p in run.glob("rank*")) == ["rank0-of-2", "rank1-of-2"]
+    assert (run / "rank1-of-2").read_text() == "script"
+    assert shell["status"] == "failed" and shell["failure_class"] == "config"
+    assert shell["reason"] == (
+        'stage shell: executor "torchrun" starts a Python program, and the command is not one '
+        '(write command = "python train.py ...", or keep executor = "process" and call '
+        'torchrun inside the command).')
+    assert not (root / "out.txt").exists()  # refused before it ran
+    assert script["executor"]["name"] == shell["executor"]["name"] == "torchrun"
+
+
+def test_the_process_executor_is_the_default_and_is_recorded(make_project):
+    root = make_project('\n[stages.plain]\ncommand = "echo step 1 loss 2.0"\n')
+    run, state = run_pipeline(root, "plain", timeout=60)
+    plain = stages_of(state)["plain"]
+    assert plain["status"] == "done" and plain["executor"] == {"name": "process"}
+    assert "==> bash -c echo step 1 loss 2.0" in (run / "logs" / "plain.log").read_text()
+    status = agent(root, "pipeline-status", "--root", str(root), "--json")
+    assert '"executor": {"name": "process"}' in status.stdout
