@@ -106,10 +106,11 @@ RULES: dict[str, Rule] = {
     "train.eval_holdout": Rule(low=0, high=1, high_open=True),
     "train.save_total_limit": GE1,
     "train.logging_steps": GE1,
-    "train.inject_fault": Rule(pattern=r"|((nan|explode|oom|cuda)(@[1-9]\d*)?|oom>[1-9]\d*)"
-                                       r"(:rank\d+)?",
-                               why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP "
-                                   "(each optionally :rankN, one torchrun rank) or \"\""),
+    "train.inject_fault": Rule(pattern=r"|((nan|explode|oom|cuda|kill)(@[1-9]\d*)?"
+                                       r"|oom>[1-9]\d*)(:rank\d+)?",
+                               why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP, "
+                                   "kill@STEP (each optionally :rankN, one torchrun rank) or "
+                                   "\"\""),
     "health.loss_max": Rule(low=0, low_open=True, allow_inf=True),
     "health.explode_ratio": Rule(low=1, low_open=True),
     "health.warmup_check_steps": GE0,

@@ -1,9 +1,13 @@
 """The built-in trainer's ``transformers.Trainer``: it feeds each micro-batch loss to the
 health watch and injects the drills' faults (``train.inject_fault``: ``nan@STEP``,
-``explode@STEP``, ``oom@STEP``, ``oom>BATCH``, ``cuda@STEP``; ``:rankN`` limits a drill to
+``explode@STEP``, ``oom@STEP``, ``oom>BATCH``, ``cuda@STEP``, ``kill@STEP``: SIGKILL, not
+repeated by the resumed run; ``:rankN`` limits a drill to
 one torchrun rank)."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 from remoteops.trainer.distributed import rank
 
@@ -25,6 +29,7 @@ def trainer_class():
             self.oom_above = int(fault[4:]) if (fault or "").startswith("oom>") else None
             kind, _, at = ("" if self.oom_above else fault or "").partition("@")
             self.fault_kind, self.fault_step = kind, int(at or 1)
+            self.first_step: int | None = None  # > 0: this run resumed from a checkpoint
 
         def _fault_now(self, kinds: tuple[str, ...], from_on: bool = False) -> bool:
             if self.fault_kind not in kinds:
@@ -33,6 +38,10 @@ def trainer_class():
             return step >= self.fault_step if from_on else step == self.fault_step
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.first_step is None:
+                self.first_step = self.state.global_step
+            if self._fault_now(("kill",)) and self.first_step == 0:  # once: not after a resume
+                os.kill(os.getpid(), signal.SIGKILL)  # a rank dying hard (kernel OOM killer)
             rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
             if self.oom_above is not None and rows > self.oom_above:
                 raise torch.OutOfMemoryError(

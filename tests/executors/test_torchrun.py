@@ -135,3 +135,36 @@ def test_nan_on_rank_1_stops_both_ranks_before_the_step_with_every_weight_finite
     assert log.count("FAILED (nan) at step 3") == 1  # rank 0 speaks for the stage
     assert "remoteops/trainer" not in log  # stopped, not crashed (torchrun's own report
     # of a non-zero exit is a traceback of torch.distributed.run)
+
+
+RANK_1_DIES = """
+[stages.ddp]
+dataset = "data/train8.jsonl"
+executor = "torchrun"
+nproc_per_node = 2
+
+[stages.ddp.train]
+batch_size = 2          # 2 steps an epoch: checkpoint-2, then rank 1 dies at step 3
+grad_accum = 1
+eval_holdout = 0.0
+inject_fault = "kill@3:rank1"
+"""
+
+
+def test_a_rank_killed_mid_stage_is_resumed_from_the_checkpoint_under_torchrun(make_project):
+    root = make_project(RANK_1_DIES)
+    run, state = run_pipeline(root, "ddp")
+    stage = stages_of(state)["ddp"]
+    assert state["status"] == "done", (run / "logs" / "ddp.log").read_text()[-3000:]
+    first, second = stage["attempts"]
+    assert first["failure_class"] == "process_died" and not first["resume"]
+    assert second["resume"] is True and second["failure_class"] is None
+    log = (run / "logs" / "ddp.log").read_text()
+    assert log.count("-m torch.distributed.run --standalone") == 2
+    assert "--resume latest" in log.split("==> ")[-2]  # the retry ran with --resume latest
+    assert f"resuming stage 'ddp' from {run}/checkpoints/ddp/checkpoint-2 (step 2)" in log
+    entry = json.loads((run / "summary.json").read_text())["stages"]["ddp"]
+    assert entry["status"] == "done" and entry["final"]["step"] == 4
+    assert entry["resumed_from"].endswith("checkpoint-2") and entry["world_size"] == 2
+    assert [r["step"] for r in _train_rows(run, "ddp")] == ["1", "2", "3", "4"]
+    assert (root / "outputs" / "adapter" / "adapter_ddp" / "adapter_model.safetensors").is_file()
