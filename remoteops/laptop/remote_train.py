@@ -46,6 +46,11 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
                       f"{table.get('preset') or settings['train.preset']})")
         elif stage["kind"] == "command":
             detail = f"run: {table.get('command')}"
+        if table.get("executor", "process") != "process":
+            per_node = table.get("nproc_per_node")
+            detail += (f" under {table['executor']}" + (f", {per_node} processes per machine"
+                       if per_node else ", a process per GPU" if table["executor"] == "torchrun"
+                       else ""))
         state = " [skipped: --skip-sample]" if stage["status"] == "skipped" else ""
         lines.append(f"  - {stage['name']}: {detail}{state}")
     return lines

@@ -7,7 +7,9 @@ SIGTERM (``invoke cancel``) stops the current stage's whole process tree and
 marks the run cancelled.
 
 A stage's processes run through ``server/stage_process`` (output piped to the
-log, the whole tree stopped at the end; each attempt judged on its own output);
+log, the whole tree stopped at the end; each attempt judged on its own output); its main
+process is started by the stage's executor (``register_executors``: ``process``,
+``torchrun``, a plugin's), recorded in the state;
 a command stage's specifics are in ``server/command_stage``. Whatever goes wrong inside the runner itself, the stage is
 marked failed with the reason and the later stages skipped, never left
 "running".

@@ -80,3 +80,35 @@ def test_the_process_executor_is_the_default_and_is_recorded(make_project):
     assert "==> bash -c echo step 1 loss 2.0" in (run / "logs" / "plain.log").read_text()
     status = agent(root, "pipeline-status", "--root", str(root), "--json")
     assert '"executor": {"name": "process"}' in status.stdout
+
+
+PLUGIN = '''from remoteops.api import Executor, hookimpl
+
+
+class Stamped(Executor):
+    name = "stamped"
+
+    def _wrap(self, launch):
+        return ["env", "STAMPED=yes", *launch.argv]
+
+
+@hookimpl
+def register_executors(register):
+    register("stamped", Stamped)
+'''
+
+
+def test_a_project_plugin_registers_an_executor_that_runs_a_stage(make_project):
+    root = make_project('\n[stages.mine]\ncommand = "echo stamped=$STAMPED"\nexecutor = "stamped"\n'
+                        '\n[stages.typo]\ncommand = "true"\nexecutor = "stampd"\n')
+    (root / "plugins").mkdir()
+    (root / "plugins" / "stamping.py").write_text(PLUGIN)
+    run, state = run_pipeline(root, "mine", timeout=60)
+    mine = stages_of(state)["mine"]
+    assert mine["status"] == "done" and mine["executor"] == {"name": "stamped"}
+    log = (run / "logs" / "mine.log").read_text()
+    assert "==> env STAMPED=yes bash -c echo stamped=$STAMPED" in log
+    assert "\nstamped=yes\n" in log
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "typo")
+    assert res.returncode != 0 and "use one of process, stamped, torchrun in remoteops.toml." \
+        in res.stdout + res.stderr
