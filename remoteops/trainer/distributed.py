@@ -17,6 +17,11 @@ def rank() -> int:
     return int(os.environ.get("RANK") or 0)
 
 
+def local_rank() -> int:
+    """This process's rank on its machine: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK") or 0)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or 1)
 
@@ -94,5 +99,5 @@ def is_wrapped_for_ddp(trainer: Any) -> bool:
     return isinstance(trainer.model_wrapped, DistributedDataParallel)
 
 
-__all__ = ["rank", "world_size", "is_main", "agree", "barrier", "undo_eval_preparation",
+__all__ = ["rank", "local_rank", "world_size", "is_main", "agree", "barrier", "undo_eval_preparation",
            "is_wrapped_for_ddp"]

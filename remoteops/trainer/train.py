@@ -19,7 +19,8 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
-from remoteops.trainer.distributed import barrier, is_main, rank, undo_eval_preparation, world_size
+from remoteops.trainer.distributed import (barrier, is_main, local_rank, rank,
+                                           undo_eval_preparation, world_size)
 from remoteops.trainer.trainer_class import trainer_class
 
 _trainer_class = trainer_class  # the name the benches use
@@ -195,7 +196,7 @@ def build_model(cfg: StageConfig, log: Callable[[str], None] = say):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # under torchrun: this rank's GPU
     model = AutoModelForCausalLM.from_pretrained(str(cfg.base_model), **kwargs)
     if qlora:
         model = prepare_model_for_kbit_training(model)
