@@ -203,12 +203,11 @@ def executor_for(pm: pluggy.PluginManager, settings: Any, stage: str) -> Any:
 
 
 def check_executors(pm: pluggy.PluginManager, settings: Any, stages: list[str]
-                    ) -> dict[str, dict]:
-    """Each configured stage's executor as ``state.json`` records it; ConfigError (one line)
-    for an unknown executor or a bad option of any of ``stages``."""
+                    ) -> dict[str, Any]:
+    """Each configured stage's executor; ConfigError (one line) for an unknown executor or a
+    bad option of any of ``stages``."""
     configured = settings["stages"] or {}
-    return {stage: executor_for(pm, settings, stage).describe() for stage in stages
-            if stage in configured}
+    return {stage: executor_for(pm, settings, stage) for stage in stages if stage in configured}
 
 
 def _blocked_names() -> list[str]:

@@ -145,14 +145,15 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
     """The whole remote-train flow; returns the exit status."""
     from remoteops.laptop.collect import in_place
     from remoteops.laptop.remote_train import (TrainRequest, base_model_to_server,
-                                               collect_and_report, describe_plan, follow,
-                                               refuse_if_live, start)
+                                               check_executors_here, collect_and_report,
+                                               describe_plan, follow, refuse_if_live, start)
 
     req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
     target = open_target()
     try:
         for line in describe_plan(settings, target, req):
             print(line)
+        check_executors_here(settings, req)
         if confirm is not None and not confirm({}):
             raise RemoteOpsError("cancelled; nothing was started.")
         if deploy and settings["pipeline.deploy"] and not in_place(target, settings.project_dir):

@@ -112,3 +112,23 @@ def test_a_project_plugin_registers_an_executor_that_runs_a_stage(make_project):
     res = agent(root, "pipeline-start", "--root", str(root), "--stages", "typo")
     assert res.returncode != 0 and "use one of process, stamped, torchrun in remoteops.toml." \
         in res.stdout + res.stderr
+
+
+def test_the_laptop_refuses_an_unknown_executor_before_it_deploys(make_project, cli, home,
+                                                                   sshd_server, tmp_path):
+    from tests.conftest import ssh_alias, trust
+
+    root = make_project(STAGE + 'executor = "torchrn"\n')
+    ssh_alias(home, "box", sshd_server)
+    trust(root, sshd_server)
+    server_root = tmp_path / "server" / "proj"
+    res = cli("remote-train", "--host", "box", "--stages", "s", "--yes",
+              env={"REMOTEOPS_REMOTE_PYTHON": sys.executable, "REMOTEOPS_GPU_GATE": "warn",
+                   "TRAIN_SYNC_PROJECT_ROOT": str(server_root)})
+    assert res.returncode != 0
+    assert res.stdout.splitlines()[-1] == \
+        "  - s: train on data/train8.jsonl (preset standard) under torchrn"
+    assert res.stderr.strip() == (
+        "error: stages.s.executor is 'torchrn', which no plugin registers (did you mean "
+        "'torchrun'?); use one of process, torchrun in remoteops.toml.")
+    assert not (server_root / ".remoteops").exists()  # nothing deployed, nothing started

@@ -88,7 +88,8 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
         chosen = check_executors(get_plugin_manager(project, settings["plugins_dir"]), settings,
                                  [s["name"] for s in pending])  # an unknown one: refused here
         for stage in pending:
-            stage["executor"] = chosen.get(stage["name"], {"name": "process"})
+            stage["executor"] = (chosen[stage["name"]].describe() if stage["name"] in chosen
+                                 else {"name": "process"})
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_settings(run_dir, settings)  # every process of the run reads these
         save_state(run_dir, state)
