@@ -72,14 +72,37 @@ nproc_per_node = 2
     assert script["executor"]["name"] == shell["executor"]["name"] == "torchrun"
 
 
-def test_the_process_executor_is_the_default_and_is_recorded(make_project):
-    root = make_project('\n[stages.plain]\ncommand = "echo step 1 loss 2.0"\n')
-    run, state = run_pipeline(root, "plain", timeout=60)
+def test_the_process_executor_is_the_default_and_status_shows_how_each_stage_ran(
+        make_project, cli, home, sshd_server):
+    from tests.conftest import ssh_alias, trust
+
+    root = make_project(f"""
+[stages.plain]
+command = "echo step 1 loss 2.0"
+
+[stages.ranks]
+command = "{sys.executable} noop.py"
+executor = "torchrun"
+nproc_per_node = 2
+""")
+    (root / "noop.py").write_text("pass\n")
+    run, state = run_pipeline(root, "plain,ranks", timeout=60)
     plain = stages_of(state)["plain"]
+    assert stages_of(state)["ranks"]["status"] == "done"
     assert plain["status"] == "done" and plain["executor"] == {"name": "process"}
     assert "==> bash -c echo step 1 loss 2.0" in (run / "logs" / "plain.log").read_text()
     status = agent(root, "pipeline-status", "--root", str(root), "--json")
     assert '"executor": {"name": "process"}' in status.stdout
+    # the laptop's status over SSH: a "run as" column
+    ssh_alias(home, "box", sshd_server)
+    trust(root, sshd_server)
+    res = cli("status", "--host", "box", env={"REMOTEOPS_REMOTE_PYTHON": sys.executable,
+                                              "TRAIN_SYNC_PROJECT_ROOT": str(root)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in res.stdout.splitlines() if line.startswith("│")}
+    assert "run as" in res.stdout
+    assert rows["plain"][3] == "process" and rows["ranks"][3] == "torchrun 2x1"
 
 
 PLUGIN = '''from remoteops.api import Executor, hookimpl
