@@ -155,3 +155,39 @@ def test_the_laptop_refuses_an_unknown_executor_before_it_deploys(make_project, 
         "error: stages.s.executor is 'torchrn', which no plugin registers (did you mean "
         "'torchrun'?); use one of process, torchrun in remoteops.toml.")
     assert not (server_root / ".remoteops").exists()  # nothing deployed, nothing started
+
+
+SLEEPER = '''import os, sys, time
+from pathlib import Path
+Path(sys.argv[1], "pid-rank" + os.environ["RANK"]).write_text(str(os.getpid()))
+time.sleep(120)
+'''
+
+
+def test_cancel_stops_torchrun_and_every_rank(make_project):
+    import os
+    import time
+
+    root = make_project(f"""
+[stages.sleepy]
+command = "{sys.executable} sleeper.py {{run_dir}}"
+executor = "torchrun"
+nproc_per_node = 2
+""")
+    (root / "sleeper.py").write_text(SLEEPER)
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "sleepy")
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = sorted((root / "outputs" / "training_sync").glob("run_*"))[-1]
+    deadline = time.monotonic() + 60
+    while len(list(run.glob("pid-rank*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.read_text()) for p in run.glob("pid-rank*")]
+    launcher = json.loads((run / "state.json").read_text())["stages"][0]["process"]["pid"]
+    assert len(pids) == 2
+    res = agent(root, "pipeline-cancel", "--root", str(root), "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for pid in [launcher, *pids]:  # torchrun and both ranks: gone (not even zombies of ours)
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+    stage = stages_of(json.loads((run / "state.json").read_text()))["sleepy"]
+    assert stage["status"] == "cancelled"
