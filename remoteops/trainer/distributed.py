@@ -92,11 +92,12 @@ def undo_eval_preparation(trainer: Any) -> None:
     trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
 
 
-def is_wrapped_for_ddp(trainer: Any) -> bool:
-    """Whether ``train()`` really runs data-parallel (the model it trains is DDP)."""
+def is_wrapped_for_ddp(model: Any) -> bool:
+    """Whether the model a training step gets is DistributedDataParallel (gradients are
+    all-reduced across ranks)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(trainer.model_wrapped, DistributedDataParallel)
+    return isinstance(model, DistributedDataParallel)
 
 
 __all__ = ["rank", "local_rank", "world_size", "is_main", "agree", "barrier", "undo_eval_preparation",

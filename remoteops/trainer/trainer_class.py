@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 
-from remoteops.trainer.distributed import rank
+from remoteops.common.errors import ConfigError
+from remoteops.trainer.distributed import is_wrapped_for_ddp, rank, world_size
 
 
 def trainer_class():
@@ -40,6 +41,12 @@ def trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.first_step is None:
                 self.first_step = self.state.global_step
+                if world_size() > 1 and not is_wrapped_for_ddp(model):
+                    raise ConfigError(
+                        f"under torchrun ({world_size()} ranks) the model is not wrapped in "
+                        "DistributedDataParallel, so each rank would train alone; this "
+                        "transformers/accelerate pair needs a fix in remoteops.trainer."
+                        "distributed, or run the stage with executor = \"process\".")
             if self._fault_now(("kill",)) and self.first_step == 0:  # once: not after a resume
                 os.kill(os.getpid(), signal.SIGKILL)  # a rank dying hard (kernel OOM killer)
             rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
