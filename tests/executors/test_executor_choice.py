@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.executors.conftest import agent, run_pipeline, stages_of
+from tests.executors.conftest import REPO, agent, run_pipeline, stages_of
 
 STAGE = '\n[stages.s]\ndataset = "data/train8.jsonl"\n'
 
@@ -191,3 +191,27 @@ nproc_per_node = 2
             open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
     stage = stages_of(json.loads((run / "state.json").read_text()))["sleepy"]
     assert stage["status"] == "cancelled"
+
+
+def test_torchrun_arguments_for_one_machine_several_machines_and_the_gpus_it_sees(monkeypatch):
+    from remoteops.executors import Launch
+    from remoteops.plugins import executor_for, get_plugin_manager
+
+    pm = get_plugin_manager(REPO)
+    launch = Launch("st", "train", ["py", "-m", "remoteops.agent", "train"], python="py",
+                    module="remoteops.agent", args=["train"])
+
+    def argv(**table):
+        return executor_for(pm, {"stages": {"st": {"executor": "torchrun", **table}}},
+                            "st").wrap(launch)
+
+    # no nvidia-smi involved: CUDA_VISIBLE_DEVICES decides what a process would see
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert argv() == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                      "--nproc_per_node", "3", "-m", "remoteops.agent", "train"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert argv()[argv().index("--nproc_per_node") + 1] == "1"  # no GPU: one process
+    assert argv(nnodes=2, rdzv_endpoint="10.0.0.1:29500", nproc_per_node=4) == [
+        "py", "-m", "torch.distributed.run", "--nnodes", "2", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "10.0.0.1:29500", "--rdzv_id", "remoteops-st", "--nproc_per_node",
+        "4", "-m", "remoteops.agent", "train"]
