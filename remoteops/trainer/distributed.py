@@ -100,5 +100,5 @@ def is_wrapped_for_ddp(model: Any) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-__all__ = ["rank", "local_rank", "world_size", "is_main", "agree", "barrier", "undo_eval_preparation",
-           "is_wrapped_for_ddp"]
+__all__ = ["rank", "local_rank", "world_size", "is_main", "agree", "barrier",
+           "undo_eval_preparation", "is_wrapped_for_ddp"]

@@ -91,8 +91,9 @@ def run_bench(nproc: int = 2, work: float = 2.0, repeats: int = 3) -> dict:
                 stage_s.append(s)
                 total.append(t)
             b, s, t = (statistics.median(x) for x in (bare, stage_s, total))
-            out[name] = {"bare_s": round(b, 2), "stage_s": round(s, 2), "end_to_end_s": round(t, 2),
-                         "stage_over_bare": round(s / b, 3), "end_to_end_over_bare": round(t / b, 3)}
+            out[name] = {"bare_s": round(b, 2), "stage_s": round(s, 2),
+                         "end_to_end_s": round(t, 2), "stage_over_bare": round(s / b, 3),
+                         "end_to_end_over_bare": round(t / b, 3)}
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
