@@ -14,7 +14,8 @@ Hooks and checks
     every hook). ``Check``, ``CheckResult``: a precheck check and its result.
 Stage executors
     ``Executor``: the base class of a way to run a stage (``register_executors``);
-    ``Launch``: the process a stage runs, as an executor receives it.
+    ``Launch``: the process a stage runs, as an executor receives it; ``CannotRun``: what an
+    executor raises (one line) for a stage it cannot run.
 Health
     ``run_health_rules(rules, step, loss=..., grad_norm=..., lr=...)``: the first
     ``(reason, message)`` the given rules return.
@@ -49,6 +50,7 @@ _HOMES = {
     "run_health_rules": "remoteops.plugins",
     "Executor": "remoteops.executors",
     "Launch": "remoteops.executors",
+    "CannotRun": "remoteops.executors",
     "FEASIBLE": "remoteops.quant",
     "WITH_LOSS": "remoteops.quant",
     "NOT_FEASIBLE": "remoteops.quant",

@@ -32,6 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class CannotRun(ValueError):
+    """This executor cannot run this stage (one line saying what to write instead); the
+    runner fails the stage with failure class ``config``."""
+
+
 @dataclass
 class Launch:
     """One process a stage runs, before an executor wraps it."""
@@ -66,8 +71,14 @@ class Executor:
         return {"name": self.name, **self._details()}
 
     def wrap(self, launch: Launch) -> list[str]:
-        """The argv that runs ``launch`` this way; ValueError (one line) when it cannot."""
-        return list(self._wrap(launch))
+        """The argv that runs ``launch`` this way; ``CannotRun`` (one line) when it cannot
+        (a ``_wrap`` may raise ValueError)."""
+        try:
+            return list(self._wrap(launch))
+        except CannotRun:
+            raise
+        except ValueError as exc:
+            raise CannotRun(str(exc)) from None
 
     def run(self, launch: Launch, process: Any, log_path: Any, watch: Any = None,
             **callbacks: Any) -> Any:
@@ -82,4 +93,4 @@ class Executor:
         return launch.argv
 
 
-__all__ = ["Executor", "Launch"]
+__all__ = ["CannotRun", "Executor", "Launch"]

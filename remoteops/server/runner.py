@@ -33,7 +33,7 @@ from remoteops.common.files import write_atomic_text
 from remoteops.common.rundir import RunDir
 from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
                                    process_identity, run_settings, save_state, stop_grace)
-from remoteops.executors import Launch
+from remoteops.executors import CannotRun, Launch
 from remoteops.server.pipeline import ChildResult, agent_args
 from remoteops.server.stage_process import StageProcess, last_error
 from remoteops.server.stagewatch import StageWatch
@@ -397,7 +397,7 @@ class Runner:
         why) when the executor cannot run it."""
         try:
             return executor.run(launch, self.process, log_path, watch, **self._callbacks())
-        except ValueError as exc:
+        except CannotRun as exc:
             self._config_error = str(exc)
             return None
 
