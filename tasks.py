@@ -100,6 +100,15 @@ def bench_pipeline(c):
     main([])
 
 
+@task(help={"nproc": "torchrun ranks", "work": "seconds the program works",
+            "repeats": "runs of each way (medians)"})
+def bench_executors(c, nproc=2, work=2.0, repeats=3):
+    """Benchmark what a stage's executor adds over the same command bare (torchrun, process)."""
+    from tests.bench.bench_executors import main
+
+    main(["--nproc", str(nproc), "--work", str(work), "--repeats", str(repeats)])
+
+
 @task(help={"model": "a Hugging Face model folder (default: the tiny demo model)",
             "adapter": "a peft adapter for --model (default: a random LoRA)",
             "gguf": "a GGUF file (default: made from the merged model)",
@@ -124,5 +133,6 @@ def bench_sync(c, samples=1000, scp_samples=100, live_samples=40):
           "--live-samples", str(live_samples)])
 
 
-for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline, bench_serve, bench_sync):
+for _t in (bench_deploy, bench_trainer, bench_qlora, bench_pipeline, bench_executors,
+           bench_serve, bench_sync):
     ns.add_task(_t)

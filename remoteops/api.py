@@ -12,6 +12,10 @@ inside a hook, not at a plugin module's top.
 Hooks and checks
     ``hookimpl``: the marker for hook implementations (``remoteops.hookspecs`` lists
     every hook). ``Check``, ``CheckResult``: a precheck check and its result.
+Stage executors
+    ``Executor``: the base class of a way to run a stage (``register_executors``);
+    ``Launch``: the process a stage runs, as an executor receives it; ``CannotRun``: what an
+    executor raises (one line) for a stage it cannot run.
 Health
     ``run_health_rules(rules, step, loss=..., grad_norm=..., lr=...)``: the first
     ``(reason, message)`` the given rules return.
@@ -44,6 +48,9 @@ _HOMES = {
     "Check": "remoteops.checks",
     "CheckResult": "remoteops.checks",
     "run_health_rules": "remoteops.plugins",
+    "Executor": "remoteops.executors",
+    "Launch": "remoteops.executors",
+    "CannotRun": "remoteops.executors",
     "FEASIBLE": "remoteops.quant",
     "WITH_LOSS": "remoteops.quant",
     "NOT_FEASIBLE": "remoteops.quant",

@@ -21,7 +21,8 @@ def register_checks(register: Callable[[Any], None], settings: Any) -> None:
 
 @hookspec
 def register_executors(register: Callable[[str, Any], None]) -> None:
-    """Register stage executors by name: ``register("slurm", SlurmExecutor)``. (Not called yet.)"""
+    """Register stage executors by name: ``register("torchrun", TorchrunExecutor)``, each a
+    ``remoteops.api.Executor`` subclass; ``[stages.X] executor = "NAME"`` picks one."""
 
 
 @hookspec

@@ -24,13 +24,13 @@ from typing import Any, Iterator
 import pluggy
 
 from remoteops import hookspecs
-from remoteops.common.errors import RemoteOpsError
+from remoteops.common.errors import ConfigError, RemoteOpsError
 
 GROUP = "remoteops"
 # Built-ins in this tuple, loaded in this order.
-BUILTIN_PLUGINS = ("precheck_basics", "gpu_gate", "base_model", "post_eval_fix", "quant_bnb",
-                   "quant_gguf")
-UNBLOCKABLE = frozenset({"precheck_basics"})
+BUILTIN_PLUGINS = ("precheck_basics", "executors", "gpu_gate", "base_model", "post_eval_fix",
+                   "quant_bnb", "quant_gguf")
+UNBLOCKABLE = frozenset({"precheck_basics", "executors"})  # a run needs the process executor
 
 
 @dataclass
@@ -176,6 +176,38 @@ def run_health_rules(rules: list[Any], step: int, loss: float | None = None,
     from remoteops.common.health import run_rules
 
     return run_rules(rules, step, loss, grad_norm, lr)
+
+
+def executors(pm: pluggy.PluginManager) -> dict[str, Any]:
+    """Every registered executor class by name (``register_executors``; the first wins)."""
+    found: dict[str, Any] = {}
+    for name, cls in collect(pm, "register_executors"):
+        found.setdefault(name, cls)
+    return found
+
+
+def executor_for(pm: pluggy.PluginManager, settings: Any, stage: str) -> Any:
+    """The executor that runs ``stage`` (``[stages.X] executor``, default ``process``), its
+    options checked; ConfigError (one line) for an unknown name or a bad option."""
+    from remoteops.common.config_schema import check_executor
+
+    table = (settings["stages"] or {}).get(stage) or {}
+    registered = executors(pm)
+    name = check_executor(stage, table, sorted(registered))
+    cls = registered[name]
+    try:
+        cls.check_options(stage, table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cls(stage, table)
+
+
+def check_executors(pm: pluggy.PluginManager, settings: Any, stages: list[str]
+                    ) -> dict[str, Any]:
+    """Each configured stage's executor; ConfigError (one line) for an unknown executor or a
+    bad option of any of ``stages``."""
+    configured = settings["stages"] or {}
+    return {stage: executor_for(pm, settings, stage) for stage in stages if stage in configured}
 
 
 def _blocked_names() -> list[str]:

@@ -112,8 +112,10 @@ RULES: dict[str, Rule] = {
     "train.eval_holdout": Rule(low=0, high=1, high_open=True),
     "train.save_total_limit": GE1,
     "train.logging_steps": GE1,
-    "train.inject_fault": Rule(pattern=r"|(nan|explode|oom|cuda)(@[1-9]\d*)?|oom>[1-9]\d*",
-                               why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP or "
+    "train.inject_fault": Rule(pattern=r"|((nan|explode|oom|cuda|kill)(@[1-9]\d*)?"
+                                       r"|oom>[1-9]\d*)(:rank\d+)?",
+                               why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP, "
+                                   "kill@STEP (each optionally :rankN, one torchrun rank) or "
                                    "\"\""),
     "health.loss_max": Rule(low=0, low_open=True, allow_inf=True),
     "health.explode_ratio": Rule(low=1, low_open=True),
@@ -140,7 +142,14 @@ STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, 
                                 "kind": str, "description": str, "train": dict, "health": dict,
                                 "eval": dict, "targets": dict, "retries": int,
                                 "depends_on": list, "outputs": list, "loss_pattern": str,
-                                "dataset_live": str, "min_samples": int}
+                                "dataset_live": str, "min_samples": int,
+                                "executor": str, "nproc_per_node": int, "nnodes": int,
+                                "rdzv_endpoint": str, "rdzv_id": str}
+# Ranges of the executor keys of [stages.NAME] (the executor plugin checks the rest).
+STAGE_RULES: dict[str, Rule] = {
+    "nproc_per_node": GE1, "nnodes": GE1,
+    "rdzv_endpoint": Rule(pattern=r"[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}", why="HOST:PORT"),
+}
 
 
 def _type_name(kind: type) -> str:
@@ -273,6 +282,9 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
     if "retries" in entry:
         check_value(f"stages.{name}.retries", entry["retries"], GE0,
                     locate(f"stages.{name}.retries"))
+    for key, rule in STAGE_RULES.items():
+        if key in entry:
+            check_value(f"stages.{name}.{key}", entry[key], rule, locate(f"stages.{name}.{key}"))
     for table in ("train", "health", "eval"):
         for key, value in entry.get(table, {}).items():
             dotted = f"stages.{name}.{table}.{key}"
@@ -300,6 +312,18 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
             raise ConfigError(f"{locate(dotted)}: unknown target '{dotted}'; targets are "
                               "coverage and format, shares between 0 and 1.")
         check_value(dotted, value, SHARE, locate(dotted))
+
+
+def check_executor(stage: str, table: dict, registered: list[str]) -> str:
+    """The executor name of ``[stages.<stage>]`` (default ``process``); ConfigError (one
+    line, listing ``registered``) for a name no plugin registered."""
+    name = table.get("executor", "process")
+    if name not in registered:
+        hint = difflib.get_close_matches(str(name), registered, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"stages.{stage}.executor is {name!r}, which no plugin registers"
+                          f"{extra}; use one of {', '.join(registered)} in remoteops.toml.")
+    return name
 
 
 # -- where a key was written ------------------------------------------------------------------
@@ -341,4 +365,5 @@ def find_line(text: str, parts: list[str]) -> int | None:
     return near
 
 
-__all__ = ["Rule", "RULES", "validate", "check_value", "find_line", "split_key"]
+__all__ = ["Rule", "RULES", "validate", "check_value", "check_executor", "find_line",
+           "split_key"]

@@ -29,7 +29,7 @@ TRAIN_DEFAULTS = {
     "eval_holdout": 0.1,           # share of the data held out when a stage has no eval_set
     "save_total_limit": 3,
     "logging_steps": 1,
-    "inject_fault": "",            # drills: nan@STEP | explode@STEP | oom@STEP | cuda@STEP
+    "inject_fault": "",            # drills: nan|explode|oom|cuda|kill@STEP, oom>N [:rankN]
 }
 
 HEALTH_DEFAULTS = {

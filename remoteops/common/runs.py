@@ -284,3 +284,13 @@ __all__ = ["POLICY", "plan_stages", "load_state", "read_state", "save_state",
            "find_run", "list_runs", "effective_status", "runner_health", "runner_alive",
            "pid_alive", "live_run", "refuse_if_live", "pipeline_lock", "DamagedRun",
            "process_identity"]
+
+
+def executor_label(executor: dict | None) -> str:
+    """How a stage's executor (as ``state.json`` records it) reads in a table:
+    ``process``, ``torchrun 2x1`` (processes per node x nodes)."""
+    if not executor:
+        return "-"
+    if executor.get("name") == "torchrun":
+        return f"torchrun {executor.get('nproc_per_node', '?')}x{executor.get('nnodes', 1)}"
+    return str(executor.get("name") or "-")

@@ -46,9 +46,28 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
                       f"{table.get('preset') or settings['train.preset']})")
         elif stage["kind"] == "command":
             detail = f"run: {table.get('command')}"
+        if table.get("executor", "process") != "process":
+            per_node = table.get("nproc_per_node")
+            detail += (f" under {table['executor']}" + (f", {per_node} processes per machine"
+                       if per_node else ", a process per GPU" if table["executor"] == "torchrun"
+                       else ""))
         state = " [skipped: --skip-sample]" if stage["status"] == "skipped" else ""
         lines.append(f"  - {stage['name']}: {detail}{state}")
     return lines
+
+
+def check_executors_here(settings: Settings, req: TrainRequest) -> None:
+    """Refuse an unknown executor (or a bad option) of a planned stage before anything is
+    deployed or started: the project's plugins are here as they will be on the server."""
+    if req.resume:
+        return
+    from remoteops.plugins import check_executors, get_plugin_manager
+
+    stages = [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
+                                             settings["skip_sample"])
+              if s["status"] == "pending" and s["kind"] in ("train", "command")]
+    check_executors(get_plugin_manager(settings.project_dir, settings["plugins_dir"]), settings,
+                    stages)
 
 
 def _model_note(settings: Settings, target: Target) -> str:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from remoteops.common.errors import RemoteOpsError
+from remoteops.common.runs import executor_label
 from remoteops.common.serving import describe
 from remoteops.common.sizes import human_size
 from remoteops.laptop.render import console, name_column, print_json, print_wide
@@ -39,7 +40,7 @@ def _stage_table(data: dict) -> Table:
                         f"{_styled(data['status'])}",
                   title_justify="left")
     name_column(table, "stage")
-    for col in ("status", "time", "try", "note"):
+    for col in ("status", "time", "try", "run as", "note"):
         table.add_column(col, overflow="fold")
     for s in data["stages"]:
         note = s.get("failure_class") or ""
@@ -51,7 +52,8 @@ def _stage_table(data: dict) -> Table:
             shown += " [green](healthy)[/]"
             note = note or f"healthy: {s['health'].get('how', '')}"
         table.add_row(s["name"], shown, _dur(s.get("duration_s")),
-                      str(s.get("attempt") or "-"), escape(note[:90]))
+                      str(s.get("attempt") or "-"), executor_label(s.get("executor")),
+                      escape(note[:90]))
     return table
 
 
@@ -165,14 +167,15 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
     """The whole remote-train flow; returns the exit status."""
     from remoteops.laptop.collect import in_place
     from remoteops.laptop.remote_train import (TrainRequest, base_model_to_server,
-                                               collect_and_report, describe_plan, follow,
-                                               refuse_if_live, start)
+                                               check_executors_here, collect_and_report,
+                                               describe_plan, follow, refuse_if_live, start)
 
     req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
     target = open_target()
     try:
         for line in describe_plan(settings, target, req):
             print(line)
+        check_executors_here(settings, req)
         if confirm is not None and not confirm({}):
             raise RemoteOpsError("cancelled; nothing was started.")
         if deploy and settings["pipeline.deploy"] and not in_place(target, settings.project_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,31 @@ def prepare(settings, table: dict, stage: str, run_dir: Path, root: Path
     log = {"pattern": pattern, "loss_max": float(settings["health.loss_max"]),
            "explode_ratio": float(settings["health.explode_ratio"])}
     return ["bash", "-c", command], env, log
+
+
+_PYTHON = re.compile(r"(.*/)?python(\d+(\.\d+)?)?")
+_SHELL = set(";|&<>`$()")
+
+
+def python_program(command: str) -> tuple[str, str | None, str | None, list[str]] | None:
+    """``(interpreter, module, script, args)`` when the (expanded) command runs one Python
+    program (``python X.py ARGS``, ``X.py ARGS``, ``python -m MOD ARGS``), else None: a
+    launcher such as torchrun can then start that program itself."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words or any(ch in _SHELL for w in words for ch in w) or "=" in words[0]:
+        return None  # a pipe, a list, a redirection or a variable: a shell program
+    if words[0].endswith(".py"):
+        return sys.executable, None, words[0], words[1:]
+    if not _PYTHON.fullmatch(words[0]) or len(words) < 2:
+        return None
+    if words[1] == "-m" and len(words) > 2:
+        return words[0], words[2], None, words[3:]
+    if words[1].endswith(".py"):
+        return words[0], None, words[1], words[2:]
+    return None
 
 
 def judge(result: ChildResult) -> tuple[bool, str | None, str | None]:

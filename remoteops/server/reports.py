@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from remoteops.common.files import write_atomic_text
+from remoteops.common.runs import executor_label
 
 
 def _read_json(path: Path) -> Any:
@@ -103,6 +104,7 @@ def stage_rows(run_dir: Path, state: dict, project_root: Path | None) -> list[di
                      "base_eval_loss": trained.get("base_eval_loss"),
                      "targets": report.get("targets") or {}, "eval_pass": report.get("pass"),
                      "adapter": adapter, "adapter_size": size,
+                     "executor": stage.get("executor"),
                      "warnings": stage.get("warnings", [])})
     return rows
 
@@ -186,6 +188,9 @@ def write_training_summary(run_dir: Path, settings: Any = None,
                      f"{r['attempts']} | {_fmt(r['final_loss'])} | {_fmt(r['best_eval_loss'])} | "
                      f"{_fmt(r['base_eval_loss'])} | {targets} | {adapter} |")
     lines.append("")
+    ran = [f"{r['stage']}: {executor_label(r['executor'])}" for r in rows if r["executor"]]
+    if ran:
+        lines += [f"Executors: {'; '.join(ran)}.", ""]
     if any(plots.values()):
         lines += ["## Loss curves", ""]
         lines += [f"![loss of {name}]({path.name})" for name, path in plots.items() if path]

@@ -7,7 +7,9 @@ SIGTERM (``invoke cancel``) stops the current stage's whole process tree and
 marks the run cancelled.
 
 A stage's processes run through ``server/stage_process`` (output piped to the
-log, the whole tree stopped at the end; each attempt judged on its own output);
+log, the whole tree stopped at the end; each attempt judged on its own output); its main
+process is started by the stage's executor (``register_executors``: ``process``,
+``torchrun``, a plugin's), recorded in the state;
 a command stage's specifics are in ``server/command_stage``. Whatever goes wrong inside the runner itself, the stage is
 marked failed with the reason and the later stages skipped, never left
 "running".
@@ -26,11 +28,14 @@ import traceback
 from pathlib import Path
 
 from remoteops.common.clock import now_iso
+from remoteops.common.errors import ConfigError
 from remoteops.common.files import write_atomic_text
+from remoteops.common.rundir import RunDir
 from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
                                    process_identity, run_settings, save_state, stop_grace)
+from remoteops.executors import CannotRun, Launch
 from remoteops.server.pipeline import ChildResult, agent_args
-from remoteops.server.stage_process import StageProcess
+from remoteops.server.stage_process import StageProcess, last_error
 from remoteops.server.stagewatch import StageWatch
 
 class Runner:
@@ -46,6 +51,7 @@ class Runner:
         self.stage: dict | None = None  # the stage running now
         self._stop_beat = threading.Event()
         self.pm = None
+        self._config_error = ""
 
     # -- plumbing --------------------------------------------------------------------------
     def save(self) -> None:
@@ -77,6 +83,15 @@ class Runner:
 
             self.pm = get_plugin_manager(self.root, self.settings["plugins_dir"])
         return self.pm.hook
+
+    def executor(self, stage: dict):
+        """The stage's executor (``register_executors``), recorded in the state."""
+        from remoteops.plugins import executor_for
+
+        self.hooks()
+        executor = executor_for(self.pm, self.settings, stage["name"])
+        stage["executor"] = executor.describe()
+        return executor
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -279,8 +294,12 @@ class Runner:
         if kind == "precheck":
             return self._precheck(stage)
         log_path = self.run_dir / "logs" / f"{stage['name']}.log"
+        try:
+            executor = self.executor(stage)
+        except ConfigError as exc:
+            return False, "config", str(exc)
         if kind == "command":
-            return self._command(stage, log_path)
+            return self._command(stage, log_path, executor)
         args = ["train", "--stage", stage["name"], "--run-dir", str(self.run_dir)]
         if overrides:  # typed values, read back as JSON by the trainer: no env-var renaming
             path = self.run_dir / "overrides" / f"{stage['name']}.attempt{stage['attempt']}.json"
@@ -288,15 +307,19 @@ class Runner:
             args += ["--overrides", str(path)]
         if resume:
             args += ["--resume", "latest"]
-        result = self._child(agent_args(*args), log_path, {}, watch=StageWatch.for_stage(
+        launch = Launch(stage["name"], "train", agent_args(*args), python=sys.executable,
+                        module="remoteops.agent", args=args)
+        result = self._launch(executor, launch, log_path, StageWatch.for_stage(
             self.settings, self.run_dir, stage, obey_failed=False))  # the health window
+        if result is None:
+            return False, "config", self._config_error
         if result.code == 0:
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
             self._after_training(stage, log_path)
             return True, None, None
-        failed = self._signal(stage["name"], "failed")
+        failed = RunDir(self.run_dir, stage["name"]).read_signal("failed")
         if result.code == 2:
-            return False, (failed or {}).get("reason", "config"), self._last_error(log_path)
+            return False, (failed or {}).get("reason", "config"), last_error(log_path)
         # The trainer's own classes, and a health_rules plugin's reason (policy: fail); an
         # unclassified crash is treated as a dead process (resume from the checkpoint).
         if failed and failed.get("reason") and \
@@ -320,22 +343,6 @@ class Runner:
             stage["warnings"].append(f"post-eval/quantization plugins failed (exit "
                                      f"{result.code}); see logs/{stage['name']}.log")
 
-    def _signal(self, stage: str, name: str) -> dict | None:
-        path = self.run_dir / f"{stage}.{name}.json"
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    @staticmethod
-    def _last_error(log_path: Path) -> str:
-        try:
-            lines = log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return "no log"
-        errors = [l for l in lines if l.startswith("error: ")]
-        return (errors[-1][7:] if errors else (lines[-1] if lines else "no output"))[:300]
-
     def _precheck(self, stage: dict) -> tuple[bool, str | None, str | None]:
         from remoteops.precheck import run_precheck
         from remoteops.common.target import LocalTarget
@@ -351,7 +358,8 @@ class Runner:
             return False, "config", "; ".join(f"{r['name']}: {r['value']}" for r in failed[:3])
         return True, None, None
 
-    def _command(self, stage: dict, log_path: Path) -> tuple[bool, str | None, str | None]:
+    def _command(self, stage: dict, log_path: Path, executor) -> tuple[bool, str | None,
+                                                                          str | None]:
         from remoteops.plugins import health_rules
         from remoteops.server import command_stage
 
@@ -364,23 +372,39 @@ class Runner:
             return False, "config", str(exc)
         log["rules"] = health_rules(self.pm, self.settings)
         watch = StageWatch.for_stage(self.settings, self.run_dir, stage, log)
-        result = self._child(args, log_path, env, watch=watch)
+        python, module, script, rest = command_stage.python_program(args[-1]) or (None,) * 4
+        result = self._launch(executor, Launch(stage["name"], "command", args, env, python,
+                                               module, script, rest or []), log_path, watch)
+        if result is None:
+            return False, "config", self._config_error
         ok, klass, reason = command_stage.judge(result)
         if ok:
             command_stage.record_outputs(self.root, stage, table)
         return ok, klass, reason
 
-    def _child(self, args: list[str], log_path: Path, env: dict[str, str],
-               watch: StageWatch | None = None) -> ChildResult:
-        """Run one process of the stage (``server/stage_process``), recording it in the
-        state so that cancel finds its tree even if the runner dies."""
-        def started(pid: int) -> None:
+    def _callbacks(self) -> dict:
+        def started(pid: int) -> None:  # recorded: cancel finds the tree if the runner dies
             if self.stage is not None:
                 self.stage["process"] = process_identity(pid)
                 self.save()
 
-        return self.process.run(args, log_path, env, watch, on_start=started,
-                                cancelled=lambda: self.cancelled, on_change=self.save)
+        return {"on_start": started, "cancelled": lambda: self.cancelled,
+                "on_change": self.save}
+
+    def _launch(self, executor, launch: Launch, log_path: Path,
+                watch: StageWatch) -> ChildResult | None:
+        """The stage's main process, run the executor's way; None (``_config_error`` says
+        why) when the executor cannot run it."""
+        try:
+            return executor.run(launch, self.process, log_path, watch, **self._callbacks())
+        except CannotRun as exc:
+            self._config_error = str(exc)
+            return None
+
+    def _child(self, args: list[str], log_path: Path, env: dict[str, str],
+               watch: StageWatch | None = None) -> ChildResult:
+        """One plain process of the stage (``server/stage_process``): eval, after-stage."""
+        return self.process.run(args, log_path, env, watch, **self._callbacks())
 
 def main(project_root: str, run_dir: str, lock_fd: int | None = None) -> int:
     return Runner(Path(project_root).resolve(), Path(run_dir).resolve(), lock_fd).run()

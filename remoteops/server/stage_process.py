@@ -155,3 +155,14 @@ class StageProcess:
         roots = children_of(os.getpid())
         return stop_tree(roots, self.grace, on_frozen=pump.drain_and_mute if pump else None,
                          not_reaped={child.pid} if child is not None else set())
+
+
+def last_error(log_path: Path) -> str:
+    """The last ``error: `` line of a stage's log (the agent's one-line errors), else its
+    last line."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "no log"
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors[-1][7:] if errors else (lines[-1] if lines else "no output"))[:300]

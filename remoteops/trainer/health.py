@@ -12,7 +12,9 @@ saved weight stays finite. Reasons: ``nan``, ``divergence``, ``lr_zero``, and
 ``stagnation`` (optional: no improvement for ``stagnation_steps`` steps);
 ``classify_exception`` names ``oom``, ``cuda``, ``data``, ``config``,
 ``interrupted`` or ``error`` for an exception out of ``trainer.train()``.
-Set ``logging_nan_inf_filter=False`` in the TrainingArguments: transformers
+Under torchrun every rank judges its own step and the verdicts are agreed (one
+all-reduce per step, ``trainer/distributed.agree``): a NaN on one rank stops every rank
+before the optimizer step. Set ``logging_nan_inf_filter=False`` in the TrainingArguments: transformers
 hides NaN losses otherwise (the callback turns it off when it can).
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from remoteops.common.health import HealthJudge, classify_exception  # noqa: F401 - public here too
+from remoteops.trainer.distributed import agree
 
 REASONS = ("nan", "divergence", "lr_zero", "stagnation", "oom", "cuda", "data", "config", "interrupted",
            "error")
@@ -117,7 +120,7 @@ class HealthCallback(TrainerCallback):
         loss_total = numbers[-1] if self._loss_sum is not None else None
         self._loss_sum = None
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        problem = self.judge(step, loss_total, grad_total, lr)
+        problem = agree(self.judge(step, loss_total, grad_total, lr))  # every rank, under torchrun
         if problem:
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)  # the step that follows changes nothing

@@ -19,6 +19,11 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
+from remoteops.trainer.distributed import (barrier, is_main, local_rank, rank,
+                                           undo_eval_preparation, world_size)
+from remoteops.trainer.trainer_class import trainer_class
+
+_trainer_class = trainer_class  # the name the benches use
 from remoteops.trainer.data import Collator, DataError, encode, encode_records, read_jsonl
 from remoteops.common.rundir import RunDir
 from remoteops.trainer.stageconf import StageConfig
@@ -99,8 +104,8 @@ def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
 
 
 def plan_steps(cfg: StageConfig, n: int) -> tuple[int, int]:
-    t = cfg.train
-    per_epoch = math.ceil(math.ceil(n / t["batch_size"]) / t["grad_accum"])
+    t = cfg.train  # under torchrun each optimizer step takes a batch from every rank
+    per_epoch = math.ceil(math.ceil(n / (t["batch_size"] * world_size())) / t["grad_accum"])
     return per_epoch, max(1, math.ceil(per_epoch * t["epochs"]))
 
 
@@ -191,7 +196,7 @@ def build_model(cfg: StageConfig, log: Callable[[str], None] = say):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # under torchrun: this rank's GPU
     model = AutoModelForCausalLM.from_pretrained(str(cfg.base_model), **kwargs)
     if qlora:
         model = prepare_model_for_kbit_training(model)
@@ -222,66 +227,10 @@ def training_args(cfg: StageConfig, output_dir: Path, has_eval: bool, **extra):
         greater_is_better=False, seed=t["seed"], data_seed=t["seed"], use_cpu=not gpu,
         bf16=bf16, fp16=gpu and not bf16, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
+        ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used
     )
     kw.update(extra)
     return TrainingArguments(**kw)
-
-
-def _trainer_class():
-    import torch
-    from transformers import Trainer
-
-    class RemoteOpsTrainer(Trainer):
-        """Feeds each micro-batch loss to the health watch; can inject drills' faults."""
-
-        def __init__(self, *args, health=None, fault: str = "", **kwargs):
-            super().__init__(*args, **kwargs)
-            self.health = health
-            # "oom>N" (fault injection for tests and drills): every micro-batch of more than
-            # N rows raises a real torch OOM error, as a too-large batch would on a GPU
-            self.oom_above = int(fault[4:]) if (fault or "").startswith("oom>") else None
-            kind, _, at = ("" if self.oom_above else fault or "").partition("@")
-            self.fault_kind, self.fault_step = kind, int(at or 1)
-
-        def _fault_now(self, kinds: tuple[str, ...], from_on: bool = False) -> bool:
-            if self.fault_kind not in kinds:
-                return False
-            step = self.state.global_step + 1
-            return step >= self.fault_step if from_on else step == self.fault_step
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
-            if self.oom_above is not None and rows > self.oom_above:
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                    f"train.inject_fault: a micro-batch of {rows} rows > {self.oom_above})")
-            if self._fault_now(("oom",)):
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB "
-                                             "(injected by train.inject_fault)")
-            if self._fault_now(("cuda",)):
-                raise RuntimeError("CUDA error: an illegal memory access was encountered "
-                                   "(injected by train.inject_fault)")
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if self.health is not None:
-                self.health.observe_loss(loss)
-            return loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
-            if model.training and self.fault_kind in ("nan", "explode"):
-                scale = None
-                if self._fault_now(("nan",)):
-                    scale = float("nan")
-                elif self._fault_now(("explode",), from_on=True):
-                    scale = 1e6
-                if scale is not None:
-                    if return_outputs:
-                        return out[0] * scale, out[1]
-                    return out * scale
-            return out
-
-    return RemoteOpsTrainer
 
 
 def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
@@ -294,6 +243,9 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
     from remoteops.trainer.health import HealthCallback, classify_exception
 
     quiet_transformers()
+    main = is_main()  # under torchrun rank 0 speaks and writes for the stage
+    if not main:
+        log = lambda message: None  # noqa: E731
     run = RunDir(run_path, cfg.name)
     old = json.loads((run.path / "summary.json").read_text(encoding="utf-8")).get(
         "stages", {}).get(cfg.name, {}) if (resume and (run.path / "summary.json").exists()) else {}
@@ -301,16 +253,22 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
     entry: dict[str, Any] = {"status": "running", "reason": "", "started": now_iso_precise(),
                              "pid": os.getpid(), "config": cfg.as_dict(), "run_dir": str(run.path),
                              "resumed_from": str(resume) if resume else None,
-                             "base_eval_loss": old.get("base_eval_loss")}
-    run.clear_signals()
-    run.update_summary(entry)
-    run.start_heartbeat(cfg.health["heartbeat_seconds"])
+                             "base_eval_loss": old.get("base_eval_loss"),
+                             "world_size": world_size()}
+    if main:
+        run.clear_signals()
+        run.update_summary(entry)
+        run.start_heartbeat(cfg.health["heartbeat_seconds"])
     saved: list[dict] = []
+    crashed = False
 
-    def failed(reason: str, message: str, step: int | None) -> None:
+    def failed(reason: str, message: str, step: int | None, own: bool = False) -> None:
+        """``own``: this rank's crash (torchrun ends the others): it writes, whichever rank."""
         entry.update(status="failed", reason=reason, message=message, failed_step=step)
-        run.signal("failed", reason, message=message, step=step)
-        log(f"stage '{cfg.name}' FAILED ({reason}) at step {step}: {message}")
+        if main or own:
+            run.signal("failed", reason, message=message, step=step, rank=rank())
+            say(f"stage '{cfg.name}' FAILED ({reason}) at step {step}"
+                f"{'' if main else f' on rank {rank()}'}: {message}")
 
     try:
         prep = prepare(cfg)
@@ -326,26 +284,31 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             warmup_check_steps=cfg.health["warmup_check_steps"],
             stagnation_steps=int(cfg.health["stagnation_steps"]),
             stagnation_min_delta=float(cfg.health["stagnation_min_delta"]),
-            on_healthy=lambda step: (run.signal("healthy", "warmup check passed", step=step),
-                                     log(f"stage '{cfg.name}' healthy after {step} steps")),
+            on_healthy=lambda step: main and (
+                run.signal("healthy", "warmup check passed", step=step),
+                log(f"stage '{cfg.name}' healthy after {step} steps")),
             on_failure=lambda reason, msg, step: None, rules=rules)
         metrics = MetricsCallback(run, collator)
         args = training_args(cfg, run.checkpoints, bool(prep.eval))
-        trainer = _trainer_class()(
+        trainer = trainer_class()(
             model=model, args=args, train_dataset=prep.train,
             eval_dataset=prep.eval or None, data_collator=collator,
             processing_class=prep.tokenizer, health=health, fault=cfg.train["inject_fault"],
-            callbacks=[health, metrics, CheckpointReporter(log, saved.append)])
+            callbacks=[health, *([metrics] if main else []),
+                       CheckpointReporter(log, saved.append)])
         per_epoch, total = plan_steps(cfg, len(prep.train))
         if resume:
             state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
-            run.truncate_metrics_after(int(state.get("global_step", 0)))
+            if main:
+                run.truncate_metrics_after(int(state.get("global_step", 0)))
             log(f"resuming stage '{cfg.name}' from {resume} (step {state.get('global_step')})")
         elif prep.eval:
             entry["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+            undo_eval_preparation(trainer)  # else train() would not wrap the model in DDP
             log(f"base model eval_loss {entry['base_eval_loss']:.4f}")
         log(f"training stage '{cfg.name}' (preset {cfg.preset}, batch "
-            f"{cfg.train['batch_size']}, grad accum {cfg.train['grad_accum']}): "
+            f"{cfg.train['batch_size']}{f' x {world_size()} ranks' if world_size() > 1 else ''}"
+            f", grad accum {cfg.train['grad_accum']}): "
             f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         entry["train_loss"] = result.training_loss
@@ -357,19 +320,21 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             entry["best"] = {"checkpoint": best, "eval_loss": trainer.state.best_metric}
             if prep.eval:  # the model now holds the best checkpoint's weights
                 entry["adapter_eval_loss"] = trainer.evaluate()["eval_loss"]
-            cfg.adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-            trainer.model.save_pretrained(str(cfg.adapter_dir))
-            prep.tokenizer.save_pretrained(str(cfg.adapter_dir))
             entry.update(status="done", adapter=str(cfg.adapter_dir))
-            run.signal("done", "training finished", adapter=str(cfg.adapter_dir),
-                       final=entry["final"], best=entry["best"])
+            if main:
+                cfg.adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+                trainer.model.save_pretrained(str(cfg.adapter_dir))
+                prep.tokenizer.save_pretrained(str(cfg.adapter_dir))
+                run.signal("done", "training finished", adapter=str(cfg.adapter_dir),
+                           final=entry["final"], best=entry["best"])
             log(f"stage '{cfg.name}' done: adapter saved to {cfg.adapter_dir}")
     except ConfigError as exc:
         failed(classify_exception(exc), str(exc), None)
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, record, then report
+        crashed = True  # the other ranks may wait in a collective: torchrun ends them
         reason = classify_exception(exc)
-        failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1)
+        failed(reason, f"{type(exc).__name__}: {exc}", run.step + 1, own=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
     finally:
@@ -378,6 +343,9 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         entry["checkpoints"] = [{k: c[k] for k in ("path", "step", "epoch", "size", "eval_loss",
                                                    "best", "latest")}
                                 for c in list_checkpoints(run.checkpoints)]
-        run.update_summary(entry)
-        run.stop_heartbeat()
+        if main:
+            run.update_summary(entry)
+            run.stop_heartbeat()
+    if not crashed:
+        barrier()  # no rank exits (and has torchrun stop the rest) before rank 0 has written
     return entry

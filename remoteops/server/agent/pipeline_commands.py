@@ -81,6 +81,15 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
         if recovered:
             state.setdefault("notes", []).append(
                 f"undid an interrupted {recovered['undone']} ({recovered['label']}) first")
+        from remoteops.plugins import check_executors, get_plugin_manager
+
+        pending = [s for s in state["stages"] if s["status"] == "pending"
+                   and s["kind"] in ("train", "command")]
+        chosen = check_executors(get_plugin_manager(project, settings["plugins_dir"]), settings,
+                                 [s["name"] for s in pending])  # an unknown one: refused here
+        for stage in pending:
+            stage["executor"] = (chosen[stage["name"]].describe() if stage["name"] in chosen
+                                 else {"name": "process"})
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_settings(run_dir, settings)  # every process of the run reads these
         save_state(run_dir, state)

@@ -1,0 +1,122 @@
+"""bench-executors: what running a stage through an executor adds over running the same
+command bare, per stage, as a ratio.
+
+The command is a small Python program that joins a gloo process group, all-reduces a
+tensor on every rank and works ``--work`` seconds. Three ways, ``--repeats`` times each
+(medians): bare ``python -m torch.distributed.run ... worker.py`` (or bare ``python
+worker.py`` for the process executor); the same as a pipeline stage, timed by the stage's
+own ``duration_s`` (the executor and the runner's watch); and end to end, from
+``pipeline-start`` to the runner's exit (spawn, settings, plugins, state, reports).
+
+Run: python -m tests.bench.bench_executors [--nproc 2] [--work 2] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKER = """import os, sys, time
+import torch, torch.distributed as dist
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size()
+time.sleep(float(sys.argv[1]))
+if "RANK" in os.environ:
+    dist.destroy_process_group()
+"""
+
+
+def _env(root: Path) -> dict:
+    env = {**os.environ, "REMOTEOPS_USER_CONFIG": str(root / "none.toml")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _bare(root: Path, argv: list[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, cwd=root, env=_env(root), check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=600)
+    return time.monotonic() - started
+
+
+def _staged(root: Path, stage: str) -> tuple[float, float]:
+    """``(the stage's duration_s, pipeline-start to the runner's exit)`` of one run."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "remoteops.agent", "pipeline-start", "--root",
+                    str(root), "--stages", stage], cwd=root, env=_env(root), check=True,
+                   stdout=subprocess.DEVNULL, timeout=120)
+    run = sorted((root / "outputs" / "training_sync").glob("run_*"))[-1]
+    while True:
+        state = json.loads((run / "state.json").read_text())
+        if state.get("runner", {}).get("exited"):
+            break
+        time.sleep(0.05)
+    total = time.monotonic() - started
+    entry = next(s for s in state["stages"] if s["name"] == stage)
+    assert entry["status"] == "done", entry
+    return float(entry["duration_s"]), total
+
+
+def run_bench(nproc: int = 2, work: float = 2.0, repeats: int = 3) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="bench-executors-"))
+    try:
+        (root / "worker.py").write_text(WORKER)
+        command = f"{sys.executable} worker.py {work}"
+        (root / "remoteops.toml").write_text(
+            "[pipeline]\nheartbeat_seconds = 1.0\npoll_seconds = 0.3\n\n"
+            f'[stages.tr]\ncommand = "{command}"\nexecutor = "torchrun"\n'
+            f"nproc_per_node = {nproc}\n\n"
+            f'[stages.pr]\ncommand = "{command}"\n')
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes",
+                    "1", "--nproc_per_node", str(nproc), "worker.py", str(work)]
+        ways = {"torchrun": (torchrun, "tr"),
+                "process": ([sys.executable, "worker.py", str(work)], "pr")}
+        out: dict = {"nproc_per_node": nproc, "work_s": work, "repeats": repeats}
+        for name, (argv, stage) in ways.items():
+            bare, stage_s, total = [], [], []
+            for _ in range(repeats):  # interleaved: the machine's load hits all three alike
+                bare.append(_bare(root, argv))
+                s, t = _staged(root, stage)
+                stage_s.append(s)
+                total.append(t)
+            b, s, t = (statistics.median(x) for x in (bare, stage_s, total))
+            out[name] = {"bare_s": round(b, 2), "stage_s": round(s, 2),
+                         "end_to_end_s": round(t, 2), "stage_over_bare": round(s / b, 3),
+                         "end_to_end_over_bare": round(t / b, 3)}
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--work", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_bench(args.nproc, args.work, args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.nproc} ranks, {args.work:g} s of work, median of {args.repeats}")
+    print(f"{'executor':10} {'bare':>7} {'stage':>7} {'ratio':>6} {'end to end':>11} {'ratio':>6}")
+    for name in ("torchrun", "process"):
+        r = result[name]
+        print(f"{name:10} {r['bare_s']:6.2f}s {r['stage_s']:6.2f}s {r['stage_over_bare']:6.3f} "
+              f"{r['end_to_end_s']:10.2f}s {r['end_to_end_over_bare']:6.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
