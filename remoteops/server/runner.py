@@ -30,12 +30,12 @@ from pathlib import Path
 from remoteops.common.clock import now_iso
 from remoteops.common.errors import ConfigError
 from remoteops.common.files import write_atomic_text
-from remoteops.common.rundir import RunDir
 from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
                                    process_identity, run_settings, save_state, stop_grace)
 from remoteops.executors import CannotRun, Launch
 from remoteops.server.pipeline import ChildResult, agent_args
-from remoteops.server.stage_process import StageProcess, last_error
+from remoteops.server import train_stage
+from remoteops.server.stage_process import StageProcess
 from remoteops.server.stagewatch import StageWatch
 
 class Runner:
@@ -252,7 +252,7 @@ class Runner:
                           "batch size in the command)")
             if action == "smaller_batch" and sum(1 for a in stage["attempts"]
                                                  if a.get("failure_class") == "oom") <= oom_retries:
-                overrides = self._smaller_batch(stage, overrides)
+                overrides = train_stage.smaller_batch(self.settings, stage["name"], overrides)
                 stage["warnings"].append(f"attempt {stage['attempt']}: out of memory; retrying "
                                          f"with batch {overrides['batch_size']} and gradient "
                                          f"accumulation {overrides['grad_accum']}")
@@ -281,13 +281,6 @@ class Runner:
         except Exception as exc:  # a plugin's bug is recorded, not fatal
             stage["warnings"].append(f"{name} hook raised {type(exc).__name__}: {exc}")
 
-    def _smaller_batch(self, stage: dict, overrides: dict) -> dict:
-        from remoteops.trainer.stageconf import resolve_stage
-
-        cfg = resolve_stage(self.settings, stage["name"], overrides=overrides or None)
-        batch, accum = int(cfg.train["batch_size"]), int(cfg.train["grad_accum"])
-        return {"batch_size": max(1, batch // 2), "grad_accum": accum * 2}
-
     def _execute(self, stage: dict, resume: bool, overrides: dict) -> tuple[bool, str | None,
                                                                             str | None]:
         kind = stage["kind"]
@@ -300,32 +293,18 @@ class Runner:
             return False, "config", str(exc)
         if kind == "command":
             return self._command(stage, log_path, executor)
-        args = ["train", "--stage", stage["name"], "--run-dir", str(self.run_dir)]
-        if overrides:  # typed values, read back as JSON by the trainer: no env-var renaming
-            path = self.run_dir / "overrides" / f"{stage['name']}.attempt{stage['attempt']}.json"
-            write_atomic_text(path, json.dumps({"train": overrides}, indent=1) + "\n")
-            args += ["--overrides", str(path)]
-        if resume:
-            args += ["--resume", "latest"]
+        args = train_stage.agent_train_args(self.run_dir, stage, resume, overrides)
         launch = Launch(stage["name"], "train", agent_args(*args), python=sys.executable,
                         module="remoteops.agent", args=args)
         result = self._launch(executor, launch, log_path, StageWatch.for_stage(
             self.settings, self.run_dir, stage, obey_failed=False))  # the health window
         if result is None:
             return False, "config", self._config_error
-        if result.code == 0:
+        ok, klass, reason = train_stage.judge(self.run_dir, stage["name"], result, log_path)
+        if ok:
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
             self._after_training(stage, log_path)
-            return True, None, None
-        failed = RunDir(self.run_dir, stage["name"]).read_signal("failed")
-        if result.code == 2:
-            return False, (failed or {}).get("reason", "config"), last_error(log_path)
-        # The trainer's own classes, and a health_rules plugin's reason (policy: fail); an
-        # unclassified crash is treated as a dead process (resume from the checkpoint).
-        if failed and failed.get("reason") and \
-                failed["reason"] not in ("error", "interrupted", "process_died"):
-            return False, failed["reason"], failed.get("message", "")
-        return False, "process_died", f"the trainer exited with {result.code}"
+        return ok, klass, reason
 
     def _after_training(self, stage: dict, log_path: Path) -> None:
         """Evaluate, then the configured post-eval and quantization plugins."""
@@ -344,19 +323,7 @@ class Runner:
                                      f"{result.code}); see logs/{stage['name']}.log")
 
     def _precheck(self, stage: dict) -> tuple[bool, str | None, str | None]:
-        from remoteops.precheck import run_precheck
-        from remoteops.common.target import LocalTarget
-
-        target = LocalTarget("server", str(self.root), sys.executable)
-        results = run_precheck(self.settings, target)  # the gpu_gate flag is in them
-        rows = [r.to_dict() for r in results]
-        write_atomic_text(self.run_dir / "precheck.json", json.dumps(rows, indent=1) + "\n")
-        stage["outputs"]["precheck"] = "precheck.json"
-        stage["warnings"] += [f"{r['name']}: {r['value']}" for r in rows if r["status"] == "warn"]
-        failed = [r for r in rows if r["status"] == "fail"]
-        if failed:
-            return False, "config", "; ".join(f"{r['name']}: {r['value']}" for r in failed[:3])
-        return True, None, None
+        return train_stage.precheck(self.settings, self.root, self.run_dir, stage)
 
     def _command(self, stage: dict, log_path: Path, executor) -> tuple[bool, str | None,
                                                                           str | None]:
