@@ -65,12 +65,21 @@ def _latest_env(c) -> str:
 ns.add_task(test)
 
 
-@task
-def bench_deploy(c, repeats=3):
-    """Benchmark deploys against rsync and scp over a real local sshd (prints ratios)."""
+@task(help={"rtt_ms": "shape the link through a proxy: this round trip (half each way)",
+            "mbps": "shape the link through a proxy: this many megabits/s each way",
+            "files": "files in the reference project (default 2000)",
+            "text_mb": "MB of text in it (default 40)",
+            "blob_mb": "MB of the incompressible file (default 100)"})
+def bench_deploy(c, repeats=3, rtt_ms=None, mbps=None, files=None, text_mb=None, blob_mb=None):
+    """Benchmark deploys against rsync and scp over a real local sshd (prints ratios);
+    --rtt-ms/--mbps run them through a shaped link and add round trips per deploy."""
     from tests.bench.bench_deploy import main
 
-    main(["--repeats", str(repeats)])
+    args = ["--repeats", str(repeats)]
+    for flag, value in (("--rtt-ms", rtt_ms), ("--mbps", mbps), ("--files", files),
+                        ("--text-mb", text_mb), ("--blob-mb", blob_mb)):
+        args += [flag, str(value)] if value is not None else []
+    main(args)
 
 
 @task

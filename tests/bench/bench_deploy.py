@@ -15,11 +15,19 @@ in the project folder. Each measurement is repeated and the median reported.
 Loopback throughput is noisy: compare only figures of the same run.
 
     python -m tests.bench.bench_deploy [--repeats 3] [--json]
+
+With ``--rtt-ms`` and/or ``--mbps`` every tool goes through a shaping proxy
+(tests/harness/shaper.py) between the client and sshd: half the round trip added
+each way, the bandwidth capped each way (megabits/s), and the bytes each way and
+the round trips (client->server then server->client flips) counted per command:
+
+    python -m tests.bench.bench_deploy --rtt-ms 100 --mbps 160 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -215,6 +223,8 @@ def tree_digest(root: Path, skip: tuple[str, ...] = (".remoteops/", "bundles/"))
 class Bench:
     def __init__(self, work: Path, server, log=print):
         self.work, self.server, self.log = work, server, log
+        self.shaper = None  # a ShapingProxy in front of sshd, when the link is shaped
+        self.link_mark: dict | None = None
         self.project = work / "proj"
         self.home = work / "home"
         self.roots = {name: work / "server" / name for name in ("ours", "rsync", "scp")}
@@ -240,9 +250,20 @@ class Bench:
         env.update(HOME=str(self.home), REMOTEOPS_REMOTE_PYTHON=sys.executable, COLUMNS="200")
         return env
 
+    def mark(self) -> None:
+        """Note the shaper's counters just before the timed command starts."""
+        self.link_mark = self.shaper.snapshot() if self.shaper else None
+
+    def link_delta(self) -> dict | None:
+        if self.shaper is None or self.link_mark is None:
+            return None
+        time.sleep(0.05)  # let the last delayed chunks be forwarded and counted
+        return self.shaper.delta(self.link_mark, self.shaper.snapshot())
+
     def ours(self) -> tuple[float, int, dict]:
         cmd = [sys.executable, "-m", "remoteops", "deploy-bundle", "--host", ALIAS,
                "--project-root", str(self.roots["ours"]), "--yes", "--json"]
+        self.mark()
         started = time.perf_counter()
         res = subprocess.run(cmd, cwd=self.project, env=self.env(), capture_output=True,
                              text=True, timeout=900)
@@ -260,6 +281,7 @@ class Bench:
         cmd = ["rsync", "-az", "--delete", "--stats", "-e", self._ssh(),
                "--exclude=/bundles/", "--exclude=/.remoteops/",
                f"{self.project}/", f"{ALIAS}:{self.roots['rsync']}/"]
+        self.mark()
         started = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         seconds = time.perf_counter() - started
@@ -275,6 +297,7 @@ class Bench:
                        check=True, capture_output=True)
         top = sorted(p for p in self.project.iterdir() if p.name not in ("bundles", ".remoteops"))
         cmd = ["scp", "-r", "-q", "-F", str(self.ssh_config), *map(str, top), f"{ALIAS}:{dest}/"]
+        self.mark()
         started = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         seconds = time.perf_counter() - started
@@ -306,14 +329,21 @@ def _median_row(samples: list[tuple[float, int]]) -> dict:
             "median_bytes": int(statistics.median(sent)), "bytes": sent}
 
 
+def _link_row(samples: list[dict]) -> dict:
+    return {k: int(statistics.median(s[k] for s in samples)) for k in samples[0]}
+
+
 def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb: int = 100,
-              keep: bool = False, log=print) -> dict:
-    """Run every measurement ``repeats`` times (interleaved); return the results dict."""
+              keep: bool = False, log=print, rtt_ms: float | None = None,
+              mbps: float | None = None) -> dict:
+    """Run every measurement ``repeats`` times (interleaved); return the results dict.
+    With ``rtt_ms`` or ``mbps`` every tool goes through a shaping proxy in front of sshd."""
     from tests.harness.sshd import start_sshd
 
     work = Path(tempfile.mkdtemp(prefix="remoteops-bench-"))
     work.chmod(0o755)
-    server = None
+    server = shaper = None
+    shaped = rtt_ms is not None or mbps is not None
     try:
         started = time.perf_counter()
         info = make_project(work / "proj", files, text_mb, blob_mb)
@@ -321,15 +351,34 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             f"+ {info['blob_bytes'] / 1e6:.0f} MB incompressible "
             f"(made in {time.perf_counter() - started:.1f}s) in {work}")
         server = start_sshd(work / "sshd")
-        bench = Bench(work, server, log)
+        target = server
+        if shaped:
+            from tests.harness.shaper import ShapingProxy
+
+            shaper = ShapingProxy((server.host, server.port), rtt_ms or 0, mbps)
+            # the same sshd seen at the shaper's port (known_hosts names host:port)
+            target = dataclasses.replace(server, port=shaper.port)
+            log(f"shaped link: {rtt_ms or 0:g} ms round trip, "
+                f"{f'{mbps:g} Mbit/s' if mbps else 'no bandwidth cap'} each way, "
+                f"via 127.0.0.1:{shaper.port}")
+        bench = Bench(work, target, log)
+        bench.shaper = shaper
         bench.trust()
         samples: dict[str, dict[str, list]] = {"full": {}, "one_file": {}, "noop": {}}
         extra: dict = {"full_upload_bytes": [], "one_file_manifest_bytes": []}
+        link: dict[str, dict[str, list]] = {"full": {}, "one_file": {}, "noop": {}}
 
         def record(case: str, tool: str, result: tuple) -> None:
             seconds, sent, _ = result
             samples[case].setdefault(tool, []).append((seconds, sent))
-            log(f"  {case:8s} {tool:5s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent")
+            wire = bench.link_delta()
+            tail = ""
+            if wire is not None:
+                link[case].setdefault(tool, []).append(wire)
+                tail = (f"  wire {wire['bytes_up'] / 1e6:.3f} MB up "
+                        f"{wire['bytes_down'] / 1e6:.3f} MB down, "
+                        f"{wire['round_trips']} round trips, {wire['connections']} conn")
+            log(f"  {case:8s} {tool:5s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent{tail}")
 
         def rotate(i: int, tools: list) -> list:
             return tools[i % len(tools):] + tools[:i % len(tools)]
@@ -377,13 +426,20 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             "one_file_bytes_le_budget": rows["one_file"]["ours"]["median_bytes"] <= byte_budget,
             "noop_under_1s": rows["noop"]["ours"]["median_s"] < TARGETS["noop_seconds"],
         }
-        return {"repeats": repeats, "project": info, "rows": rows, "ratios": ratios,
+        out = {"repeats": repeats, "project": info, "rows": rows, "ratios": ratios,
                 "one_file": {"path": SMALL, "size": len(small), "zstd_bytes": small_z,
                              "manifest_bytes": manifest_bytes, "byte_budget": byte_budget},
                 "targets": targets, "work": str(work) if keep else None,
                 "rsync": subprocess.run(["rsync", "--version"], capture_output=True,
                                         text=True).stdout.split("\n")[0]}
+        if shaped:
+            out["link"] = {"rtt_ms": rtt_ms or 0, "mbps": mbps,
+                           "rows": {case: {tool: _link_row(s) for tool, s in tools.items()}
+                                    for case, tools in link.items()}}
+        return out
     finally:
+        if shaper is not None:
+            shaper.close()
         if server is not None:
             server.stop()
         if not keep:
@@ -407,9 +463,31 @@ def render(result: dict) -> str:
     lines.append(f"one-file byte budget: 2 x {one['zstd_bytes']} (zstd of the 10 KB file) + "
                  f"{one['manifest_bytes']} (manifest) = {one['byte_budget']}; ours sent "
                  f"{result['rows']['one_file']['ours']['median_bytes']}")
+    if result.get("link"):
+        lines += render_link(result)
     lines.append("targets: " + ", ".join(f"{k} {'MET' if v else 'MISSED'}"
                                          for k, v in result["targets"].items()))
     return "\n".join(lines)
+
+
+def render_link(result: dict) -> list[str]:
+    """A table per case over the shaped link: seconds, bytes, round trips, ours/rsync."""
+    link = result["link"]
+    cap = f"{link['mbps']:g} Mbit/s" if link["mbps"] else "no cap"
+    lines = [f"shaped link: {link['rtt_ms']:g} ms round trip, {cap} each way "
+             "(wire = bytes through the proxy; round trips = client->server then "
+             "server->client flips, ssh handshake included)"]
+    for case, tools in result["rows"].items():
+        rsync_s = tools["rsync"]["median_s"]
+        lines.append(f"  {case}: {'tool':6s} {'seconds':>8s} {'sent MB':>9s} {'wire up MB':>11s} "
+                     f"{'wire down MB':>13s} {'round trips':>12s} {'conns':>6s} {'/rsync':>7s}")
+        for tool, row in tools.items():
+            wire = link["rows"][case][tool]
+            lines.append(f"  {'':{len(case)}s}  {tool:6s} {row['median_s']:8.3f} "
+                         f"{row['median_bytes'] / 1e6:9.3f} {wire['bytes_up'] / 1e6:11.3f} "
+                         f"{wire['bytes_down'] / 1e6:13.3f} {wire['round_trips']:12d} "
+                         f"{wire['connections']:6d} {row['median_s'] / rsync_s:6.2f}x")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,10 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blob-mb", type=int, default=100)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--rtt-ms", type=float, default=None,
+                        help="shape the link: this round trip (half each way) via a proxy")
+    parser.add_argument("--mbps", type=float, default=None,
+                        help="shape the link: cap each direction at this many megabits/s")
     args = parser.parse_args(argv)
     ensure_tools("sshd", "ssh", "scp", "ssh-keygen", "rsync")  # or stop with one line
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    result = run_bench(args.repeats, args.files, args.text_mb, args.blob_mb, args.keep, log)
+    result = run_bench(args.repeats, args.files, args.text_mb, args.blob_mb, args.keep, log,
+                       rtt_ms=args.rtt_ms, mbps=args.mbps)
     print(json.dumps(result, indent=1) if args.json else render(result))
     return 0 if all(result["targets"].values()) else 1
 
