@@ -51,7 +51,6 @@ class Runner:
         self.stage: dict | None = None  # the stage running now
         self._stop_beat = threading.Event()
         self.pm = None
-        self._config_error = ""
 
     # -- plumbing --------------------------------------------------------------------------
     def save(self) -> None:
@@ -291,15 +290,20 @@ class Runner:
             executor = self.executor(stage)
         except ConfigError as exc:
             return False, "config", str(exc)
-        if kind == "command":
-            return self._command(stage, log_path, executor)
+        try:  # an executor that cannot run the stage says why (CannotRun): a config error
+            if kind == "command":
+                return self._command(stage, log_path, executor)
+            return self._train(stage, log_path, executor, resume, overrides)
+        except CannotRun as exc:
+            return False, "config", str(exc)
+
+    def _train(self, stage: dict, log_path: Path, executor, resume: bool, overrides: dict
+               ) -> tuple[bool, str | None, str | None]:
         args = train_stage.agent_train_args(self.run_dir, stage, resume, overrides)
         launch = Launch(stage["name"], "train", agent_args(*args), python=sys.executable,
                         module="remoteops.agent", args=args)
         result = self._launch(executor, launch, log_path, StageWatch.for_stage(
             self.settings, self.run_dir, stage, obey_failed=False))  # the health window
-        if result is None:
-            return False, "config", self._config_error
         ok, klass, reason = train_stage.judge(self.run_dir, stage["name"], result, log_path)
         if ok:
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
@@ -342,8 +346,6 @@ class Runner:
         python, module, script, rest = command_stage.python_program(args[-1]) or (None,) * 4
         result = self._launch(executor, Launch(stage["name"], "command", args, env, python,
                                                module, script, rest or []), log_path, watch)
-        if result is None:
-            return False, "config", self._config_error
         ok, klass, reason = command_stage.judge(result)
         if ok:
             command_stage.record_outputs(self.root, stage, table)
@@ -359,14 +361,9 @@ class Runner:
                 "on_change": self.save}
 
     def _launch(self, executor, launch: Launch, log_path: Path,
-                watch: StageWatch) -> ChildResult | None:
-        """The stage's main process, run the executor's way; None (``_config_error`` says
-        why) when the executor cannot run it."""
-        try:
-            return executor.run(launch, self.process, log_path, watch, **self._callbacks())
-        except CannotRun as exc:
-            self._config_error = str(exc)
-            return None
+                watch: StageWatch) -> ChildResult:
+        """The stage's main process, run the executor's way (CannotRun when it cannot)."""
+        return executor.run(launch, self.process, log_path, watch, **self._callbacks())
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
                watch: StageWatch | None = None) -> ChildResult:
