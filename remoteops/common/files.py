@@ -57,6 +57,11 @@ def fsync_dirs(folders: Iterable[str | os.PathLike]) -> None:
             fsync_path(folder)
 
 
+def _temp_beside(path: Path) -> Path:
+    """A temp file's path beside ``path``: short, unique per process and thread, ``.tmp``."""
+    return path.with_name(f"{temp_name(path.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Write ``path`` all or nothing, durably, through the binary file this yields.
@@ -69,7 +74,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{temp_name(path.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
+    tmp = _temp_beside(path)
     try:
         with open(tmp, "wb") as fh:
             yield fh
@@ -87,7 +92,7 @@ def link_or_copy(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     allows one, else a copy (through ``atomic_output``)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{temp_name(dest.name)}.{os.getpid()}.{threading.get_native_id()}.tmp")
+    tmp = _temp_beside(dest)
     try:
         os.link(src, tmp)
     except OSError:
