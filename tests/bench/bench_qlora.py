@@ -96,14 +96,12 @@ def run_bench(steps: int = 30, repeats: int = 2, warmup: int = 5, hidden: int = 
                               TrainingArguments)
 
     from remoteops.common.config import load_settings
-    from remoteops.common.rundir import RunDir
-    from remoteops.trainer.callbacks import CheckpointReporter, MetricsCallback
     from remoteops.trainer.data import Collator
     from remoteops.trainer.demo_model import build_demo_model
-    from remoteops.trainer.health import HealthCallback
     from remoteops.trainer.stageconf import resolve_stage
-    from remoteops.trainer.train import (_trainer_class, build_model, load_tokenizer,
-                                         quiet_transformers, training_args)
+    from remoteops.trainer.train import (build_model, load_tokenizer, quiet_transformers,
+                                         training_args)
+    from tests.bench.bench_trainer import train_ours
 
     quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix="remoteops-bench-qlora-"))
@@ -141,19 +139,7 @@ def run_bench(steps: int = 30, repeats: int = 2, warmup: int = 5, hidden: int = 
         model, qlora = build_model(cfg, log=lambda m: None)
         assert qlora, "the built-in trainer did not take the QLoRA path on CUDA"
         args = training_args(cfg, out, has_eval=False, max_steps=steps, save_strategy="no")
-        run = RunDir(out / "run", "all")
-        health = HealthCallback()
-        run.start_heartbeat(5.0)
-        try:
-            trainer = _trainer_class()(
-                model=model, args=args, train_dataset=data, data_collator=collator,
-                health=health, callbacks=[health, MetricsCallback(run, collator),
-                                          CheckpointReporter(lambda m: None), timer])
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-        finally:
-            run.stop_heartbeat()
-        assert health.failure is None, health.failure
+        train_ours(model, args, data, collator, out / "run", "all", timer)
 
     times: dict[str, list[float]] = {"plain": [], "ours": []}
     memory: dict[str, int] = {}

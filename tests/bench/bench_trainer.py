@@ -29,6 +29,31 @@ def _step_timer():
     return StepTimer()
 
 
+def train_ours(model, args, data, collator, run_path: Path, stage: str, timer) -> None:
+    """Train with the built-in trainer's own pieces: our Trainer subclass with the health
+    watch, metrics.csv, checkpoint reports and the heartbeat (bench-trainer, bench-qlora)."""
+    from transformers import PrinterCallback
+
+    from remoteops.common.rundir import RunDir
+    from remoteops.trainer.callbacks import CheckpointReporter, MetricsCallback
+    from remoteops.trainer.health import HealthCallback
+    from remoteops.trainer.train import _trainer_class
+
+    run = RunDir(run_path, stage)
+    health = HealthCallback()
+    run.start_heartbeat(5.0)
+    try:
+        trainer = _trainer_class()(
+            model=model, args=args, train_dataset=data, data_collator=collator, health=health,
+            callbacks=[health, MetricsCallback(run, collator), CheckpointReporter(lambda m: None),
+                       timer])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    finally:
+        run.stop_heartbeat()
+    assert health.failure is None, health.failure
+
+
 def run_bench(steps: int = 40, repeats: int = 3, warmup_steps: int = 5, model_dir: str | Path | None = None,
               grad_accum: int = 2, max_seq_len: int = 256, threads: int | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -37,12 +62,9 @@ def run_bench(steps: int = 40, repeats: int = 3, warmup_steps: int = 5, model_di
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
-    from remoteops.trainer.callbacks import CheckpointReporter, MetricsCallback
     from remoteops.trainer.data import Collator, encode, read_jsonl
     from remoteops.trainer.demo_model import DEMO_DIR, build_demo_model
-    from remoteops.trainer.health import HealthCallback
-    from remoteops.common.rundir import RunDir
-    from remoteops.trainer.train import _trainer_class, load_tokenizer, quiet_transformers
+    from remoteops.trainer.train import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     if threads:
@@ -74,20 +96,7 @@ def run_bench(steps: int = 40, repeats: int = 3, warmup_steps: int = 5, model_di
             trainer.remove_callback(PrinterCallback)
             trainer.train()
         else:
-            run = RunDir(out / "run", "bench")
-            health = HealthCallback()
-            run.start_heartbeat(5.0)
-            try:
-                trainer = _trainer_class()(
-                    model=model, args=args, train_dataset=data, data_collator=collator,
-                    health=health,
-                    callbacks=[health, MetricsCallback(run, collator),
-                               CheckpointReporter(lambda m: None), timer])
-                trainer.remove_callback(PrinterCallback)
-                trainer.train()
-            finally:
-                run.stop_heartbeat()
-            assert health.failure is None, health.failure
+            train_ours(model, args, data, collator, out / "run", "bench", timer)
         marks = timer.marks
         return [b - a for a, b in zip(marks[warmup_steps:], marks[warmup_steps + 1:])]
 
