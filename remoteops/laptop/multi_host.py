@@ -144,8 +144,9 @@ def raise_if_failed(group: GroupResult, what: str) -> None:
     failed = group.failed
     if failed:
         names = ", ".join(r.host for r in failed)
+        others = "the others finished; " if len(failed) < len(group.results) else ""
         raise GroupFailed(f"{what} failed on {len(failed)} of {len(group.results)} hosts: "
-                          f"{names} (the others finished; see each host's result above).")
+                          f"{names} ({others}see each host's result above).")
 
 
 __all__ = ["GroupFailed", "HostFailed", "HostResult", "GroupResult", "on_hosts", "with_target",

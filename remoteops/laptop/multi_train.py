@@ -132,8 +132,8 @@ def _train_one(settings: Settings, h: str, target, req, bundle: str | None, here
               "overrides": overrides_for(settings, h)}
     if data["status"] != "done":
         failed = next((s for s in data["stages"] if s["status"] == "failed"), None)
-        why = (f"stage {failed['name']} failed ({failed['failure_class']}): {failed['reason']}"
-               if failed else f"the run is {data['status']}")
+        why = (f"stage {failed['name']} failed ({failed['failure_class']}): "
+               f"{str(failed['reason']).rstrip('.')}" if failed else f"the run is {data['status']}")
         raise HostFailed(f"{why}; fix it and continue with: invoke remote-train --host {h} "
                          f"--resume {run_id}", result)
     return result
