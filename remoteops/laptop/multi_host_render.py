@@ -52,7 +52,7 @@ def print_status_table(group: GroupResult) -> None:
     for r in group.results:
         data = r.value
         if not isinstance(data, dict):
-            table.add_row(escape(r.host), "-", _styled("error"), escape(r.error or ""), "-", "-")
+            table.add_row(escape(r.host), "-", _styled("error"), "(below)", "-", "-")
             continue
         if not data.get("run_id"):
             table.add_row(escape(r.host), "-", "no runs", "", "-", "-")
@@ -72,8 +72,7 @@ def print_runs_table(group: GroupResult) -> None:
     table.add_column("best eval loss", overflow="fold")
     for r in group.results:
         if not r.ok:
-            table.add_row(escape(r.host), "-", "-", _styled("error"), escape(r.error or ""),
-                          "-", "-")
+            table.add_row(escape(r.host), "-", "-", _styled("error"), "(below)", "-", "-")
             continue
         if not r.value:
             table.add_row(escape(r.host), "-", "-", "no runs", "", "-", "-")

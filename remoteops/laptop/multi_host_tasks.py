@@ -56,6 +56,19 @@ def _confirm_once(settings: Settings, yes: bool, non_interactive: bool | None, w
         raise RemoteOpsError(f"{what} cancelled; nothing was changed.")
 
 
+def _with_host(h: str, print_it) -> None:
+    """Print a single-host result with its hints made to name the host
+    (``invoke rollback --backup X`` -> ``invoke rollback --host h --backup X``)."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_it()
+    sys.stdout.write(buffer.getvalue().replace("invoke rollback --backup ",
+                                               f"invoke rollback --host {h} --backup "))
+
+
 def precheck(host=None, gpu_gate=None, project_root=None, trust_host=False, json=False):
     from remoteops.laptop.host_group import settings_for
     from remoteops.laptop.render import print_checks
@@ -103,7 +116,7 @@ def deploy_bundle(host=None, bundle=None, dry_run=False, yes=False, project_root
     def show(h: str, outcome) -> None:
         if dry_run:
             print_plan(outcome)
-        print_deploy(outcome, False)
+        _with_host(h, lambda: print_deploy(outcome, False))
 
     group = on_hosts(hosts, with_target(settings, trust_host, work))
     report(group, show, json, "deploy-bundle", lambda o: o.to_dict())
@@ -159,7 +172,7 @@ def rollback(backup=None, host=None, dry_run=False, yes=False, project_root=None
         return roll_back(settings, target, name, dry_run, None)
 
     group = on_hosts(hosts, with_target(settings, trust_host, work))
-    report(group, lambda h, v: _print_rollback(v), json, "rollback")
+    report(group, lambda h, v: _with_host(h, lambda: _print_rollback(v)), json, "rollback")
 
 
 def backups(host=None, project_root=None, trust_host=False, json=False):
