@@ -51,3 +51,16 @@ def test_hosts_expand_in_order_each_once_and_overrides_apply_to_their_host(proje
     assert mine.source("train.lr") == "hosts.a.overrides"
     assert settings_for(settings, "b") is settings
     assert folder_name("root@10.0.0.7:2222") == "root_10.0.0.7_2222"
+
+
+def test_commands_that_take_one_host_say_so_and_an_unknown_group_is_named(cli, project):
+    (project / "remoteops.toml").write_text('[groups.gpus]\nhosts = ["a", "b"]\n')
+    res = cli("logs", "--host", "@gpus")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --host @gpus names several hosts; this command takes one (several work with "
+        "precheck, deploy-bundle, rollback, backups, status, runs, cancel, collect and "
+        "remote-train).")
+    res = cli("status", "--host", "@gpu")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "error: --host names group @gpu, which remoteops.toml does not define (groups: @gpus); "
+        "add [groups.gpu] hosts = [\"a\", \"b\"].")
