@@ -30,7 +30,7 @@ heartbeat_seconds = 1.0
 max_new_tokens = 2
 
 [pipeline]
-stages = ["precheck", "style", "collect"]
+stages = ["style", "collect"]
 heartbeat_seconds = 0.5
 poll_seconds = 0.3
 
