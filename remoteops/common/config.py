@@ -41,7 +41,7 @@ PROJECT_FILE = "remoteops.toml"
 GPU_GATE_LEVELS = ("strict", "warn", "off")
 
 # Values of these tables are free-form (names the user chooses).
-OPEN_TABLES = ("hosts", "stages", "plugins")
+OPEN_TABLES = ("hosts", "stages", "plugins", "groups")
 
 DEFAULTS: dict[str, Any] = {
     "project_name": "",  # empty: the project folder's name
@@ -103,6 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "health": HEALTH_DEFAULTS,
     "eval": EVAL_DEFAULTS,
     "hosts": {},
+    "groups": {},  # [groups.NAME] hosts = [...]: --host @NAME (common/host_tables)
     "stages": {},
     "plugins": {},
 }

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from remoteops.common.defaults import KINDS, PRESETS
 from remoteops.common.errors import ConfigError
+from remoteops.common.host_tables import check_group, check_overrides
 
 Locate = Callable[[str], str]
 
@@ -132,10 +133,10 @@ RULES: dict[str, Rule] = {
 
 # The one list of host keys (config.py reads it from here).
 HOST_KEYS = ("host", "hostname", "port", "user", "identity_file", "proxy_jump",
-             "project_root", "remote_python", "passphrase")
+             "project_root", "remote_python", "passphrase", "overrides")
 HOST_TYPES: dict[str, type] = {"host": str, "hostname": str, "port": int, "user": str,
                                "identity_file": str, "proxy_jump": str, "project_root": str,
-                               "remote_python": str}
+                               "remote_python": str, "overrides": dict}
 
 # Keys of [stages.NAME] whose type is known; other keys are left to the stage's consumer.
 STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, "command": str,
@@ -212,6 +213,10 @@ def validate(values: dict, defaults: dict, locate: Locate) -> None:
     _check_loss_pattern(values["health"]["loss_pattern"], "health.loss_pattern", locate)
     for name, entry in values["hosts"].items():
         _check_host(name, entry, locate)
+        if isinstance(entry.get("overrides"), dict):  # several hosts: common/host_tables
+            check_overrides(name, entry["overrides"], defaults, RULES, check_value, locate)
+    for name, entry in values.get("groups", {}).items():
+        check_group(name, entry, locate)
     for name, entry in values["stages"].items():
         _check_stage(name, entry, values, defaults, locate)
     for name, entry in values["plugins"].items():

@@ -194,14 +194,18 @@ def write_areas(settings) -> list[str]:
     return areas
 
 
-def _validated(listing: dict, project_dir: Path,
-               areas: list[str] | None) -> list[tuple[dict, list[str]]]:
+def _validated(listing: dict, project_dir: Path, areas: list[str] | None,
+               into: list[str] | None = None) -> list[tuple[dict, list[str]]]:
     """Every listed file with its checked local path; refuses the whole listing on one bad
-    entry, before anything is written."""
+    entry, before anything is written. ``into`` (``["outputs", host]``): the local path is
+    moved under that folder (``outputs/x`` -> ``outputs/<host>/x``; a stage output
+    ``results/y`` -> ``outputs/<host>/results/y``), so several hosts never collide."""
     out = []
     for item in listing["files"]:
         path = item.get("path") if isinstance(item, dict) else item
         parts = safe_write.check(project_dir, path, areas or [safe_write.AREA])
+        if into:
+            parts = into + (parts[1:] if parts[0] == safe_write.AREA else parts)
         size = item.get("size") if isinstance(item, dict) else None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(
                 item.get("sha256"), str) or not isinstance(item.get("mtime"), (int, float)):
@@ -214,7 +218,8 @@ def _validated(listing: dict, project_dir: Path,
 def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
                 since: Since | float | None = None, with_checkpoints: bool = False,
                 progress_factory=None, areas: list[str] | None = None,
-                listed: tuple[dict, float] | None = None) -> Collected:
+                listed: tuple[dict, float] | None = None,
+                into: list[str] | None = None) -> Collected:
     """Fetch what differs (by sha256) from the server's run directory and stage outputs.
 
     ``listed``: a listing already fetched (``fetch_listing``), else one is asked for. The
@@ -229,7 +234,7 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
         result.in_place = True
         result.unchanged = len(listing["files"])
         return result
-    entries = _validated(listing, project_dir, areas)
+    entries = _validated(listing, project_dir, areas, into)
     if isinstance(since, (int, float)):
         since = Since(at=float(since))  # an epoch on the laptop's clock (older callers)
     cutoff = since.cutoff(float(listing.get("now") or time.time()), offset) if since else None
@@ -264,7 +269,8 @@ def collect_run(target: Target, project_dir: Path, run_id: str | None = None,
             time.sleep(RETRY_DELAY * (attempt + 1))
             fresh, _ = fetch_listing(target, listing_args(target, result.run_id,
                                                           with_checkpoints))
-            todo = [(i, p) for i, p in _validated(fresh, project_dir, areas) if i["path"] in again]
+            todo = [(i, p) for i, p in _validated(fresh, project_dir, areas, into)
+                    if i["path"] in again]
             listed = {i["path"] for i, _ in todo}
             result.skipped += [{"path": p, "reason": GONE} for p in again if p not in listed]
     result.seconds = time.monotonic() - started

@@ -4,6 +4,7 @@ collect the results. The server side goes on whatever happens to this process.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,13 @@ def base_model_to_server(settings: Settings, target: Target, req: TrainRequest,
     return ensure_on_server(settings, target, progress, say)
 
 
-def start(settings: Settings, target: Target, req: TrainRequest) -> dict:
+def start(settings: Settings, target: Target, req: TrainRequest,
+          overrides: dict | None = None) -> dict:
+    """``overrides``: the host's ``[hosts.NAME.overrides]`` (dotted keys), for its run alone."""
     args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
-            "--host-label", target.describe()]
+            "--host-label", req.host or target.describe()]
+    if overrides:
+        args += ["--overrides", json.dumps(overrides, sort_keys=True)]
     if req.stages:
         args += ["--stages", ",".join(req.stages)]
     if req.skip_sample or settings["skip_sample"]:
@@ -188,13 +193,16 @@ def mark_collected(target: Target, run_id: str, ok: bool, reason: str = "") -> d
 
 
 def collect_and_report(settings: Settings, target: Target, run_id: str | None,
-                       progress_factory=None, since: float | None = None) -> dict:
+                       progress_factory=None, since: float | None = None,
+                       into: list[str] | None = None) -> dict:
     """Fetch results, mark collect done on the server (which rewrites its reports), and fetch
-    the rewritten reports, so the laptop's copy equals the server's."""
+    the rewritten reports, so the laptop's copy equals the server's. ``into``: the folder
+    results go to instead of ``outputs/`` (``["outputs", host]`` for several hosts)."""
     areas = write_areas(settings)  # the laptop's own config says where collect may write
     listed = fetch_listing(target, listing_args(target, run_id))  # files and state, one call
     result = collect_run(target, settings.project_dir, run_id, since=since,
-                         progress_factory=progress_factory, areas=areas, listed=listed)
+                         progress_factory=progress_factory, areas=areas, listed=listed,
+                         into=into)
     run_id = result.run_id
     state = listed[0].get("state") or status(target, run_id, lines=0)  # (an older agent)
     collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
@@ -203,17 +211,17 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
         # one call marks collect done, rewrites the reports and lists them again
         marked = fetch_listing(target, mark_args(target, run_id, True) + ["--list-files"])
         result.merge(collect_run(target, settings.project_dir, run_id, areas=areas,
-                                 listed=marked))
+                                 listed=marked, into=into))
         state = marked[0]["state"]
-    summary = local_run_dir(settings, run_id) / "TRAINING_SUMMARY.md"
+    summary = local_run_dir(settings, run_id, into) / "TRAINING_SUMMARY.md"
     closure = summary.with_name("final_closure_report.md")
     return {**result.to_dict(), "status": state["status"],
             "summary": str(summary) if summary.is_file() else None,
             "closure_report": str(closure) if closure.is_file() else None}
 
 
-def local_run_dir(settings: Settings, run_id: str) -> Path:
-    return settings.project_dir / "outputs" / "training_sync" / run_id
+def local_run_dir(settings: Settings, run_id: str, into: list[str] | None = None) -> Path:
+    return settings.project_dir.joinpath(*(into or ["outputs"]), "training_sync", run_id)
 
 
 __all__ = ["TrainRequest", "describe_plan", "base_model_to_server", "refuse_if_live", "start", "status", "follow", "collect_and_report",

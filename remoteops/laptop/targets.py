@@ -17,7 +17,7 @@ from pathlib import Path
 
 from remoteops.common.config import Settings
 from remoteops.common.secret_rules import resolve_secret
-from remoteops.common.errors import ConnectError, RemoteCommandError
+from remoteops.common.errors import ConfigError, ConnectError, RemoteCommandError
 from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,10 @@ def _drain(read, sink: list[bytes]) -> None:
 def open_target(settings: Settings, host: str | None = None, trust_host: bool = False) -> Target:
     """The target for ``--host`` (``local``, a [hosts] name, an ssh alias, or user@host:port)."""
     spec = (host or settings["default_host"] or "local").strip()
+    if "," in spec or spec.startswith("@"):  # laptop/host_group: only some tasks take several
+        raise ConfigError(f"--host {spec} names several hosts; this command takes one (several "
+                          "work with precheck, deploy-bundle, rollback, backups, status, runs, "
+                          "cancel, collect and remote-train).")
     entry = dict(settings["hosts"].get(spec, {}))
     python = str(entry.get("remote_python") or settings["remote_python"])
     timeout = float(settings["ssh.command_timeout"])

@@ -22,8 +22,10 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from remoteops.common.errors import RemoteOpsError
+from remoteops.laptop.host_group import fan_out
 
 HOST_HELP = "local, a [hosts] name from remoteops.toml, an ~/.ssh/config alias, or user@host:port"
+HOSTS_HELP = HOST_HELP + "; several at once: a,b,c or @GROUP ([groups.GROUP] hosts = [...])"
 
 
 def friendly(func: Callable) -> Callable:
@@ -49,12 +51,12 @@ def _settings(**flags: Any):
     return load_settings(flags=flags)
 
 
-@task(help={"host": HOST_HELP,
+@task(help={"host": HOSTS_HELP,
             "gpu-gate": "strict (driver problem fails), warn (it warns), or off",
             "project-root": "the project's folder on the target (env TRAIN_SYNC_PROJECT_ROOT)",
             "trust-host": "record an unknown host key in .remoteops/known_hosts (accept-new)",
             "json": "print JSON instead of a table"})
-@friendly
+@fan_out("precheck", friendly)
 def precheck(c, host=None, gpu_gate=None, project_root=None, trust_host=False, json=False):
     """Check the server is ready to train (Python, packages, GPU gate, disk, RAM, data)."""
     from remoteops.precheck import run_precheck
@@ -148,13 +150,13 @@ def build_bundle(c, out=None, json=False):
     print_built(build(_settings(), out), json)
 
 
-@task(help={"host": HOST_HELP, "bundle": "a bundle .tar.zst to deploy (default: build one now)",
+@task(help={"host": HOSTS_HELP, "bundle": "a bundle .tar.zst to deploy (default: build one now)",
             "dry-run": "show the plan; change nothing on the server",
             "yes": "do not ask for confirmation", "project-root": "the project's folder on the "
             "target (env TRAIN_SYNC_PROJECT_ROOT)", "trust-host": "record an unknown host key",
             "non-interactive": "never prompt (env TRAIN_SYNC_NON_INTERACTIVE)",
             "json": "print JSON"})
-@friendly
+@fan_out("deploy-bundle", friendly)
 def deploy_bundle(c, host=None, bundle=None, dry_run=False, yes=False, project_root=None,
                   trust_host=False, non_interactive=None, json=False):
     """Deploy a bundle: upload only what changed, apply it with a backup first."""
@@ -171,12 +173,13 @@ def deploy_bundle(c, host=None, bundle=None, dry_run=False, yes=False, project_r
     print_deploy(outcome, json)
 
 
-@task(help={"backup": "the backup to restore (a name from 'invoke backups', or its path)",
-            "host": HOST_HELP, "dry-run": "show what would change; change nothing",
+@task(help={"backup": "the backup to restore (a name from 'invoke backups', or its path); "
+            "several hosts: HOST=NAME,HOST=NAME; or vN: bundle version N on every host",
+            "host": HOSTS_HELP, "dry-run": "show what would change; change nothing",
             "yes": "do not ask for confirmation", "project-root": "the project's folder on the "
             "target", "trust-host": "record an unknown host key", "non-interactive": "never "
             "prompt", "json": "print JSON"})
-@friendly
+@fan_out("rollback", friendly)
 def rollback(c, backup, host=None, dry_run=False, yes=False, project_root=None,
              trust_host=False, non_interactive=None, json=False):
     """Put the project on the server back exactly as a backup recorded it."""
@@ -190,9 +193,9 @@ def rollback(c, backup, host=None, dry_run=False, yes=False, project_root=None,
         print_rollback(roll_back(settings, target, backup, dry_run, confirm), json)
 
 
-@task(help={"host": HOST_HELP, "project-root": "the project's folder on the target",
+@task(help={"host": HOSTS_HELP, "project-root": "the project's folder on the target",
             "trust-host": "record an unknown host key", "json": "print JSON"})
-@friendly
+@fan_out("backups", friendly)
 def backups(c, host=None, project_root=None, trust_host=False, json=False):
     """List the backups on the server (which one is current, files, size)."""
     from remoteops.laptop.deploy import list_backups
@@ -211,7 +214,7 @@ def _target_factory(settings, host, trust_host):
 
 
 @task(optional=["resume"],
-      help={"host": HOST_HELP, "skip-sample": "skip the sample smoke-test stage "
+      help={"host": HOSTS_HELP, "skip-sample": "skip the sample smoke-test stage "
             "(env TRAIN_SYNC_SKIP_SAMPLE)", "stages": "comma-separated stages to run, e.g. style",
             "resume": "continue a run (the latest, or RUN_ID) from its first unfinished stage",
             "project-root": "the project's folder on the server (env TRAIN_SYNC_PROJECT_ROOT)",
@@ -221,7 +224,7 @@ def _target_factory(settings, host, trust_host):
             "detach": "return as soon as the run has started",
             "no-deploy": "do not deploy the local tree first",
             "trust-host": "record an unknown host key", "json": "print the final status as JSON"})
-@friendly
+@fan_out("remote-train", friendly)
 def remote_train(c, host=None, skip_sample=False, stages=None, resume=None, project_root=None,
                  non_interactive=False, yes=False, gpu_gate=None, detach=False, no_deploy=False,
                  trust_host=False, json=False):
@@ -260,10 +263,10 @@ def fetch_model(c, host=None, from_laptop=False, source=None, project_root=None,
     print_json(result) if json else print(describe(result))
 
 
-@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+@task(help={"run": "run id (default: the latest)", "host": HOSTS_HELP,
             "project-root": "the project's folder on the server", "json": "print JSON",
             "trust-host": "record an unknown host key"})
-@friendly
+@fan_out("status", friendly)
 def status(c, run=None, host=None, project_root=None, json=False, trust_host=False):
     """Show a run's stages, progress and last log lines (one SSH command)."""
     from remoteops.laptop.remote_train import status as get_status
@@ -291,10 +294,10 @@ def logs(c, run=None, stage=None, follow=False, host=None, lines=50, project_roo
     stream_logs(_target_factory(settings, host, trust_host), run, stage, follow, lines)
 
 
-@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+@task(help={"run": "run id (default: the latest)", "host": HOSTS_HELP,
             "project-root": "the project's folder on the server", "trust-host": "record an "
             "unknown host key", "json": "print JSON"})
-@friendly
+@fan_out("cancel", friendly)
 def cancel(c, run=None, host=None, project_root=None, trust_host=False, json=False):
     """Stop a run and its processes cleanly and mark it cancelled."""
     from remoteops.laptop.render import print_json
@@ -309,9 +312,9 @@ def cancel(c, run=None, host=None, project_root=None, trust_host=False, json=Fal
         print(f"{data['run_id']}: {data['status']} (was {data['was']})")
 
 
-@task(help={"host": HOST_HELP, "project-root": "the project's folder on the server",
+@task(help={"host": HOSTS_HELP, "project-root": "the project's folder on the server",
             "trust-host": "record an unknown host key", "json": "print JSON"})
-@friendly
+@fan_out("runs", friendly)
 def runs(c, host=None, project_root=None, trust_host=False, json=False):
     """List the pipeline runs: id, start, stages and states, duration, best eval loss."""
     from remoteops.laptop.remote_train_cli import print_runs
@@ -322,12 +325,12 @@ def runs(c, host=None, project_root=None, trust_host=False, json=False):
     print_runs(data, json)
 
 
-@task(help={"run": "run id (default: the latest)", "host": HOST_HELP,
+@task(help={"run": "run id (default: the latest)", "host": HOSTS_HELP,
             "since": "only files changed in the last N minutes (or 90s, 2h, 1d, or since "
             "a time like 2026-11-26T14:00), by the server's clock", "project-root": "the "
             "project's folder on the server", "trust-host": "record an unknown host key",
             "json": "print JSON"})
-@friendly
+@fan_out("collect", friendly)
 def collect(c, run=None, host=None, since=None, project_root=None, trust_host=False,
             json=False):
     """Bring a run's adapters, logs, metrics and reports back to outputs/ (resumable)."""

@@ -30,8 +30,11 @@ def _root(root: str) -> Path:
 @click.option("--gpu-gate", default=None, help="strict, warn or off for the precheck stage.")
 @click.option("--resume", "resume", default=None, help="Continue this run (a run id).")
 @click.option("--host-label", default="", help="How the laptop names this server (reports).")
+@click.option("--overrides", default=None, help="This host's settings overrides, a JSON object "
+              "of dotted keys ([hosts.NAME.overrides]), applied like flags.")
 @json_option
-def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_json):
+def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, overrides,
+                   as_json):
     """Start the pipeline detached (new session, no terminal) and return at once."""
     from remoteops.common.config import load_settings
     from remoteops.common.errors import RemoteOpsError
@@ -43,7 +46,9 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
     from remoteops.common.rundir import new_run_dir
 
     project = _root(root)
-    settings = load_settings(project, flags={"gpu_gate": gpu_gate})
+    extra = json.loads(overrides) if overrides else {}
+    settings = load_settings(project, flags={**extra, "gpu_gate": gpu_gate or extra.get(
+        "gpu_gate")})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     run_dir = find_run(project, resume) if resume else new_run_dir(project)
     lock = pipeline_lock(project, f"pipeline {run_dir.name}")
@@ -75,7 +80,8 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, as_j
                      "host": host_label, "bundle_version": bundle,
                      "options": {"gpu_gate": settings["gpu_gate"], "skip_sample": skip_sample,
                                  "stages": only, "heartbeat_seconds": float(
-                                     settings["pipeline.heartbeat_seconds"])},
+                                     settings["pipeline.heartbeat_seconds"]),
+                                 "overrides": extra},
                      "stages": plan_stages(settings, only,
                                            skip_sample or settings["skip_sample"])}
         if recovered:

@@ -1,0 +1,88 @@
+"""``status`` and ``runs`` on several hosts: one table with a host column.
+
+A host that could not answer gets a row saying so (its error follows the table).
+"""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from remoteops.laptop.multi_host import GroupResult
+from remoteops.laptop.render import name_column, print_wide
+
+_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "cancelled": "yellow",
+          "dead": "bold red", "error": "bold red"}
+
+
+def _styled(status: str) -> str:
+    style = _STYLE.get(status)
+    return f"[{style}]{status}[/]" if style else status
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _overrides(data: dict) -> str:
+    extra = (data.get("options") or {}).get("overrides") or {}
+    return " ".join(f"{k}={v}" for k, v in sorted(extra.items())) or "-"
+
+
+def _now(data: dict) -> str:
+    cur = data.get("current") or {}
+    if not cur:
+        return "-"
+    text = f"{cur['stage']}"
+    if "step" in cur:
+        total = f"/{cur['total_steps']}" if cur.get("total_steps") else ""
+        text += f" step {cur['step']}{total} loss {cur['loss']:.4f}"
+    return text
+
+
+def print_status_table(group: GroupResult) -> None:
+    table = Table(title=f"runs on {len(group.results)} hosts", title_justify="left")
+    for col in ("host", "run", "status"):
+        name_column(table, col)
+    for col in ("stages", "now", "overrides"):
+        table.add_column(col, overflow="fold")
+    for r in group.results:
+        data = r.value
+        if not isinstance(data, dict):
+            table.add_row(escape(r.host), "-", _styled("error"), "(below)", "-", "-")
+            continue
+        if not data.get("run_id"):
+            table.add_row(escape(r.host), "-", "no runs", "", "-", "-")
+            continue
+        stages = " ".join(f"{s['name']}:{s['status']}" for s in data.get("stages") or [])
+        table.add_row(escape(r.host), data["run_id"], _styled(data["status"]), escape(stages),
+                      escape(_now(data)), escape(_overrides(data)))
+    print_wide(table)
+
+
+def print_runs_table(group: GroupResult) -> None:
+    table = Table(title=f"pipeline runs on {len(group.results)} hosts", title_justify="left")
+    for col in ("host", "run", "started", "status"):
+        name_column(table, col)
+    table.add_column("stages", overflow="fold")
+    name_column(table, "time")
+    table.add_column("best eval loss", overflow="fold")
+    for r in group.results:
+        if not r.ok:
+            table.add_row(escape(r.host), "-", "-", _styled("error"), "(below)", "-", "-")
+            continue
+        if not r.value:
+            table.add_row(escape(r.host), "-", "-", "no runs", "", "-", "-")
+        for run in r.value or []:
+            stages = run.get("reason") or " ".join(f"{n}:{s}" for n, s in run["stages"].items())
+            best = " ".join(f"{k}={v:.3f}" for k, v in run["best"].items()
+                            if v is not None) or "-"
+            table.add_row(escape(r.host), run["run_id"], run["created"], _styled(run["status"]),
+                          escape(stages), _dur(run["duration_s"]), best)
+    print_wide(table)
+
+
+__all__ = ["print_status_table", "print_runs_table"]
