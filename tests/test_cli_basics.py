@@ -46,3 +46,15 @@ def test_init_writes_starter_files_and_refuses_to_overwrite(cli, project):
     assert res.returncode != 0
     assert "already exist" in res.stderr and "--force" in res.stderr
     assert (project / "tasks.py").read_text() == "# mine\n"
+
+
+def test_help_after_a_task_with_a_positional_argument_prints_help(cli, project):
+    """invoke would take --help as rollback's backup name; it must print help and change nothing."""
+    before = sorted(p.name for p in project.iterdir())
+    for args in (("rollback", "--help"), ("uninstall-plugin", "--help"), ("install-plugin", "-h")):
+        res = cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(f"Usage: remoteops [--core-opts] {args[0]} "), res.stdout
+        assert "error" not in res.stderr.lower()
+    assert "--dry-run" in cli("rollback", "--help").stdout
+    assert sorted(p.name for p in project.iterdir()) == before

@@ -12,7 +12,8 @@ from invoke import task
 
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.serving import DEFAULT_PORT, FORMATS_HELP, check_port, describe
-from remoteops.laptop.tasks import HOST_HELP, _settings, _target_factory, friendly
+from remoteops.laptop.task_wrap import friendly
+from remoteops.laptop.tasks import HOST_HELP, _settings, _target_factory
 
 COMMON = {"host": HOST_HELP, "project-root": "the project's folder on the server",
           "trust-host": "record an unknown host key", "json": "print JSON"}

@@ -12,37 +12,19 @@ Each task parses its flags, makes one library call and prints the result.
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from remoteops.common.errors import RemoteOpsError
 from remoteops.laptop.host_group import fan_out
+from remoteops.laptop.task_wrap import friendly
 
 HOST_HELP = "local, a [hosts] name from remoteops.toml, an ~/.ssh/config alias, or user@host:port"
 HOSTS_HELP = HOST_HELP + "; several at once: a,b,c or @GROUP ([groups.GROUP] hosts = [...])"
-
-
-def friendly(func: Callable) -> Callable:
-    """Print a RemoteOpsError as one line and exit non-zero (REMOTEOPS_DEBUG=1: traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except RemoteOpsError as exc:
-            if os.environ.get("REMOTEOPS_DEBUG"):
-                traceback.print_exc()
-            raise Exit(f"error: {exc}", code=exc.exit_code) from None
-        except KeyboardInterrupt:
-            raise Exit("interrupted", code=130) from None
-
-    return wrapper
 
 
 def _settings(**flags: Any):
