@@ -98,6 +98,13 @@ class LiveSet:
         return {"dest": str(self.dest), "consumed": [i for i, _ in pairs],
                 "digest": _digest(pairs)}
 
+    def state_of(self, pairs: list[tuple[str, str]]) -> dict:
+        """``state()`` as it was when exactly ``pairs`` (``(id, sha256)``, in order) had been
+        taken: what a checkpoint saves when the trainer has read ahead of what it trained."""
+        pairs = [(str(i), str(s)) for i, s in pairs]
+        return {"dest": str(self.dest), "consumed": [i for i, _ in pairs],
+                "digest": _digest(pairs)}
+
     def resume(self, state: dict) -> None:
         """Take back a checkpoint's consumed samples; refuse if any changed or vanished."""
         listed = {e["id"]: e["sha256"] for e in self.entries()}
