@@ -9,6 +9,8 @@ schedule ends. One ``train()`` call keeps one optimizer, scheduler and step coun
 HF's checkpoints stay what they are. (A loop of ``train()`` calls would rebuild the
 scheduler each time and restart ``global_step``, so its checkpoints would collide.)
 
+- The loader is a plain ``DataLoader`` (no read-ahead), so a step trains as soon as its
+  records are there, and waiting for data never holds a complete step back.
 - Gradient accumulation is done here, not by HF: each batch the loader yields is one
   optimizer step of ``batch_size x grad_accum`` records, split into micro-batches of
   ``batch_size`` inside ``training_step`` (same memory and loss scaling as HF's own
@@ -151,7 +153,7 @@ class LiveRun:
         return encoded
 
     def _joined(self, pos: int, ids: list[str]) -> None:
-        if pos:  # the first join is the start, reported by run_train
+        if pos and self.schedule is not None:  # not the start, nor a resume's replay
             self.log(f"live data: {len(ids)} new sample(s) join at record {pos} "
                      f"({len(self.schedule.joined)} in all)")
 
@@ -213,6 +215,14 @@ class LiveRun:
                                for c in chunks)
                 run.rows_in_step += rows
                 return loss
+
+            def get_train_dataloader(self):
+                """A plain loader: accelerate's reads one batch ahead, which would hold a
+                complete step back until the next one's data arrived."""
+                from torch.utils.data import DataLoader
+
+                return DataLoader(self.train_dataset, batch_size=self._train_batch_size,
+                                  collate_fn=self.data_collator, num_workers=0)
 
             def get_batch_samples(self, epoch_iterator, num_batches, device):
                 batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
