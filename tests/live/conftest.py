@@ -91,3 +91,6 @@ def agent(project: Path, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "remoteops.agent", *args], cwd=project,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
+
+
+from tests.sync.conftest import noisy_sshd, synced  # noqa: E402,F401 - the sync tests' sshd
