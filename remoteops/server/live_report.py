@@ -48,8 +48,9 @@ def summary_lines(summary: dict) -> list[str]:
         if not isinstance(live, dict):
             continue
         grew = live.get("growth") or []
-        lines.append(f"- `{name}`: `{live.get('dest')}`: started at {live.get('min_samples')} "
-                     f"samples after waiting {live.get('waited_s')} s; the set grew "
+        lines.append(f"- `{name}`: `{live.get('dest')}`: started with "
+                     f"{live.get('start_samples')} samples (min_samples "
+                     f"{live.get('min_samples')}) after waiting {live.get('waited_s')} s; grew "
                      f"{len(grew)} time(s) while training, to {live.get('samples')} samples "
                      f"({live.get('records_trained')} records trained in "
                      f"{live.get('rounds')} round(s), each sample {live.get('visits')} time(s)"

@@ -238,10 +238,17 @@ class LiveRun:
     def callback(self) -> "LiveCallback":
         return LiveCallback(self)
 
+    def finish(self) -> None:
+        s = self.schedule
+        self.status(f"trained {self.trained} records of {s.size_at(self.trained)} samples in "
+                    f"{s.rounds_started(self.trained)} round(s)"
+                    f"{'; the set is complete' if self.set.complete() else ''}")
+
     def summary(self) -> dict[str, Any]:
         s = self.schedule
         return {"dest": str(self.set.dest), "min_samples": self.set.min_samples,
-                "waited_s": self.waited_s, "samples": s.size_at(self.trained) if s else 0,
+                "waited_s": self.waited_s,
+                "start_samples": len(s.events[0]["ids"]) if s and s.events else 0, "samples": s.size_at(self.trained) if s else 0,
                 "records_trained": self.trained, "rounds": s.rounds_started(self.trained) if s
                 else 0, "visits": s.visits if s else None, "complete": self.set.complete(),
                 "bad_lines": len(self.bad), "growth": self.growth,

@@ -340,6 +340,7 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
                 f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if live:
+            live.finish()
             entry["live"] = live.summary()
             entry["samples"] = entry["live"]["samples"]
         entry["train_loss"] = result.training_loss
