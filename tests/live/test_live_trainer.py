@@ -115,3 +115,26 @@ def test_resume_after_kill_continues_with_exactly_the_untrained_records(tmp_path
     assert sorted(ids[8:]) == sorted(set(prod.sent) - {c["id"] for c in before[:8]})
     summary = json.loads((run / "summary.json").read_text())["stages"]["live"]
     assert summary["status"] == "done" and summary["live"]["records_trained"] == 16
+
+
+def test_max_steps_ends_a_stage_whose_set_stays_open(tmp_path, demo_model):
+    from remoteops.trainer.train import run_train
+
+    root = make_live_project(tmp_path / "proj", demo_model, min_samples=4,
+                             extra="max_steps = 2\ngrow_every_steps = 1\n")
+    prod, run = Producer(root, tmp_path / "work"), root / "run"
+    prod.deliver(0, 6)
+    lines: list[str] = []
+
+    def produce():
+        _wait_for(lambda: any("more data (6 samples" in l for l in lines), 60, "a wait")
+        prod.deliver(6, 4)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    entry = run_train(_cfg(root), run, log=lines.append)
+    thread.join(10)
+    assert entry["status"] == "done", entry
+    assert "live data: stopping at max_steps = 2" in lines
+    assert len(consumed(run)) == 8 and not entry["live"]["complete"]
+    assert read_status(run, "live")["line"].startswith("trained 8 records of 10 samples")
