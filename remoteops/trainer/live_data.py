@@ -44,7 +44,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from remoteops.common.errors import ConfigError
+from remoteops.common.errors import ConfigError, RemoteOpsError
 from remoteops.common.live_set import LiveSet
 from remoteops.common.live_status import write_status
 from remoteops.common.rundir import RunDir
@@ -118,7 +118,10 @@ class LiveRun:
         import time
 
         t0 = time.monotonic()
-        count = self.set.wait_ready(self._waiting)
+        try:
+            count = self.set.wait_ready(self._waiting)
+        except RemoteOpsError as exc:  # a set marked complete with nothing in it
+            raise DataError(str(exc)) from None
         self.waited_s = round(time.monotonic() - t0, 1)
         return count
 
@@ -128,7 +131,12 @@ class LiveRun:
         kwargs = dict(on_wait=self._waiting, on_join=self._joined)
         if resume is not None:
             state = checkpoint_state(resume)
-            self.schedule = restore(self.set, state, self._load, **kwargs)
+            try:
+                self.schedule = restore(self.set, state, self._load, **kwargs)
+            except DataError:
+                raise
+            except RemoteOpsError as exc:  # its samples changed or vanished: not a retry
+                raise DataError(str(exc)) from None
             self.trained = int(state["trained"])
             self._truncate_consumed(self.trained)
             self.log(f"live data: resuming after {self.trained} trained records "

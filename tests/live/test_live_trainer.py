@@ -11,8 +11,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from remoteops.common.config import load_settings
 from remoteops.common.live_status import read_status
+from remoteops.trainer.data import DataError
 from remoteops.trainer.stageconf import resolve_stage
 from tests.live.conftest import Producer, agent, consumed, make_live_project
 
@@ -138,3 +141,15 @@ def test_max_steps_ends_a_stage_whose_set_stays_open(tmp_path, demo_model):
     assert "live data: stopping at max_steps = 2" in lines
     assert len(consumed(run)) == 8 and not entry["live"]["complete"]
     assert read_status(run, "live")["line"].startswith("trained 8 records of 10 samples")
+
+    # a resume over a trained sample whose bytes changed since is refused as a data error
+    manifest = root / "data/live/.manifest.jsonl"
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    rows[0]["sha256"] = "0" * 64
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint = run / "checkpoints/live/checkpoint-2"
+    assert checkpoint.is_dir()
+    with pytest.raises(DataError, match="changed in .* since"):
+        run_train(_cfg(root), run, resume=checkpoint, log=lines.append)
+    failed = json.loads((run / "live.failed.json").read_text())
+    assert failed["reason"] == "data"
