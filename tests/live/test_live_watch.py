@@ -23,3 +23,22 @@ def test_the_health_window_starts_when_the_wait_ends(tmp_path):
     watch.poll()
     assert stage["health"]["status"] == "healthy"
     assert "health window passed" in stage["health"]["how"]
+
+
+def test_the_follower_prints_a_wait_and_its_end_once(capsys):
+    from remoteops.laptop.remote_train_cli import _current_line, _PlainFollower
+
+    follow = _PlainFollower()
+
+    def data(line: str) -> dict:
+        return {"status": "running", "stages": [{"name": "live", "status": "running"}],
+                "current": {"stage": "live", "attempt": 1, "data": {"line": line}}}
+
+    for line in ("waiting for data 3/8", "waiting for data 3/8", "waiting for data 6/8",
+                 "training on 9 samples: 4 records trained, round 1",
+                 "training on 9 samples: 8 records trained, round 1"):
+        follow(data(line), "")
+    out = capsys.readouterr().out
+    assert out.count("waiting for data 3/8") == 1 and "waiting for data 6/8" in out
+    assert out.count("training on 9 samples") == 1
+    assert _current_line(data("waiting for data 3/8")) == "stage live  waiting for data 3/8"
