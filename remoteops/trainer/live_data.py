@@ -25,7 +25,7 @@ scheduler each time and restart ``global_step``, so its checkpoints would collid
   checkpoint's ``trainer_state.json`` (an ``ExportableState`` callback: written last, with
   the checkpoint). A resume replays it and truncates ``live_<stage>.consumed.jsonl``.
 - ``live_<stage>.consumed.jsonl`` lists every record trained, one JSON line each
-  (``step``, ``id``, ``record``, ``round``); ``live_<stage>.json`` is the status line
+  (``step``, ``id``, ``record``, ``round``, ``at``); ``live_<stage>.json`` is the status line
   (``common/live_status``); ``metrics.csv`` gains ``samples`` (the set's size) and ``seen``
   (records trained).
 
@@ -44,6 +44,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError, RemoteOpsError
 from remoteops.common.live_set import LiveSet
 from remoteops.common.live_status import write_status
@@ -81,6 +82,25 @@ def sample_records(path: Path, name: str) -> tuple[list[Record], list[str]]:
     if not files:
         bad.append(f"{name}: no .jsonl or .json file in it")
     return records, bad
+
+
+def records_now(cfg, tokenizer) -> tuple[list[dict], list[str], str]:
+    """A dry run's view: the live set's records now, its bad lines, and a line about it."""
+    live = LiveSet(cfg.live["dest"], cfg.live["min_samples"])
+    entries, bad, records = live.entries(), [], []
+    for entry in entries:
+        found, wrong = sample_records(live.path_of(entry), entry["id"])
+        bad += wrong
+        records += encode_records(tokenizer, found, cfg.train["max_seq_len"], 10**9, bad)
+    if len(bad) > cfg.train["max_bad_lines"]:
+        raise DataError(f"{bad[0]} (and {len(bad) - 1} more); fix the sample, or set "
+                        "train.max_bad_lines.")
+    if not records:
+        raise DataError(f"{live.dest} holds no samples yet; a dry run checks what is there: "
+                        "run 'invoke sync-data' first (the stage itself waits for them).")
+    state = "complete" if live.complete() else "open: more may come"
+    return records, bad, (f"live set {live.dest}: {len(entries)} samples now (the stage starts "
+                          f"at {live.min_samples}), {state}; the plan below is for these")
 
 
 class LiveRun:
@@ -285,7 +305,7 @@ class LiveCallback(TrainerCallback, ExportableState):
                 current = rounds.get(pos, current)
                 sid, record = sched.history[pos]
                 fh.write(json.dumps({"step": state.global_step, "id": sid, "record": record,
-                                     "round": current}) + "\n")
+                                     "round": current, "at": now_iso_precise()}) + "\n")
         run.trained = after
         state.epoch = sched.epoch_at(after)
         size_before, size_after = sched.size_at(before), sched.size_at(after)

@@ -139,11 +139,11 @@ def dry_run(cfg: StageConfig, log: Callable[[str], None] = say) -> dict[str, Any
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
-    if cfg.live:
-        raise ConfigError(f"stage '{cfg.name}' trains on live data (dataset_live), so a dry run "
-                          "has no fixed set to check; 'invoke sync-data --status' shows the set, "
-                          "and the stage waits for min_samples by itself.")
     prep = prepare(cfg)
+    if cfg.live:  # what the live set holds now
+        from remoteops.trainer.live_data import records_now
+        prep.train, prep.bad, note = records_now(cfg, prep.tokenizer)
+        log(note)
     qlora = _use_qlora(cfg, log)
     mconf = AutoConfig.from_pretrained(str(cfg.base_model))
     with torch.device("meta"):

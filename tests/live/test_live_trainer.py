@@ -153,3 +153,17 @@ def test_max_steps_ends_a_stage_whose_set_stays_open(tmp_path, demo_model):
         run_train(_cfg(root), run, resume=checkpoint, log=lines.append)
     failed = json.loads((run / "live.failed.json").read_text())
     assert failed["reason"] == "data"
+
+
+def test_a_dry_run_checks_what_the_live_set_holds_now(tmp_path, demo_model):
+    from remoteops.trainer.train import dry_run
+
+    root = make_live_project(tmp_path / "proj", demo_model, min_samples=50)
+    lines: list[str] = []
+    with pytest.raises(DataError, match="holds no samples yet"):
+        dry_run(_cfg(root), log=lines.append)
+    Producer(root, tmp_path / "work").deliver(0, 3)
+    info = dry_run(_cfg(root), log=lines.append)
+    assert info["samples"] == 3 and info["total_steps"] == 1
+    assert any(l.startswith("live set ") and "3 samples now (the stage starts at 50), open"
+               in l for l in lines)
