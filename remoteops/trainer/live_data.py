@@ -158,6 +158,8 @@ class LiveRun:
             except RemoteOpsError as exc:  # its samples changed or vanished: not a retry
                 raise DataError(str(exc)) from None
             self.trained = int(state["trained"])
+            self.growth = list(state.get("growth") or [])
+            self.waited_s = float(state.get("waited_s") or 0.0) + self.waited_s
             self._truncate_consumed(self.trained)
             self.log(f"live data: resuming after {self.trained} trained records "
                      f"({self.schedule.size_at(self.trained)} samples had joined)")
@@ -276,9 +278,11 @@ class LiveRun:
         s = self.schedule
         return {"dest": str(self.set.dest), "min_samples": self.set.min_samples,
                 "waited_s": self.waited_s,
-                "start_samples": len(s.events[0]["ids"]) if s and s.events else 0, "samples": s.size_at(self.trained) if s else 0,
-                "records_trained": self.trained, "rounds": s.rounds_started(self.trained) if s
-                else 0, "visits": s.visits if s else None, "complete": self.set.complete(),
+                "start_samples": len(s.events[0]["ids"]) if s and s.events else 0,
+                "samples": s.size_at(self.trained) if s else 0,
+                "records_trained": self.trained,
+                "rounds": s.rounds_started(self.trained) if s else 0,
+                "visits": s.visits if s else None, "complete": self.set.complete(),
                 "bad_lines": len(self.bad), "growth": self.growth,
                 "consumed_file": self.consumed.name}
 
@@ -291,8 +295,9 @@ class LiveCallback(TrainerCallback, ExportableState):
         self.live = run
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"live": self.live.schedule.state_at(
-            self.live.trained)}}
+        return {"args": {}, "attributes": {
+            "live": {**self.live.schedule.state_at(self.live.trained),
+                     "growth": self.live.growth, "waited_s": self.live.waited_s}}}
 
     def on_step_end(self, args, state, control, **kwargs):
         run, sched = self.live, self.live.schedule
@@ -313,9 +318,9 @@ class LiveCallback(TrainerCallback, ExportableState):
             run.growth.append({"step": state.global_step, "samples": size_after})
             run.log(f"data grew: {size_before} -> {size_after} samples at step "
                     f"{state.global_step} (round {sched.rounds_started(after)})")
-        if sched.rounds_started(after) > sched.rounds_started(before) and before or \
-                size_after > size_before and before:
-            control.should_save = True
+        new_round = sched.rounds_started(after) > sched.rounds_started(before)
+        if before and (new_round or size_after > size_before):
+            control.should_save = True  # a checkpoint at each epoch boundary and growth
         if sched.finished and after >= sched.pos:
             control.should_training_stop = True
         elif run.max_steps and state.global_step >= run.max_steps:

@@ -118,6 +118,7 @@ def test_resume_after_kill_continues_with_exactly_the_untrained_records(tmp_path
     assert sorted(ids[8:]) == sorted(set(prod.sent) - {c["id"] for c in before[:8]})
     summary = json.loads((run / "summary.json").read_text())["stages"]["live"]
     assert summary["status"] == "done" and summary["live"]["records_trained"] == 16
+    assert summary["live"]["growth"] == [{"step": 2, "samples": 12}, {"step": 4, "samples": 16}]
 
 
 def test_max_steps_ends_a_stage_whose_set_stays_open(tmp_path, demo_model):
