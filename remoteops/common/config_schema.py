@@ -144,6 +144,7 @@ STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, 
                                 "eval": dict, "targets": dict, "retries": int,
                                 "depends_on": list, "outputs": list, "loss_pattern": str,
                                 "dataset_live": str, "min_samples": int,
+                                "grow_every_steps": int, "max_steps": int,
                                 "executor": str, "nproc_per_node": int, "nnodes": int,
                                 "rdzv_endpoint": str, "rdzv_id": str}
 # Ranges of the executor keys of [stages.NAME] (the executor plugin checks the rest).
@@ -263,6 +264,19 @@ def _check_host(name: str, entry: Any, locate: Locate) -> None:
                               "(SSH's is 22). Fix it there.")
 
 
+def _check_live_combination(name: str, entry: dict, locate: Locate) -> None:
+    """A live dataset's keys need ``dataset_live``, and a stage trains on one dataset."""
+    if entry.get("dataset_live") and entry.get("dataset"):
+        raise ConfigError(f"{locate(f'stages.{name}.dataset_live')}: stage '{name}' names both "
+                          "dataset and dataset_live; keep one (dataset_live for samples that "
+                          "arrive while it trains).")
+    for key in ("min_samples", "poll_seconds", "grow_every_steps", "max_steps"):
+        if key in entry and not entry.get("dataset_live"):
+            raise ConfigError(f"{locate(f'stages.{name}.{key}')}: 'stages.{name}.{key}' applies "
+                              f"to a live dataset only; add dataset_live = \"data/live\" to "
+                              f"[stages.{name}], or remove {key}.")
+
+
 def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Locate) -> None:
     if not isinstance(entry, dict):
         raise ConfigError(f"{locate(f'stages.{name}')}: 'stages.{name}' is {entry!r}; it must be "
@@ -281,9 +295,10 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
         check_value(f"stages.{name}.preset", entry["preset"], Rule(choices=tuple(PRESETS)),
                     locate(f"stages.{name}.preset"))
     for key, rule in (("dataset_live", RULES["sync.dest"]), ("min_samples", GE1),
-                      ("poll_seconds", GT0)):
+                      ("poll_seconds", GT0), ("grow_every_steps", GE0), ("max_steps", GE0)):
         if key in entry:
             check_value(f"stages.{name}.{key}", entry[key], rule, locate(f"stages.{name}.{key}"))
+    _check_live_combination(name, entry, locate)
     if "retries" in entry:
         check_value(f"stages.{name}.retries", entry["retries"], GE0,
                     locate(f"stages.{name}.retries"))

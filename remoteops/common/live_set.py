@@ -98,6 +98,13 @@ class LiveSet:
         return {"dest": str(self.dest), "consumed": [i for i, _ in pairs],
                 "digest": _digest(pairs)}
 
+    def state_of(self, pairs: list[tuple[str, str]]) -> dict:
+        """``state()`` as it was when exactly ``pairs`` (``(id, sha256)``, in order) had been
+        taken: what a checkpoint saves when the trainer has read ahead of what it trained."""
+        pairs = [(str(i), str(s)) for i, s in pairs]
+        return {"dest": str(self.dest), "consumed": [i for i, _ in pairs],
+                "digest": _digest(pairs)}
+
     def resume(self, state: dict) -> None:
         """Take back a checkpoint's consumed samples; refuse if any changed or vanished."""
         listed = {e["id"]: e["sha256"] for e in self.entries()}
@@ -115,4 +122,26 @@ class LiveSet:
         self._consumed = dict(pairs)
 
 
-__all__ = ["LiveSet", "waiting_line"]
+def live_env(root: str | Path, table: dict) -> dict[str, str]:
+    """What a command stage on a live dataset finds in its environment: the folder
+    (``REMOTEOPS_LIVE_DATA``; its manifest is ``$REMOTEOPS_LIVE_DATA/.manifest.jsonl``, the
+    producer's end marker ``.complete``) and the stage's ``min_samples`` and
+    ``poll_seconds``. ``LiveSet.from_env()`` reads them back."""
+    return {"REMOTEOPS_LIVE_DATA": str(Path(root) / table["dataset_live"]),
+            "REMOTEOPS_LIVE_MIN_SAMPLES": str(int(table.get("min_samples", 1))),
+            "REMOTEOPS_LIVE_POLL_SECONDS": str(float(table.get("poll_seconds", 60.0)))}
+
+
+def from_env(environ: dict | None = None) -> LiveSet:
+    """The stage's live set, as ``live_env`` described it (a command stage's own code)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if not env.get("REMOTEOPS_LIVE_DATA"):
+        raise RemoteOpsError("REMOTEOPS_LIVE_DATA is not set; run this as a stage with "
+                             "dataset_live = \"data/live\" in its [stages.NAME] table.")
+    return LiveSet(env["REMOTEOPS_LIVE_DATA"], int(env.get("REMOTEOPS_LIVE_MIN_SAMPLES", 1)),
+                   float(env.get("REMOTEOPS_LIVE_POLL_SECONDS", 60.0)))
+
+
+__all__ = ["LiveSet", "waiting_line", "live_env", "from_env"]

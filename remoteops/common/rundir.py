@@ -23,7 +23,7 @@ from remoteops.common.runs import RUNS_DIR
 
 SIGNALS = ("healthy", "done", "failed")
 METRIC_FIELDS = ("stage", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm",
-                 "tokens_per_s", "time")
+                 "tokens_per_s", "time", "samples", "seen")  # live data: set size, records trained
 
 
 def new_run_dir(project_dir: Path) -> Path:

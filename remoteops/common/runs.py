@@ -96,9 +96,10 @@ def plan_stages(settings: Settings, only: list[str] | None, skip_sample: bool) -
     for name in names:
         table = tables.get(name, {})
         kind = stage_kind(name, table)
-        if kind == "train" and not table.get("dataset"):
+        if kind == "train" and not (table.get("dataset") or table.get("dataset_live")):
             raise RemoteOpsError(f"stage {name!r} has no dataset; add [stages.{name}] dataset = "
-                                 "\"data/....jsonl\" to remoteops.toml, or a command.")
+                                 "\"data/....jsonl\" (or dataset_live = \"data/live\") to "
+                                 "remoteops.toml, or a command.")
         if kind == "command":
             stage_outputs(name, table)  # a bad value is refused before anything starts
         entry = {"name": name, "kind": kind, "status": "pending", "attempt": 0, "attempts": [],

@@ -43,7 +43,10 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
         detail = {"precheck": "check the server", "collect": "bring results back"}.get(
             stage["kind"], "")
         if stage["kind"] == "train":
-            detail = (f"train on {table.get('dataset')} (preset "
+            data = table.get("dataset") or (  # a live set: what arrives while it trains
+                f"live data {table.get('dataset_live')} (from {table.get('min_samples', 1)} "
+                "samples)")
+            detail = (f"train on {data} (preset "
                       f"{table.get('preset') or settings['train.preset']})")
         elif stage["kind"] == "command":
             detail = f"run: {table.get('command')}"

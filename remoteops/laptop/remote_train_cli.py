@@ -70,6 +70,8 @@ def _current_line(data: dict) -> str:
         parts.append(f"{cur['tokens_per_s']:.0f} tok/s")
     if cur.get("eta_s") is not None:
         parts.append(f"ETA {_dur(cur['eta_s'])}")
+    if (cur.get("data") or {}).get("line"):  # live data: "waiting for data 12/50", growth
+        parts.append(_printable(cur["data"]["line"]))
     return "  ".join(parts)
 
 
@@ -121,6 +123,7 @@ class _PlainFollower:
         self.seen: dict[str, str] = {}
         self.healthy: set[str] = set()
         self.fetch: str | None = None
+        self.data_line = ""
 
     def __call__(self, data: dict | None, note: str) -> None:
         if note:
@@ -133,6 +136,12 @@ class _PlainFollower:
             line = base_model_line(data)
             if line:
                 print(f"{time.strftime('%H:%M:%S')} {line[0]}", flush=True)
+        data_line = ((data.get("current") or {}).get("data") or {}).get("line") or ""
+        if data_line != self.data_line and (data_line.startswith("waiting") or
+                                            self.data_line.startswith("waiting")):
+            self.data_line = data_line  # a wait for data, and its end: not every step
+            if data_line:
+                print(f"{time.strftime('%H:%M:%S')} {_printable(data_line)}", flush=True)
         for s in data["stages"]:
             if self.seen.get(s["name"]) != s["status"]:
                 self.seen[s["name"]] = s["status"]

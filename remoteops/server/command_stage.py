@@ -41,6 +41,9 @@ def prepare(settings, table: dict, stage: str, run_dir: Path, root: Path
                              f"({exc}); fix it in remoteops.toml") from None
     env = {"REMOTEOPS_STAGE": stage, "REMOTEOPS_RUN_DIR": str(run_dir),
            "REMOTEOPS_PROJECT_ROOT": str(root)}
+    if table.get("dataset_live"):  # the same live set the built-in trainer reads
+        from remoteops.common.live_set import live_env
+        env.update(live_env(root, table))
     log = {"pattern": pattern, "loss_max": float(settings["health.loss_max"]),
            "explode_ratio": float(settings["health.explode_ratio"])}
     return ["bash", "-c", command], env, log

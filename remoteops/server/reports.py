@@ -59,6 +59,8 @@ def plot_losses(run_dir: Path, stage: str, rows: list[dict]) -> Path | None:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    from remoteops.server.live_report import mark_growth
+    mark_growth(ax, rows)  # a live dataset: where the data grew
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"stage {stage}")
@@ -195,6 +197,8 @@ def write_training_summary(run_dir: Path, settings: Any = None,
         lines += ["## Loss curves", ""]
         lines += [f"![loss of {name}]({path.name})" for name, path in plots.items() if path]
         lines.append("")
+    from remoteops.server.live_report import summary_lines
+    lines += summary_lines(_read_json(run_dir / "summary.json") or {})
     warnings = [(r["stage"], w) for r in rows for w in r["warnings"]]
     lines += ["## Retries and warnings", ""]
     lines += [f"- {stage}: {w}" for stage, w in warnings] or ["- none"]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from remoteops.common.clock import now_iso
+from remoteops.common.live_status import is_waiting
 from remoteops.common.rundir import RunDir
 from remoteops.server.logwatch import LogWatch, Verdict
 
@@ -118,6 +119,9 @@ class StageWatch:
         if self.stage.get("health"):
             return
         signal = self.signals.read_signal("healthy")
+        if signal is None and is_waiting(self.signals.path, self.stage["name"]):
+            self.t0 = time.monotonic()  # waiting for live data proves nothing: no window yet
+            return
         elapsed = time.monotonic() - self.t0
         if signal is not None:
             how = str(signal.get("reason") or "marked healthy")

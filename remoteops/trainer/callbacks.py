@@ -16,9 +16,10 @@ from remoteops.common.rundir import RunDir
 class MetricsCallback(TrainerCallback):
     """Appends each log (train or eval) to ``metrics.csv``; keeps the heartbeat's step."""
 
-    def __init__(self, run: RunDir, token_counter=None):
+    def __init__(self, run: RunDir, token_counter=None, extra=None):
         self.run = run
         self.counter = token_counter
+        self.extra = extra  # () -> more columns of a train row (a live dataset's size)
         self._t0 = time.time()
         self._last_t = self._t0
         self._last_tokens = 0
@@ -44,6 +45,8 @@ class MetricsCallback(TrainerCallback):
                        grad_norm=logs.get("grad_norm"),
                        tokens_per_s=round((tokens - self._last_tokens) / dt, 1) if dt > 0 else None)
             self._last_t, self._last_tokens = now, tokens
+            if self.extra is not None:
+                row.update(self.extra())
             self.last.update(loss=logs["loss"], step=state.global_step, epoch=state.epoch)
         elif "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]

@@ -21,13 +21,16 @@ class StageConfig:
 
     name: str
     project_dir: Path
-    dataset: Path
+    dataset: Path | None  # None for a live dataset (``live``)
     eval_set: Path | None
     preset: str
     train: dict[str, Any]
     health: dict[str, Any]
     eval: dict[str, Any]
     targets: dict[str, float] = field(default_factory=dict)
+    # a live dataset (``dataset_live``): dest, min_samples, poll_seconds, grow_every_steps,
+    # max_steps (``remoteops.trainer.live_data``)
+    live: dict[str, Any] | None = None
 
     @property
     def base_model(self) -> Path:
@@ -52,7 +55,8 @@ class StageConfig:
         return self.project_dir / "outputs" / "adapter" / f"adapter_{self.name}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.name, "dataset": str(self.dataset),
+        return {"stage": self.name, "dataset": str(self.dataset) if self.dataset else None,
+                "live": {**self.live, "dest": str(self.live["dest"])} if self.live else None,
                 "eval_set": str(self.eval_set) if self.eval_set else None,
                 "preset": self.preset, "base_model": str(self.base_model),
                 "train": dict(self.train), "health": dict(self.health),
@@ -119,7 +123,14 @@ def resolve_stage(settings, stage: str, preset: str | None = None,
     _override(evalc, entry.get("eval"), f"stages.{stage}.eval", EVAL_DEFAULTS)
 
     dataset = entry.get("dataset")
-    if not dataset:
+    live = None
+    if entry.get("dataset_live"):
+        live = {"dest": _abs(project, entry["dataset_live"]),
+                "min_samples": int(entry.get("min_samples", 1)),
+                "poll_seconds": float(entry.get("poll_seconds", 60.0)),
+                "grow_every_steps": int(entry.get("grow_every_steps", 0)),
+                "max_steps": int(entry.get("max_steps", 0))}
+    elif not dataset:
         raise ConfigError(f"stages.{stage} has no dataset; set dataset = \"data/{stage}.jsonl\".")
     eval_set = entry.get("eval_set")
 
@@ -144,9 +155,9 @@ def resolve_stage(settings, stage: str, preset: str | None = None,
         targets[key] = float(value)
 
     _check_values(stage, train)
-    return StageConfig(stage, project, _abs(project, dataset),
+    return StageConfig(stage, project, _abs(project, dataset) if dataset else None,
                        _abs(project, eval_set) if eval_set else None, preset_name,
-                       train, health, evalc, targets)
+                       train, health, evalc, targets, live)
 
 
 def _check_values(stage: str, train: dict[str, Any]) -> None:

@@ -74,10 +74,15 @@ def load_tokenizer(path: Path):
 def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
     """Read, validate and tokenize the stage's training and eval data."""
     t = cfg.train
-    report = read_jsonl(cfg.dataset, t["max_bad_lines"], base=cfg.project_dir)
+    if cfg.live:  # its records are read as they arrive (trainer/live_data)
+        report, bad, train = None, [], []
+    else:
+        report = read_jsonl(cfg.dataset, t["max_bad_lines"], base=cfg.project_dir)
+        bad = list(report.bad)
     tokenizer = tokenizer or load_tokenizer(cfg.base_model)
-    bad = list(report.bad)
-    train = encode_records(tokenizer, report.records, t["max_seq_len"], t["max_bad_lines"], bad)
+    if report is not None:
+        train = encode_records(tokenizer, report.records, t["max_seq_len"], t["max_bad_lines"],
+                               bad)
     evals: list[dict] = []
     source = ""
     if cfg.eval_set:
@@ -90,7 +95,7 @@ def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
                 except ValueError:
                     continue
         source = ev.path
-    elif t["eval_holdout"] > 0 and len(train) >= 5:
+    elif t["eval_holdout"] > 0 and len(train) >= 5 and report is not None:
         order = list(range(len(train)))
         random.Random(t["seed"]).shuffle(order)
         n = max(1, int(round(len(train) * t["eval_holdout"])))
@@ -98,7 +103,7 @@ def prepare(cfg: StageConfig, tokenizer=None) -> Prepared:
         evals = [x for i, x in enumerate(train) if i in held]
         train = [x for i, x in enumerate(train) if i not in held]
         source = f"{n} lines held out of {report.path}"
-    if not train:
+    if not train and report is not None:
         raise DataError(f"{report.path}: nothing left to train on; add data lines.")
     return Prepared(tokenizer, train, evals, bad, source)
 
@@ -135,6 +140,10 @@ def dry_run(cfg: StageConfig, log: Callable[[str], None] = say) -> dict[str, Any
 
     quiet_transformers()
     prep = prepare(cfg)
+    if cfg.live:  # what the live set holds now
+        from remoteops.trainer.live_data import records_now
+        prep.train, prep.bad, note = records_now(cfg, prep.tokenizer)
+        log(note)
     qlora = _use_qlora(cfg, log)
     mconf = AutoConfig.from_pretrained(str(cfg.base_model))
     with torch.device("meta"):
@@ -271,6 +280,14 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
                 f"{'' if main else f' on rank {rank()}'}: {message}")
 
     try:
+        live = None
+        if cfg.live:  # wait (visibly) for min_samples before loading anything big
+            from remoteops.trainer.live_data import LiveRun
+            if world_size() > 1:
+                raise ConfigError(f"stage '{cfg.name}' trains on live data, which runs in one "
+                                  "process; set executor = \"process\" for it.")
+            live = LiveRun(cfg, run, log)
+            live.wait_ready()
         prep = prepare(cfg)
         for line in prep.bad:
             log(f"skipped {line}")
@@ -288,15 +305,18 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
                 run.signal("healthy", "warmup check passed", step=step),
                 log(f"stage '{cfg.name}' healthy after {step} steps")),
             on_failure=lambda reason, msg, step: None, rules=rules)
-        metrics = MetricsCallback(run, collator)
-        args = training_args(cfg, run.checkpoints, bool(prep.eval))
-        trainer = trainer_class()(
-            model=model, args=args, train_dataset=prep.train,
+        metrics = MetricsCallback(run, collator, live.metrics_extra if live else None)
+        args = training_args(cfg, run.checkpoints, bool(prep.eval),
+                             **(live.training_overrides() if live else {}))
+        if live:
+            live.start(prep.tokenizer, resume)
+        trainer = (live.trainer_class(trainer_class()) if live else trainer_class())(
+            model=model, args=args, train_dataset=live.dataset() if live else prep.train,
             eval_dataset=prep.eval or None, data_collator=collator,
             processing_class=prep.tokenizer, health=health, fault=cfg.train["inject_fault"],
             callbacks=[health, *([metrics] if main else []),
-                       CheckpointReporter(log, saved.append)])
-        per_epoch, total = plan_steps(cfg, len(prep.train))
+                       CheckpointReporter(log, saved.append), *([live.callback()] if live else [])])
+        per_epoch, total = plan_steps(cfg, max(1, len(prep.train)))
         if resume:
             state = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
             if main:
@@ -306,11 +326,23 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
             entry["base_eval_loss"] = trainer.evaluate()["eval_loss"]
             undo_eval_preparation(trainer)  # else train() would not wrap the model in DDP
             log(f"base model eval_loss {entry['base_eval_loss']:.4f}")
-        log(f"training stage '{cfg.name}' (preset {cfg.preset}, batch "
-            f"{cfg.train['batch_size']}{f' x {world_size()} ranks' if world_size() > 1 else ''}"
-            f", grad accum {cfg.train['grad_accum']}): "
-            f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
+        if live:
+            entry["samples"] = len(live.set.entries())
+            log(f"training stage '{cfg.name}' on live data {live.set.dest} (preset {cfg.preset}"
+                f", batch {cfg.train['batch_size']}, grad accum {cfg.train['grad_accum']}): "
+                f"{entry['samples']} samples so far, each trained {live.schedule.visits} "
+                f"time(s), {'until max_steps ' + str(live.max_steps) if live.max_steps else 'until sync-data --done'}"
+                f"; run dir {run.path}")
+        else:
+            log(f"training stage '{cfg.name}' (preset {cfg.preset}, batch "
+                f"{cfg.train['batch_size']}{f' x {world_size()} ranks' if world_size() > 1 else ''}"
+                f", grad accum {cfg.train['grad_accum']}): "
+                f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if live:
+            live.finish()
+            entry["live"] = live.summary()
+            entry["samples"] = entry["live"]["samples"]
         entry["train_loss"] = result.training_loss
         entry["final"] = dict(metrics.last)
         if health.failure:

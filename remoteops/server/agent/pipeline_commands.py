@@ -152,6 +152,10 @@ def _current(run_dir: Path, state: dict) -> dict:
     if stage is None:
         return {}
     out = {"stage": stage["name"], "attempt": stage["attempt"]}
+    from remoteops.common.live_status import read_status
+    live = read_status(run_dir, stage["name"])  # a stage on a live dataset: waiting, growing
+    if live:
+        out["data"] = live
     rows = []
     path = run_dir / "metrics.csv"
     if path.is_file():
