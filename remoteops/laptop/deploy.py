@@ -10,9 +10,10 @@ is compressed; the agent starts while the manifest is still being sent (it
 waits for the file). When (nearly) every file is needed, the bundle itself is
 the upload, so nothing is compressed twice.
 
-Fast path (``deploy_fast``): after a deploy the laptop plans locally against its
-record of the server (``deploy_record``) and applies in one agent command. Dry
-runs always plan on the server. Shared pieces live in ``deploy_common``.
+Fast path (``deploy_stream``, over ``deploy_fast``'s plan): after a deploy the laptop
+plans locally against its record of the server (``deploy_record``) and sends the
+manifest delta and the changed files on the stdin of one agent command. Dry runs
+always plan on the server. Shared pieces live in ``deploy_common``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, re
 from remoteops.laptop.build import Built, build_bundle
 from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, apply_args,
                                             delta_key, holder, state_dir, upload_file)
+from remoteops.laptop.agent_stream import can_stream
 from remoteops.laptop.deploy_fast import FastPath
+from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
 from remoteops.laptop.targets import SSHTarget
@@ -132,7 +135,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     started = time.monotonic()
     incoming = f"{state_dir(target)}/incoming"
     recalled = recall(settings, target)
-    fast = FastPath(settings, target, *recalled) if recalled and not dry_run else None
+    path = StreamPath if can_stream(target) else FastPath
+    fast = path(settings, target, *recalled) if recalled and not dry_run else None
     connected = Background(_connect, target)
     early: dict[str, object] = {}
 
@@ -149,9 +153,11 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         built = get_bundle(settings, bundle, on_manifest)
         connected.result()
     except BaseException:
-        for job in (connected, early.get("job"), fast and fast.job):
+        for job in (connected, early.get("job")):
             if job is not None:
                 job.settle()
+        if fast is not None:
+            fast.cancel()
         raise
     manifest = built.manifest
     outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
@@ -160,9 +166,10 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         data = early["data"]
         job = early.get("job")
     else:
-        for old in (early.get("job"), fast and fast.job):
-            if old is not None:
-                old.settle()
+        if early.get("job") is not None:
+            early["job"].settle()
+        if fast is not None:
+            fast.cancel()
         data = built.manifest_path.read_bytes()
         job = None
     first = _NOT_YET
@@ -175,8 +182,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         try:
             done = fast.finish(outcome, remote_manifest, data, built, connected, progress)
         except BaseException:
-            if fast.job is not None:
-                fast.job.settle()
+            fast.cancel()
             raise
         if done:
             outcome.seconds = time.monotonic() - started

@@ -82,6 +82,21 @@ def deploy_apply(root: str, manifest: str, delta: str | None, delta_sha256: str 
     emit(result, as_json, f"applied v{result['version']}; backup: {result.get('backup')}")
 
 
+@click.command("deploy-stream")
+@root_option
+@json_option
+def deploy_stream(root: str, as_json: bool) -> None:
+    """Apply a deploy sent on stdin: manifest delta, changed files, go (one request)."""
+    from remoteops.server.streamapply import apply_streamed
+
+    result = apply_streamed(root, sys.stdin.buffer)
+    if result.get("base_differs"):
+        emit(result, as_json, f"not applied: {result['reason']}")
+        return
+    emit(result, as_json, "up to date" if result.get("noop") else
+         f"applied v{result['version']}; backup: {result.get('backup')}")
+
+
 @click.command("rollback")
 @root_option
 @click.option("--backup", "backup", required=True, help="Backup folder name (or path).")
@@ -132,5 +147,5 @@ def recover(root: str, holder: str, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (deploy_plan, deploy_apply, rollback, backups, recover):
+    for command in (deploy_plan, deploy_apply, deploy_stream, rollback, backups, recover):
         group.add_command(command)
