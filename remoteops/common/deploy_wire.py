@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from remoteops.common.bundle_tar import BundleError
 from remoteops.common.manifest import FileEntry, Manifest, content_id
@@ -31,7 +31,11 @@ MAX_HEADER = 64 << 20
 
 
 def manifest_sha256(manifest: Manifest) -> str:
-    return hashlib.sha256(manifest.to_json().encode("utf-8")).hexdigest()
+    """The hash of every field of ``manifest`` (compact JSON: the C encoder, fast)."""
+    data = {**_meta(manifest),
+            "files": [[f.path, f.size, f.mode, f.sha256, f.link] for f in manifest.files]}
+    body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def manifest_delta(base: Manifest, new: Manifest) -> dict:
@@ -55,7 +59,7 @@ def encode_header(base: Manifest, new: Manifest, delta: dict | None, extra: dict
 
 
 def _meta(manifest: Manifest) -> dict:
-    return {k: v for k, v in json.loads(manifest.to_json()).items() if k != "files"}
+    return {f.name: getattr(manifest, f.name) for f in fields(manifest) if f.name != "files"}
 
 
 def rebuild(base: Manifest, header: dict) -> Manifest:

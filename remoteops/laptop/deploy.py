@@ -41,10 +41,12 @@ from remoteops.laptop.transfer import put_resumable
 
 
 def get_bundle(settings: Settings, bundle: str | None,
-               on_manifest: Callable[[Manifest], None] | None = None) -> Built:
-    """The given bundle, verified byte by byte, or a freshly built one."""
+               on_manifest: Callable[[Manifest], None] | None = None,
+               background: bool = False) -> Built:
+    """The given bundle, verified byte by byte, or a freshly built one (``background``: its
+    tar still being written, see ``build_bundle``)."""
     if not bundle:
-        return build_bundle(settings, on_manifest=on_manifest)
+        return build_bundle(settings, on_manifest=on_manifest, background=background)
     tar = Path(bundle).expanduser()
     if tar.suffix == ".json":
         tar = tar.with_name(tar.name.replace(".manifest.json", ".tar.zst"))
@@ -150,7 +152,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             fast.start(connected, remote, data, None, progress)  # while the tar is written
 
     try:
-        built = get_bundle(settings, bundle, on_manifest)
+        # a streamed redeploy goes ahead while the tar is written: it needs only the files
+        built = get_bundle(settings, bundle, on_manifest, background=isinstance(fast, StreamPath))
         connected.result()
     except BaseException:
         for job in (connected, early.get("job")):
@@ -159,80 +162,97 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         if fast is not None:
             fast.cancel()
         raise
-    manifest = built.manifest
-    outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
-    remote_manifest = f"{incoming}/{manifest.content_id}.manifest.json"
-    if early.get("remote") == remote_manifest:
-        data = early["data"]
-        job = early.get("job")
-    else:
-        if early.get("job") is not None:
-            early["job"].settle()
-        if fast is not None:
-            fast.cancel()
-        data = built.manifest_path.read_bytes()
-        job = None
-    first = _NOT_YET
-    if fast is not None and fast.plan_for(manifest) is not None:
-        outcome.plan = fast.plan
+    try:
+        manifest = built.manifest
+        outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
+        remote_manifest = f"{incoming}/{manifest.content_id}.manifest.json"
+        if early.get("remote") == remote_manifest:
+            data = early["data"]
+            job = early.get("job")
+        else:
+            if early.get("job") is not None:
+                early["job"].settle()
+            if fast is not None:
+                fast.cancel()
+            data = manifest.to_json().encode("utf-8")
+            job = None
+        first = _NOT_YET
+        if fast is not None and fast.plan_for(manifest) is not None:
+            outcome.plan = fast.plan
+            if on_plan is not None:
+                on_plan(outcome)
+            if not outcome.noop and confirm is not None and not confirm(outcome.plan):
+                raise RemoteOpsError("deploy cancelled; nothing was changed.")
+            try:
+                done = fast.finish(outcome, remote_manifest, data, built, connected, progress)
+            except BaseException:
+                fast.cancel()
+                raise
+            if done:
+                _wait_local(settings, target, built, outcome)
+                outcome.seconds = time.monotonic() - started
+                return outcome
+            outcome.upload_bytes = 0
+        elif job is not None:
+            first = job.result()
+            outcome.sent_bytes += len(data)
+        else:
+            target.write_bytes(remote_manifest, data)
+            outcome.sent_bytes += len(data)
+        built.wait()  # what follows reads the tar
+        outcome.plan = _plan(target, built, remote_manifest, outcome, first)
+        note_plan(settings, target, built, recalled, outcome.plan)
         if on_plan is not None:
             on_plan(outcome)
-        if not outcome.noop and confirm is not None and not confirm(outcome.plan):
-            raise RemoteOpsError("deploy cancelled; nothing was changed.")
-        try:
-            done = fast.finish(outcome, remote_manifest, data, built, connected, progress)
-        except BaseException:
-            fast.cancel()
-            raise
-        if done:
+        if dry_run or outcome.noop:
             outcome.seconds = time.monotonic() - started
             return outcome
-        outcome.upload_bytes = 0
-    elif job is not None:
-        first = job.result()
-        outcome.sent_bytes += len(data)
-    else:
-        target.write_bytes(remote_manifest, data)
-        outcome.sent_bytes += len(data)
-    outcome.plan = _plan(target, built, remote_manifest, outcome, first)
-    note_plan(settings, target, built, recalled, outcome.plan)
-    if on_plan is not None:
-        on_plan(outcome)
-    if dry_run or outcome.noop:
+        if confirm is not None and not confirm(outcome.plan):
+            raise RemoteOpsError("deploy cancelled; nothing was changed.")
+        need = outcome.plan["need"]
+        sent = None
+        if need:
+            delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
+                                delta_key(manifest, need))
+            outcome.upload_bytes = delta.stat().st_size
+            # the upload, then its files uncompressed (staged) and the backups: a compressible
+            # bundle needs far more than it sends
+            sizes = manifest.file_map()
+            needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + DISK_HEADROOM
+                     + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
+            if outcome.plan["free_bytes"] < needs:
+                raise RemoteOpsError(
+                    f"not enough disk on {target.name}: {outcome.plan['free_bytes'] / 1e9:.2f} GB "
+                    f"free, the deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and "
+                    "backups); free space there and deploy again. Nothing was changed.")
+            remote_delta = f"{incoming}/{delta.name}"
+            hashing = Background(sha256_file, delta)  # overlaps the upload
+            try:
+                outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
+            finally:
+                hashing.settle()
+            sent = (remote_delta, hashing.result())
+        args = apply_args(settings, target, manifest, remote_manifest, sent)
+        applied = target.run_agent(*args, timeout=3600)
+        free_after = applied.pop("free_bytes", None)
+        outcome.applied = applied
+        remember(settings, target, built.manifest_path, manifest, free_after)
         outcome.seconds = time.monotonic() - started
         return outcome
-    if confirm is not None and not confirm(outcome.plan):
-        raise RemoteOpsError("deploy cancelled; nothing was changed.")
-    need = outcome.plan["need"]
-    sent = None
-    if need:
-        delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
-                            delta_key(manifest, need))
-        outcome.upload_bytes = delta.stat().st_size
-        # the upload, then its files uncompressed (staged) and the backups: a compressible
-        # bundle needs far more than it sends
-        sizes = manifest.file_map()
-        needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + DISK_HEADROOM
-                 + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
-        if outcome.plan["free_bytes"] < needs:
-            raise RemoteOpsError(
-                f"not enough disk on {target.name}: {outcome.plan['free_bytes'] / 1e9:.2f} GB "
-                f"free, the deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and "
-                "backups); free space there and deploy again. Nothing was changed.")
-        remote_delta = f"{incoming}/{delta.name}"
-        hashing = Background(sha256_file, delta)  # overlaps the upload
-        try:
-            outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
-        finally:
-            hashing.settle()
-        sent = (remote_delta, hashing.result())
-    args = apply_args(settings, target, manifest, remote_manifest, sent)
-    applied = target.run_agent(*args, timeout=3600)
-    free_after = applied.pop("free_bytes", None)
-    outcome.applied = applied
-    remember(settings, target, built.manifest_path, manifest, free_after)
-    outcome.seconds = time.monotonic() - started
-    return outcome
+    finally:
+        if built.pending is not None:  # never leave the tar half-written behind
+            built.pending.join()
+
+
+def _wait_local(settings: Settings, target: Target, built: Built,
+                outcome: DeployOutcome) -> None:
+    """The local tar of a deploy already applied: its failure is told, not raised."""
+    try:
+        built.wait()
+    except Exception as exc:  # noqa: BLE001 - the server has the new version already
+        forget(settings, target)
+        outcome.events.append(f"deployed, but the local bundle could not be written ({exc}); "
+                              "the next deploy plans against the server")
 
 
 def rollback(settings: Settings, target: Target, backup: str, dry_run: bool = False,

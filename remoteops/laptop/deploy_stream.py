@@ -93,6 +93,7 @@ class StreamPath(FastPath):
         deploy plans against it."""
         started = self.job.result() if self.job is not None else None
         if started is None:  # not started yet, or it needed the finished bundle
+            built.wait()
             self.start(connected, remote_manifest, data, built.tar_path, progress)
             started = self.job.result()
         how, started = started
