@@ -92,13 +92,36 @@ def _copy_frame(src, frame: dict) -> bytes | None:
     return data
 
 
+class _Tapped:
+    """The tar's file, telling ``tap`` (``opened(path)``, ``wrote(total)``) as bytes land, so
+    a reader can send them while the rest is still being compressed."""
+
+    EVERY = 256 << 10
+
+    def __init__(self, raw, tap):
+        self.raw, self.tap, self.total, self.told = raw, tap, 0, 0
+        tap.opened(raw.name)
+
+    def write(self, data: bytes) -> None:
+        self.raw.write(data)
+        self.total += len(data)
+        if self.total - self.told >= self.EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.raw.flush()
+        self.told = self.total
+        self.tap.wrote(self.total)
+
+
 def write_tar(out: Path, members: list[tuple], level: int = 3,
-              previous: Path | None = None) -> dict:
+              previous: Path | None = None, tap=None) -> dict:
     """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256])`` members.
 
     Written atomically, as independent frames (see ``_segments``); frames of segments
     that ``previous`` (an earlier bundle) already holds are copied from it. Returns
-    ``{"frames", "reused", "reused_bytes"}``.
+    ``{"frames", "reused", "reused_bytes"}``. ``tap``: told as the bytes are written (see
+    ``_Tapped``) and, at the end, ``closed(error or None)``.
     """
     import zstandard
 
@@ -117,6 +140,8 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     src = open(previous, "rb") if reuse else None
     try:
         with atomic_output(out) as raw:
+            if tap is not None:
+                raw = _Tapped(raw, tap)
             for i, segment in enumerate(segments):
                 last = i == len(segments) - 1
                 headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
@@ -143,9 +168,17 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                         key = None  # a file changed while bundling: never reuse this frame
                 frames.append({"key": key, "offset": offset, "length": size, "sha256": digest})
                 offset += size
+            if tap is not None:
+                raw.flush()
+    except BaseException as exc:
+        if tap is not None:
+            tap.closed(exc)
+        raise
     finally:
         if src is not None:
             src.close()
+    if tap is not None:
+        tap.closed(None)
     # the index follows its bundle: a bundle without an index is only not reused from
     write_atomic_text(frames_index_path(out), json.dumps({"level": level, "frames": frames}))
     return stats

@@ -10,9 +10,12 @@ entries of the new manifest that differ from the base (with their position in th
 new file list), the paths it no longer has, those of its other fields that differ, and
 the sha256 of the whole new manifest. The server rebuilds the manifest from its
 own ``current.json`` and checks that sha256: any mismatch means the record was
-stale and the laptop falls back to the full path. ``GO`` comes last, once the
-laptop has finished building: without it (a cut connection, a failed build)
-the server changes nothing.
+stale and the laptop falls back to the full path. ``GO`` comes last: without it
+(a cut connection, a cancelled deploy) the server changes nothing.
+
+A full deploy (``deploy_full``) sends the whole manifest instead (``manifest``) and
+the tar in ``chunk_frame`` pieces as it is written, then a JSON trailer (size and
+sha256 of what was sent) and ``GO``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ MARK = b"@@REMOTEOPS-STREAM-7f3a@@\n"
 GO = b"GO\n"
 # The header is small (changed entries only); a bigger one is not ours.
 MAX_HEADER = 64 << 20
+
+
+def chunk_frame(data: bytes) -> bytes:
+    """One piece of a tar sent while it is written (its size unknown at the start): an
+    8-byte length, then the bytes; an empty frame ends the tar."""
+    return len(data).to_bytes(8, "big") + data
 
 
 def manifest_sha256(manifest: Manifest) -> str:
@@ -83,4 +92,4 @@ def rebuild(base: Manifest, header: dict) -> Manifest:
     return new
 
 
-__all__ = ["MARK", "GO", "encode_header", "rebuild", "manifest_delta", "manifest_sha256"]
+__all__ = ["MARK", "GO", "chunk_frame", "encode_header", "rebuild", "manifest_delta", "manifest_sha256"]

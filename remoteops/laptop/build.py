@@ -284,13 +284,14 @@ def _latest(out_dir: Path, project: str) -> Manifest | None:
 
 def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                  on_manifest: Callable[[Manifest], None] | None = None,
-                 background: bool = False) -> Built:
+                 background: bool = False, tap=None) -> Built:
     """Build (or reuse, when nothing changed) the project's next bundle.
 
     ``on_manifest`` is called with the manifest as soon as it is known, before the
     tar is written (a deploy plans against the server meanwhile). ``background``: return
     as soon as the manifest is known and write the tar and manifest in a thread
-    (``Built.wait``); a redeploy that streams its files does not need them first.
+    (``Built.wait``); a redeploy that streams its files does not need them first. ``tap``:
+    told as the tar's bytes are written (``write_tar``), so they can be sent meanwhile.
     """
     from remoteops.plugins import get_plugin_manager
     from remoteops.laptop.wheel import build_toolkit_wheel
@@ -355,7 +356,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
 
     def write() -> None:
         try:
-            write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier)
+            write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier,
+                      tap=tap)
             write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is complete
         except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
             built.error = exc

@@ -33,6 +33,7 @@ from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, 
                                             delta_key, holder, state_dir, upload_file)
 from remoteops.laptop.agent_stream import can_stream
 from remoteops.laptop.deploy_fast import FastPath
+from remoteops.laptop.deploy_full import TarTap, send_whole_bundle, wants_whole_bundle
 from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
@@ -42,11 +43,11 @@ from remoteops.laptop.transfer import put_resumable
 
 def get_bundle(settings: Settings, bundle: str | None,
                on_manifest: Callable[[Manifest], None] | None = None,
-               background: bool = False) -> Built:
+               background: bool = False, tap: TarTap | None = None) -> Built:
     """The given bundle, verified byte by byte, or a freshly built one (``background``: its
     tar still being written, see ``build_bundle``)."""
     if not bundle:
-        return build_bundle(settings, on_manifest=on_manifest, background=background)
+        return build_bundle(settings, on_manifest=on_manifest, background=background, tap=tap)
     tar = Path(bundle).expanduser()
     if tar.suffix == ".json":
         tar = tar.with_name(tar.name.replace(".manifest.json", ".tar.zst"))
@@ -97,6 +98,7 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
             return plan
         if attempt:
             break
+        built.wait()  # the wheel is in the tar
         found = plan["agent_version"] if plan else "none"
         outcome.events.append(f"installing remoteops {built.manifest.toolkit_version} on "
                               f"{target.name} (found: {found})")
@@ -141,6 +143,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     fast = path(settings, target, *recalled) if recalled and not dry_run else None
     connected = Background(_connect, target)
     early: dict[str, object] = {}
+    tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
+        else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
@@ -152,8 +156,9 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             fast.start(connected, remote, data, None, progress)  # while the tar is written
 
     try:
-        # a streamed redeploy goes ahead while the tar is written: it needs only the files
-        built = get_bundle(settings, bundle, on_manifest, background=isinstance(fast, StreamPath))
+        # a streamed deploy goes ahead while the tar is written (a full one sends it meanwhile)
+        built = get_bundle(settings, bundle, on_manifest, tap=tap,
+                           background=isinstance(fast, StreamPath) or tap is not None)
         connected.result()
     except BaseException:
         for job in (connected, early.get("job")):
@@ -199,7 +204,6 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         else:
             target.write_bytes(remote_manifest, data)
             outcome.sent_bytes += len(data)
-        built.wait()  # what follows reads the tar
         outcome.plan = _plan(target, built, remote_manifest, outcome, first)
         note_plan(settings, target, built, recalled, outcome.plan)
         if on_plan is not None:
@@ -211,20 +215,21 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             raise RemoteOpsError("deploy cancelled; nothing was changed.")
         need = outcome.plan["need"]
         sent = None
+        if need and tap is not None and wants_whole_bundle(built, need):
+            _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
+            applied, n = send_whole_bundle(settings, target, built, tap,
+                                           int(outcome.plan.get("stream_part") or 0), progress)
+            outcome.sent_bytes += n
+            outcome.upload_bytes = built.tar_path.stat().st_size
+            return _applied(settings, target, built, outcome, applied, started)
+        built.wait()  # what follows reads the tar
         if need:
             delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
                                 delta_key(manifest, need))
             outcome.upload_bytes = delta.stat().st_size
-            # the upload, then its files uncompressed (staged) and the backups: a compressible
-            # bundle needs far more than it sends
             sizes = manifest.file_map()
-            needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + DISK_HEADROOM
-                     + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
-            if outcome.plan["free_bytes"] < needs:
-                raise RemoteOpsError(
-                    f"not enough disk on {target.name}: {outcome.plan['free_bytes'] / 1e9:.2f} GB "
-                    f"free, the deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and "
-                    "backups); free space there and deploy again. Nothing was changed.")
+            _check_disk(target, outcome.plan, outcome.upload_bytes + outcome.plan.get(
+                "need_bytes", sum(sizes[p].size for p in need)))
             remote_delta = f"{incoming}/{delta.name}"
             hashing = Background(sha256_file, delta)  # overlaps the upload
             try:
@@ -233,15 +238,31 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 hashing.settle()
             sent = (remote_delta, hashing.result())
         args = apply_args(settings, target, manifest, remote_manifest, sent)
-        applied = target.run_agent(*args, timeout=3600)
-        free_after = applied.pop("free_bytes", None)
-        outcome.applied = applied
-        remember(settings, target, built.manifest_path, manifest, free_after)
-        outcome.seconds = time.monotonic() - started
-        return outcome
+        return _applied(settings, target, built, outcome,
+                        target.run_agent(*args, timeout=3600), started)
     finally:
         if built.pending is not None:  # never leave the tar half-written behind
             built.pending.join()
+
+
+def _check_disk(target: Target, plan: dict, upload_and_files: int) -> None:
+    """The upload, then its files uncompressed (staged) and the backups: a compressible
+    bundle needs far more than it sends."""
+    needs = upload_and_files + plan.get("backup_bytes", 0) + DISK_HEADROOM
+    if plan["free_bytes"] < needs:
+        raise RemoteOpsError(
+            f"not enough disk on {target.name}: {plan['free_bytes'] / 1e9:.2f} GB free, the "
+            f"deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and backups); free "
+            "space there and deploy again. Nothing was changed.")
+
+
+def _applied(settings: Settings, target: Target, built: Built, outcome: DeployOutcome,
+             applied: dict, started: float) -> DeployOutcome:
+    free_after = applied.pop("free_bytes", None)
+    outcome.applied = applied
+    remember(settings, target, built.manifest_path, built.manifest, free_after)
+    outcome.seconds = time.monotonic() - started
+    return outcome
 
 
 def _wait_local(settings: Settings, target: Target, built: Built,

@@ -9,6 +9,10 @@ after the laptop's ``GO`` handed to the usual apply (``Project.apply`` with
 verified, backup, journal). Anything that does not match changes nothing and
 answers ``base_differs``: the laptop then plans against this server as before.
 A connection cut before ``GO`` leaves the server as it was.
+
+A full deploy sends the whole manifest and the bundle's tar as it is written
+(``receive_chunked``): what arrived is kept under a name carrying the content id,
+so after a cut the next plan reports it (``stream_part``) and the upload resumes.
 """
 
 from __future__ import annotations
@@ -22,67 +26,73 @@ from typing import BinaryIO
 from remoteops.common.deploy_wire import GO, MARK, MAX_HEADER, rebuild
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import CHUNK
-from remoteops.common.manifest import BundleError
+from remoteops.common.manifest import BundleError, Manifest
 from remoteops.server.apply import Project
 
 NO_PAYLOAD = ("the deploy's data did not arrive on stdin; something in the login shell "
               "(~/.bashrc) reads stdin: guard it with [[ $- == *i* ]]")
 
 
-def read_header(stream: BinaryIO) -> dict:
-    """The header after ``MARK`` (whatever came before it is skipped)."""
-    seen = b""
-    while MARK not in seen:
-        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-        if not chunk or len(seen) > (1 << 20):
-            raise RemoteOpsError(NO_PAYLOAD)
-        seen += chunk
-    rest = seen[seen.index(MARK) + len(MARK):]
-    while b"\n" not in rest:
-        chunk = stream.read(64)
-        if not chunk:
-            raise RemoteOpsError(NO_PAYLOAD)
-        rest += chunk
-    size_text, rest = rest.split(b"\n", 1)
-    size = int(size_text)
-    if size > MAX_HEADER:
-        raise RemoteOpsError("the deploy header is too large; run the deploy again.")
-    body = rest + _read_exactly(stream, size - len(rest)) if size > len(rest) else rest[:size]
-    if len(body) != size:
-        raise RemoteOpsError("the connection was cut while the deploy was sent; nothing was "
-                             "changed: run the deploy again.")
-    header = json.loads(body.decode("utf-8"))
-    header["_leftover"] = rest[size:] if size < len(rest) else b""
-    return header
+class Input:
+    """stdin, read exactly: whatever came before ``MARK`` is skipped."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.buffer = stream, b""
+
+    def exactly(self, n: int) -> bytes:
+        """``n`` bytes, or fewer when the input ends first."""
+        parts, left = [self.buffer[:n]], n - len(self.buffer[:n])
+        self.buffer = self.buffer[n:]
+        while left > 0:
+            chunk = self.stream.read(min(left, CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def line(self, limit: int = 4096) -> bytes:
+        while b"\n" not in self.buffer and len(self.buffer) < limit:
+            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
+                else self.stream.read(1)
+            if not chunk:
+                break
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def header(self) -> dict:
+        while MARK not in self.buffer:
+            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
+                else self.stream.read(65536)
+            if not chunk or len(self.buffer) > (1 << 20):
+                raise RemoteOpsError(NO_PAYLOAD)
+            self.buffer += chunk
+        self.buffer = self.buffer[self.buffer.index(MARK) + len(MARK):]
+        size = int(self.line() or 0)
+        if not 0 < size <= MAX_HEADER:
+            raise RemoteOpsError(CUT)
+        body = self.exactly(size)
+        if len(body) != size:
+            raise RemoteOpsError(CUT)
+        return json.loads(body.decode("utf-8"))
 
 
-def _read_exactly(stream: BinaryIO, n: int) -> bytes:
-    parts, left = [], n
-    while left > 0:
-        chunk = stream.read(min(left, CHUNK))
-        if not chunk:
-            break
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
+CUT = ("the connection was cut while the deploy was sent; nothing was changed: run the "
+       "deploy again.")
 
 
-def receive(stream: BinaryIO, leftover: bytes, dest: Path, size: int, sha256: str) -> bytes:
-    """Write the ``size`` bytes that follow into ``dest``, check their sha256; return what
-    was read past them. A short or damaged stream removes ``dest`` and raises."""
+def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
+    """The ``size`` bytes that follow into ``dest``, their sha256 checked. A short or
+    damaged stream removes what arrived and raises."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     got = 0
     try:
         with open(part, "wb") as out:
-            head, leftover = leftover[:size], leftover[size:]
-            for chunk in ([head] if head else []):
-                out.write(chunk)
-                h.update(chunk)
-                got += len(chunk)
             while got < size:
-                chunk = stream.read(min(CHUNK, size - got))
+                chunk = src.exactly(min(CHUNK, size - got))
                 if not chunk:
                     raise RemoteOpsError(f"the connection was cut after {got} of {size} bytes "
                                          "of the deploy; nothing was changed: run it again.")
@@ -96,22 +106,69 @@ def receive(stream: BinaryIO, leftover: bytes, dest: Path, size: int, sha256: st
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return leftover
 
 
-def wait_for_go(stream: BinaryIO, leftover: bytes) -> None:
-    """The laptop's go-ahead, sent once its build is done; without it nothing changes."""
-    got = leftover + _read_exactly(stream, max(0, len(GO) - len(leftover)))
-    if got[:len(GO)] != GO:
+def receive_chunked(src: Input, dest: Path, offset: int) -> None:
+    """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
+    to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
+    keeps the part file: the next deploy resumes there."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    if have < offset:
+        raise RemoteOpsError("the upload to resume from is gone; run the deploy again.")
+    h = hashlib.sha256()
+    got = offset
+    with open(part, "r+b" if part.is_file() else "wb") as out:
+        out.truncate(offset)
+        out.seek(offset)
+        while True:
+            length = src.exactly(8)
+            size = int.from_bytes(length, "big") if len(length) == 8 else -1
+            data = src.exactly(size) if size > 0 else b""
+            if size < 0 or len(data) != size:
+                out.write(data)
+                raise RemoteOpsError(f"the connection was cut after {got + len(data)} bytes of "
+                                     "the bundle; nothing was changed: run the deploy again "
+                                     "(it resumes there).")
+            if size == 0:
+                break
+            out.write(data)
+            h.update(data)
+            got += size
+    trailer = json.loads(src.line() or b"{}")
+    if trailer.get("size") != got or trailer.get("tail_sha256") != h.hexdigest():
+        part.unlink(missing_ok=True)
+        raise BundleError("the bundle sent does not match its sha256 (damaged in transit); "
+                          "nothing was changed: run the deploy again.")
+    os.replace(part, dest)
+
+
+def stream_part(project: Project, content_id: str) -> int:
+    """Bytes kept of a cut full upload of ``content_id`` (the next one resumes there)."""
+    whole = _whole(project, content_id)
+    part = whole.with_name(whole.name + ".part")
+    return part.stat().st_size if part.is_file() else 0
+
+
+def _whole(project: Project, content_id: str) -> Path:
+    return project.state / "incoming" / f"stream-{content_id[:32]}.tar.zst"
+
+
+def wait_for_go(src: Input) -> None:
+    """The laptop's go-ahead, sent last; without it nothing changes."""
+    if src.exactly(len(GO)) != GO:
         raise RemoteOpsError("the laptop stopped before the deploy was to go ahead; nothing "
                              "was changed.")
 
 
 def apply_streamed(root: str, stream: BinaryIO) -> dict:
     """Read a one-request deploy from ``stream`` and apply it (see the module docstring)."""
-    header = read_header(stream)
-    leftover = header.pop("_leftover")
+    src = Input(stream)
+    header = src.header()
     project = Project(root)
+    if "manifest" in header:
+        return _apply_whole(project, src, header)
     current = project.current()
     if current is None or current.content_id != header["base"]:
         return project._base_differs(
@@ -127,8 +184,8 @@ def apply_streamed(root: str, stream: BinaryIO) -> dict:
     try:
         if sent:
             delta = project.state / "incoming" / f"stream-{sent['sha256'][:32]}.tar.zst"
-            leftover = receive(stream, leftover, delta, int(sent["size"]), sent["sha256"])
-        wait_for_go(stream, leftover)
+            receive(src, delta, int(sent["size"]), sent["sha256"])
+        wait_for_go(src)
         # the tar's sha256 was checked as it arrived; staging checks every file's
         return project.apply(new, delta, header["holder"], int(header["keep"]), None,
                              expect_base=header["base"], expect_agent=header.get("agent"))
@@ -137,4 +194,19 @@ def apply_streamed(root: str, stream: BinaryIO) -> dict:
             delta.unlink(missing_ok=True)
 
 
-__all__ = ["apply_streamed", "read_header", "receive"]
+def _apply_whole(project: Project, src: Input, header: dict) -> dict:
+    """The whole bundle: received (resuming a cut upload), then applied as planned here."""
+    new = Manifest.from_json(json.dumps(header["manifest"]))
+    delta = _whole(project, new.content_id)
+    receive_chunked(src, delta, int(header["delta"]["offset"]))
+    try:
+        wait_for_go(src)
+        result = project.apply(new, delta, header["holder"], int(header["keep"]), None)
+        # the manifest the plan read (the laptop sent it before this request)
+        (project.state / "incoming" / f"{new.content_id}.manifest.json").unlink(missing_ok=True)
+        return result
+    finally:
+        delta.unlink(missing_ok=True)
+
+
+__all__ = ["apply_streamed", "stream_part", "Input", "receive", "receive_chunked"]

@@ -1,0 +1,134 @@
+"""A full deploy in one request: the bundle streamed to ``deploy-stream`` while it is written.
+
+When the server's plan (``deploy-plan``, run while the bundle is hashed) needs
+(nearly) every file, the laptop starts ``deploy-stream`` with the whole manifest
+and sends the tar's bytes as ``write_tar`` produces them (``TarTap``): compression,
+the upload and the server's writing overlap, over one SSH channel. The server
+keeps what arrived under a name that carries the content id: after a cut
+connection the next plan reports how much it has (``stream_part``) and the
+upload resumes there (the tar is deterministic, so the bytes are the same). The
+server checks the whole tar's sha256, and every file's, before anything changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator
+
+from remoteops.common.deploy_wire import GO, MARK, chunk_frame
+from remoteops.common.errors import ConnectError
+from remoteops.common.files import CHUNK
+from remoteops.laptop.agent_stream import AgentStream
+from remoteops.laptop.build import Built
+from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, holder
+
+
+class TarTap:
+    """What ``write_tar`` has written so far, readable while it goes on (``chunks``)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fh = None
+        self._written = 0
+        self._done = False
+        self._error: BaseException | None = None
+
+    # -- told by write_tar (the build's thread) ------------------------------------------
+    def opened(self, path: str) -> None:
+        with self._cond:
+            self._fh = open(path, "rb")  # stays readable once renamed into place
+            self._cond.notify_all()
+
+    def wrote(self, total: int) -> None:
+        with self._cond:
+            self._written = total
+            self._cond.notify_all()
+
+    def closed(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._done, self._error = True, error
+            self._cond.notify_all()
+
+    # -- read by the sender ---------------------------------------------------------------
+    def chunks(self, built: Built, offset: int = 0) -> Iterator[bytes]:
+        """The tar's bytes from ``offset`` as they are written (a bundle reused as it was:
+        from its file)."""
+        with self._cond:
+            while self._fh is None and not self._done and built.pending is not None \
+                    and built.pending.is_alive():
+                self._cond.wait(0.05)
+            fh = self._fh
+        if fh is None:  # nothing was written: the tar is there already (or the build failed)
+            built.wait()
+            fh = open(built.tar_path, "rb")
+            self._written, self._done = built.tar_path.stat().st_size, True
+        with fh:
+            fh.seek(offset)
+            pos = offset
+            while True:
+                with self._cond:
+                    while self._written <= pos and not self._done:
+                        self._cond.wait()
+                    if self._error is not None:
+                        raise self._error
+                    end, done = self._written, self._done
+                while pos < end:
+                    data = fh.read(min(CHUNK, end - pos))
+                    if not data:
+                        break
+                    pos += len(data)
+                    yield data
+                if done and pos >= end:
+                    return
+
+
+def wants_whole_bundle(built: Built, need: list[str]) -> bool:
+    sizes = built.manifest.file_map()
+    return sum(sizes[p].size for p in need) >= WHOLE_BUNDLE_SHARE * max(1, built.manifest.total_size)
+
+
+def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
+                      progress: Callable[[int, int], None] | None) -> tuple[dict, int]:
+    """Stream the bundle (from ``offset``: what the server kept of a cut upload) to
+    ``deploy-stream`` and apply it; the agent's answer and the bytes sent."""
+    import hashlib
+    import json
+
+    manifest = built.manifest
+    header = json.dumps({"manifest": manifest.to_dict(), "delta": {"chunked": True,
+                                                                    "offset": offset},
+                         "holder": holder(f"deploy v{manifest.version}"),
+                         "keep": int(settings["deploy.keep_backups"]),
+                         "agent": manifest.toolkit_version}, separators=(",", ":")).encode()
+    request = AgentStream(target, ["deploy-stream", "--root", target.project_root], 3600)
+    sent = len(MARK) + len(header) + 16
+    done = offset
+    try:
+        request.send(MARK + str(len(header)).encode() + b"\n" + header)
+        digest = hashlib.sha256()
+        for data in tap.chunks(built, offset):
+            if request.closed:
+                break  # the agent stopped reading: its answer (or the lost connection) says why
+            request.send(chunk_frame(data))
+            digest.update(data)
+            done += len(data)
+            sent += len(data) + 8
+            if progress:
+                progress(done, max(done, manifest.total_size))
+        built.wait()  # the tar is complete and renamed into place
+        trailer = chunk_frame(b"") + json.dumps({"size": done, "tail_sha256": digest.hexdigest(),
+                                                 "offset": offset}).encode() + b"\n" + GO
+        request.send(trailer)
+        sent += len(trailer)
+        return request.finish(), sent
+    except ConnectError as exc:
+        request.cancel()
+        raise ConnectError(f"the connection to {target.name} broke during the upload after "
+                           f"{done / 1e6:.1f} MB ({exc}); run the same command again: the upload "
+                           "resumes where it stopped.") from None
+    except BaseException:
+        request.cancel()
+        raise
+
+
+__all__ = ["TarTap", "send_whole_bundle", "wants_whole_bundle"]
