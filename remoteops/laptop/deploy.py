@@ -142,6 +142,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     path = StreamPath if can_stream(target) else FastPath
     fast = path(settings, target, *recalled) if recalled and not dry_run else None
     connected = Background(_connect, target)
+    if isinstance(fast, StreamPath) and confirm is None:
+        fast.prestart(connected)
     early: dict[str, object] = {}
     tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
         else None
@@ -202,6 +204,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             first = job.result()
             outcome.sent_bytes += len(data)
         else:
+            if fast is not None:
+                fast.cancel()  # the record's plan is not used (the disk may be short)
             target.write_bytes(remote_manifest, data)
             outcome.sent_bytes += len(data)
         outcome.plan = _plan(target, built, remote_manifest, outcome, first)

@@ -40,6 +40,17 @@ class StreamPath(FastPath):
     """``FastPath``'s plan, sent as one ``deploy-stream`` request (see the module)."""
 
     request: AgentStream | None = None
+    opening: Background | None = None
+
+    def prestart(self, connected: Background) -> None:
+        """Start the agent as soon as the connection is open: its Python starts while the
+        laptop still hashes the project (it waits for the request on stdin)."""
+        def open_request() -> AgentStream:
+            connected.result()
+            return AgentStream(self.target, ["deploy-stream", "--root",
+                                             self.target.project_root], 3600)
+
+        self.opening = Background(open_request)
 
     def start(self, connected: Background, remote_manifest: str, data: bytes,
               tar: Path | None, progress: Callable[[int, int], None] | None) -> None:
@@ -60,6 +71,7 @@ class StreamPath(FastPath):
                 delta = upload_file(self.settings, Built(tar, manifest_for(tar), manifest),
                                     need, tar.parent / ".delta", key)
             if delta.stat().st_size > STREAM_MAX:  # resumable SFTP instead
+                self._drop_request()
                 return "sftp", super()._start(connected, remote_manifest, data, tar, progress)
         size = delta.stat().st_size if delta is not None else 0
         info = {"size": size, "sha256": sha256_file(delta)} if delta is not None else None
@@ -67,8 +79,12 @@ class StreamPath(FastPath):
             "holder": holder(f"deploy v{manifest.version}"), "agent": manifest.toolkit_version,
             "keep": int(self.settings["deploy.keep_backups"])})
         connected.result()
-        self.request = request = AgentStream(self.target, ["deploy-stream", "--root",
-                                                           self.target.project_root], 3600)
+        if self.opening is not None:
+            self.request, self.opening = self.opening.result(), None
+        else:
+            self.request = AgentStream(self.target, ["deploy-stream", "--root",
+                                                     self.target.project_root], 3600)
+        request = self.request
         request.send(header)
         if delta is not None:
             with open(delta, "rb") as fh:
@@ -84,8 +100,19 @@ class StreamPath(FastPath):
         """Stop a request under way without its go-ahead: the server changes nothing."""
         if self.job is not None:
             self.job.settle()
+        self._drop_request()
+
+    def _drop_request(self) -> None:
+        if self.opening is not None:
+            self.opening.settle()
+            try:
+                self.request = self.opening.result()
+            except Exception:  # noqa: BLE001 - it never started: nothing to stop
+                pass
+            self.opening = None
         if self.request is not None:
             self.request.cancel()
+            self.request = None
 
     def finish(self, outcome: DeployOutcome, remote_manifest: str, data: bytes,
                built: Built, connected: Background, progress) -> bool:

@@ -65,6 +65,9 @@ class Input:
         while MARK not in self.buffer:
             chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
                 else self.stream.read(65536)
+            if not chunk and not self.buffer:
+                raise RemoteOpsError("no deploy arrived (the laptop stopped before sending "
+                                     "it); nothing was changed.")
             if not chunk or len(self.buffer) > (1 << 20):
                 raise RemoteOpsError(NO_PAYLOAD)
             self.buffer += chunk
