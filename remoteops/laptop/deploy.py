@@ -33,7 +33,8 @@ from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, 
                                             delta_key, holder, state_dir, upload_file)
 from remoteops.laptop.agent_stream import can_stream
 from remoteops.laptop.deploy_fast import FastPath
-from remoteops.laptop.deploy_full import TarTap, send_whole_bundle, wants_whole_bundle
+from remoteops.laptop.deploy_full import (TarTap, close_request, open_request, send_whole_bundle,
+                                          wants_whole_bundle)
 from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
@@ -147,6 +148,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     early: dict[str, object] = {}
     tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
         else None
+    # the request that may stream the whole bundle starts with the connection; closed unused
+    opening = open_request(target, connected) if tap is not None and confirm is None else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
@@ -168,6 +171,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 job.settle()
         if fast is not None:
             fast.cancel()
+        close_request(opening)
         raise
     try:
         manifest = built.manifest
@@ -222,7 +226,9 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         if need and tap is not None and wants_whole_bundle(built, need):
             _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
             applied, n = send_whole_bundle(settings, target, built, tap,
-                                           int(outcome.plan.get("stream_part") or 0), progress)
+                                           int(outcome.plan.get("stream_part") or 0), progress,
+                                           opening)
+            opening = None
             outcome.sent_bytes += n
             outcome.upload_bytes = built.tar_path.stat().st_size
             return _applied(settings, target, built, outcome, applied, started)
@@ -245,6 +251,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         return _applied(settings, target, built, outcome,
                         target.run_agent(*args, timeout=3600), started)
     finally:
+        close_request(opening)
         if built.pending is not None:  # never leave the tar half-written behind
             built.pending.join()
 

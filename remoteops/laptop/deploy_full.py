@@ -20,7 +20,7 @@ from remoteops.common.errors import ConnectError
 from remoteops.common.files import CHUNK
 from remoteops.laptop.agent_stream import AgentStream
 from remoteops.laptop.build import Built
-from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, holder
+from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, Background, holder
 
 
 class TarTap:
@@ -87,10 +87,32 @@ def wants_whole_bundle(built: Built, need: list[str]) -> bool:
     return sum(sizes[p].size for p in need) >= WHOLE_BUNDLE_SHARE * max(1, built.manifest.total_size)
 
 
+def open_request(target, connected: Background) -> Background:
+    """``deploy-stream`` started as soon as the connection is open (its Python starts while
+    the laptop hashes and the server plans); ``close_request`` when it is not used."""
+    def start() -> AgentStream:
+        connected.result()
+        return AgentStream(target, ["deploy-stream", "--root", target.project_root], 3600)
+
+    return Background(start)
+
+
+def close_request(opening: Background | None) -> None:
+    if opening is None:
+        return
+    opening.settle()
+    try:
+        opening.result().cancel()
+    except Exception:  # noqa: BLE001 - it never started: nothing to close
+        pass
+
+
 def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
-                      progress: Callable[[int, int], None] | None) -> tuple[dict, int]:
+                      progress: Callable[[int, int], None] | None,
+                      opening: Background | None = None) -> tuple[dict, int]:
     """Stream the bundle (from ``offset``: what the server kept of a cut upload) to
-    ``deploy-stream`` and apply it; the agent's answer and the bytes sent."""
+    ``deploy-stream`` (``opening``: one started already) and apply it; the agent's answer
+    and the bytes sent."""
     import hashlib
     import json
 
@@ -100,7 +122,7 @@ def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
                          "holder": holder(f"deploy v{manifest.version}"),
                          "keep": int(settings["deploy.keep_backups"]),
                          "agent": manifest.toolkit_version}, separators=(",", ":")).encode()
-    request = AgentStream(target, ["deploy-stream", "--root", target.project_root], 3600)
+    request = (opening or open_request(target, Background(lambda: None))).result()
     sent = len(MARK) + len(header) + 16
     done = offset
     try:
@@ -131,4 +153,5 @@ def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
         raise
 
 
-__all__ = ["TarTap", "send_whole_bundle", "wants_whole_bundle"]
+__all__ = ["TarTap", "send_whole_bundle", "wants_whole_bundle", "open_request",
+           "close_request"]
