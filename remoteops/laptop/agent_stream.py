@@ -25,6 +25,17 @@ def can_stream(target: Target) -> bool:
     return isinstance(target, (SSHTarget, LocalTarget))
 
 
+# What an agent that cannot take a streamed request answers: an older agent, or a login
+# shell (~/.bashrc) that reads stdin before the agent does. Then the SFTP path runs.
+_NOT_STREAMABLE = ("No such command", "did not arrive on stdin")
+STDIN_EVENT = ("the server's login shell reads stdin (~/.bashrc), so the deploy went by SFTP; "
+               "put '[[ $- == *i* ]] || return' at the top of ~/.bashrc there")
+
+
+def not_streamable(exc: Exception) -> bool:
+    return any(text in str(exc) for text in _NOT_STREAMABLE)
+
+
 def agent_command(target: Target, args: list[str]) -> str:
     return " ".join([shell_path(target.python), "-m", "remoteops.agent",
                      *(shell_path(a) for a in args), "--json"])
@@ -147,4 +158,4 @@ def _reader(read, sink: list[bytes]) -> threading.Thread:
     return thread
 
 
-__all__ = ["AgentStream", "can_stream"]
+__all__ = ["AgentStream", "can_stream", "not_streamable", "STDIN_EVENT"]

@@ -31,10 +31,10 @@ from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, re
 from remoteops.laptop.build import Built, build_bundle
 from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, apply_args,
                                             delta_key, holder, state_dir, upload_file)
-from remoteops.laptop.agent_stream import can_stream
+from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
 from remoteops.laptop.deploy_fast import FastPath
-from remoteops.laptop.deploy_full import (TarTap, close_request, open_request, send_whole_bundle,
-                                          wants_whole_bundle)
+from remoteops.laptop.deploy_full import (TarTap, close_request, file_chunks, open_request,
+                                          send_tar, wants_whole_bundle)
 from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
@@ -223,15 +223,12 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             raise RemoteOpsError("deploy cancelled; nothing was changed.")
         need = outcome.plan["need"]
         sent = None
-        if need and tap is not None and wants_whole_bundle(built, need):
-            _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
-            applied, n = send_whole_bundle(settings, target, built, tap,
-                                           int(outcome.plan.get("stream_part") or 0), progress,
-                                           opening)
+        if need and tap is not None:  # the files on the stdin of one more request
+            applied = _stream_planned(settings, target, built, tap, outcome, progress, opening)
             opening = None
-            outcome.sent_bytes += n
-            outcome.upload_bytes = built.tar_path.stat().st_size
-            return _applied(settings, target, built, outcome, applied, started)
+            if applied is not None:
+                return _applied(settings, target, built, outcome, applied, started)
+            outcome.events.append(STDIN_EVENT)
         built.wait()  # what follows reads the tar
         if need:
             delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
@@ -254,6 +251,31 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         close_request(opening)
         if built.pending is not None:  # never leave the tar half-written behind
             built.pending.join()
+
+
+def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTap,
+                    outcome: DeployOutcome, progress, opening) -> dict | None:
+    """The server's plan applied through ``deploy-stream``: the bundle as it is written
+    when (nearly) all of it is needed, else a delta (None: the agent could not read it)."""
+    need, parts = outcome.plan["need"], outcome.plan.get("stream_parts") or {}
+    if wants_whole_bundle(built, need):
+        _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
+        name, size = "whole", built.manifest.total_size
+        offset = int(parts.get(name) or 0)
+        chunks = tap.chunks(built, offset)
+    else:
+        built.wait()
+        key = delta_key(built.manifest, need)
+        delta = upload_file(settings, built, need, built.tar_path.parent / ".delta", key)
+        _check_disk(target, outcome.plan, delta.stat().st_size + outcome.plan["need_bytes"])
+        name, size = f"delta-{key}", delta.stat().st_size
+        offset = int(parts.get(name) or 0)
+        chunks = file_chunks(delta, offset)
+    applied, sent = send_tar(settings, target, built, chunks, name, offset, progress, size,
+                             opening)
+    outcome.sent_bytes += sent
+    outcome.upload_bytes = size if name != "whole" else built.tar_path.stat().st_size
+    return applied
 
 
 def _check_disk(target: Target, plan: dict, upload_and_files: int) -> None:

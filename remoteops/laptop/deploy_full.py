@@ -1,24 +1,27 @@
-"""A full deploy in one request: the bundle streamed to ``deploy-stream`` while it is written.
+"""A deploy the server planned, in one more request: the files streamed to ``deploy-stream``.
 
-When the server's plan (``deploy-plan``, run while the bundle is hashed) needs
-(nearly) every file, the laptop starts ``deploy-stream`` with the whole manifest
-and sends the tar's bytes as ``write_tar`` produces them (``TarTap``): compression,
-the upload and the server's writing overlap, over one SSH channel. The server
-keeps what arrived under a name that carries the content id: after a cut
-connection the next plan reports how much it has (``stream_part``) and the
-upload resumes there (the tar is deterministic, so the bytes are the same). The
-server checks the whole tar's sha256, and every file's, before anything changes.
+Without a current record the server plans (``deploy-plan``, run while the bundle
+is hashed); then the laptop sends the whole manifest and a tar of what the plan
+needs on the stdin of ``deploy-stream`` (``send_tar``), started with the
+connection. When (nearly) every file is needed that tar is the bundle itself,
+sent as ``write_tar`` produces it (``TarTap``): compression, the upload and the
+server's writing overlap. Otherwise it is a delta. The server keeps what arrived
+under a name that carries the content id: after a cut connection the next plan
+reports how much it has (``stream_parts``) and the upload resumes there (the tars
+are deterministic, so the bytes are the same). The server checks the tar's
+sha256, and every file's, before anything changes.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Callable, Iterator
 
 from remoteops.common.deploy_wire import GO, MARK, chunk_frame
-from remoteops.common.errors import ConnectError
+from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.files import CHUNK
-from remoteops.laptop.agent_stream import AgentStream
+from remoteops.laptop.agent_stream import AgentStream, not_streamable
 from remoteops.laptop.build import Built
 from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, Background, holder
 
@@ -107,18 +110,27 @@ def close_request(opening: Background | None) -> None:
         pass
 
 
-def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
-                      progress: Callable[[int, int], None] | None,
-                      opening: Background | None = None) -> tuple[dict, int]:
-    """Stream the bundle (from ``offset``: what the server kept of a cut upload) to
-    ``deploy-stream`` (``opening``: one started already) and apply it; the agent's answer
-    and the bytes sent."""
+def file_chunks(path: Path, offset: int = 0) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        yield from iter(lambda: fh.read(CHUNK), b"")
+
+
+def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str, offset: int,
+             progress: Callable[[int, int], None] | None, total: int,
+             opening: Background | None = None) -> tuple[dict | None, int]:
+    """Stream a tar of the bundle's files (the whole bundle as it is written, or a delta),
+    from ``offset`` (what the server kept of a cut upload of the same ``name``), to
+    ``deploy-stream`` (``opening``: one started already), which applies it as planned
+    there; the agent's answer (None: it could not read the stream, nothing changed) and
+    the bytes sent."""
     import hashlib
     import json
 
     manifest = built.manifest
     header = json.dumps({"manifest": manifest.to_dict(), "delta": {"chunked": True,
-                                                                    "offset": offset},
+                                                                    "offset": offset,
+                                                                    "name": name},
                          "holder": holder(f"deploy v{manifest.version}"),
                          "keep": int(settings["deploy.keep_backups"]),
                          "agent": manifest.toolkit_version}, separators=(",", ":")).encode()
@@ -128,7 +140,7 @@ def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
     try:
         request.send(MARK + str(len(header)).encode() + b"\n" + header)
         digest = hashlib.sha256()
-        for data in tap.chunks(built, offset):
+        for data in chunks:
             if request.closed:
                 break  # the agent stopped reading: its answer (or the lost connection) says why
             request.send(chunk_frame(data))
@@ -136,13 +148,17 @@ def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
             done += len(data)
             sent += len(data) + 8
             if progress:
-                progress(done, max(done, manifest.total_size))
+                progress(done, max(done, total))
         built.wait()  # the tar is complete and renamed into place
         trailer = chunk_frame(b"") + json.dumps({"size": done, "tail_sha256": digest.hexdigest(),
                                                  "offset": offset}).encode() + b"\n" + GO
         request.send(trailer)
         sent += len(trailer)
         return request.finish(), sent
+    except RemoteCommandError as exc:
+        if not not_streamable(exc):
+            raise
+        return None, sent  # the caller uploads by SFTP instead
     except ConnectError as exc:
         request.cancel()
         raise ConnectError(f"the connection to {target.name} broke during the upload after "
@@ -153,5 +169,5 @@ def send_whole_bundle(settings, target, built: Built, tap: TarTap, offset: int,
         raise
 
 
-__all__ = ["TarTap", "send_whole_bundle", "wants_whole_bundle", "open_request",
+__all__ = ["TarTap", "send_tar", "file_chunks", "wants_whole_bundle", "open_request",
            "close_request"]

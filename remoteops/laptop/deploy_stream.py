@@ -23,7 +23,7 @@ from remoteops.common.errors import RemoteCommandError
 from remoteops.common.files import CHUNK, sha256_file
 from remoteops.common.manifest import manifest_for
 from remoteops.common.target import AgentMissing
-from remoteops.laptop.agent_stream import AgentStream
+from remoteops.laptop.agent_stream import STDIN_EVENT, AgentStream, not_streamable
 from remoteops.laptop.build import Built
 from remoteops.laptop.deploy_common import (Background, DeployOutcome, bundles_dir, delta_key,
                                             holder, upload_file)
@@ -32,8 +32,6 @@ from remoteops.laptop.deploy_record import remember
 
 # Uploads larger than this go through SFTP, which resumes after a cut connection.
 STREAM_MAX = 64 << 20
-# What an agent that cannot take the one request answers (then the usual path runs).
-_NOT_STREAMABLE = ("No such command", "did not arrive on stdin")
 
 
 class StreamPath(FastPath):
@@ -137,8 +135,11 @@ class StreamPath(FastPath):
             outcome.events.append(f"no remoteops agent found on {self.target.name}")
             return self._fall_back(outcome, remote_manifest, data)
         except RemoteCommandError as exc:
-            if not any(text in str(exc) for text in _NOT_STREAMABLE):
+            if not not_streamable(exc):
                 raise
+            outcome.events.append(STDIN_EVENT if "stdin" in str(exc) else
+                                  f"the agent on {self.target.name} cannot take a streamed "
+                                  "deploy; planned against it")
             return self._fall_back(outcome, remote_manifest, data)
         free_after = answer.pop("free_bytes", None)
         if answer.get("base_differs"):

@@ -12,7 +12,8 @@ A connection cut before ``GO`` leaves the server as it was.
 
 A full deploy sends the whole manifest and the bundle's tar as it is written
 (``receive_chunked``): what arrived is kept under a name carrying the content id,
-so after a cut the next plan reports it (``stream_part``) and the upload resumes.
+so after a cut the next plan reports it (``stream_parts``) and the upload resumes.
+A delta the server planned (``deploy-plan``) comes the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -147,15 +149,20 @@ def receive_chunked(src: Input, dest: Path, offset: int) -> None:
     os.replace(part, dest)
 
 
-def stream_part(project: Project, content_id: str) -> int:
-    """Bytes kept of a cut full upload of ``content_id`` (the next one resumes there)."""
-    whole = _whole(project, content_id)
-    part = whole.with_name(whole.name + ".part")
-    return part.stat().st_size if part.is_file() else 0
+def stream_parts(project: Project, content_id: str) -> dict[str, int]:
+    """Bytes kept of each cut upload for ``content_id``, by name (the next one resumes)."""
+    prefix = f"stream-{content_id[:32]}-"
+    folder = project.state / "incoming"
+    if not folder.is_dir():
+        return {}
+    return {p.name[len(prefix):-len(".tar.zst.part")]: p.stat().st_size
+            for p in folder.glob(f"{prefix}*.tar.zst.part")}
 
 
-def _whole(project: Project, content_id: str) -> Path:
-    return project.state / "incoming" / f"stream-{content_id[:32]}.tar.zst"
+def _whole(project: Project, content_id: str, name: str) -> Path:
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", name):
+        raise RemoteOpsError(f"the upload's name {name!r} is not one remoteops sends.")
+    return project.state / "incoming" / f"stream-{content_id[:32]}-{name}.tar.zst"
 
 
 def wait_for_go(src: Input) -> None:
@@ -171,7 +178,7 @@ def apply_streamed(root: str, stream: BinaryIO) -> dict:
     header = src.header()
     project = Project(root)
     if "manifest" in header:
-        return _apply_whole(project, src, header)
+        return _apply_planned(project, src, header)
     current = project.current()
     if current is None or current.content_id != header["base"]:
         return project._base_differs(
@@ -197,10 +204,11 @@ def apply_streamed(root: str, stream: BinaryIO) -> dict:
             delta.unlink(missing_ok=True)
 
 
-def _apply_whole(project: Project, src: Input, header: dict) -> dict:
-    """The whole bundle: received (resuming a cut upload), then applied as planned here."""
+def _apply_planned(project: Project, src: Input, header: dict) -> dict:
+    """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
+    applied as planned here."""
     new = Manifest.from_json(json.dumps(header["manifest"]))
-    delta = _whole(project, new.content_id)
+    delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
     receive_chunked(src, delta, int(header["delta"]["offset"]))
     try:
         wait_for_go(src)
@@ -212,4 +220,4 @@ def _apply_whole(project: Project, src: Input, header: dict) -> dict:
         delta.unlink(missing_ok=True)
 
 
-__all__ = ["apply_streamed", "stream_part", "Input", "receive", "receive_chunked"]
+__all__ = ["apply_streamed", "stream_parts", "Input", "receive", "receive_chunked"]

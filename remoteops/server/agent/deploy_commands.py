@@ -39,12 +39,12 @@ def deploy_plan(root: str, manifest: str, as_json: bool) -> None:
     from remoteops.server.apply import Project
     from remoteops.server.incoming import read_manifest_file
 
-    from remoteops.server.streamapply import stream_part
+    from remoteops.server.streamapply import stream_parts
 
     project = Project(root)
     new = read_manifest_file(manifest)
     plan = project.plan(new)
-    plan["stream_part"] = stream_part(project, new.content_id)  # a cut full upload resumes
+    plan["stream_parts"] = stream_parts(project, new.content_id)  # a cut upload resumes
     emit(plan, as_json, f"send {len(plan['need'])} file(s), delete {len(plan['delete'])}, "
                         f"{plan['unchanged']} unchanged")
 
