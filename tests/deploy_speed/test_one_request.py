@@ -106,3 +106,21 @@ def test_a_full_deploy_of_mostly_new_files_streams_the_bundle(deploy, project, s
     assert bundle < out["sent_bytes"] < bundle + 50_000
     assert tree(server_root) == expected_tree(project)
     assert not list((server_root / ".remoteops" / "incoming").glob("*"))
+
+
+def test_without_a_record_the_plan_is_the_servers_and_only_the_change_travels(
+        deploy, project, server_root):
+    import shutil
+
+    deploy()
+    shutil.rmtree(project / "bundles" / ".deployed")  # another laptop, or a lost record
+    (project / "code" / "util.py").write_text("X = 'from another laptop'\n")
+    res = deploy("--json")
+    out = as_json(res)
+    assert (res.commands, res.sftp) == (2, 1)  # deploy-plan (manifest by SFTP), deploy-stream
+    assert out["plan"]["changed"] == ["code/util.py"] and out["applied"]["overwritten"] == 1
+    manifest = next((project / "bundles").glob("*-v2.manifest.json")).stat().st_size
+    assert out["sent_bytes"] < manifest + 2_000  # the manifest and a delta, not the bundle
+    assert tree(server_root) == expected_tree(project)
+    assert not list((server_root / ".remoteops" / "incoming").glob("*"))
+    assert deploy().commands == 1  # the record is back
