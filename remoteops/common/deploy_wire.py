@@ -92,4 +92,5 @@ def rebuild(base: Manifest, header: dict) -> Manifest:
     return new
 
 
-__all__ = ["MARK", "GO", "chunk_frame", "encode_header", "rebuild", "manifest_delta", "manifest_sha256"]
+__all__ = ["MARK", "GO", "chunk_frame", "encode_header", "rebuild", "manifest_delta",
+           "manifest_sha256"]

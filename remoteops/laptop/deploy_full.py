@@ -86,8 +86,8 @@ class TarTap:
 
 
 def wants_whole_bundle(built: Built, need: list[str]) -> bool:
-    sizes = built.manifest.file_map()
-    return sum(sizes[p].size for p in need) >= WHOLE_BUNDLE_SHARE * max(1, built.manifest.total_size)
+    sizes, total = built.manifest.file_map(), built.manifest.total_size
+    return sum(sizes[p].size for p in need) >= WHOLE_BUNDLE_SHARE * max(1, total)
 
 
 def open_request(target, connected: Background) -> Background:

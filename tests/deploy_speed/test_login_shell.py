@@ -8,7 +8,6 @@ agent starts (root's own ``.bashrc`` is not ours to change), over the real sshd.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
