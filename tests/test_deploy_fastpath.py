@@ -59,7 +59,7 @@ def records(project: Path) -> list[dict]:
 
 def test_redeploy_and_noop_take_one_agent_command(deploy, project, server_root):
     first = deploy("deploy-bundle", "--yes")
-    assert first.commands == 2  # no record yet: plan on the server, then apply
+    assert first.commands == 1  # no record yet: the server plans and applies, one request
     [record] = records(project)
     assert record["version"] == 1 and Path(record["manifest"]).is_file()
 
@@ -165,7 +165,7 @@ def test_rollback_and_dry_run_keep_the_record_honest(deploy, project, server_roo
     deploy("rollback", name, "--yes")
     assert records(project) == []
     res = deploy("deploy-bundle", "--yes")
-    assert res.commands == 2 and "the server is not as last deployed" not in res.stdout
+    assert res.commands == 1 and "the server is not as last deployed" not in res.stdout
     assert tree(server_root) == expected_tree(project)
 
 

@@ -9,6 +9,7 @@ agent then changes nothing.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 from remoteops.common.errors import RemoteCommandError
 from remoteops.common.target import AgentMissing, LocalTarget, Target, shell_path
-from remoteops.common.wire import parse_marked
+from remoteops.common.wire import BEGIN, END, parse_marked
 from remoteops.laptop.targets import SSHTarget
 
 
@@ -50,6 +51,7 @@ class AgentStream:
         self.closed = False  # the command stopped reading (its answer says why)
         self._out: list[bytes] = []
         self._err: list[bytes] = []
+        self._arrived = threading.Condition()  # stdout grew, or a reader ended
         command = agent_command(target, args)
         if isinstance(target, SSHTarget):
             self._open_channel(command)
@@ -57,8 +59,8 @@ class AgentStream:
             self._proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self._chan = None
-            self._readers = [_reader(self._proc.stdout.read, self._out),
-                             _reader(self._proc.stderr.read, self._err)]
+            self._readers = [_reader(self._proc.stdout.read1, self._out, self._arrived),
+                             _reader(self._proc.stderr.read1, self._err, self._arrived)]
 
     def _open_channel(self, command: str) -> None:
         import paramiko
@@ -70,8 +72,8 @@ class AgentStream:
         except (socket.error, EOFError, paramiko.SSHException) as exc:
             raise self.target._lost(conn, str(exc)) from None
         self._proc = None
-        self._readers = [_reader(self._chan.recv, self._out),
-                         _reader(self._chan.recv_stderr, self._err)]
+        self._readers = [_reader(self._chan.recv, self._out, self._arrived),
+                         _reader(self._chan.recv_stderr, self._err, self._arrived)]
 
     def send(self, data: bytes) -> None:
         if self.closed or not data:
@@ -81,7 +83,8 @@ class AgentStream:
                 self._chan.sendall(data)
             else:
                 self._proc.stdin.write(data)
-        except (OSError, EOFError):
+                self._proc.stdin.flush()  # the agent may answer before the input ends
+        except (OSError, EOFError, ValueError):
             self.closed = True
 
     def cancel(self) -> None:
@@ -92,6 +95,21 @@ class AgentStream:
         elif self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+    def answer(self) -> Any:
+        """The first answer the command prints while it still runs (a plan), once it came;
+        when the command ends without one, its error (as ``finish``)."""
+        with self._arrived:
+            while True:
+                out = b"".join(self._out)
+                start = out.find(BEGIN.encode())
+                end = out.find(END.encode(), start) if start >= 0 else -1
+                if end >= 0:
+                    return json.loads(out[start + len(BEGIN):end].decode("utf-8"))
+                if not all(r.is_alive() for r in self._readers):
+                    break
+                self._arrived.wait(1.0)
+        return self.finish()
 
     def finish(self) -> Any:
         """Close the input, wait for the command and return its JSON answer."""
@@ -142,16 +160,22 @@ class AgentStream:
         return code
 
 
-def _reader(read, sink: list[bytes]) -> threading.Thread:
+def _reader(read, sink: list[bytes], arrived: threading.Condition) -> threading.Thread:
     def drain() -> None:
-        while True:
-            try:
-                chunk = read(65536)
-            except (OSError, EOFError):
-                return
-            if not chunk:
-                return
-            sink.append(chunk)
+        try:
+            while True:
+                try:
+                    chunk = read(65536)
+                except (OSError, EOFError, ValueError):
+                    return
+                if not chunk:
+                    return
+                with arrived:
+                    sink.append(chunk)
+                    arrived.notify_all()
+        finally:
+            with arrived:
+                arrived.notify_all()
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()

@@ -33,8 +33,9 @@ from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, 
                                             delta_key, holder, state_dir, upload_file)
 from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
 from remoteops.laptop.deploy_fast import FastPath
-from remoteops.laptop.deploy_full import (TarTap, close_request, file_chunks, open_request,
-                                          send_tar, wants_whole_bundle)
+from remoteops.laptop.deploy_full import (TarTap, file_chunks, open_request, send_tar,
+                                          wants_whole_bundle)
+from remoteops.laptop.deploy_planned import Planned
 from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
@@ -148,14 +149,17 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     early: dict[str, object] = {}
     tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
         else None
-    # the request that may stream the whole bundle starts with the connection; closed unused
-    opening = open_request(target, connected) if tap is not None and confirm is None else None
+    # without a record one deploy-stream request plans and applies; it starts with the
+    # connection, so its Python starts while the laptop hashes
+    planned = Planned(settings, target, open_request(target, connected)) if tap else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
         data = manifest.to_json().encode("utf-8")
         early.update(remote=remote, data=data)
-        if fast is None:
+        if planned is not None:
+            planned.ask(manifest)  # the manifest on the request's stdin, for the server's plan
+        elif fast is None:
             early["job"] = Background(_send_manifest_and_plan, target, connected, data, remote)
         elif fast.plan_for(manifest) is not None and confirm is None:
             fast.start(connected, remote, data, None, progress)  # while the tar is written
@@ -171,7 +175,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 job.settle()
         if fast is not None:
             fast.cancel()
-        close_request(opening)
+        if planned is not None:
+            planned.cancel()
         raise
     try:
         manifest = built.manifest
@@ -204,6 +209,15 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 outcome.seconds = time.monotonic() - started
                 return outcome
             outcome.upload_bytes = 0
+        elif planned is not None:
+            first = planned.plan(manifest.toolkit_version)
+            if first is None:  # the usual path: the manifest by SFTP, the agent installed
+                planned = None
+                target.write_bytes(remote_manifest, data)
+                outcome.sent_bytes += len(data)
+                first = _NOT_YET
+            else:
+                outcome.sent_bytes += planned.sent
         elif job is not None:
             first = job.result()
             outcome.sent_bytes += len(data)
@@ -217,15 +231,17 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         if on_plan is not None:
             on_plan(outcome)
         if dry_run or outcome.noop:
+            if planned is not None:
+                planned.skip()
             outcome.seconds = time.monotonic() - started
             return outcome
         if confirm is not None and not confirm(outcome.plan):
             raise RemoteOpsError("deploy cancelled; nothing was changed.")
         need = outcome.plan["need"]
         sent = None
-        if need and tap is not None:  # the files on the stdin of one more request
-            applied = _stream_planned(settings, target, built, tap, outcome, progress, opening)
-            opening = None
+        if need and tap is not None:  # the files on a deploy-stream request's stdin
+            applied = _stream_planned(settings, target, built, tap, outcome, progress, planned)
+            planned = None
             if applied is not None:
                 return _applied(settings, target, built, outcome, applied, started)
             outcome.events.append(STDIN_EVENT)
@@ -248,13 +264,14 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         return _applied(settings, target, built, outcome,
                         target.run_agent(*args, timeout=3600), started)
     finally:
-        close_request(opening)
+        if planned is not None:
+            planned.cancel()
         if built.pending is not None:  # never leave the tar half-written behind
             built.pending.join()
 
 
 def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTap,
-                    outcome: DeployOutcome, progress, opening) -> dict | None:
+                    outcome: DeployOutcome, progress, planned: Planned | None) -> dict | None:
     """The server's plan applied through ``deploy-stream``: the bundle as it is written
     when (nearly) all of it is needed, else a delta (None: the agent could not read it)."""
     need, parts = outcome.plan["need"], outcome.plan.get("stream_parts") or {}
@@ -271,8 +288,10 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
         name, size = f"delta-{key}", delta.stat().st_size
         offset = int(parts.get(name) or 0)
         chunks = file_chunks(delta, offset)
-    applied, sent = send_tar(settings, target, built, chunks, name, offset, progress, size,
-                             opening)
+    if planned is not None:  # the request that planned waits for these files
+        applied, sent = planned.send(built, chunks, name, offset, progress, size)
+    else:
+        applied, sent = send_tar(settings, target, built, chunks, name, offset, progress, size)
     outcome.sent_bytes += sent
     outcome.upload_bytes = size if name != "whole" else built.tar_path.stat().st_size
     return applied

@@ -110,6 +110,13 @@ def close_request(opening: Background | None) -> None:
         pass
 
 
+def request_header(settings, manifest, **more) -> dict:
+    """What ``deploy-stream`` is told first when the server plans: the whole manifest."""
+    return {"manifest": manifest.to_dict(), "holder": holder(f"deploy v{manifest.version}"),
+            "keep": int(settings["deploy.keep_backups"]), "agent": manifest.toolkit_version,
+            **more}
+
+
 def file_chunks(path: Path, offset: int = 0) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -118,27 +125,28 @@ def file_chunks(path: Path, offset: int = 0) -> Iterator[bytes]:
 
 def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str, offset: int,
              progress: Callable[[int, int], None] | None, total: int,
-             opening: Background | None = None) -> tuple[dict | None, int]:
+             opening: Background | None = None,
+             request: AgentStream | None = None) -> tuple[dict | None, int]:
     """Stream a tar of the bundle's files (the whole bundle as it is written, or a delta),
     from ``offset`` (what the server kept of a cut upload of the same ``name``), to
-    ``deploy-stream`` (``opening``: one started already), which applies it as planned
-    there; the agent's answer (None: it could not read the stream, nothing changed) and
-    the bytes sent."""
+    ``deploy-stream`` (``opening``: one started already; ``request``: one that made the
+    plan and waits for what follows), which applies it as planned there; the agent's
+    answer (None: it could not read the stream, nothing changed) and the bytes sent."""
     import hashlib
     import json
 
-    manifest = built.manifest
-    header = json.dumps({"manifest": manifest.to_dict(), "delta": {"chunked": True,
-                                                                    "offset": offset,
-                                                                    "name": name},
-                         "holder": holder(f"deploy v{manifest.version}"),
-                         "keep": int(settings["deploy.keep_backups"]),
-                         "agent": manifest.toolkit_version}, separators=(",", ":")).encode()
-    request = (opening or open_request(target, Background(lambda: None))).result()
-    sent = len(MARK) + len(header) + 16
+    delta = {"chunked": True, "offset": offset, "name": name}
+    if request is None:
+        header = json.dumps(request_header(settings, built.manifest, delta=delta),
+                            separators=(",", ":")).encode()
+        request = (opening or open_request(target, Background(lambda: None))).result()
+        preamble = MARK + str(len(header)).encode() + b"\n" + header
+    else:
+        preamble = json.dumps({"send": "tar", **delta}).encode() + b"\n"
+    sent = len(preamble)
     done = offset
     try:
-        request.send(MARK + str(len(header)).encode() + b"\n" + header)
+        request.send(preamble)
         digest = hashlib.sha256()
         for data in chunks:
             if request.closed:
@@ -169,5 +177,6 @@ def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str,
         raise
 
 
-__all__ = ["TarTap", "send_tar", "file_chunks", "wants_whole_bundle", "open_request",
+__all__ = ["TarTap", "send_tar", "file_chunks", "request_header", "wants_whole_bundle",
+           "open_request",
            "close_request"]

@@ -23,7 +23,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from remoteops.common.deploy_wire import GO, MARK, MAX_HEADER, rebuild
 from remoteops.common.errors import RemoteOpsError
@@ -36,7 +36,7 @@ NO_PAYLOAD = ("the deploy's data did not arrive on stdin; something in the login
 
 
 class Input:
-    """stdin, read exactly: whatever came before ``MARK`` is skipped."""
+    """stdin, read exactly."""
 
     def __init__(self, stream: BinaryIO):
         self.stream, self.buffer = stream, b""
@@ -64,16 +64,21 @@ class Input:
         return line
 
     def header(self) -> dict:
-        while MARK not in self.buffer:
+        """The header after ``MARK``, which must come first: only the laptop writes to
+        this stdin, so anything else means a login shell read part of it (and waiting
+        for the rest would wait forever)."""
+        while len(self.buffer) < len(MARK):
             chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
-                else self.stream.read(65536)
-            if not chunk and not self.buffer:
-                raise RemoteOpsError("no deploy arrived (the laptop stopped before sending "
-                                     "it); nothing was changed.")
-            if not chunk or len(self.buffer) > (1 << 20):
-                raise RemoteOpsError(NO_PAYLOAD)
+                else self.stream.read(len(MARK))
+            if not chunk:
+                break
             self.buffer += chunk
-        self.buffer = self.buffer[self.buffer.index(MARK) + len(MARK):]
+        if not self.buffer:
+            raise RemoteOpsError("no deploy arrived (the laptop stopped before sending it); "
+                                 "nothing was changed.")
+        if not self.buffer.startswith(MARK):
+            raise RemoteOpsError(NO_PAYLOAD)
+        self.buffer = self.buffer[len(MARK):]
         size = int(self.line() or 0)
         if not 0 < size <= MAX_HEADER:
             raise RemoteOpsError(CUT)
@@ -172,11 +177,14 @@ def wait_for_go(src: Input) -> None:
                              "was changed.")
 
 
-def apply_streamed(root: str, stream: BinaryIO) -> dict:
-    """Read a one-request deploy from ``stream`` and apply it (see the module docstring)."""
+def apply_streamed(root: str, stream: BinaryIO, say: Callable[[dict], None]) -> dict:
+    """Read a one-request deploy from ``stream`` and apply it (see the module docstring).
+    ``say`` prints an answer while the request goes on (the plan, when asked for)."""
     src = Input(stream)
     header = src.header()
     project = Project(root)
+    if header.get("plan"):
+        return _plan_then_apply(project, src, header, say)
     if "manifest" in header:
         return _apply_planned(project, src, header)
     current = project.current()
@@ -202,6 +210,21 @@ def apply_streamed(root: str, stream: BinaryIO) -> dict:
     finally:
         if delta is not None:
             delta.unlink(missing_ok=True)
+
+
+def _plan_then_apply(project: Project, src: Input, header: dict,
+                     say: Callable[[dict], None]) -> dict:
+    """Plan against this disk and say the plan; then the laptop says what follows (a tar
+    of what the plan needs, or nothing: a no-op, a dry run, a declined deploy)."""
+    new = Manifest.from_json(json.dumps(header["manifest"]))
+    plan = project.plan(new)
+    plan["stream_parts"] = stream_parts(project, new.content_id)
+    say(plan)
+    line = src.line()
+    follows = json.loads(line) if line else {}
+    if follows.get("send") != "tar":
+        return {"action": "apply", "noop": True, "skipped": True}
+    return _apply_planned(project, src, {**header, "delta": follows})
 
 
 def _apply_planned(project: Project, src: Input, header: dict) -> dict:

@@ -50,7 +50,7 @@ def ledger(server_root: Path) -> list[dict]:
 def test_a_redeploy_is_one_command_without_sftp_and_applies_exactly_the_change(
         deploy, project, server_root):
     first = deploy("--json")
-    assert first.commands == 2  # no record yet: the server plans, then one streamed apply
+    assert (first.commands, first.sftp) == (1, 0)  # no record yet: the server plans, in it
     (project / "code" / "train.py").write_text("print('train v2')\n")
     res = deploy("--json")
     out = as_json(res)
@@ -101,7 +101,7 @@ def test_a_full_deploy_of_mostly_new_files_streams_the_bundle(deploy, project, s
     (project / "data" / "big.jsonl").write_text('{"text": "line"}\n' * 20_000)
     res = deploy("--json")
     out = as_json(res)
-    assert (res.commands, res.sftp) == (2, 1)  # plan (its manifest by SFTP), streamed apply
+    assert (res.commands, res.sftp) == (1, 0)  # planned and applied by one request
     bundle = next((project / "bundles").glob("*-v1.tar.zst")).stat().st_size
     assert bundle < out["sent_bytes"] < bundle + 50_000
     assert tree(server_root) == expected_tree(project)
@@ -117,7 +117,7 @@ def test_without_a_record_the_plan_is_the_servers_and_only_the_change_travels(
     (project / "code" / "util.py").write_text("X = 'from another laptop'\n")
     res = deploy("--json")
     out = as_json(res)
-    assert (res.commands, res.sftp) == (2, 1)  # deploy-plan (manifest by SFTP), deploy-stream
+    assert (res.commands, res.sftp) == (1, 0)  # the server plans and applies, one request
     assert out["plan"]["changed"] == ["code/util.py"] and out["applied"]["overwritten"] == 1
     manifest = next((project / "bundles").glob("*-v2.manifest.json")).stat().st_size
     assert out["sent_bytes"] < manifest + 2_000  # the manifest and a delta, not the bundle

@@ -77,8 +77,11 @@ def test_the_changed_file_is_applied_with_its_hash_verified(deployed, project, t
     delta = write_delta(Path(os.devnull), ["code/util.py"], tmp_path / "d.tar.zst",
                         manifest=new, source_dir=project)
     header, body = request(base, new, delta)
-    # whatever a login shell prints or reads first is skipped up to the mark
-    res = agent(deployed, b"motd noise\n" + header + body + GO)
+    # stdin that does not start with the mark: a login shell read part of it
+    res = agent(deployed, header[5:] + body + GO)
+    assert res.returncode != 0 and b"did not arrive on stdin" in res.stderr
+    assert (deployed / "code" / "util.py").read_text() == "X = 1\n"
+    res = agent(deployed, header + body + GO)
     assert res.returncode == 0, res.stderr
     out = answer(res)
     assert out["overwritten"] == 1 and out["version"] == base.version + 1

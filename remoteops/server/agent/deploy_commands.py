@@ -94,7 +94,11 @@ def deploy_stream(root: str, as_json: bool) -> None:
     """Apply a deploy sent on stdin: manifest delta, changed files, go (one request)."""
     from remoteops.server.streamapply import apply_streamed
 
-    result = apply_streamed(root, sys.stdin.buffer)
+    def say(data: dict) -> None:  # an answer while the request goes on (the plan)
+        emit(data, True, "")
+        sys.stdout.flush()
+
+    result = apply_streamed(root, sys.stdin.buffer, say)
     if result.get("base_differs"):
         emit(result, as_json, f"not applied: {result['reason']}")
         return
