@@ -192,7 +192,8 @@ def test_most_files_changed_sends_the_bundle_itself_in_one_command(deploy, proje
     deploy("deploy-bundle", "--yes")
     for path in sorted(p for p in project.rglob("*") if p.is_file()
                        and p.relative_to(project).parts[0] in ("code", "data")):
-        path.write_text(path.read_text() * 3 + "# changed\n")
+        # new content unlike the old (a small edit would go as a patch, see tests/deploy_speed)
+        path.write_text(os.urandom(4000).hex() + "\n")
     res = deploy("deploy-bundle", "--yes", "--json")
     out = as_json(res)
     assert res.commands == 1 and len(out["plan"]["changed"]) == 3

@@ -248,6 +248,37 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
     return h.hexdigest(), written, intact
 
 
+def read_member_by_frame(tar_path: Path, members: list[tuple[str, int]],
+                         name: str) -> bytes | None:
+    """One member's bytes, decompressing only the frame that holds it; ``members`` are the
+    ``(name, size)`` the bundle was written with, in order (they give its segments). None
+    when that cannot be done (no index, another layout): the caller checks the sha256."""
+    import io
+
+    import zstandard
+
+    try:
+        frames = json.loads(frames_index_path(tar_path).read_text())["frames"]
+        segments = _segments([(n, None, 0, size, None) for n, size in members])
+        if len(segments) != len(frames):
+            return None
+        frame = next((f for seg, f in zip(segments, frames) if any(m[0] == name for m in seg)),
+                     None)
+        if frame is None:
+            return None
+        with open(tar_path, "rb") as fh:
+            fh.seek(frame["offset"])
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(
+                fh.read(frame["length"]))
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+            for member in tar:
+                if member.name == name and member.isfile():
+                    return tar.extractfile(member).read()
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError, zstandard.ZstdError):
+        return None
+    return None
+
+
 def check_member(member: tarfile.TarInfo) -> str:
     """Refuse unsafe paths (see paths.safe_relpath), links and devices before anything is
     extracted; return the member's normalised name."""

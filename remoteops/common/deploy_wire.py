@@ -3,14 +3,15 @@
 When the laptop's record of the server is current, a deploy is one agent request,
 ``deploy-stream``, whose stdin is::
 
-    MARK \\n <header length> \\n <header JSON> <delta tar.zst bytes> GO
+    MARK \\n <header length> \\n <header JSON> <delta tar.zst bytes> <patches> GO
 
 The header names the base (the content id the laptop believes is deployed), the
 entries of the new manifest that differ from the base (with their position in the
 new file list), the paths it no longer has, those of its other fields that differ, and
 the sha256 of the whole new manifest. The server rebuilds the manifest from its
 own ``current.json`` and checks that sha256: any mismatch means the record was
-stale and the laptop falls back to the full path. ``GO`` comes last: without it
+stale and the laptop falls back to the full path. A changed file may come as a patch
+against the copy the server has (``patches``: path, its old sha256, the patch's size). ``GO`` comes last: without it
 (a cut connection, a cancelled deploy) the server changes nothing.
 
 A full deploy (``deploy_full``) sends the whole manifest instead (``manifest``) and
@@ -37,6 +38,15 @@ def chunk_frame(data: bytes) -> bytes:
     """One piece of a tar sent while it is written (its size unknown at the start): an
     8-byte length, then the bytes; an empty frame ends the tar."""
     return len(data).to_bytes(8, "big") + data
+
+
+def apply_patch(old: bytes, patch: bytes, limit: int) -> bytes:
+    """A file's new bytes from its old ones and a patch (zstd with the old content as a raw
+    dictionary; ``laptop/patches``), at most ``limit`` bytes; zstandard errors propagate."""
+    import zstandard
+
+    raw = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdDecompressor(dict_data=raw).decompress(patch, max_output_size=limit)
 
 
 def manifest_sha256(manifest: Manifest) -> str:
@@ -92,5 +102,5 @@ def rebuild(base: Manifest, header: dict) -> Manifest:
     return new
 
 
-__all__ = ["MARK", "GO", "chunk_frame", "encode_header", "rebuild", "manifest_delta",
+__all__ = ["MARK", "GO", "chunk_frame", "apply_patch", "encode_header", "rebuild", "manifest_delta",
            "manifest_sha256"]

@@ -29,6 +29,7 @@ from remoteops.laptop.deploy_common import (Background, DeployOutcome, bundles_d
                                             holder, upload_file)
 from remoteops.laptop.deploy_fast import FastPath, delta_from_sources
 from remoteops.laptop.deploy_record import remember
+from remoteops.laptop.patches import make_patches
 
 # Uploads larger than this go through SFTP, which resumes after a cut connection.
 STREAM_MAX = 64 << 20
@@ -58,7 +59,10 @@ class StreamPath(FastPath):
               tar: Path | None, progress: Callable[[int, int], None] | None):
         manifest, need = self.manifest, self.plan["need"]
         delta = None
-        if need:
+        patches = make_patches(self.settings, self.base, manifest, need) if need else {}
+        whole = [p for p in need if p not in patches]
+        if whole:
+            need = whole
             key = delta_key(manifest, need)
             if tar is None:
                 delta = delta_from_sources(self.settings, manifest, need,
@@ -75,7 +79,8 @@ class StreamPath(FastPath):
         info = {"size": size, "sha256": sha256_file(delta)} if delta is not None else None
         header = encode_header(self.base, manifest, info, {
             "holder": holder(f"deploy v{manifest.version}"), "agent": manifest.toolkit_version,
-            "keep": int(self.settings["deploy.keep_backups"])})
+            "keep": int(self.settings["deploy.keep_backups"]),
+            "patches": [[p, old, len(patch)] for p, (old, patch) in patches.items()]})
         connected.result()
         if self.opening is not None:
             self.request, self.opening = self.opening.result(), None
@@ -92,6 +97,9 @@ class StreamPath(FastPath):
                     done += len(chunk)
                     if progress:
                         progress(done, size)
+        for _, patch in patches.values():
+            request.send(patch)
+        size += sum(len(patch) for _, patch in patches.values())
         return "stream", (request, len(header) + size + len(GO), size, delta)
 
     def cancel(self) -> None:

@@ -19,6 +19,7 @@ A delta the server planned (``deploy-plan``) comes the same way.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -197,19 +198,81 @@ def apply_streamed(root: str, stream: BinaryIO, say: Callable[[dict], None]) -> 
         new = rebuild(current, header)
     except BundleError as exc:
         return project._base_differs(str(exc))
-    delta = None
+    received = combined = None
     sent = header.get("delta")
     try:
         if sent:
-            delta = project.state / "incoming" / f"stream-{sent['sha256'][:32]}.tar.zst"
-            receive(src, delta, int(sent["size"]), sent["sha256"])
+            received = project.state / "incoming" / f"stream-{sent['sha256'][:32]}.tar.zst"
+            receive(src, received, int(sent["size"]), sent["sha256"])
+        patches = [(path, old, src.exactly(int(size))) for path, old, size in
+                   header.get("patches") or []]
         wait_for_go(src)
+        if patches:
+            # (checked again under the lock) an interrupted change first, as apply says it
+            reason = project._base_check(header["base"], header.get("agent"))
+            if reason:
+                return project._base_differs(reason)
+            try:
+                combined = patched_delta(project, new, patches, received)
+            except PatchBaseDiffers as exc:
+                return project._base_differs(str(exc))
         # the tar's sha256 was checked as it arrived; staging checks every file's
-        return project.apply(new, delta, header["holder"], int(header["keep"]), None,
-                             expect_base=header["base"], expect_agent=header.get("agent"))
+        return project.apply(new, combined or received, header["holder"], int(header["keep"]),
+                             None, expect_base=header["base"], expect_agent=header.get("agent"))
     finally:
-        if delta is not None:
-            delta.unlink(missing_ok=True)
+        for path in (received, combined):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+class PatchBaseDiffers(RemoteOpsError):
+    """The file a patch applies to is not the one the laptop's record says is here."""
+
+
+def patched_delta(project: Project, new: Manifest, patches: list[tuple[str, str, bytes]],
+                  received: Path | None) -> Path:
+    """One tar of every changed file: the patched ones rebuilt from this disk's copies
+    (each checked against the old and the new sha256), the others as received."""
+    import tarfile
+
+    import zstandard
+
+    from remoteops.common.bundle_tar import _tarinfo, iter_members
+    from remoteops.common.deploy_wire import apply_patch
+    from remoteops.common.files import atomic_output
+    from remoteops.common.paths import safe_relpath
+
+    wanted = new.file_map()
+    out = project.state / "incoming" / f"stream-{new.content_id[:32]}-patched.tar.zst"
+    with atomic_output(out) as raw, \
+            zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as zw, \
+            tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        if received is not None:
+            for member, fh in iter_members(received):
+                if fh is not None:
+                    tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+        for path, old_sha, patch in patches:
+            rel = safe_relpath(path, "the deploy's patches")
+            entry = wanted.get(rel)
+            if entry is None or entry.link is not None:
+                raise BundleError(f"the deploy patches {rel}, which the manifest does not list "
+                                  "as a file; nothing was changed.")
+            try:
+                here = project.root / rel
+                old = here.read_bytes() if here.is_file() and not here.is_symlink() else None
+            except OSError:
+                old = None
+            if old is None or hashlib.sha256(old).hexdigest() != old_sha:
+                raise PatchBaseDiffers(f"1 file(s) there differ from what was deployed ({rel})")
+            try:
+                data = apply_patch(old, patch, entry.size)
+            except zstandard.ZstdError:
+                data = b""
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise BundleError(f"{rel} patched does not match its sha256 (damaged in "
+                                  "transit); nothing was changed: run the deploy again.")
+            tar.addfile(_tarinfo(f"files/{rel}", len(data), entry.mode), io.BytesIO(data))
+    return out
 
 
 def _plan_then_apply(project: Project, src: Input, header: dict,

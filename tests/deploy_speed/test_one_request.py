@@ -124,3 +124,31 @@ def test_without_a_record_the_plan_is_the_servers_and_only_the_change_travels(
     assert tree(server_root) == expected_tree(project)
     assert not list((server_root / ".remoteops" / "incoming").glob("*"))
     assert deploy().commands == 1  # the record is back
+
+
+def _big_text(n: int = 400) -> str:
+    return "".join(f"line {i}: the quick brown fox {i * 7919 % 1000} jumps\n" for i in range(n))
+
+
+def test_a_small_edit_travels_as_a_patch_against_the_servers_copy(deploy, project,
+                                                                 server_root):
+    (project / "data" / "notes.txt").write_text(_big_text())
+    deploy()
+    (project / "data" / "notes.txt").write_text(_big_text().replace("line 200:", "LINE 200:"))
+    res = deploy("--json")
+    out = as_json(res)
+    assert (res.commands, res.sftp) == (1, 0) and out["applied"]["overwritten"] == 1
+    size = (project / "data" / "notes.txt").stat().st_size  # ~19 KB, ~2 KB compressed
+    assert out["sent_bytes"] < 1_200 < size
+    assert tree(server_root) == expected_tree(project)
+
+
+def test_a_patch_for_a_file_changed_on_the_server_falls_back(deploy, project, server_root):
+    (project / "data" / "notes.txt").write_text(_big_text())
+    deploy()
+    (server_root / "data" / "notes.txt").write_text(_big_text().replace("line 1:", "edit 1:"))
+    (project / "data" / "notes.txt").write_text(_big_text().replace("line 200:", "LINE 200:"))
+    res = deploy()
+    assert "the server is not as last deployed from here (1 file(s) there differ" in res.stdout
+    assert res.commands == 3  # the refused stream, the server's plan, the apply
+    assert tree(server_root) == expected_tree(project)

@@ -175,3 +175,28 @@ def test_a_cut_full_upload_is_kept_and_resumed(deployed, project, tmp_path, cli)
     assert (deployed / "data" / "more.txt").read_text() == "more\n" * 1000
     assert current(deployed).content_id == new.content_id
     assert not list((deployed / ".remoteops" / "incoming").glob("*"))
+
+
+def test_a_damaged_patch_changes_nothing(deployed, project):
+    import zstandard
+
+    base = current(deployed)
+    old = (deployed / "data" / "style.jsonl").read_bytes()
+    text = old.decode().replace('"a"', '"b"', 1)
+    new = changed(base, project, "data/style.jsonl", text)
+    raw = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    patch = bytearray(zstandard.ZstdCompressor(level=19, dict_data=raw).compress(text.encode()))
+    patch[-6] ^= 0xFF
+    sha_old = hashlib.sha256(old).hexdigest()
+    header = encode_header(base, new, None, dict(HEADER_EXTRA, agent=new.toolkit_version,
+                                                 patches=[["data/style.jsonl", sha_old,
+                                                           len(patch)]]))
+    before = tree(deployed)
+    res = agent(deployed, header + bytes(patch) + GO)
+    assert res.returncode != 0 and b"patched does not match its sha256" in res.stderr
+    assert tree(deployed) == before and current(deployed).content_id == base.content_id
+    # the same patch undamaged applies
+    patch[-6] ^= 0xFF
+    res = agent(deployed, header + bytes(patch) + GO)
+    assert res.returncode == 0, res.stderr
+    assert (deployed / "data" / "style.jsonl").read_text() == text
