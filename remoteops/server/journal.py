@@ -10,7 +10,6 @@ journal behind: ``recover`` (run first by every command) puts the backup back.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
