@@ -277,7 +277,10 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
     need, parts = outcome.plan["need"], outcome.plan.get("stream_parts") or {}
     if wants_whole_bundle(built, need):
         _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
-        name, size = "whole", built.manifest.total_size
+        # the name carries what the bytes depend on besides the content: a cut upload is
+        # resumed only by the same bytes
+        name = f"whole-{int(settings['bundle.compression_level'])}"
+        size = built.manifest.total_size
         offset = int(parts.get(name) or 0)
         chunks = tap.chunks(built, offset)
     else:
@@ -293,7 +296,7 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
     else:
         applied, sent = send_tar(settings, target, built, chunks, name, offset, progress, size)
     outcome.sent_bytes += sent
-    outcome.upload_bytes = size if name != "whole" else built.tar_path.stat().st_size
+    outcome.upload_bytes = built.tar_path.stat().st_size if name.startswith("whole") else size
     return applied
 
 
