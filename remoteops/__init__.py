@@ -10,7 +10,19 @@ example plugin.
 
 __version__ = "0.1.0"
 
-from remoteops.hookspecs import hookimpl  # noqa: E402
-from remoteops.checks import Check, CheckResult  # noqa: E402
+
+def __getattr__(name: str):
+    """``hookimpl``, ``Check`` and ``CheckResult`` on first use: the agent, which imports
+    this package for every command, never pays for pluggy unless it loads plugins."""
+    if name == "hookimpl":
+        from remoteops.hookspecs import hookimpl
+
+        return hookimpl
+    if name in ("Check", "CheckResult"):
+        from remoteops import checks
+
+        return getattr(checks, name)
+    raise AttributeError(f"module 'remoteops' has no attribute {name!r}")
+
 
 __all__ = ["__version__", "hookimpl", "Check", "CheckResult"]

@@ -125,12 +125,12 @@ def test_redeploy_sends_only_the_changes_and_rollback_restores_the_old_tree(
     assert tree(server_root) == expected_tree(project)
 
 
-def test_noop_redeploy_sends_only_the_manifest(deploy, project):
+def test_noop_redeploy_sends_only_the_manifest_hash(deploy, project):
     deploy("deploy-bundle", "--yes")
     out = as_json(deploy("deploy-bundle", "--yes", "--json"))
     assert out["noop"] and out["applied"] is None
     manifest = next((project / "bundles").glob("*-v1.manifest.json"))
-    assert out["sent_bytes"] == len(manifest.read_bytes())
+    assert 0 < out["sent_bytes"] < len(manifest.read_bytes()) // 2  # the header, no manifest
     assert not list((project / "bundles").glob("*-v2*"))  # nothing changed: no new version
 
 
@@ -159,8 +159,8 @@ def test_upload_resumes_after_a_cut_connection(deploy, project, server_root, ssh
         out = as_json(deploy("deploy-bundle", "--yes", "--json", host="viaproxy", env=env))
     finally:
         proxy.close()
-    delta = max((project / "bundles" / ".delta").glob("*.tar.zst"), key=lambda p: p.stat().st_size)
-    assert out["sent_bytes"] < delta.stat().st_size - already + 10_000
+    bundle = next((project / "bundles").glob("*-v1.tar.zst"))  # the upload: the whole bundle
+    assert out["sent_bytes"] < bundle.stat().st_size - already + 10_000
     assert tree(server_root) == expected_tree(project)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -33,9 +33,9 @@ class FileEntry:
 def _entry_dict(entry: FileEntry) -> dict:
     """An entry as stored and hashed; ``link`` only on links, so ids of trees without
     links are what they were before links were kept."""
-    data = asdict(entry)
-    if data["link"] is None:
-        del data["link"]
+    data = {"path": entry.path, "size": entry.size, "mode": entry.mode, "sha256": entry.sha256}
+    if entry.link is not None:  # built by hand: asdict() deep-copies, ~10x slower
+        data["link"] = entry.link
     return data
 
 
@@ -60,8 +60,14 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    def to_dict(self) -> dict:
+        """What ``to_json`` writes, as a dict."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
+        data["files"] = [_entry_dict(f) for f in self.files]
+        return json.loads(json.dumps(data))  # a deep copy (the C encoder: fast)
+
     def to_json(self) -> str:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
         data["files"] = [_entry_dict(f) for f in self.files]
         return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 

@@ -19,6 +19,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,18 @@ class Built:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)  # Selection.report(): what was left out
+    pending: threading.Thread | None = None  # writing the tar and manifest (background=True)
+    error: BaseException | None = None
+
+    def wait(self) -> "Built":
+        """Wait until the tar and manifest are written (a background build); re-raise its
+        error."""
+        if self.pending is not None:
+            self.pending.join()
+            self.pending = None
+        if self.error is not None:
+            raise self.error
+        return self
 
 
 def _latest(out_dir: Path, project: str) -> Manifest | None:
@@ -270,11 +283,15 @@ def _latest(out_dir: Path, project: str) -> Manifest | None:
 
 
 def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
-                 on_manifest: Callable[[Manifest], None] | None = None) -> Built:
+                 on_manifest: Callable[[Manifest], None] | None = None,
+                 background: bool = False, tap=None) -> Built:
     """Build (or reuse, when nothing changed) the project's next bundle.
 
     ``on_manifest`` is called with the manifest as soon as it is known, before the
-    tar is written (a deploy plans against the server meanwhile).
+    tar is written (a deploy plans against the server meanwhile). ``background``: return
+    as soon as the manifest is known and write the tar and manifest in a thread
+    (``Built.wait``); a redeploy that streams its files does not need them first. ``tap``:
+    told as the tar's bytes are written (``write_tar``), so they can be sent meanwhile.
     """
     from remoteops.plugins import get_plugin_manager
     from remoteops.laptop.wheel import build_toolkit_wheel
@@ -334,11 +351,24 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                if e.link is None]  # a link travels in the manifest alone
     members.append((f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"]))
     earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
-    write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier)
     manifest_path = out / f"{name}-v{version}.manifest.json"
-    write_atomic_text(manifest_path, manifest.to_json())
-    return Built(tar_path, manifest_path, manifest, seconds=time.monotonic() - started,
-                 excluded=chosen.report())
+    built = Built(tar_path, manifest_path, manifest, excluded=chosen.report())
+
+    def write() -> None:
+        try:
+            write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier,
+                      tap=tap)
+            write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is complete
+        except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
+            built.error = exc
+        built.seconds = time.monotonic() - started
+
+    if background:
+        built.pending = threading.Thread(target=write, daemon=True)
+        built.pending.start()
+        return built
+    write()
+    return built.wait()
 
 
 __all__ = ["Built", "build_bundle", "HashCache", "describe_exclusions",

@@ -10,9 +10,10 @@ is compressed; the agent starts while the manifest is still being sent (it
 waits for the file). When (nearly) every file is needed, the bundle itself is
 the upload, so nothing is compressed twice.
 
-Fast path (``deploy_fast``): after a deploy the laptop plans locally against its
-record of the server (``deploy_record``) and applies in one agent command. Dry
-runs always plan on the server. Shared pieces live in ``deploy_common``.
+Fast path (``deploy_stream``, over ``deploy_fast``'s plan): after a deploy the laptop
+plans locally against its record of the server (``deploy_record``) and sends the
+manifest delta and the changed files on the stdin of one agent command. Dry runs
+always plan on the server. Shared pieces live in ``deploy_common``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, re
 from remoteops.laptop.build import Built, build_bundle
 from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, apply_args,
                                             delta_key, holder, state_dir, upload_file)
+from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
 from remoteops.laptop.deploy_fast import FastPath
+from remoteops.laptop.deploy_full import (TarTap, file_chunks, open_request, send_tar,
+                                          wants_whole_bundle)
+from remoteops.laptop.deploy_planned import Planned
+from remoteops.laptop.deploy_stream import StreamPath
 from remoteops.laptop.deploy_record import forget, note_plan, recall, remember
 from remoteops.common.target import AgentMissing, Target, shell_path
 from remoteops.laptop.targets import SSHTarget
@@ -38,10 +44,12 @@ from remoteops.laptop.transfer import put_resumable
 
 
 def get_bundle(settings: Settings, bundle: str | None,
-               on_manifest: Callable[[Manifest], None] | None = None) -> Built:
-    """The given bundle, verified byte by byte, or a freshly built one."""
+               on_manifest: Callable[[Manifest], None] | None = None,
+               background: bool = False, tap: TarTap | None = None) -> Built:
+    """The given bundle, verified byte by byte, or a freshly built one (``background``: its
+    tar still being written, see ``build_bundle``)."""
     if not bundle:
-        return build_bundle(settings, on_manifest=on_manifest)
+        return build_bundle(settings, on_manifest=on_manifest, background=background, tap=tap)
     tar = Path(bundle).expanduser()
     if tar.suffix == ".json":
         tar = tar.with_name(tar.name.replace(".manifest.json", ".tar.zst"))
@@ -92,6 +100,7 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
             return plan
         if attempt:
             break
+        built.wait()  # the wheel is in the tar
         found = plan["agent_version"] if plan else "none"
         outcome.events.append(f"installing remoteops {built.manifest.toolkit_version} on "
                               f"{target.name} (found: {found})")
@@ -132,101 +141,194 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     started = time.monotonic()
     incoming = f"{state_dir(target)}/incoming"
     recalled = recall(settings, target)
-    fast = FastPath(settings, target, *recalled) if recalled and not dry_run else None
+    path = StreamPath if can_stream(target) else FastPath
+    fast = path(settings, target, *recalled) if recalled and not dry_run else None
     connected = Background(_connect, target)
+    if isinstance(fast, StreamPath) and confirm is None:
+        fast.prestart(connected)
     early: dict[str, object] = {}
+    tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
+        else None
+    # without a record one deploy-stream request plans and applies; it starts with the
+    # connection, so its Python starts while the laptop hashes
+    planned = Planned(settings, target, open_request(target, connected)) if tap else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
         data = manifest.to_json().encode("utf-8")
         early.update(remote=remote, data=data)
-        if fast is None:
+        if planned is not None:
+            planned.ask(manifest)  # the manifest on the request's stdin, for the server's plan
+        elif fast is None:
             early["job"] = Background(_send_manifest_and_plan, target, connected, data, remote)
         elif fast.plan_for(manifest) is not None and confirm is None:
             fast.start(connected, remote, data, None, progress)  # while the tar is written
 
     try:
-        built = get_bundle(settings, bundle, on_manifest)
+        # a streamed deploy goes ahead while the tar is written (a full one sends it meanwhile)
+        built = get_bundle(settings, bundle, on_manifest, tap=tap,
+                           background=isinstance(fast, StreamPath) or tap is not None)
         connected.result()
     except BaseException:
-        for job in (connected, early.get("job"), fast and fast.job):
+        for job in (connected, early.get("job")):
             if job is not None:
                 job.settle()
+        if fast is not None:
+            fast.cancel()
+        if planned is not None:
+            planned.cancel()
         raise
-    manifest = built.manifest
-    outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
-    remote_manifest = f"{incoming}/{manifest.content_id}.manifest.json"
-    if early.get("remote") == remote_manifest:
-        data = early["data"]
-        job = early.get("job")
-    else:
-        for old in (early.get("job"), fast and fast.job):
-            if old is not None:
-                old.settle()
-        data = built.manifest_path.read_bytes()
-        job = None
-    first = _NOT_YET
-    if fast is not None and fast.plan_for(manifest) is not None:
-        outcome.plan = fast.plan
+    try:
+        manifest = built.manifest
+        outcome = DeployOutcome(built, target.name, target.project_root, {}, dry_run=dry_run)
+        remote_manifest = f"{incoming}/{manifest.content_id}.manifest.json"
+        if early.get("remote") == remote_manifest:
+            data = early["data"]
+            job = early.get("job")
+        else:
+            if early.get("job") is not None:
+                early["job"].settle()
+            if fast is not None:
+                fast.cancel()
+            data = manifest.to_json().encode("utf-8")
+            job = None
+        first = _NOT_YET
+        if fast is not None and fast.plan_for(manifest) is not None:
+            outcome.plan = fast.plan
+            if on_plan is not None:
+                on_plan(outcome)
+            if not outcome.noop and confirm is not None and not confirm(outcome.plan):
+                raise RemoteOpsError("deploy cancelled; nothing was changed.")
+            try:
+                done = fast.finish(outcome, remote_manifest, data, built, connected, progress)
+            except BaseException:
+                fast.cancel()
+                raise
+            if done:
+                _wait_local(settings, target, built, outcome)
+                outcome.seconds = time.monotonic() - started
+                return outcome
+            outcome.upload_bytes = 0
+        elif planned is not None:
+            first = planned.plan(manifest.toolkit_version)
+            if first is None:  # the usual path: the manifest by SFTP, the agent installed
+                planned = None
+                target.write_bytes(remote_manifest, data)
+                outcome.sent_bytes += len(data)
+                first = _NOT_YET
+            else:
+                outcome.sent_bytes += planned.sent
+        elif job is not None:
+            first = job.result()
+            outcome.sent_bytes += len(data)
+        else:
+            if fast is not None:
+                fast.cancel()  # the record's plan is not used (the disk may be short)
+            target.write_bytes(remote_manifest, data)
+            outcome.sent_bytes += len(data)
+        outcome.plan = _plan(target, built, remote_manifest, outcome, first)
+        note_plan(settings, target, built, recalled, outcome.plan)
         if on_plan is not None:
             on_plan(outcome)
-        if not outcome.noop and confirm is not None and not confirm(outcome.plan):
-            raise RemoteOpsError("deploy cancelled; nothing was changed.")
-        try:
-            done = fast.finish(outcome, remote_manifest, data, built, connected, progress)
-        except BaseException:
-            if fast.job is not None:
-                fast.job.settle()
-            raise
-        if done:
+        if dry_run or outcome.noop:
+            if planned is not None:
+                planned.skip()
             outcome.seconds = time.monotonic() - started
             return outcome
-        outcome.upload_bytes = 0
-    elif job is not None:
-        first = job.result()
-        outcome.sent_bytes += len(data)
+        if confirm is not None and not confirm(outcome.plan):
+            raise RemoteOpsError("deploy cancelled; nothing was changed.")
+        need = outcome.plan["need"]
+        sent = None
+        if need and tap is not None:  # the files on a deploy-stream request's stdin
+            applied = _stream_planned(settings, target, built, tap, outcome, progress, planned)
+            planned = None
+            if applied is not None:
+                return _applied(settings, target, built, outcome, applied, started)
+            outcome.events.append(STDIN_EVENT)
+        built.wait()  # what follows reads the tar
+        if need:
+            delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
+                                delta_key(manifest, need))
+            outcome.upload_bytes = delta.stat().st_size
+            sizes = manifest.file_map()
+            _check_disk(target, outcome.plan, outcome.upload_bytes + outcome.plan.get(
+                "need_bytes", sum(sizes[p].size for p in need)))
+            remote_delta = f"{incoming}/{delta.name}"
+            hashing = Background(sha256_file, delta)  # overlaps the upload
+            try:
+                outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
+            finally:
+                hashing.settle()
+            sent = (remote_delta, hashing.result())
+        args = apply_args(settings, target, manifest, remote_manifest, sent)
+        return _applied(settings, target, built, outcome,
+                        target.run_agent(*args, timeout=3600), started)
+    finally:
+        if planned is not None:
+            planned.cancel()
+        if built.pending is not None:  # never leave the tar half-written behind
+            built.pending.join()
+
+
+def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTap,
+                    outcome: DeployOutcome, progress, planned: Planned | None) -> dict | None:
+    """The server's plan applied through ``deploy-stream``: the bundle as it is written
+    when (nearly) all of it is needed, else a delta (None: the agent could not read it)."""
+    need, parts = outcome.plan["need"], outcome.plan.get("stream_parts") or {}
+    if wants_whole_bundle(built, need):
+        _check_disk(target, outcome.plan, 2 * outcome.plan["need_bytes"])
+        # the name carries what the bytes depend on besides the content: a cut upload is
+        # resumed only by the same bytes
+        name = f"whole-{int(settings['bundle.compression_level'])}"
+        size = built.manifest.total_size
+        offset = int(parts.get(name) or 0)
+        chunks = tap.chunks(built, offset)
     else:
-        target.write_bytes(remote_manifest, data)
-        outcome.sent_bytes += len(data)
-    outcome.plan = _plan(target, built, remote_manifest, outcome, first)
-    note_plan(settings, target, built, recalled, outcome.plan)
-    if on_plan is not None:
-        on_plan(outcome)
-    if dry_run or outcome.noop:
-        outcome.seconds = time.monotonic() - started
-        return outcome
-    if confirm is not None and not confirm(outcome.plan):
-        raise RemoteOpsError("deploy cancelled; nothing was changed.")
-    need = outcome.plan["need"]
-    sent = None
-    if need:
-        delta = upload_file(settings, built, need, built.tar_path.parent / ".delta",
-                            delta_key(manifest, need))
-        outcome.upload_bytes = delta.stat().st_size
-        # the upload, then its files uncompressed (staged) and the backups: a compressible
-        # bundle needs far more than it sends
-        sizes = manifest.file_map()
-        needs = (outcome.upload_bytes + outcome.plan.get("backup_bytes", 0) + DISK_HEADROOM
-                 + outcome.plan.get("need_bytes", sum(sizes[p].size for p in need)))
-        if outcome.plan["free_bytes"] < needs:
-            raise RemoteOpsError(
-                f"not enough disk on {target.name}: {outcome.plan['free_bytes'] / 1e9:.2f} GB "
-                f"free, the deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and "
-                "backups); free space there and deploy again. Nothing was changed.")
-        remote_delta = f"{incoming}/{delta.name}"
-        hashing = Background(sha256_file, delta)  # overlaps the upload
-        try:
-            outcome.sent_bytes += put_resumable(target, delta, remote_delta, progress)
-        finally:
-            hashing.settle()
-        sent = (remote_delta, hashing.result())
-    args = apply_args(settings, target, manifest, remote_manifest, sent)
-    applied = target.run_agent(*args, timeout=3600)
+        built.wait()
+        key = delta_key(built.manifest, need)
+        delta = upload_file(settings, built, need, built.tar_path.parent / ".delta", key)
+        _check_disk(target, outcome.plan, delta.stat().st_size + outcome.plan["need_bytes"])
+        name, size = f"delta-{key}", delta.stat().st_size
+        offset = int(parts.get(name) or 0)
+        chunks = file_chunks(delta, offset)
+    if planned is not None:  # the request that planned waits for these files
+        applied, sent = planned.send(built, chunks, name, offset, progress, size)
+    else:
+        applied, sent = send_tar(settings, target, built, chunks, name, offset, progress, size)
+    outcome.sent_bytes += sent
+    outcome.upload_bytes = built.tar_path.stat().st_size if name.startswith("whole") else size
+    return applied
+
+
+def _check_disk(target: Target, plan: dict, upload_and_files: int) -> None:
+    """The upload, then its files uncompressed (staged) and the backups: a compressible
+    bundle needs far more than it sends."""
+    needs = upload_and_files + plan.get("backup_bytes", 0) + DISK_HEADROOM
+    if plan["free_bytes"] < needs:
+        raise RemoteOpsError(
+            f"not enough disk on {target.name}: {plan['free_bytes'] / 1e9:.2f} GB free, the "
+            f"deploy needs {needs / 1e9:.2f} GB (upload, files uncompressed and backups); free "
+            "space there and deploy again. Nothing was changed.")
+
+
+def _applied(settings: Settings, target: Target, built: Built, outcome: DeployOutcome,
+             applied: dict, started: float) -> DeployOutcome:
     free_after = applied.pop("free_bytes", None)
     outcome.applied = applied
-    remember(settings, target, built.manifest_path, manifest, free_after)
+    remember(settings, target, built.manifest_path, built.manifest, free_after)
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _wait_local(settings: Settings, target: Target, built: Built,
+                outcome: DeployOutcome) -> None:
+    """The local tar of a deploy already applied: its failure is told, not raised."""
+    try:
+        built.wait()
+    except Exception as exc:  # noqa: BLE001 - the server has the new version already
+        forget(settings, target)
+        outcome.events.append(f"deployed, but the local bundle could not be written ({exc}); "
+                              "the next deploy plans against the server")
 
 
 def rollback(settings: Settings, target: Target, backup: str, dry_run: bool = False,

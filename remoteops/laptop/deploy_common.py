@@ -63,6 +63,7 @@ class DeployOutcome:
     dry_run: bool = False
     seconds: float = 0.0
     events: list[str] = field(default_factory=list)
+    events_shown: int = 0  # how many the plan's printout showed (later ones show at the end)
 
     @property
     def noop(self) -> bool:
@@ -75,7 +76,7 @@ class DeployOutcome:
                                             ("added", "changed", "delete", "unchanged")},
                 "applied": self.applied, "sent_bytes": self.sent_bytes,
                 "agent_installed": self.agent_installed, "dry_run": self.dry_run,
-                "noop": self.noop, "seconds": round(self.seconds, 3)}
+                "noop": self.noop, "seconds": round(self.seconds, 3), "events": self.events}
 
 
 def state_dir(target: Target) -> str:

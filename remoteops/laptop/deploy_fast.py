@@ -101,6 +101,11 @@ class FastPath:
             fh.write(data)
         return agent, sent, delta.stat().st_size if delta is not None else 0
 
+    def cancel(self) -> None:
+        """Wait for the background start (the manifest is not renamed: nothing applies)."""
+        if self.job is not None:
+            self.job.settle()
+
     def finish(self, outcome: DeployOutcome, remote_manifest: str, data: bytes,
                built: Built, connected: Background, progress) -> bool:
         """Go: send the manifest, read the answer. False: plan against the server instead."""

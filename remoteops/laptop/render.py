@@ -86,6 +86,7 @@ def print_plan(outcome: Any) -> None:
           f" (server has {'v' + str(current) if current else 'nothing deployed'})")
     for event in outcome.events:
         print(f"  {event}")
+    outcome.events_shown = len(outcome.events)
     _print_exclusions(outcome.bundle)
     if plan.get("recovery_pending"):
         print(f"  an interrupted change ({plan['recovery_pending']}) will be undone first")
@@ -109,6 +110,8 @@ def print_deploy(outcome: Any, as_json: bool) -> None:
     if as_json:
         print_json(outcome.to_dict())
         return
+    for event in outcome.events[outcome.events_shown:]:  # what happened after the plan
+        print(event)
     if outcome.dry_run:
         print("dry run: nothing was changed on the server")
         return

@@ -173,7 +173,7 @@ class Project(ProjectRoot):
                 return {"action": "apply", "noop": True, "version": manifest.version}
             needed = manifest.file_map()
             return journal.commit(self, changes, kind="apply", version=manifest.version,
-                                  after=json.loads(manifest.to_json()),
+                                  after=manifest.to_dict(),
                                   label=f"v{manifest.version}",
                                   known={p: needed[p].sha256 for p in plan["need"]})
         finally:

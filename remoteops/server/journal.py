@@ -10,7 +10,6 @@ journal behind: ``recover`` (run first by every command) puts the backup back.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -39,7 +38,7 @@ def commit(project: ProjectRoot, changes: dict[str, Put | None], kind: str, vers
     seq = next_seq(project.state, project.backups)
     backup = _new_backup_folder(project, label)
     current = project.current()
-    before = json.loads(current.to_json()) if current else None
+    before = current.to_dict() if current else None
     overwritten, deleted, created = _back_up(project, changes, backup)
     meta = {"kind": kind, "label": label, "version": version, "seq": seq,
             "created_at": now_iso(), "overwritten": overwritten, "deleted": deleted,

@@ -33,7 +33,8 @@ STATE = ".remoteops"
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_atomic_json(path, data, indent=1, ensure_ascii=False, newline=False)
+    # no indent: only then does json use its C encoder (a 2,000-file manifest in ms, not 0.1 s)
+    write_atomic_json(path, data, indent=None, ensure_ascii=False, newline=False)
 
 
 @dataclass

@@ -424,6 +424,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             "full_deploy_le_1x_rsync": ratios["full"]["time"] <= TARGETS["full_vs_rsync"],
             "one_file_le_1x_rsync": ratios["one_file"]["time"] <= TARGETS["one_file_vs_rsync"],
             "one_file_bytes_le_budget": rows["one_file"]["ours"]["median_bytes"] <= byte_budget,
+            "one_file_bytes_le_rsync": ratios["one_file"]["bytes"] <= 1.0,
+            "noop_le_1x_rsync": ratios["noop"]["time"] <= 1.0,
             "noop_under_1s": rows["noop"]["ours"]["median_s"] < TARGETS["noop_seconds"],
         }
         out = {"repeats": repeats, "project": info, "rows": rows, "ratios": ratios,

@@ -39,7 +39,12 @@ def deploy_plan(root: str, manifest: str, as_json: bool) -> None:
     from remoteops.server.apply import Project
     from remoteops.server.incoming import read_manifest_file
 
-    plan = Project(root).plan(read_manifest_file(manifest))
+    from remoteops.server.streamapply import stream_parts
+
+    project = Project(root)
+    new = read_manifest_file(manifest)
+    plan = project.plan(new)
+    plan["stream_parts"] = stream_parts(project, new.content_id)  # a cut upload resumes
     emit(plan, as_json, f"send {len(plan['need'])} file(s), delete {len(plan['delete'])}, "
                         f"{plan['unchanged']} unchanged")
 
@@ -80,6 +85,25 @@ def deploy_apply(root: str, manifest: str, delta: str | None, delta_sha256: str 
         Path(delta).expanduser().unlink(missing_ok=True)
     Path(manifest).expanduser().unlink(missing_ok=True)
     emit(result, as_json, f"applied v{result['version']}; backup: {result.get('backup')}")
+
+
+@click.command("deploy-stream")
+@root_option
+@json_option
+def deploy_stream(root: str, as_json: bool) -> None:
+    """Apply a deploy sent on stdin: manifest delta, changed files, go (one request)."""
+    from remoteops.server.streamapply import apply_streamed
+
+    def say(data: dict) -> None:  # an answer while the request goes on (the plan)
+        emit(data, True, "")
+        sys.stdout.flush()
+
+    result = apply_streamed(root, sys.stdin.buffer, say)
+    if result.get("base_differs"):
+        emit(result, as_json, f"not applied: {result['reason']}")
+        return
+    emit(result, as_json, "up to date" if result.get("noop") else
+         f"applied v{result['version']}; backup: {result.get('backup')}")
 
 
 @click.command("rollback")
@@ -132,5 +156,5 @@ def recover(root: str, holder: str, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (deploy_plan, deploy_apply, rollback, backups, recover):
+    for command in (deploy_plan, deploy_apply, deploy_stream, rollback, backups, recover):
         group.add_command(command)

@@ -1,0 +1,185 @@
+"""One agent command whose stdin is sent piece by piece while it runs (the one-request deploy).
+
+``Target.run_agent`` sends a whole payload and waits; here the laptop starts the
+command, sends its input as it becomes ready (``send``), and reads the JSON answer
+at the end (``finish``), over one SSH channel (no SFTP, no second command) or a
+local process. ``cancel`` closes the input without the final go-ahead: the
+agent then changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from typing import Any
+
+from remoteops.common.errors import RemoteCommandError
+from remoteops.common.target import AgentMissing, LocalTarget, Target, shell_path
+from remoteops.common.wire import BEGIN, END, parse_marked
+from remoteops.laptop.targets import SSHTarget
+
+
+def can_stream(target: Target) -> bool:
+    return isinstance(target, (SSHTarget, LocalTarget))
+
+
+# What an agent that cannot take a streamed request answers: an older agent, or a login
+# shell (~/.bashrc) that reads stdin before the agent does. Then the SFTP path runs.
+_NOT_STREAMABLE = ("No such command", "did not arrive on stdin")
+STDIN_EVENT = ("the server's login shell reads stdin (~/.bashrc), so the deploy went by SFTP; "
+               "put '[[ $- == *i* ]] || return' at the top of ~/.bashrc there")
+
+
+def not_streamable(exc: Exception) -> bool:
+    return any(text in str(exc) for text in _NOT_STREAMABLE)
+
+
+def agent_command(target: Target, args: list[str]) -> str:
+    return " ".join([shell_path(target.python), "-m", "remoteops.agent",
+                     *(shell_path(a) for a in args), "--json"])
+
+
+class AgentStream:
+    """``remoteops-agent ARGS --json`` started now; ``send`` its input, ``finish`` for the
+    answer (the same errors as ``Target.run_agent``)."""
+
+    def __init__(self, target: Target, args: list[str], timeout: float):
+        self.target, self.timeout = target, timeout
+        self.closed = False  # the command stopped reading (its answer says why)
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._arrived = threading.Condition()  # stdout grew, or a reader ended
+        command = agent_command(target, args)
+        if isinstance(target, SSHTarget):
+            self._open_channel(command)
+        else:
+            self._proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self._chan = None
+            self._readers = [_reader(self._proc.stdout.read1, self._out, self._arrived),
+                             _reader(self._proc.stderr.read1, self._err, self._arrived)]
+
+    def _open_channel(self, command: str) -> None:
+        import paramiko
+
+        conn = self.target.connection
+        try:
+            self._chan = conn.transport.open_session(timeout=self.timeout)
+            self._chan.exec_command(command)
+        except (socket.error, EOFError, paramiko.SSHException) as exc:
+            raise self.target._lost(conn, str(exc)) from None
+        self._proc = None
+        self._readers = [_reader(self._chan.recv, self._out, self._arrived),
+                         _reader(self._chan.recv_stderr, self._err, self._arrived)]
+
+    def send(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        try:
+            if self._chan is not None:
+                self._chan.sendall(data)
+            else:
+                self._proc.stdin.write(data)
+                self._proc.stdin.flush()  # the agent may answer before the input ends
+        except (OSError, EOFError, ValueError):
+            self.closed = True
+
+    def cancel(self) -> None:
+        """Close the input without the go-ahead and stop waiting (nothing is applied)."""
+        self.closed = True
+        if self._chan is not None:
+            self._chan.close()
+        elif self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def answer(self) -> Any:
+        """The first answer the command prints while it still runs (a plan), once it came;
+        when the command ends without one, its error (as ``finish``)."""
+        with self._arrived:
+            while True:
+                out = b"".join(self._out)
+                start = out.find(BEGIN.encode())
+                end = out.find(END.encode(), start) if start >= 0 else -1
+                if end >= 0:
+                    return json.loads(out[start + len(BEGIN):end].decode("utf-8"))
+                if not all(r.is_alive() for r in self._readers):
+                    break
+                self._arrived.wait(1.0)
+        return self.finish()
+
+    def finish(self) -> Any:
+        """Close the input, wait for the command and return its JSON answer."""
+        self._close_input()
+        deadline = time.monotonic() + self.timeout
+        for reader in self._readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        if any(r.is_alive() for r in self._readers):
+            self.cancel()
+            raise RemoteCommandError(f"command timed out after {self.timeout:.0f}s on "
+                                     f"{self.target.name}; raise ssh.command_timeout if it "
+                                     "needs longer.")
+        code = self._exit_code()
+        stdout = b"".join(self._out).decode("utf-8", "replace")
+        stderr = b"".join(self._err).decode("utf-8", "replace")
+        if code != 0:
+            errors = [l[len("error: "):] for l in stderr.splitlines() if l.startswith("error: ")]
+            if errors:
+                raise RemoteCommandError(errors[-1])
+            if "No module named remoteops" in stderr or "No module named 'remoteops'" in stderr:
+                raise AgentMissing(f"remoteops is not installed for {self.target.python} on "
+                                   f"{self.target.name}")
+            tail = stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RemoteCommandError(f"the agent on {self.target.name} failed (exit {code}): "
+                                     f"{tail[0]}")
+        return parse_marked(stdout)
+
+    def _close_input(self) -> None:
+        try:
+            if self._chan is not None:
+                self._chan.shutdown_write()
+            else:
+                self._proc.stdin.close()
+        except (OSError, EOFError):
+            pass
+
+    def _exit_code(self) -> int:
+        if self._proc is not None:
+            return self._proc.wait()
+        code = self._chan.recv_exit_status()
+        if code == -1:
+            from remoteops.laptop.ssh import lost_reason
+
+            conn = self.target._conn
+            if lost_reason(conn):
+                raise self.target._lost(conn)
+        self._chan.close()
+        return code
+
+
+def _reader(read, sink: list[bytes], arrived: threading.Condition) -> threading.Thread:
+    def drain() -> None:
+        try:
+            while True:
+                try:
+                    chunk = read(65536)
+                except (OSError, EOFError, ValueError):
+                    return
+                if not chunk:
+                    return
+                with arrived:
+                    sink.append(chunk)
+                    arrived.notify_all()
+        finally:
+            with arrived:
+                arrived.notify_all()
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["AgentStream", "can_stream", "not_streamable", "STDIN_EVENT"]

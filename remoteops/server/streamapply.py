@@ -1,0 +1,309 @@
+"""A deploy in one request: read the manifest delta and the changed files from stdin, apply.
+
+The laptop sends this when its record of the server is current (see
+``remoteops.common.deploy_wire`` for the format). The manifest is rebuilt from
+``current.json`` and checked against the sha256 the laptop sent; the files are
+written under ``.remoteops/incoming/``, checked against their sha256, and only
+after the laptop's ``GO`` handed to the usual apply (``Project.apply`` with
+``expect_base``: lock, base and disk checks, staging with every file's hash
+verified, backup, journal). Anything that does not match changes nothing and
+answers ``base_differs``: the laptop then plans against this server as before.
+A connection cut before ``GO`` leaves the server as it was.
+
+A full deploy sends the whole manifest and the bundle's tar as it is written
+(``receive_chunked``): what arrived is kept under a name carrying the content id,
+so after a cut the next plan reports it (``stream_parts``) and the upload resumes.
+A delta the server planned (``deploy-plan``) comes the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from remoteops.common.deploy_wire import GO, MARK, MAX_HEADER, rebuild
+from remoteops.common.errors import RemoteOpsError
+from remoteops.common.files import CHUNK
+from remoteops.common.manifest import BundleError, Manifest
+from remoteops.server.apply import Project
+
+NO_PAYLOAD = ("the deploy's data did not arrive on stdin; something in the login shell "
+              "(~/.bashrc) reads stdin: guard it with [[ $- == *i* ]]")
+
+
+class Input:
+    """stdin, read exactly."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.buffer = stream, b""
+
+    def exactly(self, n: int) -> bytes:
+        """``n`` bytes, or fewer when the input ends first."""
+        parts, left = [self.buffer[:n]], n - len(self.buffer[:n])
+        self.buffer = self.buffer[n:]
+        while left > 0:
+            chunk = self.stream.read(min(left, CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def line(self, limit: int = 4096) -> bytes:
+        while b"\n" not in self.buffer and len(self.buffer) < limit:
+            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
+                else self.stream.read(1)
+            if not chunk:
+                break
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def header(self) -> dict:
+        """The header after ``MARK``, which must come first: only the laptop writes to
+        this stdin, so anything else means a login shell read part of it (and waiting
+        for the rest would wait forever)."""
+        while len(self.buffer) < len(MARK):
+            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
+                else self.stream.read(len(MARK))
+            if not chunk:
+                break
+            self.buffer += chunk
+        if not self.buffer:
+            raise RemoteOpsError("no deploy arrived (the laptop stopped before sending it); "
+                                 "nothing was changed.")
+        if not self.buffer.startswith(MARK):
+            raise RemoteOpsError(NO_PAYLOAD)
+        self.buffer = self.buffer[len(MARK):]
+        size = int(self.line() or 0)
+        if not 0 < size <= MAX_HEADER:
+            raise RemoteOpsError(CUT)
+        body = self.exactly(size)
+        if len(body) != size:
+            raise RemoteOpsError(CUT)
+        return json.loads(body.decode("utf-8"))
+
+
+CUT = ("the connection was cut while the deploy was sent; nothing was changed: run the "
+       "deploy again.")
+
+
+def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
+    """The ``size`` bytes that follow into ``dest``, their sha256 checked. A short or
+    damaged stream removes what arrived and raises."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    got = 0
+    try:
+        with open(part, "wb") as out:
+            while got < size:
+                chunk = src.exactly(min(CHUNK, size - got))
+                if not chunk:
+                    raise RemoteOpsError(f"the connection was cut after {got} of {size} bytes "
+                                         "of the deploy; nothing was changed: run it again.")
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+        if h.hexdigest() != sha256:
+            raise BundleError("the files sent do not match their sha256 (damaged in transit); "
+                              "nothing was changed: run the deploy again.")
+        os.replace(part, dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def receive_chunked(src: Input, dest: Path, offset: int) -> None:
+    """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
+    to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
+    keeps the part file: the next deploy resumes there."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    if have < offset:
+        raise RemoteOpsError("the upload to resume from is gone; run the deploy again.")
+    h = hashlib.sha256()
+    got = offset
+    with open(part, "r+b" if part.is_file() else "wb") as out:
+        out.truncate(offset)
+        out.seek(offset)
+        while True:
+            length = src.exactly(8)
+            size = int.from_bytes(length, "big") if len(length) == 8 else -1
+            data = src.exactly(size) if size > 0 else b""
+            if size < 0 or len(data) != size:
+                out.write(data)
+                raise RemoteOpsError(f"the connection was cut after {got + len(data)} bytes of "
+                                     "the bundle; nothing was changed: run the deploy again "
+                                     "(it resumes there).")
+            if size == 0:
+                break
+            out.write(data)
+            h.update(data)
+            got += size
+    trailer = json.loads(src.line() or b"{}")
+    if trailer.get("size") != got or trailer.get("tail_sha256") != h.hexdigest():
+        part.unlink(missing_ok=True)
+        raise BundleError("the bundle sent does not match its sha256 (damaged in transit); "
+                          "nothing was changed: run the deploy again.")
+    os.replace(part, dest)
+
+
+def stream_parts(project: Project, content_id: str) -> dict[str, int]:
+    """Bytes kept of each cut upload for ``content_id``, by name (the next one resumes)."""
+    prefix = f"stream-{content_id[:32]}-"
+    folder = project.state / "incoming"
+    if not folder.is_dir():
+        return {}
+    return {p.name[len(prefix):-len(".tar.zst.part")]: p.stat().st_size
+            for p in folder.glob(f"{prefix}*.tar.zst.part")}
+
+
+def _whole(project: Project, content_id: str, name: str) -> Path:
+    if not re.fullmatch(r"[a-z0-9-]{1,64}", name):
+        raise RemoteOpsError(f"the upload's name {name!r} is not one remoteops sends.")
+    return project.state / "incoming" / f"stream-{content_id[:32]}-{name}.tar.zst"
+
+
+def wait_for_go(src: Input) -> None:
+    """The laptop's go-ahead, sent last; without it nothing changes."""
+    if src.exactly(len(GO)) != GO:
+        raise RemoteOpsError("the laptop stopped before the deploy was to go ahead; nothing "
+                             "was changed.")
+
+
+def apply_streamed(root: str, stream: BinaryIO, say: Callable[[dict], None]) -> dict:
+    """Read a one-request deploy from ``stream`` and apply it (see the module docstring).
+    ``say`` prints an answer while the request goes on (the plan, when asked for)."""
+    src = Input(stream)
+    header = src.header()
+    project = Project(root)
+    if header.get("plan"):
+        return _plan_then_apply(project, src, header, say)
+    if "manifest" in header:
+        return _apply_planned(project, src, header)
+    current = project.current()
+    if current is None or current.content_id != header["base"]:
+        return project._base_differs(
+            "nothing is recorded as deployed there" if current is None else
+            f"it has v{current.version} ({current.content_id[:12]}), not "
+            f"{str(header['base'])[:12]}")
+    try:
+        new = rebuild(current, header)
+    except BundleError as exc:
+        return project._base_differs(str(exc))
+    received = combined = None
+    sent = header.get("delta")
+    try:
+        if sent:
+            received = project.state / "incoming" / f"stream-{sent['sha256'][:32]}.tar.zst"
+            receive(src, received, int(sent["size"]), sent["sha256"])
+        patches = [(path, old, src.exactly(int(size))) for path, old, size in
+                   header.get("patches") or []]
+        wait_for_go(src)
+        if patches:
+            # (checked again under the lock) an interrupted change first, as apply says it
+            reason = project._base_check(header["base"], header.get("agent"))
+            if reason:
+                return project._base_differs(reason)
+            try:
+                combined = patched_delta(project, new, patches, received)
+            except PatchBaseDiffers as exc:
+                return project._base_differs(str(exc))
+        # the tar's sha256 was checked as it arrived; staging checks every file's
+        return project.apply(new, combined or received, header["holder"], int(header["keep"]),
+                             None, expect_base=header["base"], expect_agent=header.get("agent"))
+    finally:
+        for path in (received, combined):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+class PatchBaseDiffers(RemoteOpsError):
+    """The file a patch applies to is not the one the laptop's record says is here."""
+
+
+def patched_delta(project: Project, new: Manifest, patches: list[tuple[str, str, bytes]],
+                  received: Path | None) -> Path:
+    """One tar of every changed file: the patched ones rebuilt from this disk's copies
+    (each checked against the old and the new sha256), the others as received."""
+    import tarfile
+
+    import zstandard
+
+    from remoteops.common.bundle_tar import _tarinfo, iter_members
+    from remoteops.common.deploy_wire import apply_patch
+    from remoteops.common.files import atomic_output
+    from remoteops.common.paths import safe_relpath
+
+    wanted = new.file_map()
+    out = project.state / "incoming" / f"stream-{new.content_id[:32]}-patched.tar.zst"
+    with atomic_output(out) as raw, \
+            zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as zw, \
+            tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        if received is not None:
+            for member, fh in iter_members(received):
+                if fh is not None:
+                    tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+        for path, old_sha, patch in patches:
+            rel = safe_relpath(path, "the deploy's patches")
+            entry = wanted.get(rel)
+            if entry is None or entry.link is not None:
+                raise BundleError(f"the deploy patches {rel}, which the manifest does not list "
+                                  "as a file; nothing was changed.")
+            try:
+                here = project.root / rel
+                old = here.read_bytes() if here.is_file() and not here.is_symlink() else None
+            except OSError:
+                old = None
+            if old is None or hashlib.sha256(old).hexdigest() != old_sha:
+                raise PatchBaseDiffers(f"1 file(s) there differ from what was deployed ({rel})")
+            try:
+                data = apply_patch(old, patch, entry.size)
+            except zstandard.ZstdError:
+                data = b""
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise BundleError(f"{rel} patched does not match its sha256 (damaged in "
+                                  "transit); nothing was changed: run the deploy again.")
+            tar.addfile(_tarinfo(f"files/{rel}", len(data), entry.mode), io.BytesIO(data))
+    return out
+
+
+def _plan_then_apply(project: Project, src: Input, header: dict,
+                     say: Callable[[dict], None]) -> dict:
+    """Plan against this disk and say the plan; then the laptop says what follows (a tar
+    of what the plan needs, or nothing: a no-op, a dry run, a declined deploy)."""
+    new = Manifest.from_json(json.dumps(header["manifest"]))
+    plan = project.plan(new)
+    plan["stream_parts"] = stream_parts(project, new.content_id)
+    say(plan)
+    line = src.line()
+    follows = json.loads(line) if line else {}
+    if follows.get("send") != "tar":
+        return {"action": "apply", "noop": True, "skipped": True}
+    return _apply_planned(project, src, {**header, "delta": follows})
+
+
+def _apply_planned(project: Project, src: Input, header: dict) -> dict:
+    """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
+    applied as planned here."""
+    new = Manifest.from_json(json.dumps(header["manifest"]))
+    delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
+    receive_chunked(src, delta, int(header["delta"]["offset"]))
+    try:
+        wait_for_go(src)
+        result = project.apply(new, delta, header["holder"], int(header["keep"]), None)
+        # the manifest the plan read (the laptop sent it before this request)
+        (project.state / "incoming" / f"{new.content_id}.manifest.json").unlink(missing_ok=True)
+        return result
+    finally:
+        delta.unlink(missing_ok=True)
+
+
+__all__ = ["apply_streamed", "stream_parts", "Input", "receive", "receive_chunked"]
