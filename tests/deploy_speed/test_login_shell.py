@@ -64,3 +64,19 @@ def test_a_login_shell_that_reads_stdin_gets_the_deploy_by_sftp(deploy_via, proj
     assert out["applied"]["overwritten"] == 1 and res.sftp >= 1
     assert tree(deploy_via.root) == expected_tree(project)
     assert not list((deploy_via.root / ".remoteops" / "incoming").glob("*"))
+
+
+def test_a_login_shell_that_reads_stdin_on_every_command_gets_eof_not_a_hang(deploy_via, cli,
+                                                                             project, tmp_path):
+    """Every agent command's input is closed after its payload (or at once when it has none),
+    so a shell that reads a line of stdin first gets EOF; before, a command without input
+    (deploy-plan, backups) waited out ssh.command_timeout (300 s) here."""
+    greedy_always = "read -r first_line\n"
+    res = deploy_via(greedy_always)  # the streamed request loses its mark: SFTP, and says why
+    assert "login shell reads stdin" in res.stdout
+    assert tree(deploy_via.root) == expected_tree(project)
+    wrapper = tmp_path / "python.sh"  # deploy_via left the greedy wrapper there
+    listed = cli("backups", "--host", "box", "--project-root", str(deploy_via.root), "--json",
+                 env={"REMOTEOPS_REMOTE_PYTHON": str(wrapper)}, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert [row["version"] for row in as_json(listed)] == [1]
