@@ -18,7 +18,8 @@ LATEST_VENV = ".venv-latest"
             "latest": "run against the newest releases (a separate .venv-latest, no "
                       "constraints) to see upstream drift on purpose"})
 def test(c, k=None, x=False, latest=False):
-    """Run the whole test suite (installs openssh-server, rsync and strace first when missing)."""
+    """Run the whole test suite (installs openssh-server, rsync, strace and Slurm (slurmctld,
+    slurmd, slurm-client, munge) first when missing)."""
     from tests.harness.install import ensure_sshd
 
     ensure_sshd()

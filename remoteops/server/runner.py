@@ -127,7 +127,8 @@ class Runner:
                 if not ok:
                     self._skip_rest(stage)
                     break
-            self.state["status"] = ("cancelled" if self.cancelled else
+            self.state["status"] = ("cancelled" if self.cancelled or any(  # a scancel too
+                s["status"] == "cancelled" for s in self.state["stages"]) else
                                     "failed" if any(s["status"] == "failed"
                                                     for s in self.state["stages"]) else "done")
         except BaseException as exc:  # record whatever kills the runner itself
@@ -360,10 +361,16 @@ class Runner:
         return {"on_start": started, "cancelled": lambda: self.cancelled,
                 "on_change": self.save}
 
+    def _on_job(self, job_id: str) -> None:
+        """A batch job (slurm) runs the stage: status shows it, cancel ends it."""
+        self.stage["executor"]["job"] = self.stage["attempts"][-1]["job"] = job_id
+        self.save()
+
     def _launch(self, executor, launch: Launch, log_path: Path,
                 watch: StageWatch) -> ChildResult:
         """The stage's main process, run the executor's way (CannotRun when it cannot)."""
-        return executor.run(launch, self.process, log_path, watch, **self._callbacks())
+        return executor.run(launch, self.process, log_path, watch, **self._callbacks(),
+                            on_job=self._on_job)
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
                watch: StageWatch | None = None) -> ChildResult:

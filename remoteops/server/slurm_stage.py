@@ -1,0 +1,151 @@
+"""One stage attempt as a Slurm batch job, followed from its submission to its final state.
+
+What ``executor = "slurm"`` runs (``plugins/slurm.py`` calls ``run_slurm_job``): the stage's
+command goes into a job script (``<run>/slurm/<stage>.<n>.sbatch``), which ``sbatch``
+submits chained after the run's previous Slurm job (``--dependency=afterok``,
+``--kill-on-invalid-dep=yes``). While it runs, the job's output file is copied into the
+stage's log (so ``logs -f`` and the log-based health watch read it as they read a local
+process's output), the watch judges it every poll, and ``squeue`` is asked once per poll.
+A cancel, or a bad verdict of the watch, is an ``scancel``. A job the cluster requeues
+(preemption, ``scontrol requeue``) is followed under the same id. Its end is a
+``ChildResult`` as a local process gives: the exit code, or the failure class of a job Slurm
+ended (a time limit, a preemption, a lost node, out of memory, cancelled by someone else).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from remoteops.server import slurm_jobs
+from remoteops.server.pipeline import ChildResult
+
+_LAST_OK: dict[str, str] = {}  # run dir -> the run's last job that completed (for afterok)
+TICK = 0.2
+
+
+def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: Path, *,
+                  cancelled: Callable[[], bool] = lambda: False,
+                  on_change: Callable[[], None] = lambda: None,
+                  on_job: Callable[[str], None] = lambda job: None,
+                  **_: Any) -> ChildResult:
+    """Submit ``launch`` as a batch job and follow it to its end; ``options`` are the
+    merged ``[slurm]`` settings of the stage (``poll_seconds`` among them); the job runs
+    in ``cwd`` (the project root)."""
+    run_dir = log_path.parent.parent
+    folder = run_dir / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1 + len(list(folder.glob(f"{launch.stage}.*.sbatch")))
+    script, output = folder / f"{launch.stage}.{n}.sbatch", folder / f"{launch.stage}.{n}.out"
+    resume = launch.kind == "train" and "--resume" not in launch.argv
+    name = f"remoteops-{run_dir.name.removeprefix('run_')}-{launch.stage}"
+    script.write_text(slurm_jobs.batch_script(name, launch.argv, launch.env, cwd, output,
+                                              options, resume))
+    after = _LAST_OK.get(str(run_dir))
+    job = slurm_jobs.submit(script, after)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n==> sbatch job {job}{' after ' + after if after else ''} "
+                  f"({script.name}): {' '.join(launch.argv)}\n".encode())
+        offset = log.tell()
+    if watch is not None:
+        watch.start(log_path, offset)
+    on_job(job)
+    follower = _Follower(job, output, log_path, float(options.get("poll_seconds") or 1.0))
+    killed_for, message = follower.follow(watch, cancelled, on_change)
+    state, code = slurm_jobs.final(job)
+    follower.copy()
+    if killed_for is None and state in slurm_jobs.FAILURE_CLASS and not cancelled():
+        killed_for = slurm_jobs.FAILURE_CLASS[state]
+        message = f"Slurm job {job} ended {state}" + (
+            f" ({follower.reason})" if follower.reason not in ("", "None") else "")
+    if state == "COMPLETED" and code == 0:
+        _LAST_OK[str(run_dir)] = job
+    verdict = watch.final(code) if watch is not None else None
+    if killed_for or cancelled():
+        follower.note(f"==> stopped ({killed_for or 'cancelled'}): Slurm job {job} ended "
+                      f"{state}\n")
+    return ChildResult(code, killed_for, message, verdict)
+
+
+class _Follower:
+    """One job: its output copied into the stage log, its state asked once per poll."""
+
+    def __init__(self, job: str, output: Path, log_path: Path, poll_s: float):
+        self.job, self.output, self.log_path = job, output, log_path
+        self.poll_s = max(0.2, poll_s)
+        self.pos = 0
+        self.state, self.reason = "PENDING", ""
+        self.runs = 0  # how often it started running (a requeued job starts again)
+
+    def copy(self) -> None:
+        """Append what the job wrote since the last copy to the stage's log."""
+        try:
+            with open(self.output, "rb") as fh:
+                fh.seek(self.pos)
+                data = fh.read(1 << 22)
+        except FileNotFoundError:
+            return
+        if data:
+            self.pos += len(data)
+            with open(self.log_path, "ab") as log:
+                log.write(data)
+
+    def note(self, line: str) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(line.encode())
+
+    def poll(self) -> bool:
+        """Ask squeue; True once the job is in a final state (a state the cluster may take
+        back is looked at twice)."""
+        was = self.state
+        self.state, self.reason = slurm_jobs.states([self.job]).get(self.job,
+                                                                     (self.state, self.reason))
+        if self.state == "RUNNING" and was != "RUNNING":
+            self.runs += 1
+            if self.runs > 1:
+                self.note(f"==> Slurm job {self.job} was requeued and runs again "
+                          f"(start {self.runs})\n")
+        if self.state not in slurm_jobs.FINAL:
+            return False
+        if self.state in slurm_jobs.MAY_COME_BACK and was != self.state:
+            return False  # look again next poll
+        return True
+
+    def follow(self, watch: Any, cancelled: Callable[[], bool],
+               on_change: Callable[[], None]) -> tuple[str | None, str]:
+        """Until the job is final: ``(None, "")``, or the watch's verdict that stopped it."""
+        last = 0.0
+        while True:
+            time.sleep(TICK)
+            self.copy()
+            if cancelled():
+                self.stop()
+                return None, ""
+            if time.monotonic() - last < self.poll_s:
+                continue
+            last = time.monotonic()
+            if self.poll():
+                return None, ""
+            if watch is not None and self.state == "RUNNING":
+                verdict = watch.poll()
+                if watch.changed:
+                    on_change()
+                if verdict is not None:
+                    self.stop()
+                    return verdict.reason, verdict.message
+
+    def stop(self, timeout: float = 60) -> None:
+        """``scancel`` the job and wait until Slurm says it ended."""
+        slurm_jobs.cancel([self.job])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = slurm_jobs.states([self.job]).get(self.job, ("", ""))[0]
+            if state in slurm_jobs.FINAL or not state:
+                break
+            time.sleep(TICK)
+        self.copy()
+
+
+__all__ = ["run_slurm_job"]
