@@ -77,7 +77,7 @@ class _Follower:
         self.poll_s = max(0.2, poll_s)
         self.pos = 0
         self.state, self.reason = "PENDING", ""
-        self.runs = 0  # how often it started running (a requeued job starts again)
+        self.started = False  # seen running since it was last pending (a requeue pends again)
 
     def copy(self) -> None:
         """Append what the job wrote since the last copy to the stage's log."""
@@ -102,11 +102,12 @@ class _Follower:
         was = self.state
         self.state, self.reason = slurm_jobs.states([self.job]).get(self.job,
                                                                      (self.state, self.reason))
-        if self.state == "RUNNING" and was != "RUNNING":
-            self.runs += 1
-            if self.runs > 1:
-                self.note(f"==> Slurm job {self.job} was requeued and runs again "
-                          f"(start {self.runs})\n")
+        if self.state == "RUNNING":
+            self.started = True
+        if self.started and self.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+            self.started = False  # it ran, and waits to run again
+            self.note(f"==> Slurm job {self.job} was requeued ({self.state}, {self.reason}); "
+                      f"it runs again under the same id\n")
         if self.state not in slurm_jobs.FINAL:
             return False
         if self.state in slurm_jobs.MAY_COME_BACK and was != self.state:

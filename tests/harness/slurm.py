@@ -11,7 +11,8 @@ known for ``MinJobAge``) or the ``jobcomp/filetxt`` file.
 
 Written from the recipe in ``shared/slurm.md`` (the pitfalls: ``batch_sched_delay=0`` or
 every job waits ~3 s; no cgroups here, so ``proctrack/linuxproc`` and ``task/none``; PID 1
-reaps late, so a zombie counts as dead).
+reaps late, so a zombie counts as dead). ``cred_expire=10`` (default 120): Slurm holds a
+requeued job until its last credential expires, and a test should not wait two minutes.
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ class SlurmCluster:
         self.conf.write_text(self._config(socket_path))
         self._daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._until(lambda: "is UP" in self.run("scontrol", "ping").stdout, "slurmctld is not up",
-                    20)
+                    60)
         self._daemon("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
         self._until(lambda: self.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle",
-                    "the node is not idle", 20)
+                    "the node is not idle", 60)
         return self
 
     def _config(self, munge_socket: Path) -> str:
@@ -129,7 +130,7 @@ SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={b}/state
 SlurmdSpoolDir={b}/spool
 SlurmctldPidFile={b}/state/slurmctld.pid
@@ -174,8 +175,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if ready():
                 return
             time.sleep(0.05)
+        logs = {name: self.log(name)[-600:] for name in ("slurmctld", "slurmd")}
         self.stop()
-        raise RuntimeError(f"{what} after {timeout} s; see {self.base}/log")
+        raise RuntimeError(f"{what} after {timeout} s; see {self.base}/log: {logs}")
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons by PID, leave no process behind."""

@@ -1,5 +1,6 @@
-"""The slurm executor on a real one-node cluster: a pipeline's stages as chained sbatch
-jobs, followed by the runner, collected; status shows each stage's job."""
+"""The slurm executor on a real one-node cluster: a pipeline's stages as chained sbatch jobs,
+followed by the runner; its training job, killed by its time limit, resumes from its
+checkpoint in a new job; status and collect over SSH read it as any run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import sys
 
 from tests.conftest import ssh_alias, trust
-from tests.executors.conftest import agent, run_pipeline, stages_of
+from tests.executors.conftest import agent, stages_of
+from tests.slurm.conftest import job_of, latest_run, run_pipeline_end, wait_for
 
 PIPELINE = f"""
 [slurm]
@@ -21,8 +23,9 @@ eval_set = "data/eval2.jsonl"
 executor = "slurm"
 
 [stages.style.train]
-batch_size = 4
+batch_size = 4          # 2 steps an epoch: checkpoint-2, then step 3 hangs
 grad_accum = 1
+inject_fault = "hang@3"
 
 [stages.style.slurm]
 cpus = 2
@@ -34,31 +37,61 @@ executor = "slurm"
 """
 
 
-def test_a_pipeline_runs_as_chained_slurm_jobs_and_collects(slurm, make_project, cli, home,
-                                                             sshd_server):
+def test_a_pipeline_runs_as_chained_jobs_and_a_time_limit_kill_resumes_from_the_checkpoint(
+        slurm, make_project, cli, home, sshd_server):
+    """Slurm's shortest time limit is a minute: once the job hangs at step 3 the test moves its
+    end time to now (``scontrol update EndTime=now``); Slurm's own time-limit check (every
+    30 s) then kills it, as TIMEOUT."""
     root = make_project(PIPELINE)
-    run, state = run_pipeline(root, "style,report", timeout=180)
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "style,report", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = wait_for(lambda: latest_run(root), "run")
+    log_path = run / "logs" / "style.log"
+
+    def hung() -> bool:
+        assert "exited" not in json.loads((run / "state.json").read_text())["runner"], \
+            log_path.read_text()[-2000:]
+        return log_path.is_file() and "hanging at step 3" in log_path.read_text()
+
+    wait_for(hung, "hang at step 3", 150)
+    timed_out = job_of(root, "style")
+    assert slurm.run("scontrol", "update", f"JobId={timed_out}", "EndTime=now").returncode == 0
+    run, state = run_pipeline_end(root, 180)
     stages = stages_of(state)
     style, report = stages["style"], stages["report"]
-    assert state["status"] == "done", (run / "logs" / "style.log").read_text()[-3000:]
-    first, second = style["executor"]["job"], report["executor"]["job"]
-    assert int(second) > int(first)
+    assert state["status"] == "done", log_path.read_text()[-3000:]
+
+    # the time limit: TIMEOUT, then a new job resumed from checkpoint-2
+    first, second = style["attempts"]
+    assert first["failure_class"] == "timeout" and first["job"] == timed_out
+    assert first["reason"].startswith(f"Slurm job {timed_out} ended TIMEOUT")
+    assert second["resume"] is True and second["job"] != timed_out
+    log = log_path.read_text()
+    assert "DUE TO TIME LIMIT" in log  # slurmstepd's own line, from the job's output file
+    assert f"resuming stage 'style' from {run}/checkpoints/style/checkpoint-2 (step 2)" in log
+    entry = json.loads((run / "summary.json").read_text())["stages"]["style"]
+    assert entry["final"]["step"] == 4 and entry["resumed_from"].endswith("checkpoint-2")
+    assert "attempt 1: timeout (Slurm job" in " ".join(style["warnings"])
+
+    # the chain: report's job after style's last job, each really run by Slurm
+    style_job, report_job = style["executor"]["job"], report["executor"]["job"]
+    assert style_job == second["job"] and int(report_job) > int(style_job)
+    assert slurm.states(timed_out, style_job, report_job) == {
+        timed_out: "TIMEOUT", style_job: "COMPLETED", report_job: "COMPLETED"}
     assert style["executor"] == {"name": "slurm", "partition": "debug", "time": "10", "cpus": 2,
-                                 "extra": ["--comment=remoteops-test"], "job": first}
-    # each stage really ran as its Slurm job, the second chained after the first
-    assert slurm.states(first, second) == {first: "COMPLETED", second: "COMPLETED"}
+                                 "extra": ["--comment=remoteops-test"], "job": style_job}
     script = (run / "slurm" / "style.1.sbatch").read_text()
     for line in ("#SBATCH --partition=debug", "#SBATCH --time=10", "#SBATCH --cpus-per-task=2",
                  "#SBATCH --comment=remoteops-test", "#SBATCH --requeue"):
         assert line + "\n" in script
-    log = (run / "logs" / "report.log").read_text()
-    assert f"==> sbatch job {second} after {first} (report.1.sbatch)" in log
-    assert f"\n{second} report\n" in log  # the job's own output, copied into the stage log
-    assert "--dependency=afterok" not in script  # on sbatch's command line, see the log
+    report_log = (run / "logs" / "report.log").read_text()
+    assert f"==> sbatch job {report_job} after {style_job} (report.1.sbatch)" in report_log
+    assert f"\n{report_job} report\n" in report_log  # the job's output, in the stage log
     assert (root / "outputs" / "adapter" / "adapter_style" / "adapter_model.safetensors").is_file()
     assert (run / "eval_report_style.json").is_file()
     summary = (run / "TRAINING_SUMMARY.md").read_text()
-    assert f"style: slurm job {first}" in summary and f"report: slurm job {second}" in summary
+    assert f"style: slurm job {style_job}" in summary and f"report: slurm job {report_job}" in summary
+
     # the laptop's status and collect over SSH, unchanged
     ssh_alias(home, "box", sshd_server)
     trust(root, sshd_server)
@@ -67,7 +100,8 @@ def test_a_pipeline_runs_as_chained_slurm_jobs_and_collects(slurm, make_project,
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in res.stdout.splitlines() if line.startswith("│")}
-    assert rows["style"][3] == f"slurm job {first}" and rows["report"][3] == f"slurm job {second}"
+    assert rows["style"][3] == f"slurm job {style_job}"
+    assert rows["report"][3] == f"slurm job {report_job}"
     res = cli("collect", "--host", "box", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    print(res.stdout)
+    assert "TRAINING_SUMMARY.md" in res.stdout
