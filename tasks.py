@@ -113,7 +113,8 @@ def bench_pipeline(c):
 @task(help={"nproc": "torchrun ranks", "work": "seconds the program works",
             "repeats": "runs of each way (medians)"})
 def bench_executors(c, nproc=2, work=2.0, repeats=3):
-    """Benchmark what a stage's executor adds over the same command bare (torchrun, process)."""
+    """Benchmark what a stage's executor adds over the same command bare (torchrun, process,
+    slurm: against `sbatch --wait`)."""
     from tests.bench.bench_executors import main
 
     main(["--nproc", str(nproc), "--work", str(work), "--repeats", str(repeats)])

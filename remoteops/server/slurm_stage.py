@@ -53,8 +53,12 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
         watch.start(log_path, offset)
     on_job(job)
     follower = _Follower(job, output, log_path, float(options.get("poll_seconds") or 1.0))
-    killed_for, message = follower.follow(watch, cancelled, on_change)
-    state, code = slurm_jobs.final(job)
+    try:
+        killed_for, message = follower.follow(watch, cancelled, on_change)
+    except BaseException:  # the runner fails the stage; the job must not run on unwatched
+        slurm_jobs.cancel([job])
+        raise
+    state, code = follower.final or slurm_jobs.final(job)
     follower.copy()
     if killed_for is None and state in slurm_jobs.FAILURE_CLASS and not cancelled():
         killed_for = slurm_jobs.FAILURE_CLASS[state]
@@ -78,6 +82,8 @@ class _Follower:
         self.pos = 0
         self.state, self.reason = "PENDING", ""
         self.started = False  # seen running since it was last pending (a requeue pends again)
+        self.unseen = 0  # polls in a row squeue did not list the job
+        self.final: tuple[str, int] | None = None
 
     def copy(self) -> None:
         """Append what the job wrote since the last copy to the stage's log."""
@@ -100,10 +106,20 @@ class _Follower:
         """Ask squeue; True once the job is in a final state (a state the cluster may take
         back is looked at twice)."""
         was = self.state
-        self.state, self.reason = slurm_jobs.states([self.job]).get(self.job,
-                                                                     (self.state, self.reason))
-        if self.state == "RUNNING":
+        found = slurm_jobs.states([self.job]).get(self.job)
+        self.unseen = 0 if found else self.unseen + 1
+        if found:
+            self.state, self.reason = found
+        elif self.unseen >= 3:  # squeue forgot it (MinJobAge) or cannot answer: ask sacct
+            try:
+                self.final = slurm_jobs.final(self.job, tries=1)
+            except slurm_jobs.SlurmError:
+                return False
+            self.state = self.final[0]
+            return self.state in slurm_jobs.FINAL
+        if self.state == "RUNNING" and not self.started:
             self.started = True
+            self.t_start = time.monotonic()  # the health window counts from here, not queued
         if self.started and self.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             self.started = False  # it ran, and waits to run again
             self.note(f"==> Slurm job {self.job} was requeued ({self.state}, {self.reason}); "
@@ -130,6 +146,8 @@ class _Follower:
             if self.poll():
                 return None, ""
             if watch is not None and self.state == "RUNNING":
+                if getattr(self, "t_start", None) is not None:
+                    watch.t0, self.t_start = self.t_start, None  # not the time it queued
                 verdict = watch.poll()
                 if watch.changed:
                     on_change()
