@@ -78,6 +78,7 @@ def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project
     assert res.returncode == 0, res.stdout + res.stderr
     job = wait_for(lambda: job_of(root, "q"), "job id")
     wait_for(lambda: marker.is_file(), "the job's first start")
+    time.sleep(1.5)  # the runner has seen it running (it polls every second)
     assert slurm.run("scontrol", "requeue", job).returncode == 0
     # Slurm holds a requeued job until its old credential expires (the harness: cred_expire=10)
     run, state = run_pipeline_end(root, 60)
