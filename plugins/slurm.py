@@ -45,7 +45,7 @@ class SlurmExecutor(Executor):
                              f"as a Slurm job; ask Slurm for the resources in "
                              f"[stages.{stage}.slurm] (gres, cpus) or remove {given[0]}.")
         for line in (table.get("slurm") or {}).get("extra") or []:
-            if "\n" in line or not line.lstrip("#SBATCH ").startswith("-"):
+            if "\n" in line or not line.removeprefix("#SBATCH").strip().startswith("-"):
                 raise ValueError(f"stages.{stage}.slurm.extra has {line!r}; each item is one "
                                  f"sbatch option, e.g. \"--qos=high\".")
 

@@ -28,8 +28,8 @@ from remoteops.common.errors import ConfigError, RemoteOpsError
 
 GROUP = "remoteops"
 # Built-ins in this tuple, loaded in this order.
-BUILTIN_PLUGINS = ("precheck_basics", "executors", "slurm", "gpu_gate", "base_model", "post_eval_fix",
-                   "quant_bnb", "quant_gguf")
+BUILTIN_PLUGINS = ("precheck_basics", "executors", "slurm", "gpu_gate", "base_model",
+                   "post_eval_fix", "quant_bnb", "quant_gguf")
 UNBLOCKABLE = frozenset({"precheck_basics", "executors"})  # a run needs the process executor
 
 

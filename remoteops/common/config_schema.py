@@ -116,8 +116,7 @@ RULES: dict[str, Rule] = {
                                        r"|oom>[1-9]\d*)(:rank\d+)?",
                                why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP, "
                                    "kill@STEP, hang@STEP (each optionally :rankN, one torchrun "
-                                   "rank) or "
-                                   "\"\""),
+                                   "rank) or \"\""),
     "health.loss_max": Rule(low=0, low_open=True, allow_inf=True),
     "health.explode_ratio": Rule(low=1, low_open=True),
     "health.warmup_check_steps": GE0,

@@ -290,11 +290,12 @@ __all__ = ["POLICY", "plan_stages", "load_state", "read_state", "save_state",
 
 def executor_label(executor: dict | None) -> str:
     """How a stage's executor (as ``state.json`` records it) reads in a table:
-    ``process``, ``torchrun 2x1`` (processes per node x nodes), ``slurm job 42`` (its last)."""
+    ``process``, ``torchrun 2x1`` (processes per node x nodes), ``slurm job 42`` (its last; ``, queued (Priority)`` while it waits)."""
     if not executor:
         return "-"
     if executor.get("name") == "torchrun":
         return f"torchrun {executor.get('nproc_per_node', '?')}x{executor.get('nnodes', 1)}"
     if executor.get("name") == "slurm" and executor.get("job"):
-        return f"slurm job {executor['job']}"
+        queued = executor.get("queued")
+        return f"slurm job {executor['job']}" + (f", queued ({queued})" if queued else "")
     return str(executor.get("name") or "-")

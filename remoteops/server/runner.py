@@ -361,9 +361,10 @@ class Runner:
         return {"on_start": started, "cancelled": lambda: self.cancelled,
                 "on_change": self.save}
 
-    def _on_job(self, job_id: str) -> None:
-        """A batch job (slurm) runs the stage: status shows it, cancel ends it."""
-        self.stage["executor"]["job"] = self.stage["attempts"][-1]["job"] = job_id
+    def _on_job(self, job_id: str, **info) -> None:
+        """A batch job (slurm) runs the stage: status shows it (queued or not), cancel ends it."""
+        self.stage["executor"].update(info, job=job_id)
+        self.stage["attempts"][-1]["job"] = job_id
         self.save()
 
     def _launch(self, executor, launch: Launch, log_path: Path,

@@ -52,7 +52,8 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     if watch is not None:
         watch.start(log_path, offset)
     on_job(job)
-    follower = _Follower(job, output, log_path, float(options.get("poll_seconds") or 1.0))
+    follower = _Follower(job, output, log_path, float(options.get("poll_seconds") or 1.0),
+                         on_job)
     try:
         killed_for, message = follower.follow(watch, cancelled, on_change)
     except BaseException:  # the runner fails the stage; the job must not run on unwatched
@@ -76,11 +77,13 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
 class _Follower:
     """One job: its output copied into the stage log, its state asked once per poll."""
 
-    def __init__(self, job: str, output: Path, log_path: Path, poll_s: float):
-        self.job, self.output, self.log_path = job, output, log_path
+    def __init__(self, job: str, output: Path, log_path: Path, poll_s: float,
+                 on_job: Callable[..., None] = lambda job, **info: None):
+        self.job, self.output, self.log_path, self.on_job = job, output, log_path, on_job
         self.poll_s = max(0.2, poll_s)
         self.pos = 0
         self.state, self.reason = "PENDING", ""
+        self.queued: str | None = None
         self.started = False  # seen running since it was last pending (a requeue pends again)
         self.unseen = 0  # polls in a row squeue did not list the job
         self.final: tuple[str, int] | None = None
@@ -110,6 +113,11 @@ class _Follower:
         self.unseen = 0 if found else self.unseen + 1
         if found:
             self.state, self.reason = found
+            queued = (self.reason if self.reason not in ("", "None") else "waiting") \
+                if self.state == "PENDING" else None
+            if queued != self.queued:  # status shows why it waits
+                self.queued = queued
+                self.on_job(self.job, queued=queued)
         elif self.unseen >= 3:  # squeue forgot it (MinJobAge) or cannot answer: ask sacct
             try:
                 self.final = slurm_jobs.final(self.job, tries=1)

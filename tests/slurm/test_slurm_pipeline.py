@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from remoteops.common.runs import executor_label
 from tests.conftest import ssh_alias, trust
 from tests.executors.conftest import agent, stages_of
 from tests.slurm.conftest import job_of, latest_run, run_pipeline_end, wait_for
@@ -105,3 +106,28 @@ def test_a_pipeline_runs_as_chained_jobs_and_a_time_limit_kill_resumes_from_the_
     res = cli("collect", "--host", "box", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "TRAINING_SUMMARY.md" in res.stdout
+
+
+def test_status_shows_a_queued_job_and_why_it_waits(slurm, make_project):
+    root = make_project('\n[stages.held]\ncommand = "echo ran"\nexecutor = "slurm"\n'
+                        '[stages.held.slurm]\nextra = ["--hold"]\n')
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "held", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def queued():
+        run = latest_run(root)
+        if run is None or not (run / "state.json").is_file():
+            return None
+        return stages_of(json.loads((run / "state.json").read_text()))["held"].get(
+            "executor", {}).get("queued")
+
+    assert wait_for(queued, "queued job") == "JobHeldUser"
+    run = latest_run(root)
+    held = stages_of(json.loads((run / "state.json").read_text()))["held"]
+    job = held["executor"]["job"]
+    assert executor_label(held["executor"]) == f"slurm job {job}, queued (JobHeldUser)"
+    assert slurm.run("scontrol", "release", job).returncode == 0
+    run, state = run_pipeline_end(root, 60)
+    held = stages_of(state)["held"]
+    assert held["status"] == "done" and held["executor"]["queued"] is None
+    assert executor_label(held["executor"]) == f"slurm job {job}"
