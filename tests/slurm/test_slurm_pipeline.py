@@ -80,7 +80,8 @@ def test_a_pipeline_runs_as_chained_jobs_and_a_time_limit_kill_resumes_from_the_
     assert slurm.states(timed_out, style_job, report_job) == {
         timed_out: "TIMEOUT", style_job: "COMPLETED", report_job: "COMPLETED"}
     assert style["executor"] == {"name": "slurm", "partition": "debug", "time": "10", "cpus": 2,
-                                 "extra": ["--comment=remoteops-test"], "job": style_job}
+                                 "extra": ["--comment=remoteops-test"], "job": style_job,
+                                 "queued": None}
     script = (run / "slurm" / "style.1.sbatch").read_text()
     for line in ("#SBATCH --partition=debug", "#SBATCH --time=10", "#SBATCH --cpus-per-task=2",
                  "#SBATCH --comment=remoteops-test", "#SBATCH --requeue"):
