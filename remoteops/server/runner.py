@@ -312,15 +312,19 @@ class Runner:
         return ok, klass, reason
 
     def _after_training(self, stage: dict, log_path: Path) -> None:
-        """Evaluate, then the configured post-eval and quantization plugins."""
-        result = self._child(agent_args("eval", "--stage", stage["name"], "--run-dir",
-                                        str(self.run_dir)), log_path, {})
+        """Evaluate, then the configured post-eval and quantization plugins (unless the
+        executor ran both at the end of the stage's own job: slurm)."""
+        in_job = stage["executor"].get("after_training") == "in the job"
+        result = ChildResult(0) if in_job else self._child(agent_args(
+            "eval", "--stage", stage["name"], "--run-dir", str(self.run_dir)), log_path, {})
         report = self.run_dir / f"eval_report_{stage['name']}.json"
         if result.code != 0 or not report.is_file():
             stage["warnings"].append(f"evaluation failed (exit {result.code}); see "
                                      f"logs/{stage['name']}.log")
             return
         stage["outputs"]["eval_report"] = report.name
+        if in_job:
+            return
         result = self._child(agent_args("after-stage", "--stage", stage["name"], "--run-dir",
                                         str(self.run_dir)), log_path, {})
         if result.code != 0:

@@ -56,11 +56,13 @@ def _first_line(text: str) -> str:
 
 
 def batch_script(name: str, argv: list[str], env: dict[str, str], cwd: Path, output: Path,
-                 options: dict, resume_on_requeue: bool) -> str:
+                 options: dict, resume_on_requeue: bool, then: list[list[str]] = ()) -> str:
     """The job script of one stage attempt: ``#SBATCH`` lines from ``[slurm]`` and
-    ``[stages.X.slurm]``, the stage's environment, then its command. A job the cluster
-    requeues (preemption, ``scontrol requeue``) runs the script again: a training stage then
-    adds ``--resume latest`` (``SLURM_RESTART_COUNT`` > 0)."""
+    ``[stages.X.slurm]``, the stage's environment, then its command, and when it succeeds
+    the ``then`` commands (a training stage's evaluation and after-stage plugins, on the
+    job's node; the job's exit code stays the command's). A job the cluster requeues
+    (preemption, ``scontrol requeue``) runs the script again: a training stage then adds
+    ``--resume latest`` (``SLURM_RESTART_COUNT`` > 0)."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={output}",
              "#SBATCH --open-mode=append", "#SBATCH --requeue", f"#SBATCH --chdir={cwd}"]
     for key, flag in OPTION_FLAGS.items():
@@ -74,9 +76,13 @@ def batch_script(name: str, argv: list[str], env: dict[str, str], cwd: Path, out
     if resume_on_requeue:
         lines += ['if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then',
                   '  echo "==> job requeued (restart $SLURM_RESTART_COUNT): resuming from the '
-                  'latest checkpoint"',
-                  f"  exec {command} --resume latest", "fi"]
-    lines.append(f"exec {command}")
+                  'latest checkpoint"', "  set -- --resume latest", "fi"]
+        command += ' "$@"'
+    if not then:
+        return "\n".join(lines + [f"exec {command}"]) + "\n"
+    lines += [command, "rc=$?", 'if [ "$rc" -eq 0 ]; then',
+              '  echo "==> evaluation and after-stage plugins in job $SLURM_JOB_ID"',
+              *(f"  {shlex.join(step)}" for step in then), "fi", 'exit "$rc"']
     return "\n".join(lines) + "\n"
 
 

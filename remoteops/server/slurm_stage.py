@@ -40,8 +40,11 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     script, output = folder / f"{launch.stage}.{n}.sbatch", folder / f"{launch.stage}.{n}.out"
     resume = launch.kind == "train" and "--resume" not in launch.argv
     name = f"remoteops-{run_dir.name.removeprefix('run_')}-{launch.stage}"
+    then = [[launch.python, "-m", "remoteops.agent", step, "--stage", launch.stage,
+             "--run-dir", str(run_dir)] for step in ("eval", "after-stage")
+            ] if launch.kind == "train" else []  # on the job's node, not the login node
     script.write_text(slurm_jobs.batch_script(name, launch.argv, launch.env, cwd, output,
-                                              options, resume))
+                                              options, resume, then))
     after = _LAST_OK.get(str(run_dir))
     job = slurm_jobs.submit(script, after)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,7 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
         offset = log.tell()
     if watch is not None:
         watch.start(log_path, offset)
-    on_job(job)
+    on_job(job, after_training="in the job" if then else None)
     follower = _Follower(job, output, log_path, float(options.get("poll_seconds") or 1.0),
                          on_job)
     try:

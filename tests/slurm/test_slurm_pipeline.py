@@ -81,7 +81,7 @@ def test_a_pipeline_runs_as_chained_jobs_and_a_time_limit_kill_resumes_from_the_
         timed_out: "TIMEOUT", style_job: "COMPLETED", report_job: "COMPLETED"}
     assert style["executor"] == {"name": "slurm", "partition": "debug", "time": "10", "cpus": 2,
                                  "extra": ["--comment=remoteops-test"], "job": style_job,
-                                 "queued": None}
+                                 "queued": None, "after_training": "in the job"}
     script = (run / "slurm" / "style.1.sbatch").read_text()
     for line in ("#SBATCH --partition=debug", "#SBATCH --time=10", "#SBATCH --cpus-per-task=2",
                  "#SBATCH --comment=remoteops-test", "#SBATCH --requeue"):
@@ -91,6 +91,9 @@ def test_a_pipeline_runs_as_chained_jobs_and_a_time_limit_kill_resumes_from_the_
     assert f"\n{report_job} report\n" in report_log  # the job's output, in the stage log
     assert (root / "outputs" / "adapter" / "adapter_style" / "adapter_model.safetensors").is_file()
     assert (run / "eval_report_style.json").is_file()
+    # the evaluation ran at the end of the training job, on its node, not in the runner
+    assert f"==> evaluation and after-stage plugins in job {style_job}\n" in log
+    assert "==> " + sys.executable + " -m remoteops.agent eval" not in log
     summary = (run / "TRAINING_SUMMARY.md").read_text()
     assert f"style: slurm job {style_job}" in summary and f"report: slurm job {report_job}" in summary
 
