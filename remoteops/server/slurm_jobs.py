@@ -82,7 +82,7 @@ def batch_script(name: str, argv: list[str], env: dict[str, str], cwd: Path, out
         return "\n".join(lines + [f"exec {command}"]) + "\n"
     lines += [command, "rc=$?", 'if [ "$rc" -eq 0 ]; then',
               '  echo "==> evaluation and after-stage plugins in job $SLURM_JOB_ID"',
-              *(f"  {shlex.join(step)}" for step in then), "fi", 'exit "$rc"']
+              "  " + " && ".join(shlex.join(step) for step in then), "fi", 'exit "$rc"']
     return "\n".join(lines) + "\n"
 
 
