@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from remoteops.executors import CannotRun
 from remoteops.server import slurm_jobs
 from remoteops.server.pipeline import ChildResult
 
@@ -28,7 +29,7 @@ TICK = 0.2
 def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: Path, *,
                   cancelled: Callable[[], bool] = lambda: False,
                   on_change: Callable[[], None] = lambda: None,
-                  on_job: Callable[[str], None] = lambda job: None,
+                  on_job: Callable[..., None] = lambda job, **info: None,
                   **_: Any) -> ChildResult:
     """Submit ``launch`` as a batch job and follow it to its end; ``options`` are the
     merged ``[slurm]`` settings of the stage (``poll_seconds`` among them); the job runs
@@ -46,7 +47,10 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     script.write_text(slurm_jobs.batch_script(name, launch.argv, launch.env, cwd, output,
                                               options, resume, then))
     after = _LAST_OK.get(str(run_dir))
-    job = slurm_jobs.submit(script, after)
+    try:
+        job = slurm_jobs.submit(script, after)
+    except slurm_jobs.SlurmError as exc:  # a partition Slurm does not know, no sbatch here
+        raise CannotRun(f"stage {launch.stage}: {exc}") from None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n==> sbatch job {job}{' after ' + after if after else ''} "

@@ -113,3 +113,14 @@ def test_slurm_settings_on_a_process_stage_are_refused(make_project):
     assert res.returncode != 0 and (res.stdout + res.stderr).strip() == (
         "error: stages.s.slurm holds Slurm settings but the stage runs as a plain process; add "
         "executor = \"slurm\" to [stages.s] or remove [stages.s.slurm].")
+
+
+def test_a_job_sbatch_refuses_fails_the_stage_as_a_config_error(slurm, make_project):
+    root = make_project('\n[stages.s]\ncommand = "echo never"\nexecutor = "slurm"\n'
+                        '[stages.s.slurm]\npartition = "nosuch"\n')
+    run, state = run_pipeline(root, "s", timeout=60)
+    stage = stages_of(state)["s"]
+    assert state["status"] == "failed" and stage["failure_class"] == "config"
+    assert stage["reason"] == ("stage s: sbatch refused the job: sbatch: error: Batch job "
+                               "submission failed: Invalid partition name specified")
+    assert len(stage["attempts"]) == 1  # a config error is not retried
