@@ -73,12 +73,13 @@ def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project
     """``scontrol requeue`` stands in for a preemption with PreemptMode=REQUEUE."""
     marker = tmp_path / "restarts"
     root = make_project(f'\n[stages.q]\ncommand = "echo restart=$SLURM_RESTART_COUNT | tee -a {marker}; '
-                        f'[ -n \\"$SLURM_RESTART_COUNT\\" ] || sleep 60"\nexecutor = "slurm"\n')
+                        f'[ -n \\"$SLURM_RESTART_COUNT\\" ] || sleep 60"\nexecutor = "slurm"\n'
+                        '[stages.q.slurm]\npoll_seconds = 0.3\n')
     res = agent(root, "pipeline-start", "--root", str(root), "--stages", "q", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
     job = wait_for(lambda: job_of(root, "q"), "job id")
     wait_for(lambda: marker.is_file(), "the job's first start")
-    time.sleep(1.5)  # the runner has seen it running (it polls every second)
+    time.sleep(2)  # the runner has seen it running (it polls every 0.3 s)
     assert slurm.run("scontrol", "requeue", job).returncode == 0
     # Slurm holds a requeued job until its old credential expires (the harness: cred_expire=10)
     run, state = run_pipeline_end(root, 60)

@@ -125,7 +125,7 @@ def test_status_shows_a_queued_job_and_why_it_waits(slurm, make_project):
         return stages_of(json.loads((run / "state.json").read_text()))["held"].get(
             "executor", {}).get("queued")
 
-    assert wait_for(queued, "queued job") == "JobHeldUser"
+    wait_for(lambda: queued() == "JobHeldUser", "JobHeldUser")
     run = latest_run(root)
     held = stages_of(json.loads((run / "state.json").read_text()))["held"]
     job = held["executor"]["job"]
