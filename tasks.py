@@ -18,7 +18,8 @@ LATEST_VENV = ".venv-latest"
             "latest": "run against the newest releases (a separate .venv-latest, no "
                       "constraints) to see upstream drift on purpose"})
 def test(c, k=None, x=False, latest=False):
-    """Run the whole test suite (installs openssh-server, rsync and strace first when missing)."""
+    """Run the whole test suite (installs openssh-server, rsync, strace and Slurm (slurmctld,
+    slurmd, slurm-client, munge) first when missing)."""
     from tests.harness.install import ensure_sshd
 
     ensure_sshd()
@@ -112,7 +113,8 @@ def bench_pipeline(c):
 @task(help={"nproc": "torchrun ranks", "work": "seconds the program works",
             "repeats": "runs of each way (medians)"})
 def bench_executors(c, nproc=2, work=2.0, repeats=3):
-    """Benchmark what a stage's executor adds over the same command bare (torchrun, process)."""
+    """Benchmark what a stage's executor adds over the same command bare (torchrun, process,
+    slurm: against `sbatch --wait`)."""
     from tests.bench.bench_executors import main
 
     main(["--nproc", str(nproc), "--work", str(work), "--repeats", str(repeats)])

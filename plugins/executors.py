@@ -53,6 +53,10 @@ class ProcessExecutor(Executor):
 
     @classmethod
     def check_options(cls, stage, table):
+        if "slurm" in table:
+            raise ValueError(f"stages.{stage}.slurm holds Slurm settings but the stage runs as a "
+                             f"plain process; add executor = \"slurm\" to [stages.{stage}] or "
+                             f"remove [stages.{stage}.slurm].")
         given = [k for k in TORCHRUN_OPTIONS if k in table]
         if given:
             raise ValueError(f"stages.{stage}.{given[0]} is a torchrun setting but the stage runs "

@@ -15,7 +15,9 @@ Hooks and checks
 Stage executors
     ``Executor``: the base class of a way to run a stage (``register_executors``);
     ``Launch``: the process a stage runs, as an executor receives it; ``CannotRun``: what an
-    executor raises (one line) for a stage it cannot run.
+    executor raises (one line) for a stage it cannot run. ``run_slurm_job``: a stage attempt
+    submitted as a Slurm batch job and followed to its end (the ``slurm`` executor's ``run``;
+    server side, imported on first use).
 Health
     ``run_health_rules(rules, step, loss=..., grad_norm=..., lr=...)``: the first
     ``(reason, message)`` the given rules return.
@@ -51,6 +53,7 @@ _HOMES = {
     "Executor": "remoteops.executors",
     "Launch": "remoteops.executors",
     "CannotRun": "remoteops.executors",
+    "run_slurm_job": "remoteops.server.slurm_stage",
     "FEASIBLE": "remoteops.quant",
     "WITH_LOSS": "remoteops.quant",
     "NOT_FEASIBLE": "remoteops.quant",

@@ -57,6 +57,7 @@ class Executor:
 
     name = ""
     options: tuple[str, ...] = ()  # the [stages.X] keys this executor reads
+    settings: Any = None  # the run's settings (``settings.get("slurm")``), set when chosen
 
     def __init__(self, stage: str, table: dict[str, Any] | None = None):
         self.stage = stage
@@ -82,7 +83,9 @@ class Executor:
 
     def run(self, launch: Launch, process: Any, log_path: Any, watch: Any = None,
             **callbacks: Any) -> Any:
-        """Run ``launch`` to its end through the runner's stage ``process``; its result."""
+        """Run ``launch`` to its end through the runner's stage ``process``; its result.
+        ``callbacks`` also has ``on_job(id)``, for an executor that submits a batch job."""
+        callbacks.pop("on_job", None)
         return process.run(self.wrap(launch), log_path, launch.env, watch, **callbacks)
 
     # -- for subclasses --------------------------------------------------------------------

@@ -28,8 +28,8 @@ from remoteops.common.errors import ConfigError, RemoteOpsError
 
 GROUP = "remoteops"
 # Built-ins in this tuple, loaded in this order.
-BUILTIN_PLUGINS = ("precheck_basics", "executors", "gpu_gate", "base_model", "post_eval_fix",
-                   "quant_bnb", "quant_gguf")
+BUILTIN_PLUGINS = ("precheck_basics", "executors", "slurm", "gpu_gate", "base_model",
+                   "post_eval_fix", "quant_bnb", "quant_gguf")
 UNBLOCKABLE = frozenset({"precheck_basics", "executors"})  # a run needs the process executor
 
 
@@ -199,7 +199,9 @@ def executor_for(pm: pluggy.PluginManager, settings: Any, stage: str) -> Any:
         cls.check_options(stage, table)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return cls(stage, table)
+    executor = cls(stage, table)
+    executor.settings = settings  # the run's settings: an executor's own table ([slurm])
+    return executor
 
 
 def check_executors(pm: pluggy.PluginManager, settings: Any, stages: list[str]

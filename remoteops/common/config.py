@@ -99,6 +99,11 @@ DEFAULTS: dict[str, Any] = {
         "settle_seconds": 1.0,   # unchanged this long (size, mtime) before a sample is sent
         "batch_max": 200,        # samples per upload (one tar, one agent call)
     },
+    "slurm": {  # executor = "slurm": sbatch options of every Slurm stage ([stages.X.slurm] wins)
+        "partition": "", "account": "", "gres": "", "time": "", "cpus": 0, "mem": "",
+        "extra": [],            # more sbatch options, one each: ["--qos=high"]
+        "poll_seconds": 1.0,    # how often the runner asks squeue (one call for the run)
+    },
     "train": TRAIN_DEFAULTS,
     "health": HEALTH_DEFAULTS,
     "eval": EVAL_DEFAULTS,

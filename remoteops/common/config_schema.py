@@ -113,11 +113,11 @@ RULES: dict[str, Rule] = {
     "train.eval_holdout": Rule(low=0, high=1, high_open=True),
     "train.save_total_limit": GE1,
     "train.logging_steps": GE1,
-    "train.inject_fault": Rule(pattern=r"|((nan|explode|oom|cuda|kill)(@[1-9]\d*)?"
+    "train.inject_fault": Rule(pattern=r"|((nan|explode|oom|cuda|kill|hang)(@[1-9]\d*)?"
                                        r"|oom>[1-9]\d*)(:rank\d+)?",
                                why="nan@STEP, explode@STEP, oom@STEP, oom>BATCH, cuda@STEP, "
-                                   "kill@STEP (each optionally :rankN, one torchrun rank) or "
-                                   "\"\""),
+                                   "kill@STEP, hang@STEP (each optionally :rankN, one torchrun "
+                                   "rank) or \"\""),
     "health.loss_max": Rule(low=0, low_open=True, allow_inf=True),
     "health.explode_ratio": Rule(low=1, low_open=True),
     "health.warmup_check_steps": GE0,
@@ -126,6 +126,15 @@ RULES: dict[str, Rule] = {
     "health.heartbeat_seconds": GT0,
     "health.stale_seconds": GT0,
     "health.window_seconds": GE0,   # 0: healthy only when the process says so
+    "slurm.partition": Rule(pattern=r"[A-Za-z0-9_.,-]*", why="a partition name, e.g. \"gpu\""),
+    "slurm.account": Rule(pattern=r"[A-Za-z0-9_.-]*", why="an account name"),
+    "slurm.gres": Rule(pattern=r"[A-Za-z0-9_:,.-]*", why="sbatch --gres text, e.g. \"gpu:2\""),
+    "slurm.time": Rule(pattern=r"|\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:unlimited|infinite)",
+                       why="sbatch --time text: MINUTES, H:MM:SS or DAYS-HOURS, e.g. \"4:00:00\""),
+    "slurm.cpus": GE0,              # 0: sbatch's default
+    "slurm.mem": Rule(pattern=r"|\d+[KMGT]?", why="sbatch --mem text, e.g. \"64G\""),
+    "slurm.extra": STRINGS,
+    "slurm.poll_seconds": GT0,
     "eval.max_new_tokens": GE1,
     "eval.coverage_target": SHARE,
     "eval.format_target": SHARE,
@@ -146,7 +155,7 @@ STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, 
                                 "dataset_live": str, "min_samples": int,
                                 "grow_every_steps": int, "max_steps": int,
                                 "executor": str, "nproc_per_node": int, "nnodes": int,
-                                "rdzv_endpoint": str, "rdzv_id": str}
+                                "rdzv_endpoint": str, "rdzv_id": str, "slurm": dict}
 # Ranges of the executor keys of [stages.NAME] (the executor plugin checks the rest).
 STAGE_RULES: dict[str, Rule] = {
     "nproc_per_node": GE1, "nnodes": GE1,
@@ -305,7 +314,7 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
     for key, rule in STAGE_RULES.items():
         if key in entry:
             check_value(f"stages.{name}.{key}", entry[key], rule, locate(f"stages.{name}.{key}"))
-    for table in ("train", "health", "eval"):
+    for table in ("train", "health", "eval", "slurm"):
         for key, value in entry.get(table, {}).items():
             dotted = f"stages.{name}.{table}.{key}"
             if key not in defaults[table]:

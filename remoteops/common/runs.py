@@ -37,7 +37,9 @@ RUNS_DIR = Path("outputs") / "training_sync"  # a project's runs, relative to it
 POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
           "lr_zero": "stop", "stagnation": "stop", "oom": "smaller_batch", "cuda": "resume", "process_died": "resume",
           "stale": "resume", "traceback": "fail", "cancelled": "stop", "eval": "fail",
-          "internal": "fail"}
+          "internal": "fail",
+          # a Slurm job ended by its time limit, a preemption or a lost node (server/slurm_jobs)
+          "timeout": "resume", "preempted": "resume", "node_fail": "resume"}
 # Floors for intervals read from settings: 0 or a negative value must not make a loop spin.
 MIN_HEARTBEAT_S = 0.2
 SETTINGS_FILE = "settings.json"  # in a run directory: the settings the run started with
@@ -289,9 +291,12 @@ __all__ = ["POLICY", "plan_stages", "load_state", "read_state", "save_state",
 
 def executor_label(executor: dict | None) -> str:
     """How a stage's executor (as ``state.json`` records it) reads in a table:
-    ``process``, ``torchrun 2x1`` (processes per node x nodes)."""
+    ``process``, ``torchrun 2x1`` (processes per node x nodes), ``slurm job 42`` (its last; ``, queued (Priority)`` while it waits)."""
     if not executor:
         return "-"
     if executor.get("name") == "torchrun":
         return f"torchrun {executor.get('nproc_per_node', '?')}x{executor.get('nnodes', 1)}"
+    if executor.get("name") == "slurm" and executor.get("job"):
+        queued = executor.get("queued")
+        return f"slurm job {executor['job']}" + (f", queued ({queued})" if queued else "")
     return str(executor.get("name") or "-")

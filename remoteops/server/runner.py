@@ -127,7 +127,8 @@ class Runner:
                 if not ok:
                     self._skip_rest(stage)
                     break
-            self.state["status"] = ("cancelled" if self.cancelled else
+            self.state["status"] = ("cancelled" if self.cancelled or any(  # a scancel too
+                s["status"] == "cancelled" for s in self.state["stages"]) else
                                     "failed" if any(s["status"] == "failed"
                                                     for s in self.state["stages"]) else "done")
         except BaseException as exc:  # record whatever kills the runner itself
@@ -311,15 +312,19 @@ class Runner:
         return ok, klass, reason
 
     def _after_training(self, stage: dict, log_path: Path) -> None:
-        """Evaluate, then the configured post-eval and quantization plugins."""
-        result = self._child(agent_args("eval", "--stage", stage["name"], "--run-dir",
-                                        str(self.run_dir)), log_path, {})
+        """Evaluate, then the configured post-eval and quantization plugins (unless the
+        executor ran both at the end of the stage's own job: slurm)."""
+        in_job = stage["executor"].get("after_training") == "in the job"
+        result = ChildResult(0) if in_job else self._child(agent_args(
+            "eval", "--stage", stage["name"], "--run-dir", str(self.run_dir)), log_path, {})
         report = self.run_dir / f"eval_report_{stage['name']}.json"
         if result.code != 0 or not report.is_file():
             stage["warnings"].append(f"evaluation failed (exit {result.code}); see "
                                      f"logs/{stage['name']}.log")
             return
         stage["outputs"]["eval_report"] = report.name
+        if in_job:
+            return
         result = self._child(agent_args("after-stage", "--stage", stage["name"], "--run-dir",
                                         str(self.run_dir)), log_path, {})
         if result.code != 0:
@@ -360,10 +365,17 @@ class Runner:
         return {"on_start": started, "cancelled": lambda: self.cancelled,
                 "on_change": self.save}
 
+    def _on_job(self, job_id: str, **info) -> None:
+        """A batch job (slurm) runs the stage: status shows it (queued or not), cancel ends it."""
+        self.stage["executor"].update(info, job=job_id)
+        self.stage["attempts"][-1]["job"] = job_id
+        self.save()
+
     def _launch(self, executor, launch: Launch, log_path: Path,
                 watch: StageWatch) -> ChildResult:
         """The stage's main process, run the executor's way (CannotRun when it cannot)."""
-        return executor.run(launch, self.process, log_path, watch, **self._callbacks())
+        return executor.run(launch, self.process, log_path, watch, **self._callbacks(),
+                            on_job=self._on_job)
 
     def _child(self, args: list[str], log_path: Path, env: dict[str, str],
                watch: StageWatch | None = None) -> ChildResult:

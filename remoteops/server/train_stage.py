@@ -36,6 +36,8 @@ def judge(run_dir: Path, stage: str, result: ChildResult, log_path: Path
     """``(ok, failure class, reason)`` of a finished trainer: exit 2 is a config or data
     error; the trainer's own classes and a health_rules plugin's reason come from its
     ``failed`` signal; an unclassified crash is a dead process (resume from the checkpoint)."""
+    if result.killed_for:  # the executor ended it (a Slurm time limit, preemption, ...)
+        return False, result.killed_for, result.message
     if result.code == 0:
         return True, None, None
     failed = RunDir(run_dir, stage).read_signal("failed")

@@ -175,10 +175,10 @@ def _check_values(stage: str, train: dict[str, Any]) -> None:
         raise ConfigError(f"{where}: train.quantization is {train['quantization']!r}; use "
                           "\"none\" (LoRA) or \"qlora\".")
     fault = train["inject_fault"]
-    if fault and not re.fullmatch(r"((nan|explode|oom|cuda|kill)(@[1-9]\d*)?|oom>[1-9]\d*)"
+    if fault and not re.fullmatch(r"((nan|explode|oom|cuda|kill|hang)(@[1-9]\d*)?|oom>[1-9]\d*)"
                                   r"(:rank\d+)?", fault):
         raise ConfigError(f"{where}: train.inject_fault is {fault!r}; use nan@STEP, explode@STEP, "
-                          "oom@STEP, oom>BATCH, cuda@STEP or kill@STEP, optionally :rankN for "
+                          "oom@STEP, oom>BATCH, cuda@STEP, kill@STEP or hang@STEP, optionally :rankN for "
                           "one torchrun rank (or \"\" for none).")
     if not 0 <= train["eval_holdout"] < 1:
         raise ConfigError(f"{where}: train.eval_holdout must be in [0, 1).")

@@ -1,13 +1,15 @@
 """The built-in trainer's ``transformers.Trainer``: it feeds each micro-batch loss to the
 health watch and injects the drills' faults (``train.inject_fault``: ``nan@STEP``,
 ``explode@STEP``, ``oom@STEP``, ``oom>BATCH``, ``cuda@STEP``, ``kill@STEP``: SIGKILL, not
-repeated by the resumed run; ``:rankN`` limits a drill to
+repeated by the resumed run; ``hang@STEP``: sleeps until something ends it (a scheduler's time
+limit), not repeated by the resumed run; ``:rankN`` limits a drill to
 one torchrun rank)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.distributed import is_wrapped_for_ddp, rank, world_size
@@ -49,6 +51,9 @@ def trainer_class():
                         "distributed, or run the stage with executor = \"process\".")
             if self._fault_now(("kill",)) and self.first_step == 0:  # once: not after a resume
                 os.kill(os.getpid(), signal.SIGKILL)  # a rank dying hard (kernel OOM killer)
+            if self._fault_now(("hang",)) and self.first_step == 0:  # once: not after a resume
+                print(f"train.inject_fault: hanging at step {self.fault_step}", flush=True)
+                time.sleep(24 * 3600)  # a stage stuck past its time limit
             rows = len(inputs["input_ids"]) if "input_ids" in inputs else 0
             if self.oom_above is not None and rows > self.oom_above:
                 raise torch.OutOfMemoryError(

@@ -8,6 +8,12 @@ worker.py`` for the process executor); the same as a pipeline stage, timed by th
 own ``duration_s`` (the executor and the runner's watch); and end to end, from
 ``pipeline-start`` to the runner's exit (spawn, settings, plugins, state, reports).
 
+The slurm row runs the program (one process) as a batch job: bare is ``sbatch --wait
+--wrap "python worker.py"``; as a stage, the slurm executor submits and follows it (one
+squeue per ``[slurm] poll_seconds``, here 0.5 s). It uses the cluster ``SLURM_CONF`` names
+when one answers, else a private one-node cluster (``tests/harness/slurm.py``, as root),
+else it is left out with the reason.
+
 Run: python -m tests.bench.bench_executors [--nproc 2] [--work 2] [--repeats 3] [--json]
 """
 
@@ -68,8 +74,24 @@ def _staged(root: Path, stage: str) -> tuple[float, float]:
     return float(entry["duration_s"]), total
 
 
+def _slurm_cluster(root: Path):
+    """``(cluster to stop or None, reason the slurm row is left out or None)``."""
+    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True,
+                                                 timeout=30).returncode == 0:
+        return None, None  # a cluster of the caller's
+    from tests.harness.slurm import SlurmCluster, why_no_slurm
+
+    reason = why_no_slurm()
+    if reason:
+        return None, reason
+    cluster = SlurmCluster(root / "slurm-cluster", cpus=4).start()
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    return cluster, None
+
+
 def run_bench(nproc: int = 2, work: float = 2.0, repeats: int = 3) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-executors-"))
+    cluster = None
     try:
         (root / "worker.py").write_text(WORKER)
         command = f"{sys.executable} worker.py {work}"
@@ -77,12 +99,20 @@ def run_bench(nproc: int = 2, work: float = 2.0, repeats: int = 3) -> dict:
             "[pipeline]\nheartbeat_seconds = 1.0\npoll_seconds = 0.3\n\n"
             f'[stages.tr]\ncommand = "{command}"\nexecutor = "torchrun"\n'
             f"nproc_per_node = {nproc}\n\n"
-            f'[stages.pr]\ncommand = "{command}"\n')
+            f'[stages.pr]\ncommand = "{command}"\n\n'
+            f'[stages.sl]\ncommand = "{command}"\nexecutor = "slurm"\n\n'
+            "[slurm]\npoll_seconds = 0.5\n")
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes",
                     "1", "--nproc_per_node", str(nproc), "worker.py", str(work)]
         ways = {"torchrun": (torchrun, "tr"),
                 "process": ([sys.executable, "worker.py", str(work)], "pr")}
         out: dict = {"nproc_per_node": nproc, "work_s": work, "repeats": repeats}
+        cluster, reason = _slurm_cluster(root)
+        if reason:
+            out["slurm_left_out"] = reason
+        else:
+            ways["slurm"] = (["sbatch", "--wait", "--quiet", "-o", "/dev/null", "--wrap",
+                              command], "sl")
         for name, (argv, stage) in ways.items():
             bare, stage_s, total = [], [], []
             for _ in range(repeats):  # interleaved: the machine's load hits all three alike
@@ -96,6 +126,8 @@ def run_bench(nproc: int = 2, work: float = 2.0, repeats: int = 3) -> dict:
                          "end_to_end_over_bare": round(t / b, 3)}
         return out
     finally:
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -110,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.nproc} ranks, {args.work:g} s of work, median of {args.repeats}")
+    print(f"{args.nproc} ranks (torchrun; process and slurm: 1), {args.work:g} s of work, "
+          f"median of {args.repeats}")
     print(f"{'executor':10} {'bare':>7} {'stage':>7} {'ratio':>6} {'end to end':>11} {'ratio':>6}")
-    for name in ("torchrun", "process"):
+    if "slurm_left_out" in result:
+        print(f"slurm: left out ({result['slurm_left_out']})")
+    for name in [n for n in ("torchrun", "process", "slurm") if n in result]:
         r = result[name]
         print(f"{name:10} {r['bare_s']:6.2f}s {r['stage_s']:6.2f}s {r['stage_over_bare']:6.3f} "
               f"{r['end_to_end_s']:10.2f}s {r['end_to_end_over_bare']:6.3f}")

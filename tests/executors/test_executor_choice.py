@@ -16,7 +16,7 @@ STAGE = '\n[stages.s]\ndataset = "data/train8.jsonl"\n'
 @pytest.mark.parametrize("extra,expected", [
     ('executor = "torchrn"',
      "stages.s.executor is 'torchrn', which no plugin registers (did you mean 'torchrun'?); "
-     "use one of process, torchrun in remoteops.toml."),
+     "use one of process, slurm, torchrun in remoteops.toml."),
     ("nproc_per_node = 2",
      "stages.s.nproc_per_node is a torchrun setting but the stage runs as a plain process; add "
      "executor = \"torchrun\" to [stages.s] or remove nproc_per_node."),
@@ -133,7 +133,8 @@ def test_a_project_plugin_registers_an_executor_that_runs_a_stage(make_project):
     assert "==> env STAMPED=yes bash -c echo stamped=$STAMPED" in log
     assert "\nstamped=yes\n" in log
     res = agent(root, "pipeline-start", "--root", str(root), "--stages", "typo")
-    assert res.returncode != 0 and "use one of process, stamped, torchrun in remoteops.toml." \
+    assert res.returncode != 0 and \
+        "use one of process, slurm, stamped, torchrun in remoteops.toml." \
         in res.stdout + res.stderr
 
 
@@ -153,7 +154,7 @@ def test_the_laptop_refuses_an_unknown_executor_before_it_deploys(make_project, 
         "  - s: train on data/train8.jsonl (preset standard) under torchrn"
     assert res.stderr.strip() == (
         "error: stages.s.executor is 'torchrn', which no plugin registers (did you mean "
-        "'torchrun'?); use one of process, torchrun in remoteops.toml.")
+        "'torchrun'?); use one of process, slurm, torchrun in remoteops.toml.")
     assert not (server_root / ".remoteops").exists()  # nothing deployed, nothing started
 
 

@@ -12,7 +12,9 @@ import subprocess
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 # tool -> the Debian package that provides it
 PACKAGES = {"sshd": "openssh-server", "ssh": "openssh-client", "scp": "openssh-client",
-            "ssh-keygen": "openssh-client", "rsync": "rsync", "strace": "strace"}
+            "ssh-keygen": "openssh-client", "rsync": "rsync", "strace": "strace",
+            "munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd",
+            "sbatch": "slurm-client"}
 
 
 class MissingTool(SystemExit):
@@ -24,7 +26,8 @@ def tool_path(tool: str) -> str | None:
         for path in SSHD_CANDIDATES:
             if os.access(path, os.X_OK):
                 return path
-    return shutil.which(tool)
+    return shutil.which(tool) or (f"/usr/sbin/{tool}" if os.access(f"/usr/sbin/{tool}", os.X_OK)
+                                  else None)
 
 
 def ensure_tools(*tools: str) -> dict[str, str]:
@@ -46,8 +49,10 @@ def ensure_tools(*tools: str) -> dict[str, str]:
 
 
 # what the test suite drives: real sshd servers, ssh -G as the config oracle, strace to
-# watch the apply's fsyncs, rsync for the deploy benchmark's comparison
-TEST_TOOLS = ("sshd", "ssh", "ssh-keygen", "rsync", "strace")
+# watch the apply's fsyncs, rsync for the deploy benchmark's comparison, a private Slurm
+# cluster for the slurm executor (tests/harness/slurm.py)
+TEST_TOOLS = ("sshd", "ssh", "ssh-keygen", "rsync", "strace", "munged", "slurmctld", "slurmd",
+              "sbatch")
 
 
 def ensure_sshd() -> str:

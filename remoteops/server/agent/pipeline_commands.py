@@ -275,6 +275,13 @@ def pipeline_cancel(root, run_id, as_json):
     for stage in state["stages"]:
         if stage.get("process") and stage["status"] == "running":
             _stop_leftovers({stage["process"]["pid"]: stage["process"].get("start")}, grace)
+        if (stage.get("executor") or {}).get("job") and stage["status"] == "running":
+            from remoteops.server.slurm_jobs import SlurmError, cancel  # the runner is gone
+
+            try:
+                cancel([stage["executor"]["job"]])
+            except SlurmError:
+                pass
     state = load_state(run_dir)
     if state["status"] in ("running", "starting"):
         state["status"] = "cancelled"
