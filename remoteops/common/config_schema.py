@@ -125,6 +125,7 @@ RULES: dict[str, Rule] = {
     "health.stagnation_min_delta": GE0,
     "health.heartbeat_seconds": GT0,
     "health.stale_seconds": GT0,
+    "health.grad_overflow_steps": GE0,
     "health.window_seconds": GE0,   # 0: healthy only when the process says so
     "slurm.partition": Rule(pattern=r"[A-Za-z0-9_.,-]*", why="a partition name, e.g. \"gpu\""),
     "slurm.account": Rule(pattern=r"[A-Za-z0-9_.-]*", why="an account name"),

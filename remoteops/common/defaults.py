@@ -40,7 +40,10 @@ HEALTH_DEFAULTS = {
     "stagnation_min_delta": 0.0,   # ... by more than this
     "heartbeat_seconds": 5.0,
     "stale_seconds": 600.0,        # log/heartbeat older than this: process presumed dead
-    "window_seconds": 180.0,       # the first minutes: a stage that passes them is healthy (0: off)
+    "window_seconds": 180.0,
+    # a command stage's log: logged steps in a row with an inf gradient norm and a finite,
+    # non-zero loss that pass (an fp16 loss scaler skips such steps; NaN always stops)
+    "grad_overflow_steps": 3,       # the first minutes: a stage that passes them is healthy (0: off)
     # a command stage's output is read per trainer's line format (server/logformats.py); a
     # regular expression here (first group: the loss) is tried on each line before them
     "loss_pattern": "",

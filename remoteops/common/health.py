@@ -36,7 +36,8 @@ class HealthJudge:
 
     def __init__(self, loss_max: float = 1e4, explode_ratio: float = 10.0,
                  check_lr: bool = True, warmup_steps: int = 0, stagnation_steps: int = 0,
-                 stagnation_min_delta: float = 0.0, rules: list[Rule] | None = None):
+                 stagnation_min_delta: float = 0.0, rules: list[Rule] | None = None,
+                 overflow_steps: int = 0):
         self.loss_max = loss_max
         self.explode_ratio = explode_ratio
         self.check_lr = check_lr
@@ -44,6 +45,10 @@ class HealthJudge:
         self.stagnation_steps = stagnation_steps  # 0: off
         self.stagnation_min_delta = stagnation_min_delta
         self.rules = list(rules or [])
+        # steps in a row with an infinite gradient norm and a finite, non-zero loss that pass:
+        # an fp16 loss scaler skips such a step and lowers its scale (0: none pass)
+        self.overflow_steps = overflow_steps
+        self._overflows = 0
         self.min_loss = math.inf
         self._since_best = 0
 
@@ -62,7 +67,12 @@ class HealthJudge:
         if loss is not None and not math.isfinite(loss):
             return "nan", f"loss is {loss} at step {step}"
         if grad_norm is not None and not math.isfinite(grad_norm):
-            return "nan", f"gradient norm is {grad_norm} at step {step}"
+            if self._overflow_passes(grad_norm, loss):
+                grad_norm = None  # judged on its loss alone
+            else:
+                return "nan", self._grad_message(grad_norm, step)
+        else:
+            self._overflows = 0
         if loss is not None:
             if loss > self.loss_max:
                 return "divergence", (f"loss {loss:.4g} at step {step} is above health.loss_max "
@@ -87,6 +97,19 @@ class HealthJudge:
         if self.rules:
             return run_rules(self.rules, step, loss, grad_norm, lr)
         return None
+
+
+    def _overflow_passes(self, grad_norm: float, loss: float | None) -> bool:
+        overflow = math.isinf(grad_norm) and loss is not None and math.isfinite(loss) and loss != 0
+        self._overflows = self._overflows + 1 if overflow else 0
+        return overflow and self._overflows <= self.overflow_steps
+
+    def _grad_message(self, grad_norm: float, step: int) -> str:
+        message = f"gradient norm is {grad_norm} at step {step}"
+        if self._overflows > self.overflow_steps > 0:
+            message += (f", {self._overflows} logged steps in a row (a loss scaler skips "
+                        f"{self.overflow_steps}: health.grad_overflow_steps)")
+        return message
 
 
 def classify_exception(exc: BaseException) -> str:

@@ -45,7 +45,8 @@ def prepare(settings, table: dict, stage: str, run_dir: Path, root: Path
         from remoteops.common.live_set import live_env
         env.update(live_env(root, table))
     log = {"pattern": pattern, "loss_max": float(settings["health.loss_max"]),
-           "explode_ratio": float(settings["health.explode_ratio"])}
+           "explode_ratio": float(settings["health.explode_ratio"]),
+           "overflow_steps": int(settings["health.grad_overflow_steps"])}
     return ["bash", "-c", command], env, log
 
 

@@ -58,13 +58,15 @@ class LogWatch:
     """One attempt's output, judged line by line as it arrives."""
 
     def __init__(self, pattern: str | None = None, loss_max: float | None = None,
-                 explode_ratio: float | None = None, rules: list | None = None):
+                 explode_ratio: float | None = None, rules: list | None = None,
+                 overflow_steps: int | None = None):
         self.pattern = re.compile(pattern, re.I) if pattern else None
         self.judge = HealthJudge(
             HEALTH_DEFAULTS["loss_max"] if loss_max is None else loss_max,
             HEALTH_DEFAULTS["explode_ratio"] if explode_ratio is None else explode_ratio,
             check_lr=False,  # a schedule's logged lr reaches 0 at its end: not a stuck run
-            rules=rules)
+            rules=rules, overflow_steps=HEALTH_DEFAULTS["grad_overflow_steps"]
+            if overflow_steps is None else overflow_steps)
         self.line = 0        # physical lines completed so far
         self._rest = ""      # text after the last line break
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -21,6 +21,8 @@ PL_TQDM = "Epoch 0:  40%|████      | 4/10 [00:00<00:00, 12.34it/s, v_num
 PL_RICH = ("Epoch 0/9  ━━━━━━━━━━━━━━━━╸━━━━━━━━━━━━━━━━━ 4/10 0:00:01 • 0:00:02 4.56it/s "
            "v_num: 0 {}")
 
+OVERFLOW = "{'loss': 1.7, 'grad_norm': inf, 'learning_rate': 1e-4, 'epoch': 0.5}\n"
+
 # (name, log text, exit code or None while running, verdict, text the message must hold)
 CASES = [
     # -- HF Trainer (transformers 4 and 5), LLaMA-Factory, axolotl -------------------------
@@ -33,8 +35,13 @@ CASES = [
      "{'loss': 1.9, 'grad_norm': 3.2, 'learning_rate': 5e-05, 'epoch': 0.13, "
      "'num_input_tokens_seen': 8192}\n{'loss': 0.0, 'grad_norm': nan, 'learning_rate': 4.9e-05, "
      "'epoch': 0.27, 'num_input_tokens_seen': 16384}\n", None, "nan", "gradient norm is nan"),
-    ("hf finite loss, inf grad_norm", "{'loss': 1.7, 'grad_norm': inf, 'learning_rate': 1e-4, "
-                                      "'epoch': 0.5}\n", None, "nan", "gradient norm is inf"),
+    # an fp16 loss scaler's skipped steps: inf grad_norm beside a normal loss, 3 in a row pass
+    ("hf fp16 overflow, 3 steps in a row", OVERFLOW * 3 + "{'loss': 1.6, 'grad_norm': 2.0}\n"
+     + OVERFLOW * 3, None, "ok", ""),
+    ("hf inf grad_norm, 4 steps in a row", OVERFLOW * 4, None, "nan",
+     "gradient norm is inf at step 4, 4 logged steps in a row"),
+    ("hf inf grad_norm with a zero loss", "{'loss': 0.0, 'grad_norm': inf, 'epoch': 0.5}\n",
+     None, "nan", "gradient norm is inf at step 1"),
     ("transformers 5 strings", "{'loss': '0.0', 'grad_norm': 'nan', 'learning_rate': "
                                "'4.9e-05', 'epoch': '0.27'}\n", None, "nan",
      "gradient norm is nan"),
