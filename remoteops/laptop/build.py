@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from remoteops import __version__
 from remoteops.common.config import Settings
@@ -34,6 +34,9 @@ from remoteops.common.bundle_tar import BundleError, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.files import sha256_file, write_atomic_text
+
+if TYPE_CHECKING:  # imported where used: the agent on the server never selects files
+    import pathspec
 
 # Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
 # words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
