@@ -107,8 +107,8 @@ class HealthJudge:
     def _grad_message(self, grad_norm: float, step: int) -> str:
         message = f"gradient norm is {grad_norm} at step {step}"
         if self._overflows > self.overflow_steps > 0:
-            message += (f", {self._overflows} logged steps in a row (a loss scaler skips "
-                        f"{self.overflow_steps}: health.grad_overflow_steps)")
+            message += (f", {self._overflows} steps in a row (more than the "
+                        f"{self.overflow_steps} an fp16 loss scaler may skip)")
         return message
 
 

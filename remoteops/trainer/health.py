@@ -27,6 +27,11 @@ from transformers import TrainerCallback
 from remoteops.common.health import HealthJudge, classify_exception  # noqa: F401 - public here too
 from remoteops.trainer.distributed import agree
 
+# fp16 (a GradScaler): steps in a row whose gradients overflow (inf, with a finite non-zero
+# loss) that pass, since the scaler skips them itself. Its scale starts at 2**16 and halves
+# on each overflow, so 16 in a row reach 1; a few more is a margin.
+FP16_OVERFLOW_STEPS = 20
+
 REASONS = ("nan", "divergence", "lr_zero", "stagnation", "oom", "cuda", "data", "config", "interrupted",
            "error")
 
@@ -65,6 +70,7 @@ class HealthCallback(TrainerCallback):
         self._loss_sum = None
         self._loss_fed = False
         self._params: list = []
+        self._fp16 = False
 
     # -- fed by a trainer that wants loss checks before the optimizer step ------
     def observe_loss(self, loss) -> None:
@@ -97,6 +103,10 @@ class HealthCallback(TrainerCallback):
                 pass
         self.health_judge.warmup_steps = (args.get_warmup_steps(state.max_steps)
                                           if state.max_steps else 0)
+        self._fp16 = bool(getattr(args, "fp16", False))
+        if self._fp16:
+            self.health_judge.overflow_steps = max(self.health_judge.overflow_steps,
+                                                   FP16_OVERFLOW_STEPS)
         self._start_step = state.global_step  # a resumed run proves itself again
         self.healthy = False
         if model is not None:
@@ -141,7 +151,9 @@ class HealthCallback(TrainerCallback):
             return
         # Without observe_loss the loss is only seen here, after the step.
         loss = logs.get("loss") if not self._loss_fed else None
-        problem = self.judge(state.global_step, loss, logs.get("grad_norm"), None)
+        # fp16: the logged norm of a step the scaler skipped was judged before that step
+        grad_norm = None if self._fp16 else logs.get("grad_norm")
+        problem = self.judge(state.global_step, loss, grad_norm, None)
         if problem:
             self._fail(problem[0], problem[1], state.global_step, control)
 

@@ -39,7 +39,7 @@ CASES = [
     ("hf fp16 overflow, 3 steps in a row", OVERFLOW * 3 + "{'loss': 1.6, 'grad_norm': 2.0}\n"
      + OVERFLOW * 3, None, "ok", ""),
     ("hf inf grad_norm, 4 steps in a row", OVERFLOW * 4, None, "nan",
-     "gradient norm is inf at step 4, 4 logged steps in a row"),
+     "gradient norm is inf at step 4, 4 steps in a row"),
     ("hf inf grad_norm with a zero loss", "{'loss': 0.0, 'grad_norm': inf, 'epoch': 0.5}\n",
      None, "nan", "gradient norm is inf at step 1"),
     ("transformers 5 strings", "{'loss': '0.0', 'grad_norm': 'nan', 'learning_rate': "
