@@ -9,22 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remoteops.laptop.multi_host import GroupResult
-from remoteops.laptop.render import name_column, print_wide
-
-_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "cancelled": "yellow",
-          "dead": "bold red", "error": "bold red"}
-
-
-def _styled(status: str) -> str:
-    style = _STYLE.get(status)
-    return f"[{style}]{status}[/]" if style else status
-
-
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+from remoteops.laptop.render import name_column, print_wide, short_duration, styled_status
 
 
 def _overrides(data: dict) -> str:
@@ -52,13 +37,13 @@ def print_status_table(group: GroupResult) -> None:
     for r in group.results:
         data = r.value
         if not isinstance(data, dict):
-            table.add_row(escape(r.host), "-", _styled("error"), "(below)", "-", "-")
+            table.add_row(escape(r.host), "-", styled_status("error"), "(below)", "-", "-")
             continue
         if not data.get("run_id"):
             table.add_row(escape(r.host), "-", "no runs", "", "-", "-")
             continue
         stages = " ".join(f"{s['name']}:{s['status']}" for s in data.get("stages") or [])
-        table.add_row(escape(r.host), data["run_id"], _styled(data["status"]), escape(stages),
+        table.add_row(escape(r.host), data["run_id"], styled_status(data["status"]), escape(stages),
                       escape(_now(data)), escape(_overrides(data)))
     print_wide(table)
 
@@ -72,7 +57,7 @@ def print_runs_table(group: GroupResult) -> None:
     table.add_column("best eval loss", overflow="fold")
     for r in group.results:
         if not r.ok:
-            table.add_row(escape(r.host), "-", "-", _styled("error"), "(below)", "-", "-")
+            table.add_row(escape(r.host), "-", "-", styled_status("error"), "(below)", "-", "-")
             continue
         if not r.value:
             table.add_row(escape(r.host), "-", "-", "no runs", "", "-", "-")
@@ -80,8 +65,8 @@ def print_runs_table(group: GroupResult) -> None:
             stages = run.get("reason") or " ".join(f"{n}:{s}" for n, s in run["stages"].items())
             best = " ".join(f"{k}={v:.3f}" for k, v in run["best"].items()
                             if v is not None) or "-"
-            table.add_row(escape(r.host), run["run_id"], run["created"], _styled(run["status"]),
-                          escape(stages), _dur(run["duration_s"]), best)
+            table.add_row(escape(r.host), run["run_id"], run["created"], styled_status(run["status"]),
+                          escape(stages), short_duration(run["duration_s"]), best)
     print_wide(table)
 
 

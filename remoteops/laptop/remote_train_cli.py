@@ -17,27 +17,13 @@ from remoteops.common.errors import RemoteOpsError
 from remoteops.common.runs import executor_label
 from remoteops.common.serving import describe
 from remoteops.common.sizes import human_size
-from remoteops.laptop.render import console, name_column, print_json, print_wide
-
-_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
-          "pending": "", "cancelled": "yellow", "dead": "bold red"}
-
-
-def _styled(status: str) -> str:
-    style = _STYLE.get(status)
-    return f"[{style}]{status}[/]" if style else status
-
-
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+from remoteops.laptop.render import (console, name_column, print_json, print_wide,
+                                     short_duration, styled_status)
 
 
 def _stage_table(data: dict) -> Table:
     table = Table(title=f"{data['run_id']} on {escape(data.get('host') or 'server')}: "
-                        f"{_styled(data['status'])}",
+                        f"{styled_status(data['status'])}",
                   title_justify="left")
     name_column(table, "stage")
     for col in ("status", "time", "try", "run as", "note"):
@@ -47,11 +33,11 @@ def _stage_table(data: dict) -> Table:
         if s.get("reason"):
             note = f"{note}: {s['reason']}" if note else s["reason"]
         status = s["status"]
-        shown = _styled(status)
+        shown = styled_status(status)
         if s.get("health") and status in ("running", "done"):  # the health window passed
             shown += " [green](healthy)[/]"
             note = note or f"healthy: {s['health'].get('how', '')}"
-        table.add_row(s["name"], shown, _dur(s.get("duration_s")),
+        table.add_row(s["name"], shown, short_duration(s.get("duration_s")),
                       str(s.get("attempt") or "-"), executor_label(s.get("executor")),
                       escape(note[:90]))
     return table
@@ -69,7 +55,7 @@ def _current_line(data: dict) -> str:
     if cur.get("tokens_per_s"):
         parts.append(f"{cur['tokens_per_s']:.0f} tok/s")
     if cur.get("eta_s") is not None:
-        parts.append(f"ETA {_dur(cur['eta_s'])}")
+        parts.append(f"ETA {short_duration(cur['eta_s'])}")
     if (cur.get("data") or {}).get("line"):  # live data: "waiting for data 12/50", growth
         parts.append(_printable(cur["data"]["line"]))
     return "  ".join(parts)
@@ -288,8 +274,8 @@ def print_runs(runs: list[dict], as_json: bool) -> None:
     for r in runs:
         stages = r.get("reason") or " ".join(f"{n}:{s}" for n, s in r["stages"].items())
         best = " ".join(f"{k}={v:.3f}" for k, v in r["best"].items() if v is not None) or "-"
-        table.add_row(r["run_id"], r["created"], _styled(r["status"]),
-                      stages, _dur(r["duration_s"]), best)
+        table.add_row(r["run_id"], r["created"], styled_status(r["status"]),
+                      stages, short_duration(r["duration_s"]), best)
     print_wide(table)
 
 

@@ -15,6 +15,22 @@ from remoteops.common.sizes import human_size
 from remoteops.tables import console, name_column, print_json, print_wide
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+RUN_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
+             "pending": "", "cancelled": "yellow", "dead": "bold red", "error": "bold red"}
+
+
+def styled_status(status: str) -> str:
+    """A run's or stage's status in its colour (rich markup)."""
+    style = RUN_STYLE.get(status)
+    return f"[{style}]{status}[/]" if style else status
+
+
+def short_duration(seconds: float | None) -> str:
+    """``42s``, ``3m05s``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def print_checks(target: str, gate: str, results: Iterable[Any], as_json: bool) -> None:
