@@ -91,3 +91,13 @@ class CutProxy:
     def close(self) -> None:
         self._stop = True
         self.listener.close()
+
+
+def host_through(project, server, proxy: CutProxy, name: str = "viaproxy") -> str:
+    """Trust ``server``'s host key at the proxy's port in the project's known_hosts, and
+    return the ``[hosts.NAME]`` table that reaches the server through ``proxy``."""
+    known = project / ".remoteops" / "known_hosts"
+    known.write_text(known.read_text() + server.known_hosts_line.replace(
+        f"]:{server.port} ", f"]:{proxy.port} "))
+    return (f'[hosts.{name}]\nhost = "root@127.0.0.1:{proxy.port}"\n'
+            f'identity_file = "{server.client_key}"\n')

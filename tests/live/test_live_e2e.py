@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.harness.proxy import CutProxy
+from tests.harness.proxy import CutProxy, host_through
+from tests.harness.waits import wait_for
 from tests.live.conftest import REPO, chat_line, consumed
 
 TOTAL = 24
@@ -48,12 +49,6 @@ def _generate(folder: Path, made: dict, stop: threading.Event) -> None:
         time.sleep(rng.uniform(0.2, 0.5))
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
 
 def _manifest(dest: Path) -> list[dict]:
     path = dest / ".manifest.jsonl"
@@ -72,14 +67,10 @@ def test_generate_sync_and_train_on_exactly_the_generated_set(
         '[stages.live.train]\nepochs = 1\nbatch_size = 2\ngrad_accum = 2\nmax_seq_len = 96\n'
         'lora_r = 4\nlora_targets = ["q_proj", "v_proj"]\n')
     proxy = CutProxy((noisy_sshd.host, noisy_sshd.port))
-    known = project / ".remoteops" / "known_hosts"
-    known.write_text(known.read_text() + noisy_sshd.known_hosts_line.replace(
-        f"]:{noisy_sshd.port} ", f"]:{proxy.port} "))
     (project / "remoteops.toml").write_text(
         '[sync]\nsource = "samples"\nformat = "dirs"\npoll_seconds = 0.3\n'
         'settle_seconds = 0.4\nbatch_max = 6\n'
-        f'[hosts.viaproxy]\nhost = "root@127.0.0.1:{proxy.port}"\n'
-        f'identity_file = "{noisy_sshd.client_key}"\n')
+        + host_through(project, noisy_sshd, proxy))
     env = {**os.environ, **env, "REMOTEOPS_SSH__RETRY_BACKOFF": "0.2", "PYTHONPATH": str(REPO)}
     agent_env = {**env, "REMOTEOPS_USER_CONFIG": str(root / "none.toml")}
     started = subprocess.run([sys.executable, "-m", "remoteops.agent", "pipeline-start",
@@ -93,7 +84,7 @@ def test_generate_sync_and_train_on_exactly_the_generated_set(
                              cwd=project, env=env, capture_output=True, text=True, timeout=60)
         return res.stdout + res.stderr
 
-    _wait_for(lambda: (run / "live_live.json").exists(), 60, "the stage to start waiting")
+    wait_for(lambda: (run / "live_live.json").exists(), 60, "the stage to start waiting")
     shown = status()
     assert f"waiting for data 0/{MIN}" in shown, shown
 
@@ -114,21 +105,21 @@ def test_generate_sync_and_train_on_exactly_the_generated_set(
 
     proc = None
     try:
-        _wait_for(lambda: len(made) >= 3, 30, "the first samples")
+        wait_for(lambda: len(made) >= 3, 30, "the first samples")
         proxy.arm(30_000)  # the first connection dies inside the first upload
         proc = sync(tmp_path / "sync1.log", "--watch")
-        _wait_for(lambda: proxy.cuts == 1, 30, "the cut")
-        _wait_for(lambda: len(_manifest(dest)) >= MIN + 2, 60, "more than min_samples")
+        wait_for(lambda: proxy.cuts == 1, 30, "the cut")
+        wait_for(lambda: len(_manifest(dest)) >= MIN + 2, 60, "more than min_samples")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         proc = sync(tmp_path / "sync2.log", "--watch")
         writer.join(60)
-        _wait_for(lambda: len(_manifest(dest)) >= TOTAL, 60, "every sample on the server")
+        wait_for(lambda: len(_manifest(dest)) >= TOTAL, 60, "every sample on the server")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         done = sync(tmp_path / "done.log", "--done", wait=True)
         assert done.returncode == 0, done.stdout + done.stderr
-        _wait_for(lambda: json.loads((run / "state.json").read_text())["status"] != "running"
+        wait_for(lambda: json.loads((run / "state.json").read_text())["status"] != "running"
                   and (run / "state.json").read_text().count('"exited"'), 120, "the run")
     finally:
         stop.set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,19 +16,13 @@ from remoteops.common.config import load_settings
 from remoteops.common.live_status import read_status
 from remoteops.trainer.data import DataError
 from remoteops.trainer.stageconf import resolve_stage
+from tests.harness.waits import wait_for
 from tests.live.conftest import Producer, agent, consumed, make_live_project
 
 
 def _cfg(root: Path):
     settings = load_settings(root, env={"REMOTEOPS_USER_CONFIG": str(root / "none.toml")})
     return resolve_stage(settings, "live")
-
-
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _waiting(run: Path) -> bool:
@@ -51,11 +44,11 @@ def test_starts_at_min_samples_grows_and_trains_exactly_the_delivered_set(tmp_pa
 
     def produce():
         prod.deliver(0, 2)
-        _wait_for(lambda: any("waiting for data 2/4" in l for l in lines), 30, "the wait")
+        wait_for(lambda: any("waiting for data 2/4" in l for l in lines), 30, "the wait")
         prod.deliver(2, 3)
-        _wait_for(lambda: any("more data (5 samples" in l for l in lines), 60, "a wait at 5")
+        wait_for(lambda: any("more data (5 samples" in l for l in lines), 60, "a wait at 5")
         prod.deliver(5, 4)
-        _wait_for(lambda: any("more data (9 samples" in l for l in lines), 60, "a wait at 9")
+        wait_for(lambda: any("more data (9 samples" in l for l in lines), 60, "a wait at 9")
         prod.deliver(9, 3)
         prod.done()
 
@@ -88,9 +81,9 @@ def test_resume_after_kill_continues_with_exactly_the_untrained_records(tmp_path
     prod.deliver(0, 6)
     first = agent(root, "train", "--stage", "live", "--run-dir", str(run))
     try:
-        _wait_for(lambda: _more(run, 6) and len(consumed(run)) == 4, 90, "step 1, then a wait")
+        wait_for(lambda: _more(run, 6) and len(consumed(run)) == 4, 90, "step 1, then a wait")
         prod.deliver(6, 6)                          # joins mid-run: checkpoint-2 marks it
-        _wait_for(lambda: _more(run, 12) and len(consumed(run)) == 12, 60, "steps 2-3")
+        wait_for(lambda: _more(run, 12) and len(consumed(run)) == 12, 60, "steps 2-3")
         prod.deliver(12, 4)
         out = first.communicate(timeout=60)[0]
     finally:
@@ -103,7 +96,7 @@ def test_resume_after_kill_continues_with_exactly_the_untrained_records(tmp_path
 
     second = agent(root, "train", "--stage", "live", "--run-dir", str(run), "--resume")
     try:
-        _wait_for(lambda: _more(run, 16) and len(consumed(run)) == 16, 90, "the resumed run")
+        wait_for(lambda: _more(run, 16) and len(consumed(run)) == 16, 90, "the resumed run")
         prod.done()
         out = second.communicate(timeout=60)[0]
     finally:
@@ -131,7 +124,7 @@ def test_max_steps_ends_a_stage_whose_set_stays_open(tmp_path, demo_model):
     lines: list[str] = []
 
     def produce():
-        _wait_for(lambda: any("more data (6 samples" in l for l in lines), 60, "a wait")
+        wait_for(lambda: any("more data (6 samples" in l for l in lines), 60, "a wait")
         prod.deliver(6, 4)
 
     thread = threading.Thread(target=produce, daemon=True)

@@ -15,7 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.harness.proxy import CutProxy
+from tests.harness.proxy import CutProxy, host_through
+from tests.harness.waits import wait_for
 
 TOTAL = 60
 
@@ -61,12 +62,6 @@ def _server_ids(dest: Path) -> list[str]:
     return [json.loads(line)["id"] for line in data.splitlines() if line.strip()]
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
 
 def _start(project: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "remoteops", "sync-data", "--watch",
@@ -80,14 +75,10 @@ def test_watch_survives_a_cut_and_a_kill_and_delivers_each_sample_once(
     samples = project / "samples"
     samples.mkdir()
     proxy = CutProxy((noisy_sshd.host, noisy_sshd.port))
-    known = project / ".remoteops" / "known_hosts"
-    known.write_text(known.read_text() + noisy_sshd.known_hosts_line.replace(
-        f"]:{noisy_sshd.port} ", f"]:{proxy.port} "))
     (project / "remoteops.toml").write_text(
         '[sync]\nsource = "samples"\nformat = "dirs"\npoll_seconds = 0.3\n'
         'settle_seconds = 0.5\nbatch_max = 25\n'
-        f'[hosts.viaproxy]\nhost = "root@127.0.0.1:{proxy.port}"\n'
-        f'identity_file = "{noisy_sshd.client_key}"\n')
+        + host_through(project, noisy_sshd, proxy))
     env = {**env, "REMOTEOPS_SSH__RETRY_BACKOFF": "0.2"}
     dest = root / "data" / "live"
     made: dict[str, str] = {}
@@ -97,17 +88,17 @@ def test_watch_survives_a_cut_and_a_kill_and_delivers_each_sample_once(
     logs = [tmp_path / "sync1.log", tmp_path / "sync2.log"]
     proc = None
     try:
-        _wait_for(lambda: len(made) >= 12, 30, "the first samples")
+        wait_for(lambda: len(made) >= 12, 30, "the first samples")
         proxy.arm(120_000)  # the first connection dies inside the first batch's upload
         proc = _start(project, env, logs[0])
-        _wait_for(lambda: proxy.cuts == 1, 30, "the cut")
-        _wait_for(lambda: len(_server_ids(dest)) >= 20, 40, "20 samples on the server")
+        wait_for(lambda: proxy.cuts == 1, 30, "the cut")
+        wait_for(lambda: len(_server_ids(dest)) >= 20, 40, "20 samples on the server")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert proc.returncode == -signal.SIGKILL
         proc = _start(project, env, logs[1])
         writer.join(60)
-        _wait_for(lambda: len(_server_ids(dest)) >= TOTAL, 60, "every sample on the server")
+        wait_for(lambda: len(_server_ids(dest)) >= TOTAL, 60, "every sample on the server")
         time.sleep(1.0)  # a duplicate would arrive now, if one were coming
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, logs[1].read_text()
