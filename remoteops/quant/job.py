@@ -40,6 +40,7 @@ class QuantJob:
     adapter: Path | None
     eval_set: Path | None
     settings: Any = None
+    live_dest: Path | None = None  # a live stage's dataset folder: its samples stand in
     out_dir: Path | None = None
     max_items: int = 8
     max_seq_len: int = 256
@@ -60,6 +61,7 @@ class QuantJob:
         return cls(stage=stage, project_dir=cfg.project_dir, run_dir=Path(run_dir),
                    base_model=cfg.base_model, adapter=Path(adapter or cfg.adapter_dir),
                    eval_set=cfg.eval_set or cfg.dataset, settings=settings, out_dir=out,
+                   live_dest=Path(cfg.live["dest"]) if cfg.live else None,
                    max_items=int(common.get("max_eval_items", 8)),
                    max_seq_len=min(int(cfg.train["max_seq_len"]), 512),
                    gen_tokens=int(common.get("gen_tokens", 32)), log=log)
@@ -93,16 +95,31 @@ class QuantJob:
             from remoteops.trainer.data import read_jsonl
 
             rows = []
-            if self.eval_set is not None and Path(self.eval_set).is_file():
-                data = read_jsonl(self.eval_set, max_bad_lines=10**6, kind="eval")
-                for rec in data.records[: self.max_items]:
-                    msgs = rec.messages
-                    ref = rec.extra.get("reference")
-                    if ref is None and msgs and msgs[-1]["role"] == "assistant":
-                        ref, msgs = msgs[-1]["content"], msgs[:-1]
-                    rows.append({"messages": msgs, "reference": ref})
+            for rec in self._eval_records(read_jsonl)[: self.max_items]:
+                msgs = rec.messages
+                ref = rec.extra.get("reference")
+                if ref is None and msgs and msgs[-1]["role"] == "assistant":
+                    ref, msgs = msgs[-1]["content"], msgs[:-1]
+                rows.append({"messages": msgs, "reference": ref})
             self._cache["records"] = rows
         return self._cache["records"]
+
+    def _eval_records(self, read_jsonl) -> list:
+        """The eval set's records; for a live stage without one, the live set's samples in
+        the order they arrived."""
+        if self.eval_set is not None and Path(self.eval_set).is_file():
+            return read_jsonl(self.eval_set, max_bad_lines=10**6, kind="eval").records
+        if self.live_dest is None:
+            return []
+        from remoteops.common.live_set import LiveSet
+        from remoteops.trainer.live_data import sample_records
+
+        live, records = LiveSet(self.live_dest), []
+        for entry in live.entries():
+            records += sample_records(live.path_of(entry), entry["path"])[0]
+            if len(records) >= self.max_items:
+                break
+        return records
 
     def prompts(self) -> list[str]:
         """The eval prompts rendered with the chat template, ready for generation."""

@@ -164,7 +164,8 @@ def run_quant_checks(settings, stage: str, run_dir: Path, pm=None, only: str | N
     previous = _read_json(out) or {}
     merged = {**previous.get("checks", {}), **results}
     _write_json(out, {"stage": stage, "time": now_iso_precise(), "adapter": str(job.adapter),
-                      "base_model": str(job.base_model), "eval_set": str(job.eval_set),
+                      "base_model": str(job.base_model),
+                      "eval_set": str(job.eval_set or job.live_dest),
                       "checks": merged})
     return results
 
