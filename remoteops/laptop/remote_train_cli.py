@@ -56,8 +56,11 @@ def _current_line(data: dict) -> str:
         parts.append(f"{cur['tokens_per_s']:.0f} tok/s")
     if cur.get("eta_s") is not None:
         parts.append(f"ETA {short_duration(cur['eta_s'])}")
-    if (cur.get("data") or {}).get("line"):  # live data: "waiting for data 12/50", growth
-        parts.append(_printable(cur["data"]["line"]))
+    data = cur.get("data") or {}
+    if data.get("line"):  # live data: "waiting for data 12/50", growth
+        waited = data.get("waiting_s")
+        parts.append(_printable(data["line"]) +
+                     (f" (for {short_duration(waited)})" if waited is not None else ""))
     return "  ".join(parts)
 
 

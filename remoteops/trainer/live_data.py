@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,12 +120,17 @@ class LiveRun:
         self.rows_in_step = 0  # records of the step under way
         self.growth: list[dict] = []
         self.waited_s = 0.0
+        self._since: float | None = None
         self.consumed = run.path / f"live_{cfg.name}.consumed.jsonl"
 
     # -- before training ---------------------------------------------------------------
     def status(self, line: str, waiting: bool = False) -> None:
         s = self.schedule
-        write_status(self.run.path, self.cfg.name, line=line, waiting=waiting,
+        if not waiting:
+            self._since = None
+        elif self._since is None:  # a wait starts: status shows how long it has lasted
+            self._since = time.time()
+        write_status(self.run.path, self.cfg.name, line=line, waiting=waiting, since=self._since,
                      dest=str(self.set.dest), min_samples=self.set.min_samples,
                      samples=s.size_at(self.trained) if s else len(self.set.entries()),
                      trained=self.trained, round=s.rounds_started(self.trained) if s else 0,
@@ -135,8 +141,6 @@ class LiveRun:
         self.status(line, waiting=True)
 
     def wait_ready(self) -> int:
-        import time
-
         t0 = time.monotonic()
         try:
             count = self.set.wait_ready(self._waiting)

@@ -41,12 +41,19 @@ def test_starts_at_min_samples_grows_and_trains_exactly_the_delivered_set(tmp_pa
     root = make_live_project(tmp_path / "proj", demo_model, min_samples=4)
     prod, run = Producer(root, tmp_path / "work"), root / "run"
     lines: list[str] = []
+    since: list[float] = []  # when each wait began, as the status file says
+
+    def waited() -> None:
+        wait_for(lambda: (read_status(run, "live") or {}).get("since"), 10, "the wait's start")
+        since.append(read_status(run, "live")["since"])
 
     def produce():
         prod.deliver(0, 2)
         wait_for(lambda: any("waiting for data 2/4" in l for l in lines), 30, "the wait")
+        waited()
         prod.deliver(2, 3)
         wait_for(lambda: any("more data (5 samples" in l for l in lines), 60, "a wait at 5")
+        waited()
         prod.deliver(5, 4)
         wait_for(lambda: any("more data (9 samples" in l for l in lines), 60, "a wait at 9")
         prod.deliver(9, 3)
@@ -70,7 +77,8 @@ def test_starts_at_min_samples_grows_and_trains_exactly_the_delivered_set(tmp_pa
     assert any(l.startswith("data grew: 5 -> 9 samples at step") for l in lines)
     assert (root / "outputs/adapter/adapter_live/adapter_config.json").is_file()
     status = read_status(run, "live")
-    assert status["waiting"] is False and status["trained"] == 12
+    assert status["waiting"] is False and status["trained"] == 12 and status["since"] is None
+    assert len(since) == 2 and since[0] < since[1]  # each wait has its own start
 
 
 def test_resume_after_kill_continues_with_exactly_the_untrained_records(tmp_path, demo_model):

@@ -3,6 +3,7 @@ status shows the wait: the files the trainer writes, read as the runner and agen
 
 from __future__ import annotations
 
+import re
 import time
 
 from remoteops.common.live_status import write_status
@@ -42,3 +43,21 @@ def test_the_follower_prints_a_wait_and_its_end_once(capsys):
     assert out.count("waiting for data 3/8") == 1 and "waiting for data 6/8" in out
     assert out.count("training on 9 samples") == 1
     assert _current_line(data("waiting for data 3/8")) == "stage live  waiting for data 3/8"
+
+
+def test_status_says_how_long_a_wait_has_lasted_on_the_servers_clock(tmp_path):
+    from remoteops.laptop.remote_train_cli import _current_line
+    from remoteops.server.agent.pipeline_commands import _current
+
+    state = {"stages": [{"name": "live", "status": "running", "attempt": 1}]}
+    write_status(tmp_path, "live", line="waiting for data 3/8", waiting=True,
+                 since=time.time() - 65)
+    cur = _current(tmp_path, state)
+    assert 65 <= cur["data"]["waiting_s"] < 75
+    line = _current_line({"current": cur})  # 65 s and however long this test took since
+    assert re.fullmatch(r"stage live  waiting for data 3/8 \(for 1m(0[5-9]|1[0-4])s\)", line), line
+
+    write_status(tmp_path, "live", line="training on 9 samples", waiting=False, since=None)
+    cur = _current(tmp_path, state)
+    assert "waiting_s" not in cur["data"]
+    assert _current_line({"current": cur}) == "stage live  training on 9 samples"

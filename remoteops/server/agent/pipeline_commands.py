@@ -155,6 +155,8 @@ def _current(run_dir: Path, state: dict) -> dict:
     from remoteops.common.live_status import read_status
     live = read_status(run_dir, stage["name"])  # a stage on a live dataset: waiting, growing
     if live:
+        if live.get("waiting") and live.get("since"):  # on this clock, not the laptop's
+            live["waiting_s"] = round(max(0.0, time.time() - float(live["since"])), 1)
         out["data"] = live
     rows = []
     path = run_dir / "metrics.csv"
