@@ -26,7 +26,7 @@ def test(c, k=None, x=False, latest=False):
     python = sys.executable
     if latest:
         python = _latest_env(c)
-    args = [python, "-m", "pytest", "-q"]
+    args = [python, "-m", "pytest", "-q", "--durations=15"]  # the slowest, to keep CI short
     args += ["-k", k] if k else []
     args += ["-x"] if x else []
     # the quantization tests run, not skip: the test command installs the [quant] extra

@@ -92,7 +92,10 @@ def test_watch_survives_a_cut_and_a_kill_and_delivers_each_sample_once(
         proxy.arm(120_000)  # the first connection dies inside the first batch's upload
         proc = _start(project, env, logs[0])
         wait_for(lambda: proxy.cuts == 1, 30, "the cut")
-        wait_for(lambda: len(_server_ids(dest)) >= 20, 40, "20 samples on the server")
+        # the laptop prints "sent" after the server has committed: wait for both, so the
+        # kill below cannot fall between the commit and the line (seen under load)
+        wait_for(lambda: len(_server_ids(dest)) >= 20 and "sent " in logs[0].read_text(), 40,
+                 "20 samples on the server and the first 'sent' line")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert proc.returncode == -signal.SIGKILL
