@@ -60,16 +60,20 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
     return lines
 
 
-def check_executors_here(settings: Settings, req: TrainRequest) -> None:
+def check_executors_here(settings: Settings, req: TrainRequest,
+                         hosts: list[str] | None = None) -> None:
     """Refuse an unknown executor (or a bad option) of a planned stage before anything is
-    deployed or started: the project's plugins are here as they will be on the server."""
+    deployed or started: the project's plugins are here as they will be on the server. A
+    stage spanning more machines than ``hosts`` (default: this one) is refused too."""
     if req.resume:
         return
+    from remoteops.common.multi_node import check_layout
     from remoteops.plugins import check_executors, get_plugin_manager
 
     stages = [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
                                              settings["skip_sample"])
               if s["status"] == "pending" and s["kind"] in ("train", "command")]
+    check_layout(settings, stages, hosts or [req.host or "local"])
     check_executors(get_plugin_manager(settings.project_dir, settings["plugins_dir"]), settings,
                     stages)
 
@@ -126,10 +130,13 @@ def base_model_to_server(settings: Settings, target: Target, req: TrainRequest,
 
 
 def start(settings: Settings, target: Target, req: TrainRequest,
-          overrides: dict | None = None) -> dict:
-    """``overrides``: the host's ``[hosts.NAME.overrides]`` (dotted keys), for its run alone."""
+          overrides: dict | None = None, node: str | None = None) -> dict:
+    """``overrides``: the host's ``[hosts.NAME.overrides]`` (dotted keys), for its run alone;
+    ``node``: its part of a run spanning several hosts (``laptop/multi_node``), as JSON."""
     args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
             "--host-label", req.host or target.describe()]
+    if node:
+        args += ["--node", node]
     if overrides:
         args += ["--overrides", json.dumps(overrides, sort_keys=True)]
     if req.stages:

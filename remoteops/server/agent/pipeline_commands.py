@@ -32,8 +32,10 @@ def _root(root: str) -> Path:
 @click.option("--host-label", default="", help="How the laptop names this server (reports).")
 @click.option("--overrides", default=None, help="This host's settings overrides, a JSON object "
               "of dotted keys ([hosts.NAME.overrides]), applied like flags.")
+@click.option("--node", default=None, help="This host's part of a run spanning several "
+              "machines, a JSON object (remote-train sends it; server/node_part).")
 @json_option
-def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, overrides,
+def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, overrides, node,
                    as_json):
     """Start the pipeline detached (new session, no terminal) and return at once."""
     from remoteops.common.config import load_settings
@@ -50,7 +52,16 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
     settings = load_settings(project, flags={**extra, "gpu_gate": gpu_gate or extra.get(
         "gpu_gate")})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    run_dir = find_run(project, resume) if resume else new_run_dir(project)
+    from remoteops.server import node_part
+
+    planned = plan_stages(settings, only, skip_sample or settings["skip_sample"])
+    if node and not resume:
+        run_dir, node = node_part.start(node, settings, project, planned)
+    else:
+        run_dir = find_run(project, resume) if resume else new_run_dir(project)
+        if not resume:
+            node_part.refuse_unspanned(settings, [s["name"] for s in planned
+                                                  if s["status"] == "pending"])
     lock = pipeline_lock(project, f"pipeline {run_dir.name}")
     lock.acquire()  # refuses, naming the holder, while another run is alive
     try:
@@ -82,8 +93,7 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
                                  "stages": only, "heartbeat_seconds": float(
                                      settings["pipeline.heartbeat_seconds"]),
                                  "overrides": extra},
-                     "stages": plan_stages(settings, only,
-                                           skip_sample or settings["skip_sample"])}
+                     "stages": planned, **({"node": node} if node else {})}
         if recovered:
             state.setdefault("notes", []).append(
                 f"undid an interrupted {recovered['undone']} ({recovered['label']}) first")
@@ -118,7 +128,8 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
         tail = (run_dir / "runner.log").read_text(errors="replace").strip().splitlines()[-1:]
         raise RemoteOpsError(f"the pipeline runner failed to start: {tail[0] if tail else '?'}")
     emit({"run_id": state["run_id"], "run_dir": str(run_dir), "pid": proc.pid,
-          "stages": [s["name"] for s in state["stages"]], "recovered": recovered}, as_json,
+          "stages": [s["name"] for s in state["stages"]], "recovered": recovered,
+          "node": state.get("node")}, as_json,
          f"started {state['run_id']} (pid {proc.pid})")
 
 
