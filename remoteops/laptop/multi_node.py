@@ -98,7 +98,7 @@ def train_spanning(settings: Settings, hosts: list[str], nnodes: int, only: list
     from remoteops.laptop.multi_host_tasks import _confirm_once
     from remoteops.laptop.remote_train import check_executors_here
 
-    check_executors_here(settings, requests[hosts[0]], hosts)
+    check_executors_here(settings, requests[hosts[0]])
     address = rdzv_host(settings, hosts[0])
     if not json:
         for line in header(settings, hosts, nnodes, only, skip, address):

@@ -60,20 +60,29 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
     return lines
 
 
-def check_executors_here(settings: Settings, req: TrainRequest,
-                         hosts: list[str] | None = None) -> None:
+def _planned(settings: Settings, req: TrainRequest) -> list[str]:
+    return [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
+                                           settings["skip_sample"])
+            if s["status"] == "pending" and s["kind"] in ("train", "command")]
+
+
+def check_layout_here(settings: Settings, req: TrainRequest, hosts: list[str]) -> None:
+    """Refuse (one line) a stage that spans more or fewer machines (``nnodes``) than
+    ``hosts`` names, before anything is shown, deployed or started (``laptop/multi_node``)."""
+    from remoteops.common.multi_node import check_layout
+
+    if not req.resume:
+        check_layout(settings, _planned(settings, req), hosts)
+
+
+def check_executors_here(settings: Settings, req: TrainRequest) -> None:
     """Refuse an unknown executor (or a bad option) of a planned stage before anything is
-    deployed or started: the project's plugins are here as they will be on the server. A
-    stage spanning more machines than ``hosts`` (default: this one) is refused too."""
+    deployed or started: the project's plugins are here as they will be on the server."""
     if req.resume:
         return
-    from remoteops.common.multi_node import check_layout
     from remoteops.plugins import check_executors, get_plugin_manager
 
-    stages = [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
-                                             settings["skip_sample"])
-              if s["status"] == "pending" and s["kind"] in ("train", "command")]
-    check_layout(settings, stages, hosts or [req.host or "local"])
+    stages = _planned(settings, req)
     check_executors(get_plugin_manager(settings.project_dir, settings["plugins_dir"]), settings,
                     stages)
 
