@@ -119,7 +119,7 @@ def lost(klass: str | None, reason: str | None, node: dict) -> tuple[str | None,
     """A spanning stage's failure, as the run reports it: a dead process is a lost node."""
     if klass not in LOST:
         return klass, reason
-    hosts = ", ".join(node["hosts"])
+    hosts = ",".join(node["hosts"])
     return "node_lost", (f"{reason} (node {node['rank']} of {node['nnodes']}; a multi-node stage "
                          f"stops on every node when one node's part ends; see invoke status "
                          f"--host {hosts})")

@@ -100,6 +100,27 @@ def test_killing_one_nodes_torchrun_fails_the_run_on_both_hosts_and_leaves_no_pr
     assert "node_lost" in status.stdout or status.stdout.count("failed") >= 2, status.stdout
 
 
+def test_cancel_on_both_hosts_stops_every_node_of_the_run(cli, spanning_project, roots):
+    spanning_project(["span", "collect"], HANG_ON_NODE_1)
+    res = cli("remote-train", "--host", "@pair", "--yes", "--detach", env=ENV, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = re.search(r"started (run_\w+) as node 0", res.stdout).group(1)
+    log2 = roots["h2"] / "outputs" / "training_sync" / run_id / "logs" / "span.log"
+    deadline = time.monotonic() + 240
+    while "hanging at step 3" not in (log2.read_text() if log2.is_file() else ""):
+        assert time.monotonic() < deadline, "node 1 never reached step 3"
+        time.sleep(0.3)
+    res = cli("cancel", "--host", "@pair", "--json", env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert {h: v["result"]["run_id"] for h, v in json.loads(res.stdout).items()} == {
+        "h1": run_id, "h2": run_id}
+    for host in ("h1", "h2"):
+        state, _ = wait_exited(roots[host], run_id, timeout=60)
+        assert state["status"] == "cancelled", (host, state["status"])
+        assert stages_of(state)["span"]["status"] == "cancelled"
+    assert _left_running(run_id) == []
+
+
 LAYOUTS = [
     (["h1"], "stage span spans nnodes = 2 machines but --host names 1 (h1); name 2 hosts "
              "(--host a,b or a [groups] of 2) or change nnodes; nothing was started."),

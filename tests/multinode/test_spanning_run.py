@@ -91,6 +91,11 @@ def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_proje
         ckpts = roots[host] / "outputs" / "training_sync" / run_id / "checkpoints" / "span"
         assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert not (roots["h2"] / "outputs" / "adapter").exists()
+    # evaluation ran once, on node 0
+    assert one["span"]["outputs"]["eval_report"] == "eval_report_span.json"
+    assert "eval_report" not in two["span"]["outputs"]
+    assert not (roots["h2"] / "outputs" / "training_sync" / run_id / "eval_report_span.json"
+                ).exists()
 
     # collected from the first host into the one-host layout
     local = project / "outputs" / "training_sync" / run_id
