@@ -199,4 +199,30 @@ def _show(h: str, value: dict[str, Any]) -> None:
         print_collected(value["collected"], False)
 
 
-__all__ = ["spanning_run", "rdzv_host", "train_spanning", "GRACE_S"]
+def collect_part(settings: Settings, target, run_id: str | None, since, folder: list[str]
+                 ) -> dict:
+    """``collect --host a,b`` on one host: a run spanning hosts is collected from node 0
+    alone, into ``outputs/`` (``{"node": k, "skipped": ...}`` on the others); any other run
+    into ``folder`` (``outputs/<host>/``)."""
+    from remoteops.laptop.remote_train import collect_and_report, status
+
+    node = status(target, run_id, lines=0).get("node")
+    if node and node["rank"] > 0:
+        return {"node": node["rank"], "skipped": f"node {node['rank']} of a run spanning "
+                f"{','.join(node['hosts'])}: its results are collected from "
+                f"{node['hosts'][0]} (node 0)"}
+    return collect_and_report(settings, target, run_id, None, since,
+                              into=None if node else folder)
+
+
+def show_collected(h: str, value: dict[str, Any]) -> None:
+    if value.get("skipped"):
+        print(value["skipped"])
+        return
+    from remoteops.laptop.remote_train_cli import print_collected
+
+    print_collected(value, False)
+
+
+__all__ = ["spanning_run", "rdzv_host", "train_spanning", "collect_part", "show_collected",
+           "GRACE_S"]

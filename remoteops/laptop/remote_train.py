@@ -219,6 +219,11 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     results go to instead of ``outputs/`` (``["outputs", host]`` for several hosts)."""
     areas = write_areas(settings)  # the laptop's own config says where collect may write
     listed = fetch_listing(target, listing_args(target, run_id))  # files and state, one call
+    node = (listed[0].get("state") or {}).get("node")
+    if node and node["rank"] > 0 and into is None:  # not node 0's copy of a spanning run
+        from remoteops.laptop.host_group import folder_name
+
+        into = ["outputs", folder_name(node["hosts"][node["rank"]])]
     result = collect_run(target, settings.project_dir, run_id, since=since,
                          progress_factory=progress_factory, areas=areas, listed=listed,
                          into=into)

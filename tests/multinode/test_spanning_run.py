@@ -126,3 +126,14 @@ def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_proje
     assert f"{run_id} (node 0 of 2)" in table.replace("\n", "") or "node 0 of 2" in table
     single = cli("status", "--host", "h2", env=ENV).stdout
     assert "torchrun 1x2, node 1 (h2) of 2" in single
+
+    # collect over the spanning run: node 0's results into outputs/, node 1 says where they are
+    again = cli("collect", "--host", "@pair", env=ENV)
+    assert again.returncode == 0, again.stderr
+    assert "collected 0 file(s)" in again.stdout
+    assert (f"node 1 of a run spanning h1,h2: its results are collected from h1 (node 0)"
+            in again.stdout)
+    assert not (project / "outputs" / "h1").exists() and not (project / "outputs" / "h2").exists()
+    part = cli("collect", "--host", "h2", env=ENV)  # node 1's own part, asked for by name
+    assert part.returncode == 0, part.stderr
+    assert (project / "outputs" / "h2" / "training_sync" / run_id / "logs" / "span.log").is_file()

@@ -348,7 +348,8 @@ def _listing(project: Path, run_dir: Path, state: dict, with_checkpoints: bool) 
     listing = list_run_files(project, run_dir, state, with_checkpoints)
     listing["state"] = {"status": effective_status(run_dir, state),
                         "stages": [{"name": s["name"], "status": s["status"]}
-                                   for s in state["stages"]]}
+                                   for s in state["stages"]],
+                        **({"node": state["node"]} if state.get("node") else {})}
     return listing
 
 
