@@ -98,6 +98,9 @@ def train_spanning(settings: Settings, hosts: list[str], nnodes: int, only: list
     from remoteops.laptop.multi_host_tasks import _confirm_once
     from remoteops.laptop.remote_train import check_executors_here
 
+    if resume is not None and not isinstance(resume, str) and resume:
+        raise ConfigError("--resume of a run spanning several hosts takes its run id "
+                          "(--resume run_...; see invoke runs --host " + ",".join(hosts) + ").")
     check_executors_here(settings, requests[hosts[0]])
     address = rdzv_host(settings, hosts[0])
     if not json:
