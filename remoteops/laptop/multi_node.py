@@ -135,7 +135,7 @@ def _node(settings: Settings, h: str, target, req, bundle: str | None, span: _Sp
           trust_host: bool) -> dict:
     from remoteops.laptop.collect import in_place
     from remoteops.laptop.multi_train import _HostFollower, prepare_host
-    from remoteops.laptop.remote_train import collect_and_report, follow, start
+    from remoteops.laptop.remote_train import collect_and_report, follow
     from remoteops.laptop.targets import open_target
 
     rank = span.hosts.index(h)

@@ -131,7 +131,7 @@ def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_proje
     again = cli("collect", "--host", "@pair", env=ENV)
     assert again.returncode == 0, again.stderr
     assert "collected 0 file(s)" in again.stdout
-    assert (f"node 1 of a run spanning h1,h2: its results are collected from h1 (node 0)"
+    assert ("node 1 of a run spanning h1,h2: its results are collected from h1 (node 0)"
             in again.stdout)
     assert not (project / "outputs" / "h1").exists() and not (project / "outputs" / "h2").exists()
     part = cli("collect", "--host", "h2", env=ENV)  # node 1's own part, asked for by name
