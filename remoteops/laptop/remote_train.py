@@ -231,7 +231,7 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     state = listed[0].get("state") or status(target, run_id, lines=0)  # (an older agent)
     collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
     if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
-            "failed", "running", "dead", "cancelled"):
+            "failed", "running", "dead", "cancelled") and not (node and node["rank"] > 0):
         # one call marks collect done, rewrites the reports and lists them again
         marked = fetch_listing(target, mark_args(target, run_id, True) + ["--list-files"])
         result.merge(collect_run(target, settings.project_dir, run_id, areas=areas,

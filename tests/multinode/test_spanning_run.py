@@ -137,3 +137,4 @@ def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_proje
     part = cli("collect", "--host", "h2", env=ENV)  # node 1's own part, asked for by name
     assert part.returncode == 0, part.stderr
     assert (project / "outputs" / "h2" / "training_sync" / run_id / "logs" / "span.log").is_file()
+    assert stages_of(state_of(roots["h2"], run_id))["collect"]["status"] == "skipped"
