@@ -66,6 +66,22 @@ def start(raw: str, settings: Any, project: Path, stages: list[dict]) -> tuple[P
     return run_dir, node
 
 
+def choose_run_dir(project: Path, settings: Any, planned: list[dict], node: str | None,
+                   resume: str | None) -> tuple[Path, dict | None]:
+    """``pipeline-start``'s run directory and node record: a part of a spanning run gets the
+    run id the laptop chose; a new run of one host gets a fresh one (and is refused if a
+    stage spans machines); a resumed run keeps its own (and its ``node``)."""
+    from remoteops.common.rundir import new_run_dir
+    from remoteops.common.runs import find_run
+
+    if resume:
+        return find_run(project, resume), None
+    if node:
+        return start(node, settings, project, planned)
+    refuse_unspanned(settings, [s["name"] for s in planned if s["status"] == "pending"])
+    return new_run_dir(project), None
+
+
 def refuse_unspanned(settings: Any, names: list[str]) -> None:
     """A stage that spans machines, started on one host alone: one line saying how."""
     for stage, n in spanning(settings, names).items():
@@ -104,4 +120,4 @@ def evaluates(state: dict) -> bool:
     return not node or node["rank"] == 0
 
 
-__all__ = ["start", "refuse_unspanned", "spans", "bind", "retries", "judged", "evaluates"]
+__all__ = ["choose_run_dir", "start", "refuse_unspanned", "spans", "bind", "retries", "judged", "evaluates"]

@@ -41,27 +41,19 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
     from remoteops.common.config import load_settings
     from remoteops.common.errors import RemoteOpsError
     from remoteops.common.clock import now_iso
-    from remoteops.common.runs import (effective_status, find_run, load_state, pipeline_lock,
+    from remoteops.common.runs import (effective_status, load_state, pipeline_lock,
                                        plan_stages, process_identity, save_run_settings,
                                        save_state)
+    from remoteops.server.node_part import choose_run_dir
     from remoteops.server.pipeline import agent_args, finish_pending_apply, spawn_detached
-    from remoteops.common.rundir import new_run_dir
 
     project = _root(root)
     extra = json.loads(overrides) if overrides else {}
     settings = load_settings(project, flags={**extra, "gpu_gate": gpu_gate or extra.get(
         "gpu_gate")})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    from remoteops.server import node_part
-
     planned = plan_stages(settings, only, skip_sample or settings["skip_sample"])
-    if node and not resume:
-        run_dir, node = node_part.start(node, settings, project, planned)
-    else:
-        run_dir = find_run(project, resume) if resume else new_run_dir(project)
-        if not resume:
-            node_part.refuse_unspanned(settings, [s["name"] for s in planned
-                                                  if s["status"] == "pending"])
+    run_dir, node = choose_run_dir(project, settings, planned, node, resume)  # --node: its id
     lock = pipeline_lock(project, f"pipeline {run_dir.name}")
     lock.acquire()  # refuses, naming the holder, while another run is alive
     try:
