@@ -70,7 +70,7 @@ def _left_running(run_id: str) -> list[str]:
             and "ps -eo" not in line]
 
 
-def test_killing_one_nodes_torchrun_fails_the_run_on_both_hosts_and_leaves_no_process(
+def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resumes(
         cli, spanning_project, roots):
     spanning_project(["span", "collect"], HANG_ON_NODE_1)
     res = cli("remote-train", "--host", "@pair", "--yes", "--detach", env=ENV, timeout=300)
@@ -98,6 +98,26 @@ def test_killing_one_nodes_torchrun_fails_the_run_on_both_hosts_and_leaves_no_pr
 
     status = cli("status", "--host", "h1,h2", env=ENV)
     assert "node_lost" in status.stdout or status.stdout.count("failed") >= 2, status.stdout
+
+    # every node kept its own checkpoint-2: the same run resumes on both and finishes
+    res = cli("remote-train", "--host", "@pair", "--yes", "--resume", run_id, env=ENV,
+              timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for host in ("h1", "h2"):
+        state = state_of(roots[host], run_id)
+        stage = stages_of(state)["span"]
+        assert (state["status"], stage["status"]) == ("done", "done"), (host, stage)
+        assert stage["attempts"][-1]["resume"] is True
+        run = roots[host] / "outputs" / "training_sync" / run_id
+        log = (run / "logs" / "span.log").read_text()
+        last_launch = log.split("-m torch.distributed.run ")[-1].splitlines()[0]
+        assert "--resume latest" in last_launch, last_launch
+    run = roots["h1"] / "outputs" / "training_sync" / run_id  # rank 0 speaks for the stage
+    assert f"resuming stage 'span' from {run}/checkpoints/span/checkpoint-2 (step 2)" in (
+        run / "logs" / "span.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["stages"]["span"]["final"]["step"] == 4
+    assert (roots["h1"] / "outputs" / "adapter" / "adapter_span" / "adapter_model.safetensors"
+            ).is_file()
 
 
 def test_cancel_on_both_hosts_stops_every_node_of_the_run(cli, spanning_project, roots):
