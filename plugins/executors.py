@@ -4,7 +4,12 @@
 "torchrun"`` runs it under ``python -m torch.distributed.run`` (torchrun), with
 ``nproc_per_node`` processes (default: the GPUs this machine shows, 1 without any),
 optionally ``nnodes`` and ``rdzv_endpoint = "host:port"`` for several machines (c10d
-rendezvous; ``rdzv_id`` names the job, default ``remoteops-<stage>``). A built-in training
+rendezvous; ``rdzv_id`` names the job, default ``remoteops-<stage>``). A run that
+``remote-train --host a,b`` spans over several machines (``nnodes`` > 1, see
+``remoteops/common/multi_node.py``) gives each machine's runner its ``node_rank`` and the
+rendezvous: then the static rendezvous is used (node rank 0 is the first host, so global
+rank 0, which writes the signals, metrics and adapter, runs where ``collect`` looks), with
+``rdzv_timeout`` seconds (default 600) for the other machines to arrive. A built-in training
 stage runs ``torchrun ... -m remoteops.agent train ...``: the trainer trains data-parallel
 (DDP; gloo on the CPU), rank 0 writes the signals and metrics, and the health verdict is
 agreed by every rank before each optimizer step. A command stage runs under torchrun when
@@ -19,7 +24,8 @@ import subprocess
 
 from remoteops.api import Executor, hookimpl
 
-TORCHRUN_OPTIONS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id")
+TORCHRUN_OPTIONS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "rdzv_port",
+                    "rdzv_timeout")
 
 
 def visible_gpus(env=None) -> int:
@@ -72,11 +78,14 @@ class TorchrunExecutor(Executor):
 
     @classmethod
     def check_options(cls, stage, table):
-        nnodes = table.get("nnodes", 1)
-        if nnodes > 1 and not table.get("rdzv_endpoint"):
-            raise ValueError(f"stages.{stage}.nnodes is {nnodes}: several machines meet at a "
-                             f"rendezvous; set rdzv_endpoint = \"HOST:PORT\" (the first machine) "
-                             f"in [stages.{stage}].")
+        # nnodes > 1 without rdzv_endpoint is a run spanning several hosts: remote-train
+        # --host a,b gives each machine its node rank and the endpoint (laptop/multi_node)
+        for key in ("rdzv_port", "rdzv_timeout"):
+            if key in table and (not isinstance(table[key], int) or isinstance(
+                    table[key], bool) or not 0 < table[key] < (65536 if key == "rdzv_port"
+                                                                else 86400 * 7)):
+                raise ValueError(f"stages.{stage}.{key} is {table[key]!r}; write a whole number "
+                                 f"of {'1-65535' if key == 'rdzv_port' else 'seconds'}.")
 
     @property
     def nproc_per_node(self) -> int:
@@ -84,8 +93,9 @@ class TorchrunExecutor(Executor):
 
     def _details(self):
         out = {"nproc_per_node": self.nproc_per_node, "nnodes": int(self.table.get("nnodes", 1))}
-        if self.table.get("rdzv_endpoint"):
-            out["rdzv_endpoint"] = self.table["rdzv_endpoint"]
+        for key in ("rdzv_endpoint", "node_rank", "hosts"):
+            if self.table.get(key) is not None:
+                out[key] = self.table[key]
         return out
 
     def launcher(self, python: str) -> list[str]:
@@ -95,6 +105,17 @@ class TorchrunExecutor(Executor):
         endpoint = self.table.get("rdzv_endpoint")
         if nnodes == 1 and not endpoint:
             args += ["--standalone", "--nnodes", "1"]  # a free local port, no other machine
+        elif self.table.get("node_rank") is not None:  # one node of a spanning run
+            args += ["--nnodes", str(nnodes), "--node_rank", str(self.table["node_rank"]),
+                     "--rdzv_backend", "static", "--rdzv_endpoint", endpoint, "--rdzv_id",
+                     self.table["rdzv_id"], "--rdzv_conf",
+                     f"timeout={int(self.table.get('rdzv_timeout') or 600)}",
+                     "--max_restarts", "0"]
+        elif not endpoint:
+            raise ValueError(f"stage {self.stage} has nnodes = {nnodes}: start it on {nnodes} "
+                             f"hosts at once (invoke remote-train --host a,b or --host @GROUP), "
+                             f"or set rdzv_endpoint = \"HOST:PORT\" and start the other "
+                             f"machines yourself.")
         else:
             args += ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
                      endpoint, "--rdzv_id", self.table.get("rdzv_id") or f"remoteops-{self.stage}"]

@@ -143,10 +143,10 @@ RULES: dict[str, Rule] = {
 
 # The one list of host keys (config.py reads it from here).
 HOST_KEYS = ("host", "hostname", "port", "user", "identity_file", "proxy_jump",
-             "project_root", "remote_python", "passphrase", "overrides")
+             "project_root", "remote_python", "passphrase", "overrides", "rdzv_host")
 HOST_TYPES: dict[str, type] = {"host": str, "hostname": str, "port": int, "user": str,
                                "identity_file": str, "proxy_jump": str, "project_root": str,
-                               "remote_python": str, "overrides": dict}
+                               "remote_python": str, "overrides": dict, "rdzv_host": str}
 
 # Keys of [stages.NAME] whose type is known; other keys are left to the stage's consumer.
 STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, "command": str,
@@ -156,7 +156,8 @@ STAGE_TYPES: dict[str, type] = {"dataset": str, "eval_set": str, "preset": str, 
                                 "dataset_live": str, "min_samples": int,
                                 "grow_every_steps": int, "max_steps": int,
                                 "executor": str, "nproc_per_node": int, "nnodes": int,
-                                "rdzv_endpoint": str, "rdzv_id": str, "slurm": dict}
+                                "rdzv_endpoint": str, "rdzv_id": str, "slurm": dict,
+                                "rdzv_port": int, "rdzv_timeout": int}
 # Ranges of the executor keys of [stages.NAME] (the executor plugin checks the rest).
 STAGE_RULES: dict[str, Rule] = {
     "nproc_per_node": GE1, "nnodes": GE1,

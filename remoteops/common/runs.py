@@ -39,7 +39,9 @@ POLICY = {"config": "fail", "data": "fail", "nan": "stop", "divergence": "stop",
           "stale": "resume", "traceback": "fail", "cancelled": "stop", "eval": "fail",
           "internal": "fail",
           # a Slurm job ended by its time limit, a preemption or a lost node (server/slurm_jobs)
-          "timeout": "resume", "preempted": "resume", "node_fail": "resume"}
+          "timeout": "resume", "preempted": "resume", "node_fail": "resume",
+          # a node of a run spanning several hosts lost (common/multi_node): never retried alone
+          "node_lost": "fail"}
 # Floors for intervals read from settings: 0 or a negative value must not make a loop spin.
 MIN_HEARTBEAT_S = 0.2
 SETTINGS_FILE = "settings.json"  # in a run directory: the settings the run started with
@@ -295,7 +297,10 @@ def executor_label(executor: dict | None) -> str:
     if not executor:
         return "-"
     if executor.get("name") == "torchrun":
-        return f"torchrun {executor.get('nproc_per_node', '?')}x{executor.get('nnodes', 1)}"
+        from remoteops.common.multi_node import part
+
+        return (f"torchrun {executor.get('nproc_per_node', '?')}x{executor.get('nnodes', 1)}"
+                + part(executor))
     if executor.get("name") == "slurm" and executor.get("job"):
         queued = executor.get("queued")
         return f"slurm job {executor['job']}" + (f", queued ({queued})" if queued else "")

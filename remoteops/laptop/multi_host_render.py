@@ -43,7 +43,9 @@ def print_status_table(group: GroupResult) -> None:
             table.add_row(escape(r.host), "-", "no runs", "", "-", "-")
             continue
         stages = " ".join(f"{s['name']}:{s['status']}" for s in data.get("stages") or [])
-        table.add_row(escape(r.host), data["run_id"], styled_status(data["status"]), escape(stages),
+        node = data.get("node")  # a run spanning several hosts: this host's part
+        run = data["run_id"] + (f" (node {node['rank']} of {node['nnodes']})" if node else "")
+        table.add_row(escape(r.host), run, styled_status(data["status"]), escape(stages),
                       escape(_now(data)), escape(_overrides(data)))
     print_wide(table)
 

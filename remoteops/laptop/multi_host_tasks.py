@@ -247,10 +247,10 @@ def cancel(run=None, host=None, project_root=None, trust_host=False, json=False)
 
 
 def collect(run=None, host=None, since=None, project_root=None, trust_host=False, json=False):
-    """Each host's results go to ``outputs/<host>/...`` (one host keeps ``outputs/``)."""
+    """Each host's results go to ``outputs/<host>/...`` (one host keeps ``outputs/``); a run
+    spanning the hosts comes from its node 0 into ``outputs/`` (``laptop/multi_node``)."""
     from remoteops.laptop.collect import parse_since
-    from remoteops.laptop.remote_train import collect_and_report
-    from remoteops.laptop.remote_train_cli import print_collected
+    from remoteops.laptop.multi_node import collect_part, show_collected
 
     settings = _settings(project_root=project_root)
     hosts = expand(settings, host)
@@ -258,12 +258,11 @@ def collect(run=None, host=None, since=None, project_root=None, trust_host=False
     wanted = per_host(run, hosts, "--run")
     cutoff = parse_since(since)
 
-    def work(h: str, target) -> dict:
-        return collect_and_report(settings, target, wanted[h], None, cutoff,
-                                  into=["outputs", folder_name(h)])
+    def work(h: str, target) -> dict:  # a run spanning the hosts: from node 0 alone
+        return collect_part(settings, target, wanted[h], cutoff, ["outputs", folder_name(h)])
 
     group = on_hosts(hosts, with_target(settings, trust_host, work))
-    report(group, lambda h, d: print_collected(d, False), json, "collect")
+    report(group, show_collected, json, "collect")
 
 
 __all__ = ["precheck", "deploy_bundle", "rollback", "backups", "status", "runs", "cancel",

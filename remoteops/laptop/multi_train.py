@@ -70,6 +70,12 @@ def remote_train(host=None, skip_sample=False, stages=None, resume=None, project
     resumes = per_host(resume if isinstance(resume, str) else None, hosts, "--resume")
     requests = {h: TrainRequest(h, only, skip, resumes[h] or bool(resume), detach,
                                 not no_deploy) for h in hosts}
+    from remoteops.laptop.multi_node import spanning_run, train_spanning
+
+    nnodes = spanning_run(settings, only, skip, hosts)  # a stage with nnodes > 1: ONE run
+    if nnodes:
+        return train_spanning(settings, hosts, nnodes, only, skip, requests, trust_host, yes,
+                              non_interactive, json, no_deploy, resume)
     for h in hosts:  # an unknown executor, on any host: refused before anything starts
         check_executors_here(settings_for(settings, h), requests[h])
     if not json:
@@ -98,12 +104,11 @@ def remote_train(host=None, skip_sample=False, stages=None, resume=None, project
     report(group, _show, json, "remote-train")
 
 
-def _train_one(settings: Settings, h: str, target, req, bundle: str | None, here: bool,
-               trust_host: bool) -> dict:
+def prepare_host(settings: Settings, h: str, target, req, bundle: str | None,
+                 here: bool) -> None:
+    """Deploy the bundle to ``h`` and upload the base model if it lacks it."""
     from remoteops.laptop.deploy import deploy
-    from remoteops.laptop.remote_train import (base_model_to_server, collect_and_report,
-                                               follow, refuse_if_live, start)
-    from remoteops.laptop.targets import open_target
+    from remoteops.laptop.remote_train import base_model_to_server, refuse_if_live
 
     mine = settings_for(settings, h)
     if bundle and not here:
@@ -119,6 +124,15 @@ def _train_one(settings: Settings, h: str, target, req, bundle: str | None, here
             from remoteops.laptop.fetch_model import describe
 
             say(h, f"base model {describe(sent)}")
+
+
+def _train_one(settings: Settings, h: str, target, req, bundle: str | None, here: bool,
+               trust_host: bool) -> dict:
+    from remoteops.laptop.remote_train import collect_and_report, follow, start
+    from remoteops.laptop.targets import open_target
+
+    mine = settings_for(settings, h)
+    prepare_host(settings, h, target, req, bundle, here)
     started = start(mine, target, req, overrides_for(settings, h))
     run_id = started["run_id"]
     say(h, f"started {run_id} on {target.describe()} (runner pid {started['pid']})")

@@ -60,6 +60,21 @@ def describe_plan(settings: Settings, target: Target, req: TrainRequest) -> list
     return lines
 
 
+def _planned(settings: Settings, req: TrainRequest) -> list[str]:
+    return [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
+                                           settings["skip_sample"])
+            if s["status"] == "pending" and s["kind"] in ("train", "command")]
+
+
+def check_layout_here(settings: Settings, req: TrainRequest, hosts: list[str]) -> None:
+    """Refuse (one line) a stage that spans more or fewer machines (``nnodes``) than
+    ``hosts`` names, before anything is shown, deployed or started (``laptop/multi_node``)."""
+    from remoteops.common.multi_node import check_layout
+
+    if not req.resume:
+        check_layout(settings, _planned(settings, req), hosts)
+
+
 def check_executors_here(settings: Settings, req: TrainRequest) -> None:
     """Refuse an unknown executor (or a bad option) of a planned stage before anything is
     deployed or started: the project's plugins are here as they will be on the server."""
@@ -67,9 +82,7 @@ def check_executors_here(settings: Settings, req: TrainRequest) -> None:
         return
     from remoteops.plugins import check_executors, get_plugin_manager
 
-    stages = [s["name"] for s in plan_stages(settings, req.stages, req.skip_sample or
-                                             settings["skip_sample"])
-              if s["status"] == "pending" and s["kind"] in ("train", "command")]
+    stages = _planned(settings, req)
     check_executors(get_plugin_manager(settings.project_dir, settings["plugins_dir"]), settings,
                     stages)
 
@@ -126,10 +139,13 @@ def base_model_to_server(settings: Settings, target: Target, req: TrainRequest,
 
 
 def start(settings: Settings, target: Target, req: TrainRequest,
-          overrides: dict | None = None) -> dict:
-    """``overrides``: the host's ``[hosts.NAME.overrides]`` (dotted keys), for its run alone."""
+          overrides: dict | None = None, node: str | None = None) -> dict:
+    """``overrides``: the host's ``[hosts.NAME.overrides]`` (dotted keys), for its run alone;
+    ``node``: its part of a run spanning several hosts (``laptop/multi_node``), as JSON."""
     args = ["pipeline-start", "--root", target.project_root, "--gpu-gate", settings["gpu_gate"],
             "--host-label", req.host or target.describe()]
+    if node:
+        args += ["--node", node]
     if overrides:
         args += ["--overrides", json.dumps(overrides, sort_keys=True)]
     if req.stages:
@@ -203,6 +219,11 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     results go to instead of ``outputs/`` (``["outputs", host]`` for several hosts)."""
     areas = write_areas(settings)  # the laptop's own config says where collect may write
     listed = fetch_listing(target, listing_args(target, run_id))  # files and state, one call
+    node = (listed[0].get("state") or {}).get("node")
+    if node and node["rank"] > 0 and into is None:  # not node 0's copy of a spanning run
+        from remoteops.laptop.host_group import folder_name
+
+        into = ["outputs", folder_name(node["hosts"][node["rank"]])]
     result = collect_run(target, settings.project_dir, run_id, since=since,
                          progress_factory=progress_factory, areas=areas, listed=listed,
                          into=into)
@@ -210,7 +231,7 @@ def collect_and_report(settings: Settings, target: Target, run_id: str | None,
     state = listed[0].get("state") or status(target, run_id, lines=0)  # (an older agent)
     collect_stage = next((s for s in state["stages"] if s["name"] == "collect"), None)
     if collect_stage and collect_stage["status"] != "done" and state["status"] not in (
-            "failed", "running", "dead", "cancelled"):
+            "failed", "running", "dead", "cancelled") and not (node and node["rank"] > 0):
         # one call marks collect done, rewrites the reports and lists them again
         marked = fetch_listing(target, mark_args(target, run_id, True) + ["--list-files"])
         result.merge(collect_run(target, settings.project_dir, run_id, areas=areas,

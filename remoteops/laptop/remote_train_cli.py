@@ -165,12 +165,14 @@ def run_remote_train(settings, open_target: Callable, stages: list[str] | None, 
     """The whole remote-train flow; returns the exit status."""
     from remoteops.laptop.collect import in_place
     from remoteops.laptop.remote_train import (TrainRequest, base_model_to_server,
-                                               check_executors_here, collect_and_report,
+                                               check_executors_here, check_layout_here,
+                                               collect_and_report,
                                                describe_plan, follow, refuse_if_live, start)
 
     req = TrainRequest(None, stages, settings["skip_sample"], resume, detach, deploy)
     target = open_target()
     try:
+        check_layout_here(settings, req, [target.describe()])  # nnodes > 1 needs more hosts
         for line in describe_plan(settings, target, req):
             print(line)
         check_executors_here(settings, req)

@@ -34,7 +34,7 @@ from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline
                                    process_identity, run_settings, save_state, stop_grace)
 from remoteops.executors import CannotRun, Launch
 from remoteops.server.pipeline import ChildResult, agent_args
-from remoteops.server import train_stage
+from remoteops.server import node_part, train_stage
 from remoteops.server.stage_process import StageProcess
 from remoteops.server.stagewatch import StageWatch
 
@@ -89,6 +89,7 @@ class Runner:
 
         self.hooks()
         executor = executor_for(self.pm, self.settings, stage["name"])
+        node_part.bind(executor, self.state, stage["name"])  # a run spanning several hosts
         stage["executor"] = executor.describe()
         return executor
 
@@ -243,7 +244,9 @@ class Runner:
                 self._call_hook("after_stage", stage)
                 self.log(f"stage {stage['name']} done")
                 return True
-            action = POLICY.get(klass, "fail")
+            klass, reason = node_part.judged(self.state, stage["name"], klass, reason)
+            action = POLICY.get(klass, "fail") if node_part.retries(self.state, stage["name"]) \
+                else "fail"  # one node alone cannot retry a stage that spans several
             retries = len(stage["attempts"]) - 1
             if action == "smaller_batch" and stage["kind"] != "train":
                 # we cannot change a command's batch size: fail and say what to do
@@ -306,7 +309,7 @@ class Runner:
         result = self._launch(executor, launch, log_path, StageWatch.for_stage(
             self.settings, self.run_dir, stage, obey_failed=False))  # the health window
         ok, klass, reason = train_stage.judge(self.run_dir, stage["name"], result, log_path)
-        if ok:
+        if ok and node_part.evaluates(self.state):  # node 0 of a spanning run holds the adapter
             stage["outputs"]["adapter"] = f"outputs/adapter/adapter_{stage['name']}"
             self._after_training(stage, log_path)
         return ok, klass, reason

@@ -4,7 +4,9 @@ Which process this is (``RANK``, ``WORLD_SIZE``: torchrun, accelerate and DeepSp
 them), the health verdict agreed by every rank before an optimizer step (``agree``), and
 the one repair the HF Trainer needs (``undo_eval_preparation``). Rank 0 speaks and writes
 for the stage (signals, metrics, summary, adapter); another rank writes only its own
-crash (``failed``), since torchrun then ends every rank.
+crash (``failed``), since torchrun then ends every rank. On a run spanning several machines
+the first rank of each other machine (``leads_node``) also writes the agreed ``failed``
+verdict into its machine's run directory, and every machine keeps its own checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def leads_node() -> bool:
+    """The first process on its machine: on a machine other than rank 0's (a run spanning
+    several hosts, with no shared filesystem) it writes that machine's own signals."""
+    return local_rank() == 0
+
+
+def spans_nodes() -> bool:
+    """Do the ranks live on more than one machine (torchrun's LOCAL_WORLD_SIZE < WORLD_SIZE)?"""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or world_size()) < world_size()
 
 
 def _group() -> Any:
@@ -100,5 +113,5 @@ def is_wrapped_for_ddp(model: Any) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-__all__ = ["rank", "local_rank", "world_size", "is_main", "agree", "barrier",
+__all__ = ["rank", "local_rank", "world_size", "is_main", "leads_node", "spans_nodes", "agree", "barrier",
            "undo_eval_preparation", "is_wrapped_for_ddp"]

@@ -19,8 +19,8 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
-from remoteops.trainer.distributed import (barrier, is_main, local_rank, rank,
-                                           undo_eval_preparation, world_size)
+from remoteops.trainer.distributed import (barrier, is_main, leads_node, local_rank, rank,
+                                           spans_nodes, undo_eval_preparation, world_size)
 from remoteops.trainer.trainer_class import trainer_class
 
 _trainer_class = trainer_class  # the name the benches use
@@ -237,6 +237,7 @@ def training_args(cfg: StageConfig, output_dir: Path, has_eval: bool, **extra):
         bf16=bf16, fp16=gpu and not bf16, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
         ddp_find_unused_parameters=False,  # under torchrun: every LoRA weight is used
+        save_on_each_node=spans_nodes(),  # no shared filesystem: each machine can resume
     )
     kw.update(extra)
     return TrainingArguments(**kw)
@@ -268,13 +269,15 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
         run.clear_signals()
         run.update_summary(entry)
         run.start_heartbeat(cfg.health["heartbeat_seconds"])
+    elif leads_node():
+        run.clear_signals()
     saved: list[dict] = []
     crashed = False
 
     def failed(reason: str, message: str, step: int | None, own: bool = False) -> None:
         """``own``: this rank's crash (torchrun ends the others): it writes, whichever rank."""
         entry.update(status="failed", reason=reason, message=message, failed_step=step)
-        if main or own:
+        if main or own or leads_node():  # another machine's runner reads its own run dir
             run.signal("failed", reason, message=message, step=step, rank=rank())
             say(f"stage '{cfg.name}' FAILED ({reason}) at step {step}"
                 f"{'' if main else f' on rank {rank()}'}: {message}")

@@ -21,8 +21,9 @@ STAGE = '\n[stages.s]\ndataset = "data/train8.jsonl"\n'
      "stages.s.nproc_per_node is a torchrun setting but the stage runs as a plain process; add "
      "executor = \"torchrun\" to [stages.s] or remove nproc_per_node."),
     ('executor = "torchrun"\nnnodes = 2',
-     "stages.s.nnodes is 2: several machines meet at a rendezvous; set rdzv_endpoint = "
-     "\"HOST:PORT\" (the first machine) in [stages.s]."),
+     "stages.s.nnodes is 2: the stage spans 2 machines; start the run on 2 hosts at once "
+     "(invoke remote-train --host a,b or --host @GROUP), or set rdzv_endpoint = \"HOST:PORT\" "
+     "in [stages.s] and start the other machines yourself."),
     ('executor = "torchrun"\nnproc_per_node = 0', "'stages.s.nproc_per_node' is 0; it must be a "
      "number >= 1"),
 ])

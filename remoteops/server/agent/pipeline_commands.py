@@ -32,25 +32,28 @@ def _root(root: str) -> Path:
 @click.option("--host-label", default="", help="How the laptop names this server (reports).")
 @click.option("--overrides", default=None, help="This host's settings overrides, a JSON object "
               "of dotted keys ([hosts.NAME.overrides]), applied like flags.")
+@click.option("--node", default=None, help="This host's part of a run spanning several "
+              "machines, a JSON object (remote-train sends it; server/node_part).")
 @json_option
-def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, overrides,
+def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, overrides, node,
                    as_json):
     """Start the pipeline detached (new session, no terminal) and return at once."""
     from remoteops.common.config import load_settings
     from remoteops.common.errors import RemoteOpsError
     from remoteops.common.clock import now_iso
-    from remoteops.common.runs import (effective_status, find_run, load_state, pipeline_lock,
+    from remoteops.common.runs import (effective_status, load_state, pipeline_lock,
                                        plan_stages, process_identity, save_run_settings,
                                        save_state)
+    from remoteops.server.node_part import choose_run_dir
     from remoteops.server.pipeline import agent_args, finish_pending_apply, spawn_detached
-    from remoteops.common.rundir import new_run_dir
 
     project = _root(root)
     extra = json.loads(overrides) if overrides else {}
     settings = load_settings(project, flags={**extra, "gpu_gate": gpu_gate or extra.get(
         "gpu_gate")})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    run_dir = find_run(project, resume) if resume else new_run_dir(project)
+    planned = plan_stages(settings, only, skip_sample or settings["skip_sample"])
+    run_dir, node = choose_run_dir(project, settings, planned, node, resume)  # --node: its id
     lock = pipeline_lock(project, f"pipeline {run_dir.name}")
     lock.acquire()  # refuses, naming the holder, while another run is alive
     try:
@@ -82,8 +85,7 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
                                  "stages": only, "heartbeat_seconds": float(
                                      settings["pipeline.heartbeat_seconds"]),
                                  "overrides": extra},
-                     "stages": plan_stages(settings, only,
-                                           skip_sample or settings["skip_sample"])}
+                     "stages": planned, **({"node": node} if node else {})}
         if recovered:
             state.setdefault("notes", []).append(
                 f"undid an interrupted {recovered['undone']} ({recovered['label']}) first")
@@ -118,7 +120,8 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
         tail = (run_dir / "runner.log").read_text(errors="replace").strip().splitlines()[-1:]
         raise RemoteOpsError(f"the pipeline runner failed to start: {tail[0] if tail else '?'}")
     emit({"run_id": state["run_id"], "run_dir": str(run_dir), "pid": proc.pid,
-          "stages": [s["name"] for s in state["stages"]], "recovered": recovered}, as_json,
+          "stages": [s["name"] for s in state["stages"]], "recovered": recovered,
+          "node": state.get("node")}, as_json,
          f"started {state['run_id']} (pid {proc.pid})")
 
 
@@ -339,7 +342,8 @@ def _listing(project: Path, run_dir: Path, state: dict, with_checkpoints: bool) 
     listing = list_run_files(project, run_dir, state, with_checkpoints)
     listing["state"] = {"status": effective_status(run_dir, state),
                         "stages": [{"name": s["name"], "status": s["status"]}
-                                   for s in state["stages"]]}
+                                   for s in state["stages"]],
+                        **({"node": state["node"]} if state.get("node") else {})}
     return listing
 
 
