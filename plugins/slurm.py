@@ -4,13 +4,18 @@
 command stage's ``bash -c ...``) with ``sbatch`` from the machine the runner runs on (a
 Slurm login node reached over SSH like any host), chained after the run's previous Slurm
 job with ``--dependency=afterok`` and ``--kill-on-invalid-dep=yes``. Options come from
-``[slurm]`` and, stage by stage, ``[stages.X.slurm]`` (which wins)::
+``[slurm]`` and, stage by stage, ``[stages.X.slurm]`` (which wins). Consecutive Slurm
+stages are submitted at once, as one chain (``chain = "upfront"``, the default): each job
+runs the stage through the agent's ``stage-job`` (the ``before_stage`` and ``after_stage``
+hooks and the stage's own verdict, inside the job), so a stage judged failed exits non-zero
+and Slurm itself cancels the jobs behind it. ``chain = "stage"`` submits one job at a time::
 
     [slurm]
     partition = "gpu"
     account = "my-lab"
     time = "4:00:00"        # sbatch --time
     extra = ["--qos=normal"]
+    chain = "upfront"       # or "stage"
 
     [stages.style.slurm]
     gres = "gpu:2"
@@ -58,6 +63,16 @@ class SlurmExecutor(Executor):
 
     def _details(self):
         return {k: v for k, v in self.sbatch_options.items() if k in SBATCH_KEYS and v}
+
+    def chain_key(self):
+        # [slurm] chain = "upfront" (the default): consecutive Slurm stages are submitted at
+        # once, each job afterok on the one before; "stage": one job at a time
+        return "slurm" if self.sbatch_options.get("chain", "upfront") == "upfront" else None
+
+    def run_chain(self, runner, stages):
+        from remoteops.api import run_slurm_chain
+
+        return run_slurm_chain(runner, stages)
 
     def run(self, launch, process, log_path, watch=None, **callbacks):
         from remoteops.api import run_slurm_job

@@ -81,6 +81,15 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     return ChildResult(code, killed_for, message, verdict)
 
 
+def last_ok(run_dir: Path) -> str | None:
+    """The run's last Slurm job that completed (the next job goes ``afterok`` on it)."""
+    return _LAST_OK.get(str(run_dir))
+
+
+def remember_ok(run_dir: Path, job: str) -> None:
+    _LAST_OK[str(run_dir)] = job
+
+
 class _Follower:
     """One job: its output copied into the stage log, its state asked once per poll."""
 
@@ -182,4 +191,4 @@ class _Follower:
         self.copy()
 
 
-__all__ = ["run_slurm_job"]
+__all__ = ["run_slurm_job", "last_ok", "remember_ok"]

@@ -13,6 +13,9 @@ from tests.executors.conftest import agent, run_pipeline, stages_of
 from tests.slurm.conftest import job_of, latest_run, run_pipeline_end, wait_for
 
 FAILING = """
+[slurm]
+chain = "stage"          # one job at a time (the chain submitted up front: test_slurm_chain)
+
 [stages.first]
 command = "echo step 1 loss 2.0"
 executor = "slurm"
@@ -27,7 +30,7 @@ executor = "slurm"
 """
 
 
-def test_a_failed_stage_leaves_no_successor_job_pending(slurm, make_project):
+def test_stage_by_stage_a_failed_stage_leaves_no_successor_job_pending(slurm, make_project):
     root = make_project(FAILING)
     run, state = run_pipeline(root, "first,broken,after", timeout=120)
     stages = stages_of(state)
