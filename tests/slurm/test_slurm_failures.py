@@ -99,6 +99,8 @@ def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project
      "'stages.s.slurm.time' is 'soon'; it must be sbatch --time text: MINUTES, H:MM:SS or "
      "DAYS-HOURS, e.g. \"4:00:00\""),
     ('[stages.s.slurm]\ngpus = 2', "unknown setting 'stages.s.slurm.gpus'. Did you mean 'cpus'?"),
+    ('[stages.s.slurm]\nchain = "all"',
+     "'stages.s.slurm.chain' is 'all'; it must be one of upfront, stage."),
     ('[stages.s.slurm]\nextra = ["qos=high"]',
      "stages.s.slurm.extra has 'qos=high'; each item is one sbatch option, e.g. \"--qos=high\"."),
 ])
