@@ -133,3 +133,54 @@ def test_cancel_cancels_every_job_of_the_chain(slurm, make_project):
     assert state["status"] == "cancelled" and state["runner"].get("exited")
     assert [s["status"] for s in state["stages"] if s["name"] in ("long", "next", "last")] == [
         "cancelled"] * 3
+
+
+HOOKS = '''import os
+from pathlib import Path
+from remoteops.api import hookimpl
+
+
+def _record(what, stage, run_dir):
+    with open(Path(run_dir) / "hooks.txt", "a") as fh:
+        fh.write(f"{what} {stage} job={os.environ.get('SLURM_JOB_ID', 'none')}\\n")
+
+
+@hookimpl
+def before_stage(stage, run_dir):
+    _record("before", stage, run_dir)
+
+
+@hookimpl
+def after_stage(stage, run_dir, status):
+    _record(f"after:{status}", stage, run_dir)
+'''
+
+
+def test_a_stage_judged_failed_inside_its_job_stops_the_chain_though_it_exits_0(
+        slurm, make_project):
+    """A NaN in a command's log that then exits 0: the verdict, made inside the job, fails the
+    job, so Slurm cancels the next one; the hooks ran in the jobs, not on the login node."""
+    root = make_project('\n[slurm]\npoll_seconds = 0.3\n'
+                        '[stages.ok]\ncommand = "echo step 1 loss 2.0"\nexecutor = "slurm"\n'
+                        '[stages.nan]\ncommand = "echo step 1 loss 2.0; echo step 2 loss nan; '
+                        'exit 0"\nexecutor = "slurm"\n'
+                        '[stages.next]\ncommand = "touch ran.txt"\nexecutor = "slurm"\n')
+    (root / "plugins").mkdir()
+    (root / "plugins" / "record_hooks.py").write_text(HOOKS)
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "ok,nan,next", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    run, state = run_pipeline_end(root, 90)
+    stages = stages_of(state)
+    ok, nan, nxt = stages["ok"], stages["nan"], stages["next"]
+    assert ok["status"] == "done" and nan["status"] == "failed"
+    assert nan["failure_class"] == "nan" and len(nan["attempts"]) == 1  # policy: stop
+    ok_job, nan_job, next_job = (s["executor"]["job"] for s in (ok, nan, nxt))
+    assert scontrol(slurm, nan_job)["JobState"] == "FAILED"  # exit 0, judged failed in the job
+    info = scontrol(slurm, next_job)
+    assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied"
+    assert nxt["status"] == "skipped" and not (root / "ran.txt").exists()
+    # before_stage in each job that ran, after_stage:done in the job of the stage that was
+    # done, after_stage:failed by the runner on the login node (nothing waits on it)
+    assert (run / "hooks.txt").read_text().splitlines() == [
+        f"before ok job={ok_job}", f"after:done ok job={ok_job}",
+        f"before nan job={nan_job}", "after:failed nan job=none"]
