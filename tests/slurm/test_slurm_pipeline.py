@@ -68,7 +68,7 @@ def test_a_pipeline_runs_as_a_chain_submitted_up_front_and_a_time_limit_kill_res
     assert sorted(queue) == sorted([f"{timed_out}|RUNNING|None", f"{mid_1}|PENDING|Dependency",
                                     f"{report_1}|PENDING|Dependency"])
     assert slurm.run("scontrol", "update", f"JobId={timed_out}", "EndTime=now").returncode == 0
-    run, state = run_pipeline_end(root, 180)
+    run, state = run_pipeline_end(root, 300)  # a loaded 2-core machine: minutes
     stages = stages_of(state)
     style, mid, report = stages["style"], stages["mid"], stages["report"]
     assert state["status"] == "done", log_path.read_text()[-3000:]
