@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from remoteops.common.clock import now_iso
 from remoteops.common.rundir import RunDir
+from remoteops.executors import Launch
 from remoteops.server import command_stage, slurm_jobs, train_stage
 from remoteops.server.pipeline import agent_args
 from remoteops.server.slurm_stage import TICK, last_ok, remember_ok
@@ -78,7 +80,8 @@ class _Job:
 class Chain:
     def __init__(self, runner: Any, stages: list[dict]):
         self.r, self.stages, self.run_dir = runner, stages, runner.run_dir
-        self.options = {s["name"]: runner.executor(s).sbatch_options for s in stages}
+        self.executors = {s["name"]: runner.executor(s) for s in stages}
+        self.options = {name: e.sbatch_options for name, e in self.executors.items()}
         self.poll_s = max(0.2, min(float(o.get("poll_seconds") or 1.0)
                                    for o in self.options.values()))
         self.resume: dict[str, bool] = {}
@@ -133,12 +136,17 @@ class Chain:
         script, output = folder / f"{name}.{n}.sbatch", folder / f"{name}.{n}.out"
         verdict = folder / f"{name}.{n}.verdict.json"
         if stage["kind"] == "train":
-            argv, env = agent_args(*train_stage.agent_train_args(
-                self.run_dir, stage, self.resume[name], self.overrides[name])), {}
+            args = train_stage.agent_train_args(self.run_dir, stage, self.resume[name],
+                                                self.overrides[name])
+            launch = Launch(name, "train", agent_args(*args), python=sys.executable,
+                            module="remoteops.agent", args=args)
         else:
             argv, env, _ = command_stage.prepare(self.r.settings,
                                                  self.r.settings["stages"].get(name, {}), name,
                                                  self.run_dir, self.r.root)
+            python, module, program, rest = command_stage.python_program(argv[-1]) or (None,) * 4
+            launch = Launch(name, "command", argv, env, python, module, program, rest or [])
+        argv, env = self.executors[name].wrap(launch), launch.env  # torchrun in the job
         wrapper = agent_args("stage-job", "--root", str(self.r.root), "--run-dir",
                              str(self.run_dir), "--stage", name, "--kind", stage["kind"],
                              "--output", str(output), "--verdict", str(verdict), "--", *argv)
