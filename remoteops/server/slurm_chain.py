@@ -32,7 +32,7 @@ from remoteops.common.rundir import RunDir
 from remoteops.executors import Launch
 from remoteops.server import command_stage, slurm_jobs, train_stage
 from remoteops.server.pipeline import agent_args
-from remoteops.server.slurm_stage import TICK, last_ok, remember_ok
+from remoteops.server.slurm_stage import TICK, copy_output, last_ok, remember_ok
 
 SLURM_CANCELS_WITHIN_S = 30.0  # then the runner cancels what Slurm left behind a failed job
 
@@ -61,16 +61,7 @@ class _Job:
 
     def copy(self) -> None:
         """Append what the job wrote since the last copy to the stage's log."""
-        try:
-            with open(self.output, "rb") as fh:
-                fh.seek(self.pos)
-                data = fh.read(1 << 22)
-        except FileNotFoundError:
-            return
-        if data:
-            self.pos += len(data)
-            with open(self.log, "ab") as log:
-                log.write(data)
+        self.pos = copy_output(self.output, self.pos, self.log)
 
     def note(self, line: str) -> None:
         with open(self.log, "ab") as log:

@@ -81,6 +81,21 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     return ChildResult(code, killed_for, message, verdict)
 
 
+def copy_output(output: Path, pos: int, log_path: Path) -> int:
+    """Append what a job's output file holds from ``pos`` on (at most 4 MiB) to the stage's
+    log; the new position."""
+    try:
+        with open(output, "rb") as fh:
+            fh.seek(pos)
+            data = fh.read(1 << 22)
+    except FileNotFoundError:
+        return pos
+    if data:
+        with open(log_path, "ab") as log:
+            log.write(data)
+    return pos + len(data)
+
+
 def last_ok(run_dir: Path) -> str | None:
     """The run's last Slurm job that completed (the next job goes ``afterok`` on it)."""
     return _LAST_OK.get(str(run_dir))
@@ -106,16 +121,7 @@ class _Follower:
 
     def copy(self) -> None:
         """Append what the job wrote since the last copy to the stage's log."""
-        try:
-            with open(self.output, "rb") as fh:
-                fh.seek(self.pos)
-                data = fh.read(1 << 22)
-        except FileNotFoundError:
-            return
-        if data:
-            self.pos += len(data)
-            with open(self.log_path, "ab") as log:
-                log.write(data)
+        self.pos = copy_output(self.output, self.pos, self.log_path)
 
     def note(self, line: str) -> None:
         with open(self.log_path, "ab") as log:
@@ -191,4 +197,4 @@ class _Follower:
         self.copy()
 
 
-__all__ = ["run_slurm_job", "last_ok", "remember_ok"]
+__all__ = ["run_slurm_job", "copy_output", "last_ok", "remember_ok"]
