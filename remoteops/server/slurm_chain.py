@@ -91,12 +91,23 @@ class Chain:
                 shutil.rmtree(checkpoints, ignore_errors=True)
             self.resume[stage["name"]] = (stage["kind"] == "train"
                                           and latest_checkpoint(checkpoints) is not None)
+        self._cancel_leftovers()
         self.submit(0)
         try:
             return self.follow()
         except BaseException:  # the runner fails the stage; no job may run on unwatched
             slurm_jobs.cancel([j.id for j in self.jobs.values() if not j.final])
             raise
+
+    def _cancel_leftovers(self) -> None:
+        """A resumed run: jobs the dead runner left queued or running must not run on
+        beside the new chain."""
+        left = slurm_jobs.cancel_leftovers(slurm_jobs.recorded_jobs(self.r.state))
+        if left:
+            message = (f"cancelled Slurm jobs {', '.join(left)} left by this run's previous "
+                       "runner")
+            self.stages[0]["warnings"].append(message)
+            self.r.log(message)
 
     def submit(self, k: int) -> None:
         """Submit stage k and every stage after it, each job afterok on the one before."""

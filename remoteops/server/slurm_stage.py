@@ -23,6 +23,7 @@ from remoteops.server import slurm_jobs
 from remoteops.server.pipeline import ChildResult
 
 _LAST_OK: dict[str, str] = {}  # run dir -> the run's last job that completed (for afterok)
+_CHECKED: set[str] = set()  # run dirs whose leftover jobs (a resumed run) were cancelled
 TICK = 0.2
 
 
@@ -47,6 +48,15 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     script.write_text(slurm_jobs.batch_script(name, launch.argv, launch.env, cwd, output,
                                               options, resume, then))
     after = _LAST_OK.get(str(run_dir))
+    if str(run_dir) not in _CHECKED:  # a resumed run: what its dead runner left must not run
+        _CHECKED.add(str(run_dir))
+        from remoteops.common.runs import load_state
+
+        left = slurm_jobs.cancel_leftovers(slurm_jobs.recorded_jobs(load_state(run_dir)))
+        if left:
+            with open(log_path, "ab") as log:
+                log.write(f"\n==> cancelled Slurm jobs {', '.join(left)} left by this run's "
+                          f"previous runner\n".encode())
     try:
         job = slurm_jobs.submit(script, after)
     except slurm_jobs.SlurmError as exc:  # a partition Slurm does not know, no sbatch here

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from remoteops.common.runs import executor_label
 from tests.executors.conftest import agent, stages_of
 from tests.slurm.conftest import latest_run, run_pipeline_end, wait_for
@@ -184,3 +186,47 @@ def test_a_stage_judged_failed_inside_its_job_stops_the_chain_though_it_exits_0(
     assert (run / "hooks.txt").read_text().splitlines() == [
         f"before ok job={ok_job}", f"after:done ok job={ok_job}",
         f"before nan job={nan_job}", "after:failed nan job=none"]
+
+
+@pytest.mark.parametrize("chain", ["upfront", "stage"])
+def test_a_resumed_run_cancels_the_jobs_its_dead_runner_left(slurm, make_project, chain):
+    """The runner is killed (-9) while its jobs run; Slurm keeps them. Resuming the run cancels
+    them before anything is submitted again, so no stage runs twice at once."""
+    import os
+    import signal
+
+    from remoteops.common.runs import runner_alive
+
+    root = make_project(f'\n[slurm]\npoll_seconds = 0.3\nchain = "{chain}"\n'
+                        '[stages.long]\ncommand = "echo started; sleep 120"\nexecutor = "slurm"\n'
+                        '[stages.next]\ncommand = "echo next"\nexecutor = "slurm"\n')
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "long,next", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def long_jobs():
+        stage = stages_of(state_of(root))["long"] if state_of(root) else {"attempts": []}
+        return [a["job"] for a in stage["attempts"] if a.get("job")]
+
+    old = wait_for(long_jobs, "the job of stage long running", 30)[0]
+    old_ids = [old] + [j["job"] for c in state_of(root).get("slurm_chains", [])
+                       for j in c["jobs"] if j["job"] != old]
+    assert len(old_ids) == (2 if chain == "upfront" else 1)
+    slurm.wait_state(old, {"RUNNING"})
+    os.kill(state_of(root)["runner"]["pid"], signal.SIGKILL)  # the runner this test started
+    wait_for(lambda: not runner_alive(state_of(root)), "the runner's death", 10)
+    assert set(slurm.states(*old_ids).values()) <= {"RUNNING", "PENDING"}
+
+    run = latest_run(root)
+    res = agent(root, "pipeline-start", "--root", str(root), "--resume", run.name, "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    new = wait_for(lambda: [j for j in long_jobs() if j not in old_ids], "a new job", 60)
+    assert slurm.states(*old_ids) == {job: "CANCELLED" for job in old_ids}
+    message = f"cancelled Slurm jobs {', '.join(old_ids)} left by this run's previous runner"
+    if chain == "upfront":
+        assert message in stages_of(state_of(root))["long"]["warnings"]
+    else:
+        assert f"==> {message}" in (run / "logs" / "long.log").read_text()
+    res = agent(root, "pipeline-cancel", "--root", str(root))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert slurm.states(*new)[new[0]] == "CANCELLED"
+    assert slurm.run("squeue", "-h", "-t", "PENDING,RUNNING").stdout == ""
