@@ -111,13 +111,15 @@ def bench_pipeline(c):
 
 
 @task(help={"nproc": "torchrun ranks", "work": "seconds the program works",
-            "repeats": "runs of each way (medians)"})
-def bench_executors(c, nproc=2, work=2.0, repeats=3):
+            "repeats": "runs of each way (medians)",
+            "only": "rows to run, comma-separated (default: all)"})
+def bench_executors(c, nproc=2, work=2.0, repeats=3, only=""):
     """Benchmark what a stage's executor adds over the same command bare (torchrun, process,
-    slurm: against `sbatch --wait`)."""
+    slurm: against `sbatch --wait`; a 3-stage Slurm chain against a hand-made afterok chain)."""
     from tests.bench.bench_executors import main
 
-    main(["--nproc", str(nproc), "--work", str(work), "--repeats", str(repeats)])
+    main(["--nproc", str(nproc), "--work", str(work), "--repeats", str(repeats),
+          "--only", only])
 
 
 @task(help={"model": "a Hugging Face model folder (default: the tiny demo model)",

@@ -17,7 +17,8 @@ Stage executors
     ``Launch``: the process a stage runs, as an executor receives it; ``CannotRun``: what an
     executor raises (one line) for a stage it cannot run. ``run_slurm_job``: a stage attempt
     submitted as a Slurm batch job and followed to its end (the ``slurm`` executor's ``run``;
-    server side, imported on first use).
+    server side, imported on first use); ``run_slurm_chain``: consecutive stages submitted at
+    once as a chain of jobs (its ``run_chain``).
 Health
     ``run_health_rules(rules, step, loss=..., grad_norm=..., lr=...)``: the first
     ``(reason, message)`` the given rules return.
@@ -54,6 +55,7 @@ _HOMES = {
     "Launch": "remoteops.executors",
     "CannotRun": "remoteops.executors",
     "run_slurm_job": "remoteops.server.slurm_stage",
+    "run_slurm_chain": "remoteops.server.slurm_chain",
     "FEASIBLE": "remoteops.quant",
     "WITH_LOSS": "remoteops.quant",
     "NOT_FEASIBLE": "remoteops.quant",

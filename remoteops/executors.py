@@ -88,6 +88,17 @@ class Executor:
         callbacks.pop("on_job", None)
         return process.run(self.wrap(launch), log_path, launch.env, watch, **callbacks)
 
+    def chain_key(self) -> str | None:
+        """Consecutive stages whose executors give the same key are run together, by the
+        first one's ``run_chain`` (a batch scheduler's chain of jobs submitted at once);
+        None (the default): this stage runs on its own."""
+        return None
+
+    def run_chain(self, runner: Any, stages: list) -> tuple[bool, dict]:
+        """Run ``stages`` (two or more, in order) as one chain; ``(ok, the last stage it
+        ran)``. Only executors with a ``chain_key`` are asked."""
+        raise NotImplementedError
+
     # -- for subclasses --------------------------------------------------------------------
     def _details(self) -> dict[str, Any]:
         return {}

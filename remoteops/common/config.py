@@ -103,6 +103,7 @@ DEFAULTS: dict[str, Any] = {
         "partition": "", "account": "", "gres": "", "time": "", "cpus": 0, "mem": "",
         "extra": [],            # more sbatch options, one each: ["--qos=high"]
         "poll_seconds": 1.0,    # how often the runner asks squeue (one call for the run)
+        "chain": "upfront",     # consecutive Slurm stages submitted at once ("stage": one by one)
     },
     "train": TRAIN_DEFAULTS,
     "health": HEALTH_DEFAULTS,

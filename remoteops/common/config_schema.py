@@ -136,6 +136,7 @@ RULES: dict[str, Rule] = {
     "slurm.mem": Rule(pattern=r"|\d+[KMGT]?", why="sbatch --mem text, e.g. \"64G\""),
     "slurm.extra": STRINGS,
     "slurm.poll_seconds": GT0,
+    "slurm.chain": Rule(choices=("upfront", "stage")),
     "eval.max_new_tokens": GE1,
     "eval.coverage_target": SHARE,
     "eval.format_target": SHARE,

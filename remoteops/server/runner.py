@@ -9,7 +9,8 @@ marks the run cancelled.
 A stage's processes run through ``server/stage_process`` (output piped to the
 log, the whole tree stopped at the end; each attempt judged on its own output); its main
 process is started by the stage's executor (``register_executors``: ``process``,
-``torchrun``, a plugin's), recorded in the state;
+``torchrun``, a plugin's), recorded in the state; consecutive stages whose executor chains
+them (``slurm``: jobs submitted at once) run through its ``run_chain`` (``server/stage_chain``);
 a command stage's specifics are in ``server/command_stage``. Whatever goes wrong inside the runner itself, the stage is
 marked failed with the reason and the later stages skipped, never left
 "running".
@@ -30,11 +31,12 @@ from pathlib import Path
 from remoteops.common.clock import now_iso
 from remoteops.common.errors import ConfigError
 from remoteops.common.files import write_atomic_text
-from remoteops.common.runs import (MIN_HEARTBEAT_S, POLICY, load_state, pipeline_lock,
+from remoteops.common.runs import (MIN_HEARTBEAT_S, load_state, pipeline_lock,
                                    process_identity, run_settings, save_state, stop_grace)
 from remoteops.executors import CannotRun, Launch
 from remoteops.server.pipeline import ChildResult, agent_args
 from remoteops.server import node_part, train_stage
+from remoteops.server.stage_chain import chain_from
 from remoteops.server.stage_process import StageProcess
 from remoteops.server.stagewatch import StageWatch
 
@@ -121,9 +123,12 @@ class Runner:
                 if self.cancelled:
                     self._skip_rest(stage, including=True)
                     break
+                chain = chain_from(self, stage)  # consecutive stages one executor chains
                 try:
-                    ok = self.run_stage(stage)
+                    ok, stage = (chain[0].run_chain(self, chain[1]) if chain else
+                                 (self.run_stage(stage), stage))
                 except Exception as exc:  # a runner bug or an input we did not foresee
+                    stage = self.stage if chain and self.stage else stage
                     ok = self._internal_failure(stage, exc)
                 if not ok:
                     self._skip_rest(stage)
@@ -216,8 +221,6 @@ class Runner:
             shutil.rmtree(checkpoints, ignore_errors=True)
         # an interrupted stage (runner killed, resumed run) continues from its checkpoint
         resume = stage["kind"] == "train" and latest_checkpoint(checkpoints) is not None
-        max_retries = int(self.settings["pipeline.max_retries"])
-        oom_retries = int(self.settings["pipeline.oom_retries"])
         while True:
             stage["attempt"] += 1
             stage.update(status="running", started=stage["started"] or now_iso(),
@@ -245,25 +248,11 @@ class Runner:
                 self.log(f"stage {stage['name']} done")
                 return True
             klass, reason = node_part.judged(self.state, stage["name"], klass, reason)
-            action = POLICY.get(klass, "fail") if node_part.retries(self.state, stage["name"]) \
-                else "fail"  # one node alone cannot retry a stage that spans several
-            retries = len(stage["attempts"]) - 1
-            if action == "smaller_batch" and stage["kind"] != "train":
-                # we cannot change a command's batch size: fail and say what to do
-                action = "fail"
-                reason = (f"{reason} (out of memory: command stages are not retried; lower the "
-                          "batch size in the command)")
-            if action == "smaller_batch" and sum(1 for a in stage["attempts"]
-                                                 if a.get("failure_class") == "oom") <= oom_retries:
-                overrides = train_stage.smaller_batch(self.settings, stage["name"], overrides)
-                stage["warnings"].append(f"attempt {stage['attempt']}: out of memory; retrying "
-                                         f"with batch {overrides['batch_size']} and gradient "
-                                         f"accumulation {overrides['grad_accum']}")
-                continue
-            if action == "resume" and retries < max_retries:
-                resume = stage["kind"] == "train"
-                stage["warnings"].append(f"attempt {stage['attempt']}: {klass} ({reason}); "
-                                         f"retrying{' from the latest checkpoint' if resume else ''}")
+            retry = False  # one node alone cannot retry a stage that spans several
+            if node_part.retries(self.state, stage["name"]):
+                retry, resume, overrides, reason = train_stage.next_attempt(
+                    self.settings, stage, klass, reason, resume, overrides)
+            if retry:
                 continue
             stage.update(status="cancelled" if klass == "cancelled" else "failed",
                          ended=now_iso(), failure_class=klass, reason=reason)

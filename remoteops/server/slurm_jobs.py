@@ -150,5 +150,29 @@ def cancel(ids: Iterable[str]) -> None:
         _call(["scancel", *ids], 30)
 
 
+def recorded_jobs(state: dict) -> list[str]:
+    """Every Slurm job a run's ``state.json`` names (its attempts and its chains)."""
+    ids = [a["job"] for s in state.get("stages", []) for a in s.get("attempts", [])
+           if a.get("job")]
+    ids += [j["job"] for c in state.get("slurm_chains", []) for j in c.get("jobs", [])]
+    return list(dict.fromkeys(ids))
+
+
+def cancel_leftovers(ids: Iterable[str], timeout: float = 60) -> list[str]:
+    """Cancel those of ``ids`` that are still queued or running (a resumed run's jobs from
+    the runner that died) and wait until Slurm says they ended; the ones cancelled."""
+    ids = list(ids)
+    found = states(ids)
+    live = [job for job in ids if job in found and found[job][0] not in FINAL]
+    if not live:
+        return []
+    cancel(live)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            state not in FINAL for state, _ in states(live).values()):
+        time.sleep(0.2)
+    return live
+
+
 __all__ = ["FINAL", "FAILURE_CLASS", "MAY_COME_BACK", "SlurmError", "batch_script", "submit",
-           "states", "final", "cancel"]
+           "states", "final", "cancel", "recorded_jobs", "cancel_leftovers"]

@@ -23,6 +23,7 @@ from remoteops.server import slurm_jobs
 from remoteops.server.pipeline import ChildResult
 
 _LAST_OK: dict[str, str] = {}  # run dir -> the run's last job that completed (for afterok)
+_CHECKED: set[str] = set()  # run dirs whose leftover jobs (a resumed run) were cancelled
 TICK = 0.2
 
 
@@ -47,6 +48,15 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     script.write_text(slurm_jobs.batch_script(name, launch.argv, launch.env, cwd, output,
                                               options, resume, then))
     after = _LAST_OK.get(str(run_dir))
+    if str(run_dir) not in _CHECKED:  # a resumed run: what its dead runner left must not run
+        _CHECKED.add(str(run_dir))
+        from remoteops.common.runs import load_state
+
+        left = slurm_jobs.cancel_leftovers(slurm_jobs.recorded_jobs(load_state(run_dir)))
+        if left:
+            with open(log_path, "ab") as log:
+                log.write(f"\n==> cancelled Slurm jobs {', '.join(left)} left by this run's "
+                          f"previous runner\n".encode())
     try:
         job = slurm_jobs.submit(script, after)
     except slurm_jobs.SlurmError as exc:  # a partition Slurm does not know, no sbatch here
@@ -81,6 +91,30 @@ def run_slurm_job(launch: Any, log_path: Path, watch: Any, options: dict, cwd: P
     return ChildResult(code, killed_for, message, verdict)
 
 
+def copy_output(output: Path, pos: int, log_path: Path) -> int:
+    """Append what a job's output file holds from ``pos`` on (at most 4 MiB) to the stage's
+    log; the new position."""
+    try:
+        with open(output, "rb") as fh:
+            fh.seek(pos)
+            data = fh.read(1 << 22)
+    except FileNotFoundError:
+        return pos
+    if data:
+        with open(log_path, "ab") as log:
+            log.write(data)
+    return pos + len(data)
+
+
+def last_ok(run_dir: Path) -> str | None:
+    """The run's last Slurm job that completed (the next job goes ``afterok`` on it)."""
+    return _LAST_OK.get(str(run_dir))
+
+
+def remember_ok(run_dir: Path, job: str) -> None:
+    _LAST_OK[str(run_dir)] = job
+
+
 class _Follower:
     """One job: its output copied into the stage log, its state asked once per poll."""
 
@@ -97,16 +131,7 @@ class _Follower:
 
     def copy(self) -> None:
         """Append what the job wrote since the last copy to the stage's log."""
-        try:
-            with open(self.output, "rb") as fh:
-                fh.seek(self.pos)
-                data = fh.read(1 << 22)
-        except FileNotFoundError:
-            return
-        if data:
-            self.pos += len(data)
-            with open(self.log_path, "ab") as log:
-                log.write(data)
+        self.pos = copy_output(self.output, self.pos, self.log_path)
 
     def note(self, line: str) -> None:
         with open(self.log_path, "ab") as log:
@@ -182,4 +207,4 @@ class _Follower:
         self.copy()
 
 
-__all__ = ["run_slurm_job"]
+__all__ = ["run_slurm_job", "copy_output", "last_ok", "remember_ok"]

@@ -48,6 +48,33 @@ def judge(run_dir: Path, stage: str, result: ChildResult, log_path: Path
     return False, "process_died", f"the trainer exited with {result.code}"
 
 
+def next_attempt(settings, stage: dict, klass: str | None, reason: str | None, resume: bool,
+                 overrides: dict) -> tuple[bool, bool, dict, str | None]:
+    """The failure policy (``common.runs.POLICY``) for a failed attempt of ``stage``:
+    ``(retry, resume, overrides, reason)``; a retry is noted in the stage's warnings."""
+    from remoteops.common.runs import POLICY
+
+    action = POLICY.get(klass, "fail")
+    retries = len(stage["attempts"]) - 1
+    if action == "smaller_batch" and stage["kind"] != "train":
+        # we cannot change a command's batch size: fail and say what to do
+        return False, resume, overrides, (f"{reason} (out of memory: command stages are not "
+                                          "retried; lower the batch size in the command)")
+    if action == "smaller_batch" and sum(1 for a in stage["attempts"] if a.get(
+            "failure_class") == "oom") <= int(settings["pipeline.oom_retries"]):
+        overrides = smaller_batch(settings, stage["name"], overrides)
+        stage["warnings"].append(f"attempt {stage['attempt']}: out of memory; retrying "
+                                 f"with batch {overrides['batch_size']} and gradient "
+                                 f"accumulation {overrides['grad_accum']}")
+        return True, resume, overrides, reason
+    if action == "resume" and retries < int(settings["pipeline.max_retries"]):
+        resume = stage["kind"] == "train"
+        stage["warnings"].append(f"attempt {stage['attempt']}: {klass} ({reason}); "
+                                 f"retrying{' from the latest checkpoint' if resume else ''}")
+        return True, resume, overrides, reason
+    return False, resume, overrides, reason
+
+
 def smaller_batch(settings, stage: str, overrides: dict) -> dict:
     """The next OOM attempt's overrides: half the per-device batch, twice the accumulation."""
     from remoteops.trainer.stageconf import resolve_stage

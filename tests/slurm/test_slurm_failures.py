@@ -13,6 +13,9 @@ from tests.executors.conftest import agent, run_pipeline, stages_of
 from tests.slurm.conftest import job_of, latest_run, run_pipeline_end, wait_for
 
 FAILING = """
+[slurm]
+chain = "stage"          # one job at a time (the chain submitted up front: test_slurm_chain)
+
 [stages.first]
 command = "echo step 1 loss 2.0"
 executor = "slurm"
@@ -27,7 +30,7 @@ executor = "slurm"
 """
 
 
-def test_a_failed_stage_leaves_no_successor_job_pending(slurm, make_project):
+def test_stage_by_stage_a_failed_stage_leaves_no_successor_job_pending(slurm, make_project):
     root = make_project(FAILING)
     run, state = run_pipeline(root, "first,broken,after", timeout=120)
     stages = stages_of(state)
@@ -70,12 +73,14 @@ def test_cancel_scancels_the_running_job_and_the_run_shows_cancelled(slurm, make
 
 
 def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project, tmp_path):
-    """``scontrol requeue`` stands in for a preemption with PreemptMode=REQUEUE."""
+    """``scontrol requeue`` stands in for a preemption with PreemptMode=REQUEUE; the stage is
+    the first of a chain of two."""
     marker = tmp_path / "restarts"
     root = make_project(f'\n[stages.q]\ncommand = "echo restart=$SLURM_RESTART_COUNT | tee -a {marker}; '
                         f'[ -n \\"$SLURM_RESTART_COUNT\\" ] || sleep 60"\nexecutor = "slurm"\n'
-                        '[stages.q.slurm]\npoll_seconds = 0.3\n')
-    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "q", "--json")
+                        '[stages.q.slurm]\npoll_seconds = 0.3\n'
+                        '[stages.then]\ncommand = "echo then"\nexecutor = "slurm"\n')
+    res = agent(root, "pipeline-start", "--root", str(root), "--stages", "q,then", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
     job = wait_for(lambda: job_of(root, "q"), "job id")
     wait_for(lambda: marker.is_file(), "the job's first start")
@@ -85,6 +90,11 @@ def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project
     run, state = run_pipeline_end(root, 60)
     q = stages_of(state)["q"]
     assert state["status"] == "done" and len(q["attempts"]) == 1 and q["executor"]["job"] == job
+    # in a chain: the job behind waited for the requeued one, under its first id
+    then = stages_of(state)["then"]
+    assert len(state["slurm_chains"]) == 1 and then["status"] == "done"
+    assert state["slurm_chains"][0]["jobs"][1] == {"stage": "then", "job": then["executor"]["job"],
+                                                   "after": job}
     assert marker.read_text().splitlines()[-1] == "restart=1"
     log = (run / "logs" / "q.log").read_text()
     assert f"==> Slurm job {job} was requeued (PENDING, " in log
@@ -96,6 +106,8 @@ def test_a_job_the_cluster_requeues_is_followed_under_its_id(slurm, make_project
      "'stages.s.slurm.time' is 'soon'; it must be sbatch --time text: MINUTES, H:MM:SS or "
      "DAYS-HOURS, e.g. \"4:00:00\""),
     ('[stages.s.slurm]\ngpus = 2', "unknown setting 'stages.s.slurm.gpus'. Did you mean 'cpus'?"),
+    ('[stages.s.slurm]\nchain = "all"',
+     "'stages.s.slurm.chain' is 'all'; it must be one of upfront, stage."),
     ('[stages.s.slurm]\nextra = ["qos=high"]',
      "stages.s.slurm.extra has 'qos=high'; each item is one sbatch option, e.g. \"--qos=high\"."),
 ])

@@ -69,7 +69,8 @@ def _register_optional_commands() -> None:
     for module_name in ("remoteops.server.agent.deploy_commands", "remoteops.server.agent.train_commands",
                         "remoteops.server.agent.pipeline_commands", "remoteops.server.agent.quant_commands",
                         "remoteops.server.agent.serve_commands", "remoteops.server.agent.model_commands",
-                        "remoteops.server.agent.data_commands"):
+                        "remoteops.server.agent.data_commands",
+                        "remoteops.server.agent.slurm_commands"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -280,7 +280,8 @@ def pipeline_cancel(root, run_id, as_json):
     for stage in state["stages"]:
         if stage.get("process") and stage["status"] == "running":
             _stop_leftovers({stage["process"]["pid"]: stage["process"].get("start")}, grace)
-        if (stage.get("executor") or {}).get("job") and stage["status"] == "running":
+        if (stage.get("executor") or {}).get("job") and stage["status"] in ("running",
+                                                                           "pending"):
             from remoteops.server.slurm_jobs import SlurmError, cancel  # the runner is gone
 
             try:
