@@ -52,7 +52,7 @@ def pipeline_start(root, stages, skip_sample, gpu_gate, resume, host_label, over
     settings = load_settings(project, flags={**extra, "gpu_gate": gpu_gate or extra.get(
         "gpu_gate")})
     only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    planned = plan_stages(settings, only, skip_sample or settings["skip_sample"])
+    planned = [] if resume else plan_stages(settings, only, skip_sample or settings["skip_sample"])
     run_dir, node = choose_run_dir(project, settings, planned, node, resume)  # --node: its id
     lock = pipeline_lock(project, f"pipeline {run_dir.name}")
     lock.acquire()  # refuses, naming the holder, while another run is alive
