@@ -52,6 +52,12 @@ def _group() -> Any:
     return None
 
 
+def describe() -> str | None:
+    """``2 ranks over nccl`` while a process group of several ranks is up, else None."""
+    group = _group()
+    return f"{group.get_world_size()} ranks over {group.get_backend()}" if group else None
+
+
 def agree(problem: tuple[str, str] | None) -> tuple[str, str] | None:
     """Every rank's verdict on this step, made one: each rank calls it at the same point
     and gets the same answer (a problem found on any rank stops them all, before the
@@ -113,5 +119,6 @@ def is_wrapped_for_ddp(model: Any) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-__all__ = ["rank", "local_rank", "world_size", "is_main", "leads_node", "spans_nodes", "agree", "barrier",
+__all__ = ["rank", "local_rank", "world_size", "is_main", "describe",
+           "leads_node", "spans_nodes", "agree", "barrier",
            "undo_eval_preparation", "is_wrapped_for_ddp"]

@@ -19,8 +19,9 @@ from typing import Any, Callable
 from remoteops.common.clock import now_iso_precise
 from remoteops.common.errors import ConfigError
 from remoteops.trainer.checkpoints import list_checkpoints
-from remoteops.trainer.distributed import (barrier, is_main, leads_node, local_rank, rank,
-                                           spans_nodes, undo_eval_preparation, world_size)
+from remoteops.trainer.distributed import (barrier, describe as describe_ranks, is_main,
+                                           leads_node, local_rank, rank, spans_nodes,
+                                           undo_eval_preparation, world_size)
 from remoteops.trainer.trainer_class import trainer_class
 
 _trainer_class = trainer_class  # the name the benches use
@@ -341,6 +342,8 @@ def run_train(cfg: StageConfig, run_path: Path, resume: Path | None = None,
                 f"{cfg.train['batch_size']}{f' x {world_size()} ranks' if world_size() > 1 else ''}"
                 f", grad accum {cfg.train['grad_accum']}): "
                 f"{len(prep.train)} samples, {total} steps, run dir {run.path}")
+            if describe_ranks():  # which backend the ranks agree over (nccl, gloo)
+                log(f"distributed: {describe_ranks()}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if live:
             live.finish()

@@ -74,6 +74,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(make_projec
     assert "-m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 2 -m " \
            "remoteops.agent train --stage ddp" in log
     assert "batch 2 x 2 ranks, grad accum 2" in log
+    assert "distributed: 2 ranks over gloo" in log  # the backend the ranks agree over
 
     # rank 0 alone wrote the metrics and the summary; both ways took the same steps
     reference = _one_process_reference(root)
