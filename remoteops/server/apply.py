@@ -80,9 +80,11 @@ class Project(ProjectRoot):
     in its own module) recover, roll back, list and prune backups."""
 
     # -- planning ------------------------------------------------------------------------
-    def plan(self, manifest: Manifest) -> dict:
-        """What the disk needs to become ``manifest``: paths to send, paths to delete."""
-        check_manifest(manifest)
+    def plan(self, manifest: Manifest, checked: bool = False) -> dict:
+        """What the disk needs to become ``manifest``: paths to send, paths to delete.
+        ``checked``: ``check_manifest`` already passed for it."""
+        if not checked:
+            check_manifest(manifest)
         pending = self.pending_recovery()
         current = self.current()
         if pending is not None:  # plan against the tree as the next command will leave it
@@ -90,7 +92,7 @@ class Project(ProjectRoot):
             current = Manifest.from_json(json.dumps(before)) if before else None
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
-        scan = self.scan(managed)
+        scan = self._scanned = self.scan(managed)
         on_disk, modes, links = scan.hashes, dict(scan.modes), set(scan.links)
         sizes = {rel: f[0] for rel, f in scan.index.items()}
         if pending is not None:
@@ -140,7 +142,7 @@ class Project(ProjectRoot):
                 if reason:
                     return self._base_differs(reason)
             recovered = self.recover()
-            plan = self.plan(manifest)
+            plan = self.plan(manifest, checked=True)
             if expect_base is not None:
                 reason = self._plan_check(manifest, plan)
                 if reason:
