@@ -156,7 +156,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
-        data = manifest.to_json().encode("utf-8")
+        # a streamed redeploy sends no whole manifest (its fallbacks make it when needed)
+        data = None if isinstance(fast, StreamPath) else manifest.to_json().encode("utf-8")
         early.update(remote=remote, data=data)
         if planned is not None:
             planned.ask(manifest)  # the manifest on the request's stdin, for the server's plan
@@ -194,6 +195,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             data = manifest.to_json().encode("utf-8")
             job = None
         first = _NOT_YET
+        if data is None and (fast is None or fast.plan_for(manifest) is None):
+            data = manifest.to_json().encode("utf-8")
         if fast is not None and fast.plan_for(manifest) is not None:
             outcome.plan = fast.plan
             if on_plan is not None:

@@ -94,3 +94,28 @@ def test_an_edit_that_keeps_size_and_mtime_still_deploys(cli, home, project, tmp
     # the server's stat cache, written from the plan's scan, is what a fresh scan reads
     index = json.loads((root / ".remoteops" / "index.json").read_text())
     assert index == ProjectRoot(root).scan(sorted(index)).index
+
+
+def test_many_staged_files_are_made_durable_with_one_syncfs(tmp_path, cli, home, project):
+    from remoteops.server.durable import SYNCFS_MIN_FILES, make_durable
+
+    files = []
+    for i in range(SYNCFS_MIN_FILES):
+        path = tmp_path / "staging" / f"d{i % 4}" / f"f{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * i)
+        files.append(path)
+    folders = {p.parent for p in files} | {tmp_path / "staging"}
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+    assert make_durable(files, folders, tmp_path) == ("syncfs" if release >= (5, 8) else "fsync")
+    assert make_durable(files[:3], folders, tmp_path) == "fsync"  # a few: their own fsyncs
+    # a whole deploy of more files than that goes through it, every byte checked as before
+    make_project(project)
+    for i in range(SYNCFS_MIN_FILES + 10):
+        (project / "data" / "many" / f"s{i:03d}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (project / "data" / "many" / f"s{i:03d}.txt").write_text(f"sample {i}\n" * (i + 1))
+    root = tmp_path / "server"
+    res = cli("deploy-bundle", "--host", "local", "--project-root", str(root), "--yes", "--json",
+              env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert tree(root) == expected_tree(project)
