@@ -42,11 +42,20 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
         delta.unlink()
         raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
                           "transit); nothing was changed: run the deploy again.")
+    return extract(manifest, iter_members(delta), need, staging)
+
+
+def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict[str, Path]:
+    """``stage``'s work on ``members`` (``iter_members``): every needed file written under
+    ``staging``, its sha256 checked, made durable; anything the manifest does not list as
+    a file refused; a needed file missing is ``MissingMembers``."""
+    wanted = manifest.file_map()
+    need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
     toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
     folders: set[Path] = set()
-    for member, fh in iter_members(delta):
+    for member, fh in members:
         if fh is None or member.name == toolkit:  # the upload may be the whole bundle
             continue
         rel = (safe_relpath(member.name[len("files/"):], "the upload")

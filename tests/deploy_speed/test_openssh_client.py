@@ -48,7 +48,7 @@ def box(cli, home, project, debug_sshd, tmp_path):
         mark = len(debug_sshd.log())
         res = cli("deploy-bundle", "--host", host, "--project-root", str(root), "--yes", *args,
                   env={"REMOTEOPS_SSH__CLIENT": client, "PYTHONPROFILEIMPORTTIME": "1",
-                       **(env or {})}, timeout=300)
+                       "REMOTEOPS_REMOTE_PYTHON": sys.executable, **(env or {})}, timeout=300)
         assert (res.returncode != 0 if expect is None else res.returncode == expect), \
             res.stdout + res.stderr[-3000:]
         res.clients = VERSION.findall(debug_sshd.log()[mark:])
@@ -168,3 +168,34 @@ def test_openssh_through_a_proxy_jump_is_a_one_line_error(box, home, project, de
     assert ('ssh.client = "openssh" cannot reach hopped: the host is reached through a '
             'ProxyJump or ProxyCommand; set ssh.client to "auto" or "paramiko".') in res.said
     assert "Traceback" not in res.said
+
+
+def test_a_full_deploy_is_staged_while_it_arrives_and_a_cut_one_resumes(box, project, home,
+                                                                          debug_sshd):
+    data = project / "data" / "many"
+    data.mkdir(parents=True)
+    for i in range(40):
+        (data / f"s{i:02d}.bin").write_bytes(os.urandom(64 << 10))
+    proxy = CutProxy((debug_sshd.host, debug_sshd.port))
+    try:
+        via = dataclasses.replace(debug_sshd, port=proxy.port)
+        ssh_alias(home, "cut", via)
+        trust(project, via)
+        proxy.arm(1 << 20)  # in the middle of the bundle's 2.6 MB
+        res = box("openssh", expect=None, host="cut")
+        assert proxy.cuts == 1 and "connection lost to cut (" in res.said
+        assert not (box.root / "data").exists()  # nothing applied
+        staging = box.root / ".remoteops" / "staging"
+        assert not staging.exists() or not any(staging.iterdir())
+        res = box("openssh", "--json", host="cut")  # resumed: staged after it arrived
+        out = as_json(res)
+        assert out["applied"]["created"] == 45 and "staged_while_arriving" not in out["applied"]
+        assert tree(box.root) == expected_tree(project)
+    finally:
+        proxy.close()
+    (data / "s00.bin").write_bytes(os.urandom(64 << 10))
+    shutil.rmtree(box.root)  # a first deploy again (no record: the server plans), from
+    shutil.rmtree(project / "bundles" / ".deployed")  # the first byte
+    res = box("paramiko", "--json")
+    assert as_json(res)["applied"].get("staged_while_arriving") == 45, res.stdout
+    assert tree(box.root) == expected_tree(project)
