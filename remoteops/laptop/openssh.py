@@ -69,9 +69,11 @@ class OpenSSHClient:
     connect_timeout: float = 10.0
 
     def start(self, command: str) -> subprocess.Popen:
+        # LocalCommand runs through $SHELL: make it one that reads ``echo ... >&2``
+        env = {**os.environ, "SHELL": "/bin/sh"}
         return subprocess.Popen([*self.argv, command], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                start_new_session=True)  # Ctrl-C reaches us, not ssh
+                                env=env, start_new_session=True)  # Ctrl-C reaches us, not ssh
 
 
 def why_not(endpoint: Endpoint, ssh_binary: str | None) -> str | None:
