@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.baseline / "remoteops" / "__init__.py").is_file():
         print(f"error: {args.baseline} is not a remoteops checkout (no remoteops/__init__.py); "
-              "make one with: mkdir /tmp/base && git archive <commit> | tar -x -C /tmp/base", file=sys.stderr)
+              "make one with: mkdir /tmp/base && git archive <commit> | tar -x -C /tmp/base",
+              file=sys.stderr)
         return 2
     result = run(args.baseline.resolve(), args.repeats, args.full_repeats, args.shaped)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
