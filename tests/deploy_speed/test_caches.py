@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -119,3 +120,28 @@ def test_many_staged_files_are_made_durable_with_one_syncfs(tmp_path, cli, home,
               env=ENV)
     assert res.returncode == 0, res.stderr
     assert tree(root) == expected_tree(project)
+
+
+def test_the_deploy_request_starts_without_click_and_answers_as_the_click_cli(tmp_path):
+    """``python -m remoteops.agent deploy-stream --root R --json`` (what the laptop sends)
+    skips click; the click command answers the same, for any other spelling."""
+    import subprocess
+    import sys
+
+    def agent(module: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
+                              input=stdin, capture_output=True, timeout=60)
+
+    root = str(tmp_path / "root")
+    lean = agent("remoteops.agent", "deploy-stream", "--root", root, "--json")
+    full = agent("remoteops.server.agent", "deploy-stream", "--root", root, "--json")
+    said = [[l for l in r.stderr.decode().splitlines() if not l.startswith("import time:")]
+            for r in (lean, full)]
+    assert lean.returncode == full.returncode == 2
+    assert said[0] == said[1] == ["error: no deploy arrived (the laptop stopped before "
+                                  "sending it); nothing was changed."]
+    click = re.compile(rb"\|\s+click\n")
+    assert not click.search(lean.stderr) and click.search(full.stderr)
+    garbage = agent("remoteops.agent", "deploy-stream", "--root", root, "--json",
+                    stdin=b"echo banner\n")
+    assert garbage.returncode != 0 and b"guard it with [[ $- == *i* ]]" in garbage.stderr
