@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported where a table is drawn: JSON output does not load it
+    from rich.console import Console
+    from rich.table import Table
 
 
-def console() -> Console:
+def console() -> "Console":
+    from rich.console import Console
+
     return Console(soft_wrap=False)
 
 
@@ -38,6 +40,8 @@ def print_wide(table: Table) -> None:
         except AttributeError:  # another rich: its own layout, names still no_wrap
             pass
         need = out.measure(table, options=roomy).maximum
+        from rich.console import Console
+
         out = Console(soft_wrap=False, width=max(need, out.width))
     out.print(table)
 
@@ -51,6 +55,9 @@ def print_plugins(infos: Iterable[Any], as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="remoteops plugins", title_justify="left")
     name_column(table, "name")
     for col in ("version", "source", "hooks", "location"):

@@ -1,3 +1,11 @@
-from remoteops.server.agent.cli import main
+import sys
+
+from remoteops.server.stream_entry import run, wire_args
+
+root = wire_args(sys.argv[1:])
+if root is not None:  # the laptop's deploy request: no click to start (server/stream_entry)
+    sys.exit(run(root))
+
+from remoteops.server.agent.cli import main  # noqa: E402
 
 main()

@@ -307,12 +307,16 @@ class _MemberReader:
                               "with invoke build-bundle.") from None
 
 
-def iter_members(tar_path: Path):
-    """Yield ``(member, fileobj)`` of a bundle tar, checking each member is safe."""
+def iter_members(tar_path: Path, raw=None):
+    """Yield ``(member, fileobj)`` of a bundle tar, checking each member is safe. ``raw``:
+    read the compressed bytes from this file object instead of opening ``tar_path``
+    (which then only names it in messages)."""
+    import contextlib
+
     import zstandard
 
     try:
-        with open(tar_path, "rb") as raw, \
+        with (contextlib.nullcontext(raw) if raw is not None else open(tar_path, "rb")) as raw, \
                 zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr, \
                 tarfile.open(fileobj=zr, mode="r|") as tar:
             for member in tar:

@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "connect_retries": 2,
         "retry_backoff": 1.0,
         "command_timeout": 300.0,
+        "client": "paramiko",  # the deploy's request over: paramiko | auto | openssh
     },
     "precheck": {
         "min_python": "3.10",

@@ -71,6 +71,7 @@ RULES: dict[str, Rule] = {
     "ssh.connect_retries": GE0,
     "ssh.retry_backoff": GE0,
     "ssh.command_timeout": GT0,
+    "ssh.client": Rule(choices=("auto", "openssh", "paramiko")),
     "precheck.min_python": Rule(pattern=r"\d+(\.\d+){0,2}", why="a version such as 3.10"),
     "precheck.required_packages": STRINGS,
     "precheck.optional_packages": STRINGS,

@@ -33,6 +33,11 @@ _BOOTSTRAP = (
 
 
 
+def marked(data: Any) -> str:
+    """What the agent prints for ``--json``: ``data`` between the markers."""
+    return f"\n{BEGIN}\n{json.dumps(data, default=str)}\n{END}\n"
+
+
 def parse_marked(stdout: str) -> Any:
     """The JSON between the markers, ignoring whatever a login shell printed around it."""
     start = stdout.rfind(BEGIN)

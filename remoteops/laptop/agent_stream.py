@@ -10,16 +10,20 @@ agent then changes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import threading
 import time
 from typing import Any
 
-from remoteops.common.errors import RemoteCommandError
+from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.target import AgentMissing, LocalTarget, Target, shell_path
 from remoteops.common.wire import BEGIN, END, parse_marked
+from remoteops.laptop.openssh import CONNECTED
 from remoteops.laptop.targets import SSHTarget
+
+log = logging.getLogger(__name__)
 
 
 def can_stream(target: Target) -> bool:
@@ -49,18 +53,50 @@ class AgentStream:
     def __init__(self, target: Target, args: list[str], timeout: float):
         self.target, self.timeout = target, timeout
         self.closed = False  # the command stopped reading (its answer says why)
+        self._ssh = None  # the OpenSSH client it runs through, if any
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._arrived = threading.Condition()  # stdout grew, or a reader ended
         command = agent_command(target, args)
         if isinstance(target, SSHTarget):
-            self._open_channel(command)
+            if target.openssh is None or not self._open_openssh(command):
+                self._open_channel(command)
         else:
             self._proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self._chan = None
             self._readers = [_reader(self._proc.stdout.read1, self._out, self._arrived),
                              _reader(self._proc.stderr.read1, self._err, self._arrived)]
+
+    def _open_openssh(self, command: str) -> bool:
+        """The command through the ``ssh`` client (``laptop/openssh``), once it logged in;
+        False when it could not (paramiko then connects and says why, as always)."""
+        client = self.target.openssh
+        try:
+            proc = client.start(command)
+        except OSError as exc:
+            log.info("could not start ssh (%s); using paramiko", exc)
+            return False
+        self._proc, self._chan, self._ssh = proc, None, client
+        self._readers = [_reader(proc.stdout.read, self._out, self._arrived),
+                         _reader(proc.stderr.read, self._err, self._arrived)]
+        deadline = time.monotonic() + 2 * client.connect_timeout + 5
+        with self._arrived:
+            while CONNECTED not in b"".join(self._err):
+                if not all(r.is_alive() for r in self._readers) or \
+                        time.monotonic() > deadline:
+                    break
+                self._arrived.wait(0.5)
+            else:
+                return True
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        said = b"".join(self._err).decode("utf-8", "replace").strip().splitlines()[-1:]
+        log.info("ssh to %s did not log in (%s); using paramiko", client.where,
+                 said[0] if said else f"exit {proc.returncode}")
+        self._out, self._err, self._ssh = [], [], None
+        return False
 
     def _open_channel(self, command: str) -> None:
         import paramiko
@@ -124,7 +160,13 @@ class AgentStream:
                                      "needs longer.")
         code = self._exit_code()
         stdout = b"".join(self._out).decode("utf-8", "replace")
-        stderr = b"".join(self._err).decode("utf-8", "replace")
+        stderr = b"".join(self._err).replace(CONNECTED + b"\n", b"", 1).decode("utf-8",
+                                                                               "replace")
+        if code == 255 and self._ssh is not None:  # ssh's own failure: the connection broke
+            said = [l for l in stderr.strip().splitlines() if not l.startswith("error: ")]
+            raise ConnectError(f"connection lost to {self.target.name} "
+                               f"({said[-1] if said else 'the server closed it'}); check the "
+                               "network and run the command again.")
         if code != 0:
             errors = [l[len("error: "):] for l in stderr.splitlines() if l.startswith("error: ")]
             if errors:

@@ -23,32 +23,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable
 
 from remoteops import __version__
 from remoteops.common.config import Settings
 from remoteops.common.paths import link_digest, link_entry
-from remoteops.common.secret_rules import (SECRET_CANDIDATE, SECRET_FILE_PATTERNS,
-                                    looks_like_private_key)
 from remoteops.common.bundle_tar import BundleError, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.files import sha256_file, write_atomic_text
-
-if TYPE_CHECKING:  # imported where used: the agent on the server never selects files
-    import pathspec
-
-# Excluded whatever the config says: VCS data, caches, environments, outputs. Everyday
-# words (env, outputs, checkpoints, ...) are anchored to the project root, so a package
-# folder code/env/ or a data/checkpoints/ folder deep in the tree still ships; names
-# only tools use are excluded wherever they are. Secrets: remoteops.common.secret_rules.
-DEFAULT_EXCLUDES = [
-    ".git/", ".hg/", ".svn/", "__pycache__/", "*.py[cod]", ".venv/", "/venv/", "/env/",
-    ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/",
-    "node_modules/", "/outputs/", "/bundles/", ".remoteops/", "/checkpoints/", "checkpoint-*/",
-    "/wandb/", "/mlruns/", ".DS_Store",
-]
-
+# the choice of files lives in ``selection``; these names stay importable from here
+from remoteops.laptop.selection import (DEFAULT_EXCLUDES, Selection, select,  # noqa: F401
+                                        select_files)
 
 class HashCache:
     """sha256 of project files, reused while a file's size, mtime, ctime and inode hold.
@@ -88,128 +74,6 @@ class HashCache:
             write_atomic_text(self.path, json.dumps(self.new, separators=(",", ":")))
         except OSError:
             pass  # only a cache (a failed write removes its temp file)
-
-
-# -- choosing files -------------------------------------------------------------------------
-
-def _spec(lines: Iterable[str]) -> "pathspec.PathSpec":
-    import pathspec  # imported here: the agent on the server never selects files
-
-    return pathspec.GitIgnoreSpec.from_lines([l for l in lines if l.strip()])
-
-
-@dataclass
-class Selection:
-    """The files to ship, and what was left out and why (for the plan)."""
-
-    paths: list[Path]
-    excluded: dict[str, list[str]]          # rule -> excluded paths (a folder ends in /)
-    secrets: list[str]                      # secret files left out
-    secrets_included: list[str]             # secret files shipped: bundle.include_secrets
-
-    def report(self) -> dict:
-        return {"secrets": self.secrets, "secrets_included": self.secrets_included,
-                "rules": self.excluded}
-
-
-def _name_error(path: Path) -> BundleError:
-    return BundleError(f"the name of {os.fsencode(path)!r} is not UTF-8, so a bundle (and its "
-                       "JSON manifest) cannot carry it; rename it (e.g. convmv -f latin1 -t utf8 "
-                       "--notest) or leave it out with bundle.exclude or .gitignore.")
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")  # os.walk turns undecodable bytes into lone surrogates
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _shown(rel: str) -> str:
-    """``rel`` printable: a non-UTF-8 byte shows as \\xNN instead of breaking the output."""
-    return rel if _is_utf8(rel) else os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
-def select_files(project: Path, include: list[str], exclude: list[str]) -> list[Path]:
-    """Project files to ship: not excluded by defaults, config, any .gitignore or as secrets."""
-    return select(project, include, exclude).paths
-
-
-def select(project: Path, include: list[str], exclude: list[str],
-           include_secrets: Iterable[str] = (), extra_excludes: Iterable[str] = ()) -> Selection:
-    """Choose the files to ship and record what each rule left out.
-
-    ``include_secrets``: paths (globs allowed) relative to the project root of secret
-    files to ship anyway. ``extra_excludes``: more anchored rules (the bundles folder).
-    """
-    rules = [(p, _spec([p])) for p in DEFAULT_EXCLUDES + list(extra_excludes)]
-    defaults = _spec(DEFAULT_EXCLUDES + list(extra_excludes))
-    configured = _spec(exclude) if exclude else None
-    included = _spec(include) if include else None
-    secret = _spec(SECRET_FILE_PATTERNS)
-    wanted_secrets = [p for p in include_secrets if p.strip()]
-    allowed = _spec("/" + p.lstrip("/") for p in wanted_secrets) if wanted_secrets else None
-    ignores: list[tuple[str, "pathspec.PathSpec"]] = []
-    chosen: list[Path] = []
-    excluded: dict[str, list[str]] = {}
-    secrets: list[str] = []
-    shipped_secrets: list[str] = []
-    root = project.resolve()
-    for folder, dirs, files in os.walk(root):
-        rel_dir = os.path.relpath(folder, root)
-        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-        gitignore = Path(folder) / ".gitignore"
-        if gitignore.is_file():
-            ignores.append((rel_dir, _spec(gitignore.read_text(errors="replace").splitlines())))
-
-        def rule_for(rel: str) -> str | None:
-            """The rule that leaves ``rel`` out (None: it ships)."""
-            if defaults.match_file(rel):
-                return next(p for p, spec in rules if spec.match_file(rel))
-            if configured is not None and configured.match_file(rel):
-                return "bundle.exclude"
-            for base, spec in ignores:
-                if rel.startswith(base) and spec.match_file(rel[len(base):]):
-                    return f"{base}.gitignore"
-            return None
-
-        kept = []
-        for d in sorted(dirs):
-            rule = rule_for(f"{rel_dir}{d}/")
-            if rule is not None:
-                excluded.setdefault(rule, []).append(_shown(f"{rel_dir}{d}/"))
-            elif not _is_utf8(d):
-                raise _name_error(Path(folder) / d)
-            elif os.path.islink(os.path.join(folder, d)):
-                link_entry(root, Path(folder) / d)  # a link to a folder: kept as a link
-                chosen.append(Path(folder) / d)
-            else:
-                kept.append(d)
-        dirs[:] = kept
-        for name in sorted(files):
-            rel = f"{rel_dir}{name}"
-            path = Path(folder) / name
-            rule = rule_for(rel)
-            if rule is None and included is not None and not included.match_file(rel):
-                rule = "not in bundle.include"
-            if rule is not None:
-                excluded.setdefault(rule, []).append(_shown(rel))
-                continue
-            if not _is_utf8(name):
-                raise _name_error(path)
-            if (SECRET_CANDIDATE.search(rel) and secret.match_file(rel)) or \
-                    looks_like_private_key(path):
-                if allowed is None or not allowed.match_file(rel):
-                    secrets.append(rel)
-                    continue
-                shipped_secrets.append(rel)
-            if path.is_symlink():
-                link_entry(root, path)  # kept as a link; one leaving the project is refused
-            elif not path.is_file():
-                continue
-            chosen.append(path)
-    return Selection(chosen, excluded, secrets, shipped_secrets)
 
 
 def _some(paths: list[str], limit: int) -> str:
@@ -308,7 +172,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     if out.resolve().is_relative_to(project.resolve()) and out.resolve() != project.resolve():
         own.append("/" + out.resolve().relative_to(project.resolve()).as_posix() + "/")
     chosen = select(project, settings["bundle.include"], settings["bundle.exclude"],
-                    settings.get("bundle.include_secrets") or [], own)
+                    settings.get("bundle.include_secrets") or [], own,
+                    cache=out / ".selection.json")
     paths = chosen.paths
     if not paths:
         raise BundleError(f"no files to bundle in {project}; check bundle.include / "
@@ -316,9 +181,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves nothing behind
     entries = []
     cache = HashCache(out / ".hashes.json")
-    for path in paths:
-        rel = path.relative_to(project).as_posix()
-        if path.is_symlink():  # kept as a link (select refused any leaving the project)
+    for path, rel in zip(paths, chosen.rels):
+        if rel in chosen.links:  # kept as a link (select refused any leaving the project)
             target = link_entry(project, path)
             entries.append(FileEntry(rel, len(os.fsencode(target)), 0o777, link_digest(target),
                                      link=target))

@@ -110,9 +110,10 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
                          f"installing {built.manifest.toolkit_version}; check remote_python.")
 
 
-def _connect(target: Target) -> None:
-    """Open the SSH connection (no shell, no SFTP yet), so later steps can share it."""
-    if isinstance(target, SSHTarget):
+def _connect(target: Target, streamed: bool = False) -> None:
+    """Open the SSH connection (no shell, no SFTP yet), so later steps can share it; not
+    when the deploy streams over the ``ssh`` client (paramiko then opens only if needed)."""
+    if isinstance(target, SSHTarget) and not (streamed and target.openssh is not None):
         target.connection  # noqa: B018 - opens it
 
 
@@ -143,19 +144,20 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     recalled = recall(settings, target)
     path = StreamPath if can_stream(target) else FastPath
     fast = path(settings, target, *recalled) if recalled and not dry_run else None
-    connected = Background(_connect, target)
+    tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
+        else None
+    connected = Background(_connect, target, isinstance(fast, StreamPath) or tap is not None)
     if isinstance(fast, StreamPath) and confirm is None:
         fast.prestart(connected)
     early: dict[str, object] = {}
-    tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
-        else None
     # without a record one deploy-stream request plans and applies; it starts with the
     # connection, so its Python starts while the laptop hashes
     planned = Planned(settings, target, open_request(target, connected)) if tap else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
-        data = manifest.to_json().encode("utf-8")
+        # a streamed redeploy sends no whole manifest (its fallbacks make it when needed)
+        data = None if isinstance(fast, StreamPath) else manifest.to_json().encode("utf-8")
         early.update(remote=remote, data=data)
         if planned is not None:
             planned.ask(manifest)  # the manifest on the request's stdin, for the server's plan
@@ -193,6 +195,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
             data = manifest.to_json().encode("utf-8")
             job = None
         first = _NOT_YET
+        if data is None and (fast is None or fast.plan_for(manifest) is None):
+            data = manifest.to_json().encode("utf-8")
         if fast is not None and fast.plan_for(manifest) is not None:
             outcome.plan = fast.plan
             if on_plan is not None:

@@ -74,7 +74,8 @@ class StreamPath(FastPath):
                                     need, tar.parent / ".delta", key)
             if delta.stat().st_size > STREAM_MAX:  # resumable SFTP instead
                 self._drop_request()
-                return "sftp", super()._start(connected, remote_manifest, data, tar, progress)
+                return "sftp", super()._start(connected, remote_manifest, self._bytes(data),
+                                              tar, progress)
         size = delta.stat().st_size if delta is not None else 0
         info = {"size": size, "sha256": sha256_file(delta)} if delta is not None else None
         header = encode_header(self.base, manifest, info, {
@@ -132,7 +133,8 @@ class StreamPath(FastPath):
         how, started = started
         if how == "sftp":
             self.job = Background(lambda: started)
-            return super().finish(outcome, remote_manifest, data, built, connected, progress)
+            return super().finish(outcome, remote_manifest, self._bytes(data), built,
+                                  connected, progress)
         request, sent, upload_bytes, delta = started
         request.send(GO)
         outcome.sent_bytes += sent
@@ -160,8 +162,15 @@ class StreamPath(FastPath):
         outcome.applied = None if answer.get("noop") else answer
         return True
 
-    def _fall_back(self, outcome: DeployOutcome, remote_manifest: str, data: bytes) -> bool:
+    def _bytes(self, data: bytes | None) -> bytes:
+        """The whole manifest's JSON (None: not made yet; only a fallback needs it, and
+        making it costs a 2,000-file redeploy about 0.1 s before it can send anything)."""
+        return data if data is not None else self.manifest.to_json().encode("utf-8")
+
+    def _fall_back(self, outcome: DeployOutcome, remote_manifest: str,
+                   data: bytes | None) -> bool:
         """The whole manifest to the server, for its own plan (the usual path)."""
+        data = self._bytes(data)
         self.target.write_bytes(remote_manifest, data)
         outcome.sent_bytes += len(data)
         return False

@@ -8,11 +8,35 @@ import contextlib
 import json
 from typing import Any, Iterable
 
-from rich.markup import escape
-from rich.table import Table
-
 from remoteops.common.sizes import human_size
-from remoteops.tables import console, name_column, print_json, print_wide
+
+# rich is imported where a table or a bar is drawn: a deploy that prints lines or JSON
+# does not pay for it (about 0.1 s of a redeploy).
+
+
+def console() -> Any:
+    from remoteops.tables import console as make
+
+    return make()
+
+
+def print_json(data: Any) -> None:
+    from remoteops.tables import print_json as show
+
+    show(data)
+
+
+def name_column(table: Any, header: str, **kwargs: Any) -> None:
+    from remoteops.tables import name_column as add
+
+    add(table, header, **kwargs)
+
+
+def print_wide(table: Any) -> None:
+    from remoteops.tables import print_wide as show
+
+    show(table)
+
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 RUN_STYLE = {"done": "green", "running": "bold cyan", "failed": "bold red", "skipped": "dim",
@@ -34,6 +58,9 @@ def short_duration(seconds: float | None) -> str:
 
 
 def print_checks(target: str, gate: str, results: Iterable[Any], as_json: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     rows = [r.to_dict() for r in results]
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "warn", "fail", "skip")}
     if as_json:
@@ -55,6 +82,9 @@ def print_checks(target: str, gate: str, results: Iterable[Any], as_json: bool) 
 
 
 def print_settings(items: Iterable[tuple[str, Any, str]], files: list[str], as_json: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     items = list(items)
     if as_json:
         print_json({k: {"value": v, "source": s} for k, v, s in items})
@@ -152,8 +182,8 @@ def print_deploy(outcome: Any, as_json: bool) -> None:
 @contextlib.contextmanager
 def upload_progress(quiet: bool = False):
     """A progress callback(done, total): a rich bar on a terminal, silent otherwise."""
-    out = console()
-    if quiet or not out.is_terminal:
+    out = None if quiet else console()
+    if out is None or not out.is_terminal:
         yield None
         return
     from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
@@ -195,6 +225,9 @@ def print_rollback(result: dict, as_json: bool) -> None:
 
 
 def print_backups(target: str, rows: list[dict], as_json: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     if as_json:
         print_json(rows)
         return

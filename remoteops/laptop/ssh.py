@@ -15,7 +15,6 @@ from typing import Any, Callable
 from remoteops.common.config import Settings
 from remoteops.common.secret_rules import resolve_secret
 from remoteops.common.errors import ConnectError, HostKeyError
-from remoteops.laptop.hostkeys import changed_key_error, secure_client
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +32,17 @@ def parse_host(spec: str) -> tuple[str | None, str, int | None]:
 
 
 def connection_factory(settings: Settings, spec: str, entry: dict,
-                       trust_host: bool) -> tuple[Callable[[], Any], str]:
-    """A function that builds a not-yet-open verified Connection, and a label for messages.
+                       trust_host: bool) -> tuple[Callable[[], Any], str, Any]:
+    """A function that builds a not-yet-open verified Connection, a label for messages, and
+    the ``openssh.Endpoint`` it connects to (for the OpenSSH client of agent streams).
 
     Where to connect comes from ``remoteops.laptop.ssh_config`` (OpenSSH's rules); Fabric's own
     ssh_config handling is switched off, since it walks a ProxyJump chain backwards and
-    ignores Include and the command-line user in Match.
+    ignores Include and the command-line user in Match. fabric and paramiko are imported
+    only when the factory is first called: a deploy over ``ssh`` never loads them.
     """
-    import fabric
-    import paramiko
-
-    from remoteops.laptop.ssh_config import SYSTEM_CONFIG, HostConfig, resolve
+    from remoteops.laptop.openssh import Endpoint
+    from remoteops.laptop.ssh_config import SYSTEM_CONFIG, resolve
 
     ssh = settings["ssh"]
     user_cfg = Path(os.path.expanduser(ssh["config_file"]))
@@ -68,10 +67,36 @@ def connection_factory(settings: Settings, spec: str, entry: dict,
         if entry.get("identity_file") else []  # like ssh -i: before the config's files
     passphrase = resolve_secret(entry["passphrase"]) if entry.get("passphrase") is not None \
         else None
-    config = fabric.Config(overrides={"load_ssh_configs": False},
-                           ssh_config=paramiko.SSHConfig())
     timeout = float(ssh["connect_timeout"])
     keepalive = float(ssh["keepalive"])
+    built: list[Callable[..., Any]] = []
+
+    def factory() -> Any:
+        if not built:
+            built.append(_fabric_builder(known, record, trust_host, passphrase, timeout,
+                                         keepalive))
+        return built[0](resolved, extra_keys)
+
+    endpoint = Endpoint(
+        spec, resolved.hostname, resolved.port, resolved.user,
+        identity_files=list(dict.fromkeys(extra_keys + resolved.identity_files)),
+        look_for_keys=not resolved.identities_only, known_hosts=known,
+        via_proxy=bool(resolved.via or resolved.proxy_command), trust_host=trust_host,
+        passphrase=passphrase is not None, connect_timeout=timeout, keepalive=keepalive)
+    return factory, spec, endpoint
+
+
+def _fabric_builder(known: list[Path], record: Path, trust_host: bool, passphrase: str | None,
+                    timeout: float, keepalive: float) -> Callable[..., Any]:
+    """``build(hop, keys)``: a verified Fabric Connection to ``hop`` (its hops first)."""
+    import fabric
+    import paramiko
+
+    from remoteops.laptop.hostkeys import secure_client
+    from remoteops.laptop.ssh_config import HostConfig
+
+    config = fabric.Config(overrides={"load_ssh_configs": False},
+                           ssh_config=paramiko.SSHConfig())
 
     class VerifiedConnection(fabric.Connection):
         """A Fabric Connection that verifies host keys, takes a ProxyCommand as written
@@ -116,10 +141,7 @@ def connection_factory(settings: Settings, spec: str, entry: dict,
                                   config=config.clone(), connect_timeout=timeout,
                                   connect_kwargs=connect_kwargs, gateway=gateway or False)
 
-    def factory() -> Any:
-        return build(resolved, extra_keys)
-
-    return factory, spec
+    return build
 
 
 def transports(conn: Any) -> list[Any]:
@@ -219,6 +241,8 @@ def _classify(exc: Exception, conn: Any, where: str, label: str
     if isinstance(exc, HostKeyError):
         return exc, False
     if isinstance(exc, paramiko.BadHostKeyException):
+        from remoteops.laptop.hostkeys import changed_key_error
+
         return changed_key_error(exc, where, _known_files(conn)), False
     if isinstance(exc, paramiko.AuthenticationException) or (
             isinstance(exc, paramiko.SSHException) and "authentication" in str(exc).lower()):

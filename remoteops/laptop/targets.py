@@ -39,6 +39,8 @@ class SSHTarget(Target):
         self.retries = retries
         self.backoff = backoff
         self.keepalive = keepalive
+        # ``openssh.OpenSSHClient`` for agent streams (the deploy's request), or None: paramiko
+        self.openssh = None
 
     @property
     def connection(self):
@@ -223,16 +225,19 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
         return LocalTarget("local", root, python, timeout)
     root = str(entry.get("project_root") or settings["project_root"]
                or f"~/{settings.project_name}")
+    from remoteops.laptop.openssh import client_for
     from remoteops.laptop.ssh import connection_factory
 
-    factory, label = connection_factory(settings, spec, entry, trust_host)
+    factory, label, endpoint = connection_factory(settings, spec, entry, trust_host)
     passphrase = entry.get("passphrase")
     if passphrase is not None:
         resolve_secret(passphrase)  # fail early, with the variable's name, when it is unset
-    return SSHTarget(label, root, python, factory,
-                     retries=int(settings["ssh.connect_retries"]),
-                     backoff=float(settings["ssh.retry_backoff"]),
-                     keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
+    target = SSHTarget(label, root, python, factory,
+                       retries=int(settings["ssh.connect_retries"]),
+                       backoff=float(settings["ssh.retry_backoff"]),
+                       keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
+    target.openssh = client_for(endpoint, str(settings["ssh.client"]))
+    return target
 
 
 __all__ = ["SSHTarget", "open_target"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import json
 import os
+import time
 import zipfile
 from pathlib import Path
 
 from remoteops import __version__
-from remoteops.common.files import atomic_output
+from remoteops.common.files import atomic_output, write_atomic_text
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SKIP_DIRS = {"__pycache__"}
@@ -61,13 +63,57 @@ def _record_line(arc: str, data: bytes) -> str:
     return f"{arc},sha256={digest},{len(data)}"
 
 
+RACY_NS = 3 * 10**9  # as HashCache: a file changed this recently may change again unseen
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _inputs_key(files: list[tuple[str, Path]], metadata: dict[str, str]) -> list | None:
+    """What the wheel's bytes depend on, by stat (None: a file changed too recently)."""
+    now = time.time_ns()
+    key: list = [__version__, [[name, text] for name, text in sorted(metadata.items())]]
+    for arc, src in files:
+        stat = _stat_key(src)
+        if now - max(stat[1], stat[2]) < RACY_NS:
+            return None
+        key.append([arc, *stat])
+    return key
+
+
 def build_toolkit_wheel(out_dir: Path) -> Path:
-    """Write ``remoteops-<version>-py3-none-any.whl`` into ``out_dir`` (deterministic)."""
+    """Write ``remoteops-<version>-py3-none-any.whl`` into ``out_dir`` (deterministic).
+
+    The wheel already there is kept when no packaged file changed since it was written
+    (by size, mtime, ctime and inode, kept beside it in ``<wheel>.inputs.json``), as the
+    bundle's hash cache keeps a file's sha256: zipping the package is most of what a
+    one-file redeploy spends on the toolkit."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_info = f"remoteops-{__version__}.dist-info"
     path = out_dir / f"remoteops-{__version__}-py3-none-any.whl"
-    entries: list[tuple[str, bytes]] = [(arc, src.read_bytes()) for arc, src in _package_files()]
-    entries += [(f"{dist_info}/{name}", text.encode()) for name, text in _metadata().items()
+    files, metadata = _package_files(), _metadata()
+    key = _inputs_key(files, metadata)
+    inputs = path.with_name(path.name + ".inputs.json")
+    try:
+        if key is not None and json.loads(inputs.read_text()) == {"inputs": key,
+                                                                 "wheel": _stat_key(path)}:
+            return path
+    except (OSError, ValueError):
+        pass
+    _write_wheel(path, files, metadata)
+    if key is not None:
+        try:
+            write_atomic_text(inputs, json.dumps({"inputs": key, "wheel": _stat_key(path)}))
+        except OSError:
+            pass  # only a cache
+    return path
+
+
+def _write_wheel(path: Path, files: list[tuple[str, Path]], metadata: dict[str, str]) -> None:
+    dist_info = f"remoteops-{__version__}.dist-info"
+    entries: list[tuple[str, bytes]] = [(arc, src.read_bytes()) for arc, src in files]
+    entries += [(f"{dist_info}/{name}", text.encode()) for name, text in metadata.items()
                 if text]
     record = [_record_line(arc, data) for arc, data in entries] + [f"{dist_info}/RECORD,,"]
     entries.append((f"{dist_info}/RECORD", ("\n".join(record) + "\n").encode()))
@@ -78,4 +124,3 @@ def build_toolkit_wheel(out_dir: Path) -> Path:
             info.external_attr = 0o644 << 16
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
-    return path

@@ -80,9 +80,11 @@ class Project(ProjectRoot):
     in its own module) recover, roll back, list and prune backups."""
 
     # -- planning ------------------------------------------------------------------------
-    def plan(self, manifest: Manifest) -> dict:
-        """What the disk needs to become ``manifest``: paths to send, paths to delete."""
-        check_manifest(manifest)
+    def plan(self, manifest: Manifest, checked: bool = False) -> dict:
+        """What the disk needs to become ``manifest``: paths to send, paths to delete.
+        ``checked``: ``check_manifest`` already passed for it."""
+        if not checked:
+            check_manifest(manifest)
         pending = self.pending_recovery()
         current = self.current()
         if pending is not None:  # plan against the tree as the next command will leave it
@@ -90,7 +92,7 @@ class Project(ProjectRoot):
             current = Manifest.from_json(json.dumps(before)) if before else None
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
-        scan = self.scan(managed)
+        scan = self._scanned = self.scan(managed)
         on_disk, modes, links = scan.hashes, dict(scan.modes), set(scan.links)
         sizes = {rel: f[0] for rel, f in scan.index.items()}
         if pending is not None:
@@ -123,9 +125,11 @@ class Project(ProjectRoot):
     # -- apply ---------------------------------------------------------------------------
     def apply(self, manifest: Manifest, delta: Path | None, holder: str, keep: int = 10,
               delta_sha256: str | None = None, expect_base: str | None = None,
-              expect_agent: str | None = None) -> dict:
+              expect_agent: str | None = None, early=None) -> dict:
         """Apply ``manifest``; every answer carries ``free_bytes`` (after the change).
 
+        ``early``: files staged while the upload arrived (``server/early_stage``), used when
+        this plan needs exactly those; else the upload is staged now, as always.
         ``expect_base``: the content id the laptop believes is deployed here (it planned
         locally from it). When this root is not exactly that (another content id, files
         changed by hand, an interrupted change pending, an upload lacking a needed file)
@@ -140,13 +144,14 @@ class Project(ProjectRoot):
                 if reason:
                     return self._base_differs(reason)
             recovered = self.recover()
-            plan = self.plan(manifest)
+            plan = self.plan(manifest, checked=True)
             if expect_base is not None:
                 reason = self._plan_check(manifest, plan)
                 if reason:
                     return self._base_differs(reason)
             self._check_space(plan)
-            result = self._stage_and_commit(manifest, plan, delta, delta_sha256, expect_base)
+            result = self._stage_and_commit(manifest, plan, delta, delta_sha256, expect_base,
+                                            early)
             if result.get("base_differs"):
                 return result
             if result["noop"]:
@@ -157,13 +162,17 @@ class Project(ProjectRoot):
                     "broken_lock": lock.broken, "free_bytes": self.free()}
 
     def _stage_and_commit(self, manifest: Manifest, plan: dict, delta: Path | None,
-                          delta_sha256: str | None, expect_base: str | None) -> dict:
+                          delta_sha256: str | None, expect_base: str | None,
+                          early=None) -> dict:
         """Stage and verify the new content, then commit it; the staging is always removed."""
         staging = self.state / "staging" / manifest.content_id
         shutil.rmtree(staging, ignore_errors=True)
         try:
             try:
-                staged = stage(manifest, delta, plan["need"], staging, delta_sha256)
+                staged = early.result(manifest, plan["need"]) if early is not None else None
+                early_files = len(staged) if staged is not None else 0
+                if staged is None:
+                    staged = stage(manifest, delta, plan["need"], staging, delta_sha256)
             except MissingMembers as exc:
                 if expect_base is None:
                     raise
@@ -172,10 +181,13 @@ class Project(ProjectRoot):
             if not changes:
                 return {"action": "apply", "noop": True, "version": manifest.version}
             needed = manifest.file_map()
-            return journal.commit(self, changes, kind="apply", version=manifest.version,
-                                  after=manifest.to_dict(),
-                                  label=f"v{manifest.version}",
-                                  known={p: needed[p].sha256 for p in plan["need"]})
+            result = journal.commit(self, changes, kind="apply", version=manifest.version,
+                                    after=manifest.to_dict(),
+                                    label=f"v{manifest.version}",
+                                    known={p: needed[p].sha256 for p in plan["need"]})
+            if early_files:
+                result["staged_while_arriving"] = early_files
+            return result
         finally:
             shutil.rmtree(staging.parent, ignore_errors=True)
 

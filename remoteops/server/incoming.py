@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from remoteops.common.manifest import BundleError, Manifest, iter_members
-from remoteops.common.files import CHUNK, fsync_dirs, fsync_path, sha256_file
+from remoteops.common.files import CHUNK, sha256_file
 from remoteops.common.paths import RESERVED, ancestors, link_of, safe_relpath
+from remoteops.server.durable import make_durable
 
 
 class MissingMembers(BundleError):
@@ -25,11 +26,10 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
           delta_sha256: str | None) -> dict[str, Path]:
     """Extract and verify every needed file into ``staging`` before touching the tree.
 
-    Each staged file and its folder is fsynced before this returns: the journal will rely
-    on them. The files are fsynced together at the end, from several threads
-    (``fsync_all``), not one by one as they are written: the file system then commits
-    them in a few journal transactions instead of one each (a 2,000-file deploy spent
-    most of its time in fsync).
+    Each staged file and its folder is durable before this returns: the journal will rely
+    on them. They are made durable together at the end (``durable.make_durable``: one
+    ``syncfs`` for many files, else fsyncs from several threads), not one by one as they
+    are written (a 2,000-file deploy spent most of its time in fsync).
     """
     wanted = manifest.file_map()
     need = [p for p in need if link_of(wanted[p]) is None]  # links come from the manifest
@@ -42,11 +42,20 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
         delta.unlink()
         raise BundleError("the uploaded bundle does not match its sha256 (damaged in "
                           "transit); nothing was changed: run the deploy again.")
+    return extract(manifest, iter_members(delta), need, staging)
+
+
+def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict[str, Path]:
+    """``stage``'s work on ``members`` (``iter_members``): every needed file written under
+    ``staging``, its sha256 checked, made durable; anything the manifest does not list as
+    a file refused; a needed file missing is ``MissingMembers``."""
+    wanted = manifest.file_map()
+    need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
     toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
     folders: set[Path] = set()
-    for member, fh in iter_members(delta):
+    for member, fh in members:
         if fh is None or member.name == toolkit:  # the upload may be the whole bundle
             continue
         rel = (safe_relpath(member.name[len("files/"):], "the upload")
@@ -73,25 +82,8 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
         raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
                              f"{len(missing) - 1} more are not in the upload); run the "
                              "deploy again.")
-    fsync_all(list(staged.values()))
-    fsync_dirs(folders)
+    make_durable(list(staged.values()), folders, staging.parent)
     return staged
-
-
-FSYNC_THREADS = 16
-
-
-def fsync_all(paths: list[Path]) -> None:
-    """fsync every file in ``paths`` (concurrently: fsync releases the GIL, and concurrent
-    fsyncs share the file system's journal commits)."""
-    if len(paths) < 4:
-        for path in paths:
-            fsync_path(path)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(FSYNC_THREADS, len(paths))) as pool:
-        list(pool.map(fsync_path, paths))  # list(): re-raises the first error
 
 
 

@@ -54,10 +54,21 @@ class ProjectRoot:
         self.root = Path(os.path.expanduser(str(root))).resolve()
         self.state = self.root / STATE
         self.backups = self.state / "backups"
+        self._current: tuple[tuple, Manifest] | None = None  # current.json's stat, parsed
+        self._scanned: Scan | None = None  # the last plan's scan (see ``record``)
 
     def current(self) -> Manifest | None:
+        """What is deployed (parsed once while current.json stays the same file: it is only
+        ever replaced by rename, so its inode, size and times tell a new one)."""
         path = self.state / "current.json"
-        return Manifest.from_json(path.read_text()) if path.is_file() else None
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, Manifest.from_json(path.read_text()))
+        return self._current[1]
 
     # -- hashes and the stat cache -------------------------------------------------------
     def _index(self) -> dict[str, list]:
@@ -105,8 +116,19 @@ class ProjectRoot:
             found.index[rel] = key + [found.hashes[rel]]
         return found
 
-    def save_index(self, paths: list[str], known: dict[str, str] | None = None) -> None:
-        write_json(self.state / "index.json", self.scan(paths, known).index)
+    def save_index(self, paths: list[str], known: dict[str, str] | None = None,
+                   touched: set[str] | None = None) -> None:
+        """The stat cache of ``paths``. With ``touched`` (what this change wrote or removed),
+        the other paths keep what the plan's scan just read under the same lock, instead of
+        a second stat pass: a cache entry is a stat with the hash read at that stat, so an
+        entry older than the file only costs a rehash next time."""
+        prior = self._scanned.index if self._scanned is not None and touched is not None \
+            else {}
+        touched = touched or set()
+        index = {p: prior[p] for p in paths if p not in touched and p in prior}
+        index.update(self.scan([p for p in paths if p in touched or p not in prior],
+                               known).index)
+        write_json(self.state / "index.json", {p: index[p] for p in sorted(index)})
 
     def record(self, after: dict | None, touched: list[str],
                known: dict[str, str] | None = None) -> None:
@@ -116,7 +138,8 @@ class ProjectRoot:
         else:
             write_json(self.state / "current.json", after)
         keep = sorted(set(touched) | {f["path"] for f in (after or {}).get("files", [])})
-        self.save_index(keep, known)
+        self.save_index(keep, known, set(touched))
+        self._scanned = None  # one change per plan
 
     # -- ledger, lock, journal -----------------------------------------------------------
     def ledger(self, entry: dict) -> None:

@@ -119,10 +119,12 @@ def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
         raise
 
 
-def receive_chunked(src: Input, dest: Path, offset: int) -> None:
+def receive_chunked(src: Input, dest: Path, offset: int,
+                    on_open: Callable[[Path], None] | None = None) -> None:
     """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
     to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
-    keeps the part file: the next deploy resumes there."""
+    keeps the part file: the next deploy resumes there. ``on_open(part)``: told once the
+    part file is ready to grow (``early_stage`` reads it meanwhile)."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
@@ -133,6 +135,8 @@ def receive_chunked(src: Input, dest: Path, offset: int) -> None:
     with open(part, "r+b" if part.is_file() else "wb") as out:
         out.truncate(offset)
         out.seek(offset)
+        if on_open is not None:
+            on_open(part)
         while True:
             length = src.exactly(8)
             size = int.from_bytes(length, "big") if len(length) == 8 else -1
@@ -145,6 +149,7 @@ def receive_chunked(src: Input, dest: Path, offset: int) -> None:
             if size == 0:
                 break
             out.write(data)
+            out.flush()  # an early stage reads the file as it grows
             h.update(data)
             got += size
     trailer = json.loads(src.line() or b"{}")
@@ -287,23 +292,45 @@ def _plan_then_apply(project: Project, src: Input, header: dict,
     follows = json.loads(line) if line else {}
     if follows.get("send") != "tar":
         return {"action": "apply", "noop": True, "skipped": True}
-    return _apply_planned(project, src, {**header, "delta": follows})
+    return _apply_planned(project, src, {**header, "delta": follows}, plan["need"])
 
 
-def _apply_planned(project: Project, src: Input, header: dict) -> dict:
+def _apply_planned(project: Project, src: Input, header: dict,
+                   need: list[str] | None = None) -> dict:
     """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
-    applied as planned here."""
+    applied as planned here. ``need``: this request's plan; its files are staged while the
+    upload arrives (``early_stage``) when it starts from the first byte."""
+    from remoteops.server.early_stage import EarlyStage
+
     new = Manifest.from_json(json.dumps(header["manifest"]))
     delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
-    receive_chunked(src, delta, int(header["delta"]["offset"]))
+    offset = int(header["delta"]["offset"])
+    early: list[EarlyStage] = []
+
+    def stage_early(part: Path) -> None:
+        if need and offset == 0:
+            early.append(EarlyStage(new, need, part, project.state / "staging" /
+                                    f"{new.content_id}-early-{os.getpid()}"))
+
     try:
+        try:
+            receive_chunked(src, delta, offset, stage_early)
+        except BaseException:
+            for stager in early:
+                stager.abandon()
+            raise
+        for stager in early:
+            stager.complete()
         wait_for_go(src)
-        result = project.apply(new, delta, header["holder"], int(header["keep"]), None)
+        result = project.apply(new, delta, header["holder"], int(header["keep"]), None,
+                               early=early[0] if early else None)
         # the manifest the plan read (the laptop sent it before this request)
         (project.state / "incoming" / f"{new.content_id}.manifest.json").unlink(missing_ok=True)
         return result
     finally:
         delta.unlink(missing_ok=True)
+        for stager in early:
+            stager.discard()
 
 
 __all__ = ["apply_streamed", "stream_parts", "Input", "receive", "receive_chunked"]

@@ -6,18 +6,17 @@ between markers, so whatever a login shell prints around them is ignored.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from remoteops.common.wire import BEGIN, END
+from remoteops.common.wire import marked
 
 
 def emit(data: dict, as_json: bool, human: str) -> None:
     if as_json:
-        sys.stdout.write(f"\n{BEGIN}\n{json.dumps(data, default=str)}\n{END}\n")
+        sys.stdout.write(marked(data))
     else:
         click.echo(human)
 

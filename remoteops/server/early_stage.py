@@ -1,0 +1,118 @@
+"""Stage a full deploy's files while its tar still arrives, not after.
+
+On a slow link the bundle takes seconds to arrive; staging it (decompress, write,
+sha256 every file, make them durable) used to start only once the last byte was
+in. ``EarlyStage`` runs ``incoming.extract`` in a thread on the upload's part file
+as ``streamapply.receive_chunked`` writes it (``Follow``: a reader that waits for
+more bytes until told the file is complete), into its own staging folder, for the
+plan the server made before the upload. The guarantees are the ones of ``stage``:
+every member checked against the manifest, every needed file's sha256 checked, all
+of them durable before the journal. ``result`` hands the staged files to the apply
+only when the plan made under the deploy lock needs exactly those files and the
+whole upload arrived with its sha256 right; otherwise (or on any error) the
+staging is dropped and the apply stages the complete upload as it always did. A
+resumed upload (part of it from an earlier, cut request) is not staged early.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from remoteops.common.manifest import Manifest, iter_members
+from remoteops.common.paths import link_of
+from remoteops.server.incoming import extract
+
+
+class Follow(io.RawIOBase):
+    """A file another thread is still appending to: reads wait for more bytes until
+    ``close_writer`` says it is complete (or ``fail`` that it never will be)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._fh = open(path, "rb")
+        self._complete = threading.Event()
+        self._failed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        delay = 0.001
+        while True:
+            done = self._complete.is_set()  # before reading: no byte written after is lost
+            n = self._fh.readinto(buffer)
+            if n or done:
+                return n or 0
+            if self._failed:
+                raise OSError("the upload stopped")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def close_writer(self) -> None:
+        self._complete.set()
+
+    def fail(self) -> None:
+        self._failed = True
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+class EarlyStage:
+    """``extract`` of ``part`` (being written) for ``need``, in a thread (see the module)."""
+
+    def __init__(self, manifest: Manifest, need: list[str], part: Path, staging: Path):
+        self.manifest, self.staging = manifest, staging
+        wanted = manifest.file_map()
+        self.files = {p for p in need if link_of(wanted[p]) is None}
+        self.staged: dict[str, Path] | None = None
+        self.arrived = False
+        shutil.rmtree(staging, ignore_errors=True)
+        self._follow = Follow(part)
+        self._thread = threading.Thread(target=self._run, args=(list(need),), daemon=True,
+                                        name="remoteops-early-stage")
+        self._thread.start()
+
+    def _run(self, need: list[str]) -> None:
+        try:
+            self.staged = extract(self.manifest, iter_members(self.staging, self._follow),
+                                  need, self.staging)
+        except Exception:  # noqa: BLE001 - the apply stages the whole upload again, and
+            self.staged = None  # raises there what it finds
+        finally:
+            self._follow.close()
+
+    def complete(self) -> None:
+        """The whole upload arrived and its sha256 matched."""
+        self.arrived = True
+        self._follow.close_writer()
+        self._thread.join()
+
+    def abandon(self) -> None:
+        """The upload stopped: end the thread and drop what it staged."""
+        self._follow.fail()
+        self._follow.close_writer()
+        self._thread.join()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Drop what is staged here (after the apply moved what it used)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def result(self, manifest: Manifest, need: list[str]) -> dict[str, Path] | None:
+        """The staged files when they are what this apply needs (else None)."""
+        wanted = manifest.file_map()
+        files = {p for p in need if link_of(wanted[p]) is None}
+        if not self.arrived or self.staged is None or manifest.content_id != \
+                self.manifest.content_id or files != self.files or set(self.staged) != files:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return None
+        return self.staged
+
+
+__all__ = ["EarlyStage", "Follow"]
