@@ -3,7 +3,9 @@
 #   1. QLoRA with bitsandbytes: our trainer against a plain HF 4-bit run (tokens/s), and the
 #      real `remoteops-agent train` with quantization = "qlora" end to end;
 #   2. the PyTorch Lightning health callback under 32, bf16-mixed and 16-mixed precision;
-#   3. the adapter chat server's first-token latency and tokens/s on the GPU.
+#   3. the adapter chat server's first-token latency and tokens/s on the GPU;
+#   4. the torchrun executor on CUDA (tests/executors/test_torchrun_cuda.py: one rank per
+#      visible GPU, NCCL between them, a NaN drill); needs pytest (a wheel in .whl/ will do).
 # Run from the repository root on the GPU machine. Wheels the machine lacks may sit in
 # .whl/ (bitsandbytes, and the transformers/peft of constraints.txt); they are installed
 # into /tmp/site first. Results go to $OUT (default /tmp/gpu-check).
@@ -56,3 +58,11 @@ EOF
     echo "exit $?" >>"$OUT/serve.log"
     tail -5 "$OUT/serve.log"; cat "$OUT/serve.json"
 fi
+
+[ -n "${SKIP_TORCHRUN:-}" ] || {
+echo "== 4. torchrun executor on CUDA"
+timeout 600 python3 -m pytest -q -p no:cacheprovider -rs tests/executors/test_torchrun_cuda.py \
+    >"$OUT/torchrun.log" 2>&1
+echo "exit $?" >>"$OUT/torchrun.log"
+tail -5 "$OUT/torchrun.log"
+}
