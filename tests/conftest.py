@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.sshd import SSHServer, make_user, remove_user, start_sshd
+from tests.harness.sshd import SSHServer, keygen, make_user, remove_user, start_sshd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,6 +34,35 @@ def sshd_server() -> SSHServer:
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """Three sshd on 127.0.0.1, 127.0.0.2 and 127.0.0.3 sharing one client key
+    (``servers[i].client_key``): the hosts h1, h2, h3 of tests/hosts and tests/multinode."""
+    folder = sshd_folder()
+    key = folder / "client_key"
+    keygen(key)
+    started = []
+    try:
+        for i, address in enumerate(("127.0.0.1", "127.0.0.2", "127.0.0.3")):
+            started.append(start_sshd(folder / f"h{i + 1}", host=address, client_key=key))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny demo model (seed 0), built once for every test that trains or loads it; tests
+    read it, never write it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from remoteops.trainer.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("tiny-model") / "demo-model", seed=0)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import json
 import time
 
 from tests.reliability.test_pipeline_faults import OOM_TOML, stages, toml, train
-from tests.test_pipeline import DEMO, _head, tiny_model  # noqa: F401  (fixture)
+from tests.harness.demo import DEMO, head_lines
 
 RULE = '''
 from remoteops import hookimpl
@@ -46,7 +46,7 @@ def test_a_plugin_rule_stops_a_command_stage(cli, project):
     assert time.monotonic() - started < 25  # stopped at the rule, not after the sleep
 
 
-def test_a_plugin_rule_stops_the_built_in_trainer_before_the_step(tiny_model,  # noqa: F811
+def test_a_plugin_rule_stops_the_built_in_trainer_before_the_step(tiny_model,
                                                                   tmp_path):
     from tests.test_trainer import DRILL, agent, make_project
 
@@ -62,10 +62,10 @@ def test_a_plugin_rule_stops_the_built_in_trainer_before_the_step(tiny_model,  #
 
 
 def test_a_plugin_rule_fails_a_training_stage_of_a_run_without_a_retry(cli, project,
-                                                                        tiny_model):  # noqa: F811
+                                                                        tiny_model):
     _plugin(project, 1)
-    _head(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 8)
-    _head(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 2)
+    head_lines(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 8)
+    head_lines(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 2)
     toml(project, OOM_TOML.format(model=tiny_model).replace('inject_fault = "oom>2"', ""))
     res = train(cli, project, "Style", timeout=600)
     assert res.returncode != 0

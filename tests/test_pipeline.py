@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ssh_alias, trust
+from tests.harness.demo import DEMO, head_lines
 
-DEMO = Path(__file__).resolve().parent.parent / "remoteops" / "demo"
 
 TOML = """
 [train]
@@ -61,26 +61,15 @@ eval_set = "data/eval/all.jsonl"
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from remoteops.trainer.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("pipeline-model") / "demo-model", seed=0)
-
-
-def _head(src: Path, dest: Path, n: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:n]),
-                    encoding="utf-8")
 
 
 @pytest.fixture
 def train_project(project, tiny_model, home, sshd_server) -> Path:
     """A small copy of the demo project (few samples, so stages take seconds)."""
     for name, n in (("sample", 4), ("style", 8), ("writing", 6), ("all", 8)):
-        _head(DEMO / "data" / f"{name}.jsonl", project / "data" / f"{name}.jsonl", n)
+        head_lines(DEMO / "data" / f"{name}.jsonl", project / "data" / f"{name}.jsonl", n)
     for name in ("style", "writing", "all"):
-        _head(DEMO / "data" / "eval" / f"{name}.jsonl", project / "data" / "eval" /
+        head_lines(DEMO / "data" / "eval" / f"{name}.jsonl", project / "data" / "eval" /
               f"{name}.jsonl", 2)
     (project / "remoteops.toml").write_text(TOML.format(model=tiny_model))
     ssh_alias(home, "box", sshd_server)

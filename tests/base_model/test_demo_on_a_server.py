@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ssh_alias, trust
-from tests.test_pipeline import DEMO, TOML, _head, state_of
+from tests.harness.demo import DEMO, head_lines
+from tests.test_pipeline import TOML, state_of
 
 pytest.importorskip("transformers")
 
@@ -22,8 +23,8 @@ def demo(project, home, sshd_server, tiny_model) -> Path:
     """A small copy of the demo project with its model in outputs/demo-model, as init --demo
     leaves it (a short style stage: the point is where the model comes from)."""
     for name, n in (("sample", 2), ("style", 3)):
-        _head(DEMO / "data" / f"{name}.jsonl", project / "data" / f"{name}.jsonl", n)
-    _head(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 1)
+        head_lines(DEMO / "data" / f"{name}.jsonl", project / "data" / f"{name}.jsonl", n)
+    head_lines(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 1)
     toml = TOML.format(model="outputs/demo-model")
     toml = toml[:toml.index("[stages.writing]")].replace(  # sample and style only
         "[pipeline]\n", '[pipeline]\nstages = ["precheck", "sample", "style", "collect"]\n')

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.harness.demo import DEMO, head_lines
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "remoteops" / "demo"
 
 # 8 samples: a global batch of 8 is one optimizer step per epoch, the same samples whether
 # one process takes 4 + 4 (grad accum 2) or two ranks take 2 + 2 each.
@@ -40,18 +40,6 @@ stop_grace_seconds = 2.0
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from remoteops.trainer.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("executors-model") / "demo-model", seed=0)
-
-
-def _head(src: Path, dest: Path, n: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:n]),
-                    encoding="utf-8")
 
 
 @pytest.fixture
@@ -60,8 +48,8 @@ def make_project(tmp_path, tiny_model):
 
     def make(tail: str) -> Path:
         root = tmp_path / "proj"
-        _head(DEMO / "data" / "style.jsonl", root / "data" / "train8.jsonl", 8)
-        _head(DEMO / "data" / "eval" / "style.jsonl", root / "data" / "eval2.jsonl", 2)
+        head_lines(DEMO / "data" / "style.jsonl", root / "data" / "train8.jsonl", 8)
+        head_lines(DEMO / "data" / "eval" / "style.jsonl", root / "data" / "eval2.jsonl", 2)
         (root / "remoteops.toml").write_text(BASE.format(model=tiny_model) + tail)
         return root
 

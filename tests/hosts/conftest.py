@@ -1,19 +1,18 @@
-"""Three real sshd servers on 127.0.0.1, 127.0.0.2 and 127.0.0.3, and a project that names
-them as [hosts] h1, h2, h3 (each with its own project root on this machine) and [groups]."""
+"""A project that names the session's three real sshd (``servers``, tests/conftest.py: 127.0.0.1,
+127.0.0.2 and 127.0.0.3) as [hosts] h1, h2, h3, each with its own project root on this
+machine, and [groups]."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import sshd_folder, trust
-from tests.harness.sshd import keygen, start_sshd
+from tests.conftest import trust
+from tests.harness.sshd import keygen
 
-ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 ENV = {"REMOTEOPS_REMOTE_PYTHON": sys.executable, "REMOTEOPS_GPU_GATE": "warn"}
 
 BASE = """
@@ -26,23 +25,6 @@ optional_packages = []
 [ssh]
 connect_retries = 0
 """
-
-
-@pytest.fixture(scope="session")
-def servers():
-    """Three sshd sharing one client key (``servers[i].client_key``)."""
-    folder = sshd_folder()
-    key = folder / "client_key"
-    keygen(key)
-    started = []
-    try:
-        for i, address in enumerate(ADDRESSES):
-            started.append(start_sshd(folder / f"h{i + 1}", host=address, client_key=key))
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from tests.hosts.conftest import ENV, keyed, write_project
+from tests.harness.demo import DEMO, head_lines
 
-DEMO = Path(__file__).resolve().parents[2] / "remoteops" / "demo"
 
 TRAIN = """
 [train]
@@ -40,17 +39,6 @@ eval_set = "data/eval.jsonl"
 """
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from remoteops.trainer.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("hosts-model") / "demo-model", seed=0)
-
-
-def _head(src: Path, dest: Path, n: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:n]))
 
 
 def run_settings(root: Path, run_id: str) -> dict:
@@ -61,8 +49,8 @@ def run_settings(root: Path, run_id: str) -> dict:
 
 def test_two_hosts_train_with_their_own_overrides_and_collect_apart(
         cli, project, servers, roots, tiny_model):
-    _head(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 4)
-    _head(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval.jsonl", 1)
+    head_lines(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 4)
+    head_lines(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval.jsonl", 1)
     write_project(project, servers[:2], roots, TRAIN.format(model=tiny_model)
                   + '\n[groups.pair]\nhosts = ["h1", "h2"]\n',
                   extra={"h1": "overrides.train.lr = 1e-3\n",

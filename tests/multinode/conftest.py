@@ -1,20 +1,17 @@
-"""Two real sshd on 127.0.0.1 and 127.0.0.2 (the "machines" h1 and h2, each with its own
-project root), a project naming them as [groups.pair], and the tiny demo model."""
+"""Two real sshd on 127.0.0.1 and 127.0.0.2 (the "machines" h1 and h2 of the session's
+``servers``, each with its own project root), and a project naming them as [groups.pair]."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import sshd_folder
-from tests.harness.sshd import keygen, start_sshd
-from tests.hosts.conftest import ENV, write_project  # noqa: F401 - ENV is used by the tests
+from tests.hosts.conftest import write_project
+from tests.harness.demo import DEMO, head_lines
 
-DEMO = Path(__file__).resolve().parents[2] / "remoteops" / "demo"
 
 # 8 samples; a global batch of 8 is one optimizer step an epoch, the same samples whether
 # one process takes 4 + 4 (grad accum 2) or the two nodes take 4 each.
@@ -46,21 +43,10 @@ hosts = ["h1", "h2"]
 """
 
 
-@pytest.fixture(scope="session")
-def pair():
-    """Two sshd sharing one client key."""
-    folder = sshd_folder()
-    key = folder / "client_key"
-    keygen(key)
-    started = []
-    try:
-        for i, address in enumerate(("127.0.0.1", "127.0.0.2")):
-            started.append(start_sshd(folder / f"h{i + 1}", host=address, client_key=key))
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+@pytest.fixture
+def pair(servers):
+    """h1 and h2: the first two of the session's sshd (tests/conftest.py)."""
+    return servers[:2]
 
 
 @pytest.fixture
@@ -68,18 +54,6 @@ def roots(tmp_path) -> dict[str, Path]:
     return {f"h{i}": tmp_path / f"server-h{i}" / "proj" for i in (1, 2)}
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    from remoteops.trainer.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("multinode-model") / "demo-model", seed=0)
-
-
-def _head(src: Path, dest: Path, n: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("".join(src.read_text(encoding="utf-8").splitlines(True)[:n]),
-                    encoding="utf-8")
 
 
 @pytest.fixture
@@ -88,8 +62,8 @@ def spanning_project(project, pair, roots, tiny_model):
     tables), its 8 training and 2 eval samples, h1 and h2."""
 
     def make(stages: list[str], tail: str) -> Path:
-        _head(DEMO / "data" / "style.jsonl", project / "data" / "train8.jsonl", 8)
-        _head(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval2.jsonl", 2)
+        head_lines(DEMO / "data" / "style.jsonl", project / "data" / "train8.jsonl", 8)
+        head_lines(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval2.jsonl", 2)
         write_project(project, pair, roots, TRAIN.format(model=tiny_model, stages=json.dumps(stages))
                       + tail)
         return project

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.multinode.conftest import ENV, stages_of, state_of, wait_exited
+from tests.hosts.conftest import ENV
+from tests.multinode.conftest import stages_of, state_of, wait_exited
 
 torch = pytest.importorskip("torch")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.hosts.conftest import keyed
-from tests.multinode.conftest import ENV, stages_of, state_of
+from tests.hosts.conftest import ENV
+from tests.multinode.conftest import stages_of, state_of
 
 torch = pytest.importorskip("torch")
 

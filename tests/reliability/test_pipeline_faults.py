@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from remoteops.common.wire import parse_marked
-from tests.test_pipeline import DEMO, _head, tiny_model  # noqa: F401  (fixture)
+from tests.harness.demo import DEMO, head_lines
 
 YES = {"TRAIN_SYNC_ASSUME_YES": "1", "REMOTEOPS_GPU_GATE": "warn"}
 BASE = """
@@ -75,9 +75,9 @@ inject_fault = "oom>2"
 
 
 def test_oom_retry_trains_with_half_the_batch_and_double_accumulation(cli, project,
-                                                                      tiny_model):  # noqa: F811
-    _head(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 8)
-    _head(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 2)
+                                                                      tiny_model):
+    head_lines(DEMO / "data" / "style.jsonl", project / "data" / "style.jsonl", 8)
+    head_lines(DEMO / "data" / "eval" / "style.jsonl", project / "data" / "eval" / "style.jsonl", 2)
     toml(project, OOM_TOML.format(model=tiny_model))  # a capitalised stage name, too
     res = train(cli, project, "Style", timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.executors.conftest import make_project, stages_of, tiny_model  # noqa: F401
+from tests.executors.conftest import make_project, stages_of  # noqa: F401
 from tests.harness.slurm import SlurmCluster, why_no_slurm
 
 
