@@ -15,9 +15,12 @@ LATEST_VENV = ".venv-latest"
 
 @task(help={"k": "only tests matching this expression (pytest -k)",
             "x": "stop at the first failure",
+            "workers": "test processes (pytest-xdist, one test file each at a time; default 2: "
+                       "the tests wait on real servers and processes more than they compute); "
+                       "1 runs them in this process",
             "latest": "run against the newest releases (a separate .venv-latest, no "
                       "constraints) to see upstream drift on purpose"})
-def test(c, k=None, x=False, latest=False):
+def test(c, k=None, x=False, latest=False, workers=2):
     """Run the whole test suite (installs openssh-server, rsync, strace and Slurm (slurmctld,
     slurmd, slurm-client, munge) first when missing)."""
     from tests.harness.install import ensure_sshd
@@ -27,6 +30,8 @@ def test(c, k=None, x=False, latest=False):
     if latest:
         python = _latest_env(c)
     args = [python, "-m", "pytest", "-q", "--durations=15"]  # the slowest, to keep CI short
+    if int(workers) > 1:  # a file's tests stay together (its module fixtures, its order)
+        args += ["-n", str(int(workers)), "--dist", "loadfile"]
     args += ["-k", k] if k else []
     args += ["-x"] if x else []
     # the quantization tests run, not skip: the test command installs the [quant] extra

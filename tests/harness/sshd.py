@@ -122,11 +122,21 @@ LogLevel {log_level}
     raise RuntimeError(f"sshd did not start on {host}:{port}:\n{server.log()}")
 
 
+def _locked_edit(argv: list[str]) -> None:
+    """useradd/usermod, retried while another test process holds /etc/passwd's lock."""
+    for _ in range(25):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+
+
 def make_user(bashrc: str = "") -> str:
     """A throwaway login user (bash, unlocked for key login) whose ~/.bashrc is ``bashrc``."""
     name = "rotest" + secrets.token_hex(3)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
-    subprocess.run(["usermod", "-p", "*", name], check=True)
+    _locked_edit(["useradd", "-m", "-s", "/bin/bash", name])
+    _locked_edit(["usermod", "-p", "*", name])
     home = Path(f"/home/{name}")
     (home / ".bashrc").write_text(bashrc)
     (home / ".bash_profile").write_text(". ~/.bashrc\n")
