@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,17 +59,30 @@ def test_a_nan_on_node_1_stops_both_nodes_before_the_step_with_every_weight_fini
         assert files and all(torch.isfinite(t).all() for f in files
                              for t in load_file(str(f)).values())
         assert not (roots[host] / "outputs" / "adapter" / "adapter_span").exists()
-    assert _left_running(run_id) == []
+    assert _left_running(run_id, roots) == []
 
 
 HANG_ON_NODE_1 = NAN_ON_NODE_1.replace('"nan@3:rank1"', '"hang@3:rank1"')
 
 
-def _left_running(run_id: str) -> list[str]:
+def _another_tests(pid: str, roots: dict[str, Path]) -> bool:
+    """Is the process provably another test's? Run ids have a second's resolution, and the
+    other test process (pytest-xdist) may start a run in the same second: its processes
+    work in its own temp folder under pytest's, never under this test's."""
+    mine = Path(os.path.commonpath([str(p) for p in roots.values()]))
+    base = next((p for p in mine.parents if p.name.startswith("pytest-of-")), None)
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    return base is not None and cwd.is_relative_to(base) and not cwd.is_relative_to(mine)
+
+
+def _left_running(run_id: str, roots: dict[str, Path]) -> list[str]:
     """Processes on this machine (both "hosts" are on it) whose command line names the run."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if run_id in line and str(os.getpid()) not in line
-            and "ps -eo" not in line]
+            and "ps -eo" not in line and not _another_tests(line.split()[0], roots)]
 
 
 def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resumes(
@@ -95,7 +109,7 @@ def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resum
         assert "node" in stage["reason"] and "of 2" in stage["reason"]
         ended[host] = at - killed
     assert max(ended.values()) < 60, ended  # bounded: both hosts fail within a minute
-    assert _left_running(run_id) == []  # no runner, torchrun or trainer left on either host
+    assert _left_running(run_id, roots) == []  # no runner, torchrun or trainer left on either host
 
     status = cli("status", "--host", "h1,h2", env=ENV)
     assert "node_lost" in status.stdout or status.stdout.count("failed") >= 2, status.stdout
@@ -139,7 +153,7 @@ def test_cancel_on_both_hosts_stops_every_node_of_the_run(cli, spanning_project,
         state, _ = wait_exited(roots[host], run_id, timeout=60)
         assert state["status"] == "cancelled", (host, state["status"])
         assert stages_of(state)["span"]["status"] == "cancelled"
-    assert _left_running(run_id) == []
+    assert _left_running(run_id, roots) == []
 
 
 LAYOUTS = [
