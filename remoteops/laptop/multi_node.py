@@ -30,7 +30,7 @@ from remoteops.common.config import Settings
 from remoteops.common.errors import ConfigError
 from remoteops.common.multi_node import check_layout, node_record, spanning
 from remoteops.common.runs import plan_stages
-from remoteops.laptop.multi_host import HostFailed, on_hosts, report, say, with_target
+from remoteops.laptop.multi_host import HostFailed, say
 
 GRACE_S = 30.0  # after one host's run failed: the others' own verdict first, then cancel
 
@@ -107,11 +107,9 @@ def train_spanning(settings: Settings, hosts: list[str], nnodes: int, only: list
         for line in header(settings, hosts, nnodes, only, skip, address):
             print(line, flush=True)
     _confirm_once(settings, yes, non_interactive, "Start one training run", hosts)
-    bundle = None
-    if not no_deploy and settings["pipeline.deploy"] and not resume:
-        from remoteops.laptop.build import build_bundle
+    from remoteops.laptop.multi_train import run_detachable, shared_bundle
 
-        bundle = str(build_bundle(settings).tar_path)  # once: every node runs the same code
+    bundle = shared_bundle(settings, no_deploy, resume)  # every node runs the same code
     run_id = resume if isinstance(resume, str) else f"run_{utc_stamp()}"
     span = _Span(hosts, run_id, address)
 
@@ -122,13 +120,9 @@ def train_spanning(settings: Settings, hosts: list[str], nnodes: int, only: list
             span.fail(h)
             raise
 
-    try:
-        group = on_hosts(hosts, with_target(settings, trust_host, work))
-    except KeyboardInterrupt:
-        print(f"\ndetached (Ctrl-C); the run goes on on every host. Follow it with: invoke "
-              f"status --host {','.join(hosts)}")
-        return
-    report(group, _show, json, "remote-train")
+    run_detachable(settings, hosts, trust_host, work, _show, json,
+                   f"the run goes on on every host. Follow it with: invoke status --host "
+                   f"{','.join(hosts)}")
 
 
 def _node(settings: Settings, h: str, target, req, bundle: str | None, span: _Span,

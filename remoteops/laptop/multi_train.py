@@ -82,26 +82,39 @@ def remote_train(host=None, skip_sample=False, stages=None, resume=None, project
         for line in _header(settings, hosts, only, skip):
             print(line, flush=True)
     _confirm_once(settings, yes, non_interactive, "Start training", hosts)
-    bundle = None
-    if not no_deploy and settings["pipeline.deploy"] and not resume:
-        from remoteops.laptop.build import build_bundle
-
-        built = build_bundle(settings)  # once: every host gets the same version
-        bundle = str(built.tar_path)
+    bundle = shared_bundle(settings, no_deploy, resume)
 
     def work(h: str, target) -> dict:
         return _train_one(settings, h, target, requests[h], bundle,
                           in_place(target, settings.project_dir), trust_host)
 
+    run_detachable(settings, hosts, trust_host, work, _show, json,
+                   f"the runs go on. Follow them with: invoke status --host "
+                   f"{host or settings['default_host']}")
+
+
+def shared_bundle(settings: Settings, no_deploy: bool, resume) -> str | None:
+    """The bundle every host gets (built once, so all run the same version), or None when
+    nothing is deployed."""
+    if no_deploy or not settings["pipeline.deploy"] or resume:
+        return None
+    from remoteops.laptop.build import build_bundle
+
+    return str(build_bundle(settings).tar_path)
+
+
+def run_detachable(settings: Settings, hosts: list[str], trust_host: bool, work,
+                   show, json: bool, detached: str) -> None:
+    """``work(host, target)`` on every host in parallel, then each host's result; Ctrl-C
+    leaves the runs going and prints ``detached``."""
     from remoteops.laptop.multi_host import with_target
 
     try:
         group = on_hosts(hosts, with_target(settings, trust_host, work))
     except KeyboardInterrupt:
-        print(f"\ndetached (Ctrl-C); the runs go on. Follow them with: invoke status --host "
-              f"{host or settings['default_host']}")
+        print(f"\ndetached (Ctrl-C); {detached}")
         return
-    report(group, _show, json, "remote-train")
+    report(group, show, json, "remote-train")
 
 
 def prepare_host(settings: Settings, h: str, target, req, bundle: str | None,
