@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.waits import wait_for
 from tests.hosts.conftest import ENV
 from tests.multinode.conftest import stages_of, state_of, wait_exited
 
@@ -85,17 +86,21 @@ def _left_running(run_id: str, roots: dict[str, Path]) -> list[str]:
             and "ps -eo" not in line and not _another_tests(line.split()[0], roots)]
 
 
-def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resumes(
-        cli, spanning_project, roots):
+def _hung_on_node_1(cli, spanning_project, roots) -> str:
+    """A spanning run started detached whose node 1 hangs at step 3; its run id."""
     spanning_project(["span", "collect"], HANG_ON_NODE_1)
     res = cli("remote-train", "--host", "@pair", "--yes", "--detach", env=ENV, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = re.search(r"started (run_\w+) as node 0", res.stdout).group(1)
     log2 = roots["h2"] / "outputs" / "training_sync" / run_id / "logs" / "span.log"
-    deadline = time.monotonic() + 240
-    while "hanging at step 3" not in (log2.read_text() if log2.is_file() else ""):
-        assert time.monotonic() < deadline, "node 1 never reached step 3"
-        time.sleep(0.3)
+    wait_for(lambda: "hanging at step 3" in (log2.read_text() if log2.is_file() else ""), 240,
+             "node 1 to reach step 3", every=0.3)
+    return run_id
+
+
+def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resumes(
+        cli, spanning_project, roots):
+    run_id = _hung_on_node_1(cli, spanning_project, roots)
     launcher = stages_of(state_of(roots["h2"], run_id))["span"]["process"]["pid"]
     killed = time.monotonic()
     os.kill(launcher, signal.SIGKILL)  # node 1's torchrun dies hard; the laptop is gone
@@ -136,15 +141,7 @@ def test_killing_one_nodes_torchrun_fails_both_hosts_leaves_no_process_and_resum
 
 
 def test_cancel_on_both_hosts_stops_every_node_of_the_run(cli, spanning_project, roots):
-    spanning_project(["span", "collect"], HANG_ON_NODE_1)
-    res = cli("remote-train", "--host", "@pair", "--yes", "--detach", env=ENV, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    run_id = re.search(r"started (run_\w+) as node 0", res.stdout).group(1)
-    log2 = roots["h2"] / "outputs" / "training_sync" / run_id / "logs" / "span.log"
-    deadline = time.monotonic() + 240
-    while "hanging at step 3" not in (log2.read_text() if log2.is_file() else ""):
-        assert time.monotonic() < deadline, "node 1 never reached step 3"
-        time.sleep(0.3)
+    run_id = _hung_on_node_1(cli, spanning_project, roots)
     res = cli("cancel", "--host", "@pair", "--json", env=ENV)
     assert res.returncode == 0, res.stderr
     assert {h: v["result"]["run_id"] for h, v in json.loads(res.stdout).items()} == {
