@@ -112,8 +112,10 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
 
 def _connect(target: Target, streamed: bool = False) -> None:
     """Open the SSH connection (no shell, no SFTP yet), so later steps can share it; not
-    when the deploy streams over the ``ssh`` client (paramiko then opens only if needed)."""
-    if isinstance(target, SSHTarget) and not (streamed and target.openssh is not None):
+    when the deploy streams over the ``ssh`` client or a kept connection (paramiko then
+    opens only if needed)."""
+    if isinstance(target, SSHTarget) and not (streamed and (
+            target.openssh is not None or (target.kept is not None and target.kept.ready()))):
         target.connection  # noqa: B018 - opens it
 
 

@@ -41,6 +41,8 @@ class SSHTarget(Target):
         self.keepalive = keepalive
         # ``openssh.OpenSSHClient`` for agent streams (the deploy's request), or None: paramiko
         self.openssh = None
+        # ``kept.Kept``: the kept connection requests may go through, or None
+        self.kept = None
 
     @property
     def connection(self):
@@ -195,6 +197,9 @@ class SSHTarget(Target):
                 except (OSError, EOFError, Exception):  # noqa: BLE001
                     pass
         self._sftp = self._conn = None
+        if self.kept is not None and self.kept.wanted:  # none was there: keep one for next time
+            self.kept.wanted = False
+            self.kept.spawn()
 
     def describe(self) -> str:
         return self.name
@@ -237,6 +242,9 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
                        backoff=float(settings["ssh.retry_backoff"]),
                        keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
     target.openssh = client_for(endpoint, str(settings["ssh.client"]))
+    from remoteops.laptop.kept import kept_for
+
+    target.kept = kept_for(settings, spec, entry, endpoint, python)
     return target
 
 
