@@ -31,8 +31,9 @@ import sys
 import threading
 from pathlib import Path
 
-from remoteops.common.kept_wire import (END, EXIT, INPUT, LOST, NOT_STARTED, STARTED, Frames,
-                                        FrameError, frame, json_frame, read_frames, REQUEST)
+from remoteops.common.kept_wire import (END, EXIT, INPUT, LOST, NOT_STARTED, OUT, STARTED,
+                                        Frames, FrameError, frame, json_frame, read_frames,
+                                        REQUEST)
 
 PROTOCOL = 1
 _SEND = 1 << 20
@@ -147,6 +148,34 @@ class Kept:
         sock.settimeout(None)
         return KeptRequest(sock, frames, got[1:])
 
+    def run(self, argv: list[str], timeout: float, name: str) -> tuple[str, str, int] | None:
+        """``argv`` run through the keeper with no input: its stdout, stderr and exit code
+        (None: it did not start; go the usual way)."""
+        request = self.request(argv)
+        if request is None:
+            return None
+        out: list[bytes] = []
+        err: list[bytes] = []
+        request.sock.settimeout(timeout)
+        try:
+            request.close_input()
+            for kind, payload in request.frames_in():
+                (out if kind == OUT else err).append(payload)
+        except OSError:
+            pass
+        finally:
+            request.close()
+        if request.code is None:
+            from remoteops.common.errors import ConnectError, RemoteCommandError
+
+            if isinstance(request.error, socket.timeout):
+                raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {name}; "
+                                         "raise ssh.command_timeout if it needs longer.")
+            raise ConnectError(f"connection lost to {name} (the kept connection ended); check "
+                               "the network and run the command again.")
+        return (b"".join(out).decode("utf-8", "replace"),
+                b"".join(err).decode("utf-8", "replace"), request.code)
+
     def spawn(self) -> None:
         """Start a keeper in the background (it gives up quietly if one is running)."""
         try:
@@ -166,6 +195,7 @@ class KeptRequest:
         self.sock, self.frames, self.early = sock, frames, early
         self.code: int | None = None
         self.lost = False
+        self.error: Exception | None = None  # why the frames ended early, if they did
         self._lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -195,8 +225,8 @@ class KeptRequest:
                 if kind in (LOST, NOT_STARTED):
                     break
                 yield kind, payload
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            self.error = exc
         self.lost = True
 
 

@@ -21,6 +21,10 @@ from remoteops.common.errors import ConfigError, ConnectError, RemoteCommandErro
 from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
+# agent commands that only read, and answer at once: these may use a kept connection
+KEPT_COMMANDS = frozenset({"backups", "checkpoints", "data-status", "deploy-plan",
+                           "pipeline-files", "pipeline-live", "pipeline-logs", "pipeline-runs",
+                           "pipeline-status", "serve-status", "version"})
 
 
 class SSHTarget(Target):
@@ -68,6 +72,15 @@ class SSHTarget(Target):
 
         return open_connection(self._factory, self.name, self.retries, self.backoff,
                                self.keepalive)
+
+    def run_agent(self, *args: str, timeout: float | None = None):
+        """As ``Target.run_agent``; the commands that only read go through the kept
+        connection when there is one (``laptop/kept``: no login)."""
+        if self.kept is not None and args and args[0] in KEPT_COMMANDS and self.kept.ready():
+            got = self.kept.run([*args, "--json"], timeout or self.command_timeout, self.name)
+            if got is not None:
+                return self.agent_answer(*got)
+        return super().run_agent(*args, timeout=timeout)
 
     def _run(self, command: str, timeout: float, stdin: str | None) -> tuple[str, str, int]:
         # Always our own channel, its input closed after the payload (or at once): a login

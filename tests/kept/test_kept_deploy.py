@@ -115,7 +115,7 @@ def kept_up(runtime: Path, besides: tuple = ()) -> int:
 
 
 def test_redeploys_go_through_the_kept_connection_without_logging_in(box, project, runtime,
-                                                                      cli):
+                                                                      cli, own_sshd):
     assert box().logins == 1  # the deploy logs in; the keeper it leaves behind, after it
     pid = kept_up(runtime)
     (project / "code" / "train.py").write_text("print('v2')\n")
@@ -125,7 +125,16 @@ def test_redeploys_go_through_the_kept_connection_without_logging_in(box, projec
     assert tree(box.root) == expected_tree(project)
     noop = box("--json")
     assert noop.logins == 0 and as_json(noop)["noop"]
-    # the agent's other commands answer through it as well (each in its own forked child)
+    # the agent's commands that only read answer through it as well (each in a forked child)
+    env = {"REMOTEOPS_REMOTE_PYTHON": sys.executable, "XDG_RUNTIME_DIR": str(runtime),
+           "REMOTEOPS_SSH__PERSIST": "120"}
+    mark = len(own_sshd.log())
+    rows = as_json(cli("backups", "--host", "box", "--project-root", str(box.root), "--json",
+                       env=env))
+    assert [r["current"] for r in rows] == [False, True] and rows[-1]["version"] == 2
+    missing = cli("status", "--host", "box", "--project-root", str(box.root), env=env)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no pipeline runs under")
+    assert own_sshd.log()[mark:].count(LOGIN) == 0
     listed = cli("connections", "--json", env={"XDG_RUNTIME_DIR": str(runtime)})
     rows = json.loads(listed.stdout)["connections"]
     assert [(r["target"], r["pid"], r["via"]) for r in rows] == [("box", pid, "paramiko")]
