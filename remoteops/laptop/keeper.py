@@ -224,6 +224,8 @@ def _send(conn: socket.socket, data: bytes) -> None:
 def _peer_uid(conn: socket.socket) -> int:
     import struct
 
+    if not hasattr(socket, "SO_PEERCRED"):  # not Linux: the 0700 folder is the guard
+        return os.getuid()
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]  # struct ucred: pid, uid, gid
 
@@ -278,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.umask(old)
         server.listen(8)
+        try:
+            kept.failed_path.unlink()
+        except FileNotFoundError:
+            pass
         write_atomic_text(kept.info_path, json.dumps({
             "pid": os.getpid(), "host": args.host, "target": target.name,
             "project": str(kept.project_dir), "started": time.time(), "persist": kept.persist,
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RemoteOpsError as exc:
         log.warning("%s", exc)
+        write_atomic_text(kept.failed_path, str(exc))  # commands wait before trying again
         return 1
     finally:
         if server is not None:

@@ -37,6 +37,7 @@ from remoteops.common.kept_wire import (END, EXIT, INPUT, LOST, NOT_STARTED, OUT
 
 PROTOCOL = 1
 _SEND = 1 << 20
+RETRY_SECONDS = 300  # after a keeper could not start, commands do not start another for this
 
 
 def runtime_dir() -> Path | None:
@@ -113,6 +114,11 @@ class Kept:
     def info_path(self) -> Path:
         return self.folder / f"{self.key}.json"
 
+    @property
+    def failed_path(self) -> Path:
+        """Why the last keeper could not start (its time: when to try again)."""
+        return self.folder / f"{self.key}.failed"
+
     def ready(self) -> bool:
         """A keeper seems to listen (its socket is there; ``request`` finds out for sure)."""
         return self.socket_path.exists()
@@ -177,7 +183,15 @@ class Kept:
                 b"".join(err).decode("utf-8", "replace"), request.code)
 
     def spawn(self) -> None:
-        """Start a keeper in the background (it gives up quietly if one is running)."""
+        """Start a keeper in the background (it gives up quietly if one is running); not
+        within ``RETRY_SECONDS`` of one that could not start (no Python there, no agent)."""
+        import time
+
+        try:
+            if time.time() - self.failed_path.stat().st_mtime < RETRY_SECONDS:
+                return
+        except OSError:
+            pass
         try:
             with open(self.log_path, "ab") as log:
                 subprocess.Popen([sys.executable, "-m", "remoteops.laptop.keeper", "--host",

@@ -237,3 +237,27 @@ def test_a_banner_before_the_resident_changes_nothing(box, project, runtime, tmp
     res = box("--json", env=env)
     assert res.logins == 0 and as_json(res)["plan"]["changed"] == ["code/train.py"]
     assert tree(box.root) == expected_tree(project)
+
+
+def test_a_keeper_that_cannot_start_its_agent_is_not_retried_at_once(box, project, runtime,
+                                                                     tmp_path):
+    """A server whose Python runs the deploy but not the resident agent (here a wrapper
+    that refuses it): the keeper says why in its log, and the next commands log in as
+    always without starting another one for a while."""
+    wrapper = tmp_path / "python.sh"
+    wrapper.write_text('#!/bin/bash\ncase "$*" in *resident*) echo "resident refused" >&2; '
+                       f'exit 3;; esac\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"REMOTEOPS_REMOTE_PYTHON": str(wrapper)}
+    box(env=env)
+    folder = runtime / "remoteops"
+    wait_for(lambda: list(folder.glob("*.failed")), 60, "the keeper to give up")
+    log = next(folder.glob("*.log")).read_text()
+    assert "the resident agent did not start on box: resident refused" in log
+    pid = next(iter(keepers(runtime).values()))
+    wait_for(lambda: not alive(pid), 10, "the failed keeper to exit")
+    (project / "code" / "train.py").write_text("print('still deployed')\n")
+    assert box(env=env).logins == 1
+    time.sleep(1.0)
+    assert list(keepers(runtime).values()) == [pid]  # none started again
+    assert tree(box.root) == expected_tree(project)
