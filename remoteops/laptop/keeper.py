@@ -105,8 +105,11 @@ class Keeper:
         for attempt in range(2):
             if not self.resident.send(argv_frame):
                 break
-            got = self.resident.next()
+            # the resident forks at once: no answer in the connect timeout means the link
+            # died unnoticed (a laptop that slept): give up, a command starts a new keeper
+            got = self.resident.next(max(5.0, self.kept.start_timeout))
             if got is None:
+                log.warning("the resident agent did not answer: closing")
                 break
             if got[0] == NOT_STARTED and got[1] == b"stale" and attempt == 0:
                 log.info("the server's toolkit changed: starting a new resident agent")

@@ -41,7 +41,7 @@ class CutProxy:
         """Forget every open flow: bytes are read and dropped, sockets stay open. Connections
         made later are forwarded normally. Returns how many flows were dropped."""
         with self._lock:
-            live = [f for f in self._flows if not f["dead"]]
+            live = [f for f in self._flows if not f["dead"] and not f.get("closed")]
             for flow in live:
                 flow["holed"] = True
             return len(live)

@@ -261,3 +261,28 @@ def test_a_keeper_that_cannot_start_its_agent_is_not_retried_at_once(box, projec
     time.sleep(1.0)
     assert list(keepers(runtime).values()) == [pid]  # none started again
     assert tree(box.root) == expected_tree(project)
+
+
+def test_a_link_that_died_unnoticed_costs_one_timeout(box, project, home, own_sshd, runtime):
+    """A laptop that slept: the kept connection's TCP flow is gone without a reset (the
+    proxy drops its bytes, as a NAT that forgot it). The deploy waits at most the connect
+    timeout for the keeper, then logs in as always; the keeper gives up and exits."""
+    proxy = CutProxy((own_sshd.host, own_sshd.port))
+    try:
+        via = dataclasses.replace(own_sshd, port=proxy.port)
+        ssh_alias(home, "cut", via)
+        trust(project, via)
+        env = {"REMOTEOPS_SSH__CONNECT_TIMEOUT": "2"}
+        box(host="cut", env=env)
+        pid = kept_up(runtime)
+        assert proxy.blackhole() == 1
+        (project / "code" / "train.py").write_text("print('after the sleep')\n")
+        started = time.monotonic()
+        res = box(host="cut", env=env)
+        assert res.logins == 1 and time.monotonic() - started < 30
+        assert tree(box.root) == expected_tree(project)
+        wait_for(lambda: not alive(pid), 30, "the stuck keeper to give up")
+        log = next((runtime / "remoteops").glob("*.log")).read_text()
+        assert "the resident agent did not answer: closing" in log
+    finally:
+        proxy.close()
