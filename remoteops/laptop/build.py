@@ -203,10 +203,11 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     as soon as the manifest is known and write the tar and manifest in a thread
     (``Built.wait``); a redeploy that streams its files does not need them first. ``tap``:
     told as the tar's bytes are written (``write_tar``), so they can be sent meanwhile.
-    ``background="deferred"``: write the manifest and return; the tar is written by
-    ``Built.wait`` when something needs it, else by ``Built.finish_detached`` after the
-    command (a streamed redeploy sends its files from the project, and rewriting a 100 MB
-    bundle for a one-file change was most of its time).
+    ``background="deferred"``: return; the tar and manifest are written by ``Built.wait``
+    when something needs them, else by ``Built.finish_detached`` after the command (a
+    streamed redeploy sends its files from the project, and rewriting a 100 MB bundle for
+    a one-file change was most of its time). Whoever reads the bundles folder next waits
+    for that (``writer_lock``).
     """
     from remoteops.plugins import get_plugin_manager
     from remoteops.laptop.wheel import build_toolkit_wheel
@@ -274,14 +275,12 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         try:
             write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier,
                       tap=tap)
-            if background != "deferred":
-                write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is whole
+            write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is complete
         except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
             built.error = exc
         built.seconds = time.monotonic() - started
 
-    if background == "deferred":  # the manifest now; the tar when needed, or after the command
-        write_atomic_text(manifest_path, manifest.to_json())
+    if background == "deferred":  # written when needed, or after the command
         built.deferred = write
         return built
     if background:
