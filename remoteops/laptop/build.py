@@ -209,7 +209,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     a one-file change was most of its time). Whoever reads the bundles folder next waits
     for that (``writer_lock``).
     """
-    from remoteops.plugins import get_plugin_manager
+    from remoteops.laptop.plugin_set import plugin_set
     from remoteops.laptop.wheel import build_toolkit_wheel
 
     started = time.monotonic()
@@ -242,8 +242,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     cache.save()
     wheel = build_toolkit_wheel(out / ".toolkit")
     wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
-    pm = pm or get_plugin_manager(project, settings["plugins_dir"])
-    plugins = pm.requirements()
+    plugins = pm.requirements() if pm is not None else \
+        plugin_set(project, settings["plugins_dir"], out / ".plugins.json")
     cid = content_id(entries, wheel_info, plugins)
     with writer_lock(out):  # a tar still being written by an earlier deploy's child
         previous = _latest(out, name)
