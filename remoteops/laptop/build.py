@@ -15,7 +15,6 @@ version is bumped only when the content id changes.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import stat
@@ -26,6 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: bundles are written in-process, there is nothing to wait for
+    fcntl = None
 
 from remoteops import __version__
 from remoteops.common.config import Settings
@@ -147,7 +151,8 @@ class Built:
         """Write a deferred tar in a forked child, so the command ends now (the next build
         waits for it: ``writer_lock``). False: not possible here (threads still running,
         no fork); ``wait`` then writes it."""
-        if self.deferred is None or threading.active_count() > 1 or not hasattr(os, "fork"):
+        if self.deferred is None or threading.active_count() > 1 or not hasattr(os, "fork") \
+                or fcntl is None:
             return False
         lock = writer_lock(self.tar_path.parent, exclusive=True)
         sys.stdout.flush()
@@ -178,7 +183,8 @@ def writer_lock(out_dir: Path, exclusive: bool = False):
     exclusively; a build takes it shared first, so it never reads a half-made history."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fh = open(out_dir / ".writing.lock", "a")
-    fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    if fcntl is not None:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     return fh
 
 

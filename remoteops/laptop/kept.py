@@ -280,8 +280,9 @@ def kept_for(settings, spec: str, entry: dict, endpoint, python: str) -> Kept | 
     """The kept connection a command to this host may use (None: ``persist`` is 0, or
     ``--trust-host``, which must log in to record the key)."""
     persist = float(settings["ssh.persist"])
-    if persist <= 0 or endpoint.trust_host:
-        return None
+    if persist <= 0 or endpoint.trust_host or not hasattr(socket, "AF_UNIX") or \
+            not hasattr(os, "getuid"):
+        return None  # off, a login that must record a key, or not a POSIX laptop
     folder = runtime_dir()
     if folder is None:
         return None
