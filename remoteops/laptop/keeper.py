@@ -234,6 +234,7 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _stop(*_) -> None:
+    log.info("asked to stop (SIGTERM): closing")
     raise SystemExit(0)  # in the main thread: the socket and the connection are closed
 
 
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if keeper is not None:
             keeper.resident.close()
         target.close()
+        log.info("closed")
 
 
 if __name__ == "__main__":

@@ -286,3 +286,34 @@ def test_a_link_that_died_unnoticed_costs_one_timeout(box, project, home, own_ss
         assert "the resident agent did not answer: closing" in log
     finally:
         proxy.close()
+
+
+def test_a_command_while_the_keeper_is_busy_logs_in_as_always(box, project, runtime, cli,
+                                                               own_sshd, monkeypatch):
+    """One request at a time: a command that comes while another holds the kept connection
+    waits a moment, then logs in as always; the held request, given no input, changes
+    nothing."""
+    from remoteops.common.config import load_settings
+    from remoteops.laptop.targets import open_target
+
+    box()
+    kept_up(runtime)
+    env = {"REMOTEOPS_REMOTE_PYTHON": sys.executable, "XDG_RUNTIME_DIR": str(runtime),
+           "REMOTEOPS_SSH__PERSIST": "120"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    target = open_target(load_settings(project), "box")
+    held = target.kept.request(["deploy-stream", "--root", str(box.root), "--json"])
+    assert held is not None  # the same key as the keeper's: it started on the server
+    try:
+        mark = len(own_sshd.log())
+        listed = cli("backups", "--host", "box", "--project-root", str(box.root), "--json",
+                     env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [r["version"] for r in as_json(listed)] == [1]
+        assert own_sshd.log()[mark:].count(LOGIN) == 1  # it could not use the busy keeper
+    finally:
+        held.close()  # the held deploy request reads the end of its input
+    wait_for(lambda: target.kept.run(["version", "--json"], 10, "box") is not None, 10,
+             "the keeper to take requests again")
+    assert tree(box.root) == expected_tree(project)  # as deployed: nothing changed
