@@ -4,7 +4,8 @@ Started by a command that found none (``laptop/kept``), as ``python -m
 remoteops.laptop.keeper --host SPEC --key KEY`` in the project folder. It resolves
 the host exactly as the command did (and exits if the result has another key), logs
 in, starts ``python -m remoteops.agent resident --json`` on the server over that
-connection (the project's ``[ssh] client``: paramiko, or the ``ssh`` binary), then
+connection (``[ssh] client`` when chosen, else ``auto``: the ``ssh`` binary wherever it
+can express the host exactly, see ``laptop/kept.keeper_client``), then
 listens on its socket. Each request is passed on as frames and the answer passed back
 (``common/kept_wire``); one at a time (a second command is told ``busy`` and connects
 as always). It exits after ``[ssh] persist`` seconds without a request, when the

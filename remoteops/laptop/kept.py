@@ -96,6 +96,7 @@ class Kept:
     project_dir: Path
     persist: float
     start_timeout: float    # how long a request may wait for the keeper to start it
+    client: str = "auto"    # the keeper's [ssh] client (keeper_client)
     wanted: bool = False    # none was listening: start one when the command ends
 
     @property
@@ -197,6 +198,7 @@ class Kept:
                 subprocess.Popen([sys.executable, "-m", "remoteops.laptop.keeper", "--host",
                                   self.spec, "--key", self.key], cwd=self.project_dir,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 env={**os.environ, "REMOTEOPS_SSH__CLIENT": self.client},
                                  start_new_session=True, close_fds=True)
         except OSError:
             pass  # the next command connects as always
@@ -287,9 +289,19 @@ def kept_for(settings, spec: str, entry: dict, endpoint, python: str) -> Kept | 
     if folder is None:
         return None
     ssh_config = Path(os.path.expanduser(settings["ssh.config_file"]))
-    key = keeper_key(spec, entry, endpoint, python, str(settings["ssh.client"]), ssh_config)
+    client = keeper_client(settings)
+    key = keeper_key(spec, entry, endpoint, python, client, ssh_config)
     return Kept(key, folder, spec, settings.project_dir, persist,
-                max(2.0, float(settings["ssh.connect_timeout"])))
+                max(2.0, float(settings["ssh.connect_timeout"])), client)
 
 
-__all__ = ["Kept", "KeptRequest", "kept_for", "runtime_dir", "keeper_key", "running", "close"]
+def keeper_client(settings) -> str:
+    """The SSH client a keeper holds its connection with: ``[ssh] client`` when you chose
+    one, else ``auto``. paramiko is the default for commands because ``ssh`` logs in with
+    two more round trips; a keeper logs in once, in the background, and then moves a full
+    deploy's bytes in C (on loopback 1.7 s against 2.0-2.6 s for a 145 MB re-upload)."""
+    chosen = str(settings["ssh.client"])
+    return chosen if settings.source("ssh.client") != "default" else "auto"
+
+
+__all__ = ["Kept", "KeptRequest", "kept_for", "keeper_client", "runtime_dir", "keeper_key", "running", "close"]

@@ -137,7 +137,8 @@ def test_redeploys_go_through_the_kept_connection_without_logging_in(box, projec
     assert own_sshd.log()[mark:].count(LOGIN) == 0
     listed = cli("connections", "--json", env={"XDG_RUNTIME_DIR": str(runtime)})
     rows = json.loads(listed.stdout)["connections"]
-    assert [(r["target"], r["pid"], r["via"]) for r in rows] == [("box", pid, "paramiko")]
+    # the keeper logs in once, so it takes the ssh binary (2 more round trips, once)
+    assert [(r["target"], r["pid"], r["via"]) for r in rows] == [("box", pid, "ssh")]
     closed = cli("connections", "--close", env={"XDG_RUNTIME_DIR": str(runtime)})
     assert closed.returncode == 0 and "closed" in closed.stdout
     wait_for(lambda: not alive(pid), 10, "the keeper to exit")
@@ -317,3 +318,15 @@ def test_a_command_while_the_keeper_is_busy_logs_in_as_always(box, project, runt
     wait_for(lambda: target.kept.run(["version", "--json"], 10, "box") is not None, 10,
              "the keeper to take requests again")
     assert tree(box.root) == expected_tree(project)  # as deployed: nothing changed
+
+
+def test_a_chosen_client_is_the_keepers_too(box, project, runtime, cli):
+    env = {"REMOTEOPS_SSH__CLIENT": "paramiko"}
+    box(env=env)
+    pid = kept_up(runtime)
+    rows = json.loads(cli("connections", "--json", env={"XDG_RUNTIME_DIR": str(runtime)})
+                      .stdout)["connections"]
+    assert [(r["pid"], r["via"]) for r in rows] == [(pid, "paramiko")]
+    (project / "code" / "train.py").write_text("print('over paramiko')\n")
+    assert box(env=env).logins == 0
+    assert tree(box.root) == expected_tree(project)
