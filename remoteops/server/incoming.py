@@ -45,16 +45,17 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
     return extract(manifest, iter_members(delta), need, staging)
 
 
-def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict[str, Path]:
+def extract(manifest: Manifest, members, need: list[str], staging: Path,
+            durable: bool = True) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
-    ``staging``, its sha256 checked, made durable; anything the manifest does not list as
-    a file refused; a needed file missing is ``MissingMembers``."""
+    ``staging``, its sha256 checked, made durable (``durable=False``: by the caller, with
+    ``make_staged_durable``); anything the manifest does not list as a file refused; a
+    needed file missing is ``MissingMembers``."""
     wanted = manifest.file_map()
     need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
     toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
-    folders: set[Path] = set()
     for member, fh in members:
         if fh is None or member.name == toolkit:  # the upload may be the whole bundle
             continue
@@ -76,14 +77,24 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict
             raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
                               "damaged); nothing was changed: rebuild and deploy again.")
         staged[rel] = out
-        folders |= {out.parent} | ancestors(out.parent, staging.parent)
     missing = [p for p in need if p not in staged]
     if missing:
         raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
                              f"{len(missing) - 1} more are not in the upload); run the "
                              "deploy again.")
-    make_durable(list(staged.values()), folders, staging.parent)
+    if durable:
+        make_staged_durable(staged, staging)
     return staged
+
+
+def make_staged_durable(staged: dict[str, Path], staging: Path) -> None:
+    """Every staged file, and the folders that name them up to ``staging``'s parent, on disk
+    (``durable.make_durable``)."""
+    folders: set[Path] = set()
+    for out in staged.values():
+        if out.parent not in folders:
+            folders |= {out.parent} | ancestors(out.parent, staging.parent)
+    make_durable(list(staged.values()), folders, staging.parent)
 
 
 
