@@ -120,11 +120,11 @@ def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
 
 
 def receive_chunked(src: Input, dest: Path, offset: int,
-                    on_data: Callable[[bytes], None] | None = None) -> None:
+                    on_open: Callable[[Path], None] | None = None) -> None:
     """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
     to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
-    keeps the part file: the next deploy resumes there. ``on_data``: told each piece once
-    it is in the part file (``early_stage`` extracts them meanwhile)."""
+    keeps the part file: the next deploy resumes there. ``on_open(part)``: told once the
+    part file is ready to grow (``early_stage`` reads it meanwhile)."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
@@ -135,6 +135,8 @@ def receive_chunked(src: Input, dest: Path, offset: int,
     with open(part, "r+b" if part.is_file() else "wb") as out:
         out.truncate(offset)
         out.seek(offset)
+        if on_open is not None:
+            on_open(part)
         while True:
             length = src.exactly(8)
             size = int.from_bytes(length, "big") if len(length) == 8 else -1
@@ -147,10 +149,9 @@ def receive_chunked(src: Input, dest: Path, offset: int,
             if size == 0:
                 break
             out.write(data)
+            out.flush()  # an early stage reads the file as it grows
             h.update(data)
             got += size
-            if on_data is not None:
-                on_data(data)
     trailer = json.loads(src.line() or b"{}")
     if trailer.get("size") != got or trailer.get("tail_sha256") != h.hexdigest():
         part.unlink(missing_ok=True)
@@ -305,13 +306,15 @@ def _apply_planned(project: Project, src: Input, header: dict,
     delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
     offset = int(header["delta"]["offset"])
     early: list[EarlyStage] = []
-    if need and offset == 0:
-        early.append(EarlyStage(new, need, project.state / "staging" /
-                                f"{new.content_id}-early-{os.getpid()}"))
+
+    def stage_early(part: Path) -> None:
+        if need and offset == 0:
+            early.append(EarlyStage(new, need, part, project.state / "staging" /
+                                    f"{new.content_id}-early-{os.getpid()}"))
 
     try:
         try:
-            receive_chunked(src, delta, offset, early[0].arriving if early else None)
+            receive_chunked(src, delta, offset, stage_early)
         except BaseException:
             for stager in early:
                 stager.abandon()
