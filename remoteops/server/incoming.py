@@ -15,7 +15,7 @@ from pathlib import Path
 from remoteops.common.manifest import BundleError, Manifest, iter_members
 from remoteops.common.files import CHUNK, sha256_file
 from remoteops.common.paths import RESERVED, ancestors, link_of, safe_relpath
-from remoteops.server.durable import make_durable
+from remoteops.server.durable import Writeback, make_durable
 
 
 class MissingMembers(BundleError):
@@ -70,9 +70,11 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
         out.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         with open(out, "wb") as dst:
+            early_write = Writeback(dst)
             for chunk in iter(lambda: fh.read(CHUNK), b""):
                 h.update(chunk)
                 dst.write(chunk)
+                early_write.wrote(len(chunk))
         if h.hexdigest() != wanted[rel].sha256:
             raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
                               "damaged); nothing was changed: rebuild and deploy again.")
