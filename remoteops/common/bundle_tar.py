@@ -325,13 +325,15 @@ def iter_members(tar_path: Path, raw=None):
 
     import zstandard
 
+    from remoteops.common.tar_stream import TarStream
+
     try:
         with (contextlib.nullcontext(raw) if raw is not None else open(tar_path, "rb")) as raw, \
-                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr, \
-                tarfile.open(fileobj=zr, mode="r|") as tar:
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr:
+            tar = TarStream(zr)
             for member in tar:
                 member.name = check_member(member)
-                yield member, (_MemberReader(tar.extractfile(member), tar_path.name)
+                yield member, (_MemberReader(tar.data(member), tar_path.name)
                                if member.isfile() else None)
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
         raise BundleError(f"{tar_path.name} is truncated or corrupted ({exc}); rebuild it with "
