@@ -75,13 +75,15 @@ ns.add_task(test)
             "mbps": "shape the link through a proxy: this many megabits/s each way",
             "files": "files in the reference project (default 2000)",
             "text_mb": "MB of text in it (default 40)",
-            "blob_mb": "MB of the incompressible file (default 100)"})
-def bench_deploy(c, repeats=3, rtt_ms=None, mbps=None, files=None, text_mb=None, blob_mb=None):
+            "blob_mb": "MB of the incompressible file (default 100)",
+            "cold": "ours logs in for every deploy (no kept connection, [ssh] persist = 0)"})
+def bench_deploy(c, repeats=3, rtt_ms=None, mbps=None, files=None, text_mb=None, blob_mb=None,
+                 cold=False):
     """Benchmark deploys against rsync and scp over a real local sshd (prints ratios);
     --rtt-ms/--mbps run them through a shaped link and add round trips per deploy."""
     from tests.bench.bench_deploy import main
 
-    args = ["--repeats", str(repeats)]
+    args = ["--repeats", str(repeats)] + (["--cold"] if cold else [])
     for flag, value in (("--rtt-ms", rtt_ms), ("--mbps", mbps), ("--files", files),
                         ("--text-mb", text_mb), ("--blob-mb", blob_mb)):
         args += [flag, str(value)] if value is not None else []

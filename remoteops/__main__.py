@@ -1,3 +1,3 @@
-from remoteops.laptop.main import program
+from remoteops.laptop.entry import main
 
-program.run()
+main()

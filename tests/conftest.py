@@ -16,8 +16,15 @@ from tests.harness.sshd import SSHServer, keygen, make_user, remove_user, start_
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The suite's servers live for a test or a session; a kept connection (laptop/keeper) would
+# outlive them and carry one test's connection into the next. Off unless a test turns it on
+# (tests/kept).
+NO_KEEPER = {"REMOTEOPS_SSH__PERSIST": "0"}
+
+
 def pytest_configure(config):
     sys._called_from_test = True  # no entry-point autoload in-process (llm's convention)
+    os.environ.update(NO_KEEPER)
 
 
 def sshd_folder() -> Path:
@@ -74,6 +81,8 @@ def home(tmp_path, monkeypatch) -> Path:
     for name in list(os.environ):
         if name.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME")):
             monkeypatch.delenv(name)
+    for name, value in NO_KEEPER.items():
+        monkeypatch.setenv(name, value)
     return home
 
 

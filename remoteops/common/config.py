@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "retry_backoff": 1.0,
         "command_timeout": 300.0,
         "client": "paramiko",  # the deploy's request over: paramiko | auto | openssh
+        "persist": 600.0,  # seconds a kept connection waits for the next deploy; 0: none
     },
     "precheck": {
         "min_python": "3.10",

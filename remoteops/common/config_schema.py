@@ -72,6 +72,7 @@ RULES: dict[str, Rule] = {
     "ssh.retry_backoff": GE0,
     "ssh.command_timeout": GT0,
     "ssh.client": Rule(choices=("auto", "openssh", "paramiko")),
+    "ssh.persist": GE0,             # 0: no kept connection (laptop/keeper)
     "precheck.min_python": Rule(pattern=r"\d+(\.\d+){0,2}", why="a version such as 3.10"),
     "precheck.required_packages": STRINGS,
     "precheck.optional_packages": STRINGS,

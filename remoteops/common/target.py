@@ -139,18 +139,19 @@ class Target:
         command = " ".join([shell_path(self.python), "-m", "remoteops.agent",
                             *(shell_path(a) for a in args), "--json"])
         result = self.run(command, timeout=timeout, check=False)
-        if result.exited != 0:
-            errors = [l[len("error: "):] for l in result.stderr.splitlines()
-                      if l.startswith("error: ")]
+        return self.agent_answer(result.stdout, result.stderr, result.exited)
+
+    def agent_answer(self, stdout: str, stderr: str, code: int) -> Any:
+        """The JSON an agent command printed, or its error (``run_agent``)."""
+        if code != 0:
+            errors = [l[len("error: "):] for l in stderr.splitlines() if l.startswith("error: ")]
             if errors:
                 raise RemoteCommandError(errors[-1])
-            if "No module named remoteops" in result.stderr or \
-                    "No module named 'remoteops'" in result.stderr:
+            if "No module named remoteops" in stderr or "No module named 'remoteops'" in stderr:
                 raise AgentMissing(f"remoteops is not installed for {self.python} on {self.name}")
-            tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise RemoteCommandError(f"the agent on {self.name} failed (exit {result.exited}): "
-                                     f"{tail[0]}")
-        return parse_marked(result.stdout)
+            tail = stderr.strip().splitlines()[-1:] or ["no output"]
+            raise RemoteCommandError(f"the agent on {self.name} failed (exit {code}): {tail[0]}")
+        return parse_marked(stdout)
 
     def close(self) -> None:
         pass

@@ -54,12 +54,16 @@ class AgentStream:
         self.target, self.timeout = target, timeout
         self.closed = False  # the command stopped reading (its answer says why)
         self._ssh = None  # the OpenSSH client it runs through, if any
+        self._kept = None  # the kept connection it runs through, if any (laptop/kept)
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._arrived = threading.Condition()  # stdout grew, or a reader ended
         command = agent_command(target, args)
         if isinstance(target, SSHTarget):
-            if target.openssh is None or not self._open_openssh(command):
+            kept = target.kept.request([*args, "--json"]) if target.kept is not None else None
+            if kept is not None:
+                self._open_kept(kept)
+            elif target.openssh is None or not self._open_openssh(command):
                 self._open_channel(command)
         else:
             self._proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
@@ -98,6 +102,25 @@ class AgentStream:
         self._out, self._err, self._ssh = [], [], None
         return False
 
+    def _open_kept(self, kept) -> None:
+        """The command through the keeper (already started on the server)."""
+        from remoteops.common.kept_wire import OUT
+
+        self._proc, self._chan, self._kept = None, None, kept
+
+        def drain() -> None:
+            try:
+                for kind, payload in kept.frames_in():
+                    with self._arrived:
+                        (self._out if kind == OUT else self._err).append(payload)
+                        self._arrived.notify_all()
+            finally:
+                with self._arrived:
+                    self._arrived.notify_all()
+
+        self._readers = [threading.Thread(target=drain, daemon=True)]
+        self._readers[0].start()
+
     def _open_channel(self, command: str) -> None:
         import paramiko
 
@@ -115,7 +138,9 @@ class AgentStream:
         if self.closed or not data:
             return
         try:
-            if self._chan is not None:
+            if self._kept is not None:
+                self._kept.send(data)
+            elif self._chan is not None:
                 self._chan.sendall(data)
             else:
                 self._proc.stdin.write(data)
@@ -126,7 +151,9 @@ class AgentStream:
     def cancel(self) -> None:
         """Close the input without the go-ahead and stop waiting (nothing is applied)."""
         self.closed = True
-        if self._chan is not None:
+        if self._kept is not None:
+            self._kept.close()
+        elif self._chan is not None:
             self._chan.close()
         elif self._proc.poll() is None:
             self._proc.kill()
@@ -179,9 +206,29 @@ class AgentStream:
                                      f"{tail[0]}")
         return parse_marked(stdout)
 
+    def read_out(self) -> bytes | None:
+        """What the command printed since the last call, once there is some (None: its
+        output ended)."""
+        with self._arrived:
+            while not self._out:
+                if not all(r.is_alive() for r in self._readers):
+                    return None
+                self._arrived.wait(1.0)
+            data = b"".join(self._out)
+            self._out.clear()
+            return data
+
+    def error_text(self) -> str:
+        """The last line the command printed on stderr, if any."""
+        lines = b"".join(self._err).replace(CONNECTED + b"\n", b"", 1).decode(
+            "utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
     def _close_input(self) -> None:
         try:
-            if self._chan is not None:
+            if self._kept is not None:
+                self._kept.close_input()
+            elif self._chan is not None:
                 self._chan.shutdown_write()
             else:
                 self._proc.stdin.close()
@@ -189,6 +236,13 @@ class AgentStream:
             pass
 
     def _exit_code(self) -> int:
+        if self._kept is not None:
+            self._kept.close()
+            if self._kept.code is None:
+                raise ConnectError(f"connection lost to {self.target.name} (the kept "
+                                   "connection ended); check the network and run the "
+                                   "command again.")
+            return self._kept.code
         if self._proc is not None:
             return self._proc.wait()
         code = self._chan.recv_exit_status()

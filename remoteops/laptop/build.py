@@ -15,10 +15,12 @@ version is bumped only when the content id changes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -126,16 +128,58 @@ class Built:
     excluded: dict = field(default_factory=dict)  # Selection.report(): what was left out
     pending: threading.Thread | None = None  # writing the tar and manifest (background=True)
     error: BaseException | None = None
+    deferred: Callable[[], None] | None = None  # writes the tar (background="deferred")
 
     def wait(self) -> "Built":
-        """Wait until the tar and manifest are written (a background build); re-raise its
-        error."""
+        """Wait until the tar and manifest are written (a background build; a deferred one is
+        written now); re-raise its error."""
+        if self.deferred is not None:
+            write, self.deferred = self.deferred, None
+            write()
         if self.pending is not None:
             self.pending.join()
             self.pending = None
         if self.error is not None:
             raise self.error
         return self
+
+    def finish_detached(self) -> bool:
+        """Write a deferred tar in a forked child, so the command ends now (the next build
+        waits for it: ``writer_lock``). False: not possible here (threads still running,
+        no fork); ``wait`` then writes it."""
+        if self.deferred is None or threading.active_count() > 1 or not hasattr(os, "fork"):
+            return False
+        lock = writer_lock(self.tar_path.parent, exclusive=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the command's output or terminal
+            code = 1
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.closerange(3, lock.fileno())
+                os.closerange(lock.fileno() + 1, 1 << 16)
+                self.wait()
+                code = 0
+            except BaseException:  # noqa: BLE001 - the tar is missing; the next build makes one
+                pass
+            finally:
+                os._exit(code)
+        lock.close()  # the child holds the lock until the tar is written
+        self.deferred = None
+        return True
+
+
+def writer_lock(out_dir: Path, exclusive: bool = False):
+    """The bundles folder's writer lock, held (an open file): a detached tar writer holds it
+    exclusively; a build takes it shared first, so it never reads a half-made history."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / ".writing.lock", "a")
+    fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    return fh
 
 
 def _latest(out_dir: Path, project: str) -> Manifest | None:
@@ -151,7 +195,7 @@ def _latest(out_dir: Path, project: str) -> Manifest | None:
 
 def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                  on_manifest: Callable[[Manifest], None] | None = None,
-                 background: bool = False, tap=None) -> Built:
+                 background: bool | str = False, tap=None) -> Built:
     """Build (or reuse, when nothing changed) the project's next bundle.
 
     ``on_manifest`` is called with the manifest as soon as it is known, before the
@@ -159,8 +203,13 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     as soon as the manifest is known and write the tar and manifest in a thread
     (``Built.wait``); a redeploy that streams its files does not need them first. ``tap``:
     told as the tar's bytes are written (``write_tar``), so they can be sent meanwhile.
+    ``background="deferred"``: return; the tar and manifest are written by ``Built.wait``
+    when something needs them, else by ``Built.finish_detached`` after the command (a
+    streamed redeploy sends its files from the project, and rewriting a 100 MB bundle for
+    a one-file change was most of its time). Whoever reads the bundles folder next waits
+    for that (``writer_lock``).
     """
-    from remoteops.plugins import get_plugin_manager
+    from remoteops.laptop.plugin_set import plugin_set
     from remoteops.laptop.wheel import build_toolkit_wheel
 
     started = time.monotonic()
@@ -193,10 +242,11 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     cache.save()
     wheel = build_toolkit_wheel(out / ".toolkit")
     wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
-    pm = pm or get_plugin_manager(project, settings["plugins_dir"])
-    plugins = pm.requirements()
+    plugins = pm.requirements() if pm is not None else \
+        plugin_set(project, settings["plugins_dir"], out / ".plugins.json")
     cid = content_id(entries, wheel_info, plugins)
-    previous = _latest(out, name)
+    with writer_lock(out):  # a tar still being written by an earlier deploy's child
+        previous = _latest(out, name)
     if previous and previous.content_id == cid:
         tar_path = out / f"{name}-v{previous.version}.tar.zst"
         if tar_path.is_file():
@@ -230,6 +280,9 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
             built.error = exc
         built.seconds = time.monotonic() - started
 
+    if background == "deferred":  # written when needed, or after the command
+        built.deferred = write
+        return built
     if background:
         built.pending = threading.Thread(target=write, daemon=True)
         built.pending.start()

@@ -45,7 +45,7 @@ from remoteops.laptop.transfer import put_resumable
 
 def get_bundle(settings: Settings, bundle: str | None,
                on_manifest: Callable[[Manifest], None] | None = None,
-               background: bool = False, tap: TarTap | None = None) -> Built:
+               background: bool | str = False, tap: TarTap | None = None) -> Built:
     """The given bundle, verified byte by byte, or a freshly built one (``background``: its
     tar still being written, see ``build_bundle``)."""
     if not bundle:
@@ -112,8 +112,10 @@ def _plan(target: Target, built: Built, remote_manifest: str, outcome: DeployOut
 
 def _connect(target: Target, streamed: bool = False) -> None:
     """Open the SSH connection (no shell, no SFTP yet), so later steps can share it; not
-    when the deploy streams over the ``ssh`` client (paramiko then opens only if needed)."""
-    if isinstance(target, SSHTarget) and not (streamed and target.openssh is not None):
+    when the deploy streams over the ``ssh`` client or a kept connection (paramiko then
+    opens only if needed)."""
+    if isinstance(target, SSHTarget) and not (streamed and (
+            target.openssh is not None or (target.kept is not None and target.kept.ready()))):
         target.connection  # noqa: B018 - opens it
 
 
@@ -168,8 +170,10 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
 
     try:
         # a streamed deploy goes ahead while the tar is written (a full one sends it meanwhile)
+        # a streamed redeploy needs no tar: it is written when needed, or after the command
         built = get_bundle(settings, bundle, on_manifest, tap=tap,
-                           background=isinstance(fast, StreamPath) or tap is not None)
+                           background="deferred" if isinstance(fast, StreamPath)
+                           else tap is not None)
         connected.result()
     except BaseException:
         for job in (connected, early.get("job")):
@@ -326,9 +330,11 @@ def _applied(settings: Settings, target: Target, built: Built, outcome: DeployOu
 
 def _wait_local(settings: Settings, target: Target, built: Built,
                 outcome: DeployOutcome) -> None:
-    """The local tar of a deploy already applied: its failure is told, not raised."""
+    """The local tar of a deploy already applied: written after the command when it can be
+    (``Built.finish_detached``); its failure is told, not raised."""
     try:
-        built.wait()
+        if not built.finish_detached():
+            built.wait()
     except Exception as exc:  # noqa: BLE001 - the server has the new version already
         forget(settings, target)
         outcome.events.append(f"deployed, but the local bundle could not be written ({exc}); "

@@ -16,7 +16,7 @@ from remoteops.common.files import write_atomic_json
 from remoteops.common.target import Target
 from remoteops.common.bundle_tar import BundleError
 from remoteops.common.manifest import Manifest, content_id, load_manifest
-from remoteops.laptop.build import Built
+from remoteops.laptop.build import Built, writer_lock
 from remoteops.laptop.deploy_common import bundles_dir
 
 # Where the laptop records what each target has deployed (under the bundles folder).
@@ -32,7 +32,8 @@ def recall(settings: Settings, target: Target) -> tuple[Manifest, int] | None:
     """The manifest recorded as deployed on ``target`` and the free bytes it last had."""
     try:
         data = json.loads(record_path(settings, target).read_text(encoding="utf-8"))
-        manifest = load_manifest(Path(data["manifest"]))
+        with writer_lock(bundles_dir(settings)):  # the last deploy's bundle may be in writing
+            manifest = load_manifest(Path(data["manifest"]))
         free = int(data.get("free_bytes") or 0)
     except (OSError, ValueError, KeyError, TypeError, BundleError):
         return None

@@ -21,6 +21,10 @@ from remoteops.common.errors import ConfigError, ConnectError, RemoteCommandErro
 from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
+# agent commands that only read, and answer at once: these may use a kept connection
+KEPT_COMMANDS = frozenset({"backups", "checkpoints", "data-status", "deploy-plan",
+                           "pipeline-files", "pipeline-live", "pipeline-logs", "pipeline-runs",
+                           "pipeline-status", "serve-status", "version"})
 
 
 class SSHTarget(Target):
@@ -41,6 +45,8 @@ class SSHTarget(Target):
         self.keepalive = keepalive
         # ``openssh.OpenSSHClient`` for agent streams (the deploy's request), or None: paramiko
         self.openssh = None
+        # ``kept.Kept``: the kept connection requests may go through, or None
+        self.kept = None
 
     @property
     def connection(self):
@@ -66,6 +72,15 @@ class SSHTarget(Target):
 
         return open_connection(self._factory, self.name, self.retries, self.backoff,
                                self.keepalive)
+
+    def run_agent(self, *args: str, timeout: float | None = None):
+        """As ``Target.run_agent``; the commands that only read go through the kept
+        connection when there is one (``laptop/kept``: no login)."""
+        if self.kept is not None and args and args[0] in KEPT_COMMANDS and self.kept.ready():
+            got = self.kept.run([*args, "--json"], timeout or self.command_timeout, self.name)
+            if got is not None:
+                return self.agent_answer(*got)
+        return super().run_agent(*args, timeout=timeout)
 
     def _run(self, command: str, timeout: float, stdin: str | None) -> tuple[str, str, int]:
         # Always our own channel, its input closed after the payload (or at once): a login
@@ -195,6 +210,9 @@ class SSHTarget(Target):
                 except (OSError, EOFError, Exception):  # noqa: BLE001
                     pass
         self._sftp = self._conn = None
+        if self.kept is not None and self.kept.wanted:  # none was there: keep one for next time
+            self.kept.wanted = False
+            self.kept.spawn()
 
     def describe(self) -> str:
         return self.name
@@ -237,6 +255,9 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
                        backoff=float(settings["ssh.retry_backoff"]),
                        keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
     target.openssh = client_for(endpoint, str(settings["ssh.client"]))
+    from remoteops.laptop.kept import kept_for
+
+    target.kept = kept_for(settings, spec, entry, endpoint, python)
     return target
 
 

@@ -365,12 +365,13 @@ def sync_data(c, host=None, watch=False, stage=None, status=False, done=False, s
 
 def make_namespace() -> Collection:
     """A fresh collection of every remoteops task (add your own tasks to it freely)."""
+    from remoteops.laptop.kept_tasks import connections
     from remoteops.laptop.serve_tasks import chat, serve
 
     ns = Collection()
     for t in (precheck, config, plugins, install_plugin, uninstall_plugin, init, build_bundle,
               deploy_bundle, rollback, backups, fetch_model, remote_train, status, logs, cancel,
-              runs, collect, serve, chat, sync_data):
+              runs, collect, serve, chat, sync_data, connections):
         ns.add_task(t)
     return ns
 

@@ -48,33 +48,53 @@ def _seq(meta: dict) -> int:
     return seq if isinstance(seq, int) else 0  # backups written before seq existed
 
 
+SUMMARY = "summary.json"  # what listing needs, next to the (large) backup.json
+
+
+def summarize(meta: dict) -> dict:
+    """A backup's listing fields (``backup.json`` holds two whole manifests: 2 x 300 KB for a
+    2,000-file project, read for every backup by every deploy before there were summaries)."""
+    files = meta["overwritten"] + meta["deleted"]
+    return {"seq": meta.get("seq"), "kind": meta["kind"], "version": meta["version"],
+            "created_at": meta["created_at"], "files": len(files) + len(meta["created"]),
+            "size": sum(r["size"] for r in files),
+            "from_version": (meta["manifest_before"] or {}).get("version")}
+
+
+def _summary(folder: Path) -> dict | None:
+    if not (folder / "backup.json").is_file():
+        return None  # not complete
+    try:
+        return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass  # a backup made before summaries
+    try:
+        return summarize(json.loads((folder / "backup.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def catalogue(backups: Path) -> list[tuple[Path, dict]]:
-    """Every complete backup with its (unchecked) metadata, oldest first by sequence."""
+    """Every complete backup with its (unchecked) summary, oldest first by sequence."""
     if not backups.is_dir():
         return []
     out = []
     for folder in backups.iterdir():
-        try:
-            meta = json.loads((folder / "backup.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict):
-            out.append((folder, meta))
+        summary = _summary(folder)
+        if isinstance(summary, dict):
+            out.append((folder, summary))
     return sorted(out, key=lambda fm: (_seq(fm[1]), fm[0].name))
 
 
 def list_backups(backups: Path) -> list[dict]:
     """Backups oldest first by sequence number; the last undoes what is deployed now."""
     out = []
-    for folder, meta in catalogue(backups):
+    for folder, summary in catalogue(backups):
         try:
-            files = meta["overwritten"] + meta["deleted"]
-            out.append({"name": folder.name, "path": str(folder), "kind": meta["kind"],
-                        "version": meta["version"], "seq": meta.get("seq"),
-                        "created_at": meta["created_at"],
-                        "files": len(files) + len(meta["created"]),
-                        "size": sum(r["size"] for r in files),
-                        "from_version": (meta["manifest_before"] or {}).get("version"),
+            out.append({"name": folder.name, "path": str(folder), "kind": summary["kind"],
+                        "version": summary["version"], "seq": summary.get("seq"),
+                        "created_at": summary["created_at"], "files": summary["files"],
+                        "size": summary["size"], "from_version": summary.get("from_version"),
                         "current": False})
         except (KeyError, TypeError, AttributeError):
             continue  # damaged metadata: not offered

@@ -20,7 +20,7 @@ from remoteops.common.files import fsync_dirs, sha256_file, temp_name
 from remoteops.common.paths import ancestors, link_digest
 from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace, order,
                                         place, prune_dirs, remove)
-from remoteops.server.backupset import SEQ_FILE, next_seq
+from remoteops.server.backupset import SEQ_FILE, SUMMARY, next_seq, summarize
 from remoteops.server.projectroot import ProjectRoot, write_json
 
 
@@ -45,6 +45,7 @@ def commit(project: ProjectRoot, changes: dict[str, Put | None], kind: str, vers
             "created": created, "manifest_before": before, "manifest_after": after,
             **(extra or {})}
     write_json(project.state / SEQ_FILE, seq)
+    write_json(backup / SUMMARY, summarize(meta))
     write_json(backup / "backup.json", meta)  # the backup is complete from here on
     write_json(project.state / "journal.json", {"backup": backup.name, "kind": kind,
                                                 "started": now_iso(), "pid": os.getpid()})

@@ -224,6 +224,7 @@ class Bench:
     def __init__(self, work: Path, server, log=print):
         self.work, self.server, self.log = work, server, log
         self.shaper = None  # a ShapingProxy in front of sshd, when the link is shaped
+        self.cold = False  # True: ours with [ssh] persist = 0 (a login per deploy)
         self.link_mark: dict | None = None
         self.project = work / "proj"
         self.home = work / "home"
@@ -248,7 +249,17 @@ class Bench:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK"))}
         env.update(HOME=str(self.home), REMOTEOPS_REMOTE_PYTHON=sys.executable, COLUMNS="200")
+        if self.cold:  # every deploy logs in (no kept connection)
+            env["REMOTEOPS_SSH__PERSIST"] = "0"
         return env
+
+    def close_kept(self) -> None:
+        """Close the kept connections our deploys left (this project's only)."""
+        from remoteops.laptop.kept import close, running
+
+        for row in running():
+            if row.get("project") == str(self.project):
+                close(row)
 
     def mark(self) -> None:
         """Note the shaper's counters just before the timed command starts."""
@@ -263,16 +274,27 @@ class Bench:
     def ours(self) -> tuple[float, int, dict]:
         cmd = [sys.executable, "-m", "remoteops", "deploy-bundle", "--host", ALIAS,
                "--project-root", str(self.roots["ours"]), "--yes", "--json"]
+        before = self.server.log().count("Accepted publickey")
         self.mark()
         started = time.perf_counter()
         res = subprocess.run(cmd, cwd=self.project, env=self.env(), capture_output=True,
                              text=True, timeout=900)
         seconds = time.perf_counter() - started
+        self.settle()
         if res.returncode != 0:
             raise RuntimeError(f"remoteops deploy failed ({res.returncode}):\n{res.stdout}\n"
                                f"{res.stderr}")
         out = json.loads(res.stdout)
+        out["logins"] = self.server.log().count("Accepted publickey") - before
         return seconds, int(out["sent_bytes"]), out
+
+    def settle(self) -> None:
+        """Wait (untimed) for the bundle a redeploy writes after it answered, so that its CPU
+        is not charged to the next tool measured."""
+        from remoteops.laptop.build import writer_lock
+
+        if (self.project / "bundles").is_dir():
+            writer_lock(self.project / "bundles").close()
 
     def _ssh(self) -> str:
         return f"ssh -F {self.ssh_config}"
@@ -335,14 +357,14 @@ def _link_row(samples: list[dict]) -> dict:
 
 def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb: int = 100,
               keep: bool = False, log=print, rtt_ms: float | None = None,
-              mbps: float | None = None) -> dict:
+              mbps: float | None = None, cold: bool = False) -> dict:
     """Run every measurement ``repeats`` times (interleaved); return the results dict.
     With ``rtt_ms`` or ``mbps`` every tool goes through a shaping proxy in front of sshd."""
     from tests.harness.sshd import start_sshd
 
     work = Path(tempfile.mkdtemp(prefix="remoteops-bench-"))
     work.chmod(0o755)
-    server = shaper = None
+    server = shaper = bench = None
     shaped = rtt_ms is not None or mbps is not None
     try:
         started = time.perf_counter()
@@ -363,6 +385,10 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
                 f"via 127.0.0.1:{shaper.port}")
         bench = Bench(work, target, log)
         bench.shaper = shaper
+        bench.cold = cold
+        log("ours: " + ("a login per deploy ([ssh] persist = 0)" if cold else
+                        "the default: later deploys go through the kept connection the first "
+                        "one leaves ([ssh] persist)"))
         bench.trust()
         samples: dict[str, dict[str, list]] = {"full": {}, "one_file": {}, "noop": {}}
         extra: dict = {"full_upload_bytes": [], "one_file_manifest_bytes": []}
@@ -378,6 +404,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
                 tail = (f"  wire {wire['bytes_up'] / 1e6:.3f} MB up "
                         f"{wire['bytes_down'] / 1e6:.3f} MB down, "
                         f"{wire['round_trips']} round trips, {wire['connections']} conn")
+            if "logins" in result[2]:  # ours: did it log in, or go through the kept connection
+                tail += f"  ({result[2]['logins']} login{'s' * (result[2]['logins'] != 1)})"
             log(f"  {case:8s} {tool:5s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent{tail}")
 
         def rotate(i: int, tools: list) -> list:
@@ -428,7 +456,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             "noop_le_1x_rsync": ratios["noop"]["time"] <= 1.0,
             "noop_under_1s": rows["noop"]["ours"]["median_s"] < TARGETS["noop_seconds"],
         }
-        out = {"repeats": repeats, "project": info, "rows": rows, "ratios": ratios,
+        out = {"repeats": repeats, "project": info, "kept_connection": not cold, "rows": rows, "ratios": ratios,
                 "one_file": {"path": SMALL, "size": len(small), "zstd_bytes": small_z,
                              "manifest_bytes": manifest_bytes, "byte_budget": byte_budget},
                 "targets": targets, "work": str(work) if keep else None,
@@ -440,6 +468,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
                                     for case, tools in link.items()}}
         return out
     finally:
+        if bench is not None and not cold:
+            bench.close_kept()
         if shaper is not None:
             shaper.close()
         if server is not None:
@@ -451,7 +481,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
 def render(result: dict) -> str:
     lines = [f"deploy benchmark: medians of {result['repeats']} interleaved runs "
              f"({result['project']['files']} files, {result['project']['total_bytes'] / 1e6:.0f}"
-             f" MB; {result['rsync']})",
+             f" MB; {result['rsync']}; ours "
+             f"{'with the kept connection' if result['kept_connection'] else 'logging in each time'})",
              f"{'case':10s} {'tool':6s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
     for case, tools in result["rows"].items():
         for tool, row in tools.items():
@@ -504,11 +535,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="shape the link: this round trip (half each way) via a proxy")
     parser.add_argument("--mbps", type=float, default=None,
                         help="shape the link: cap each direction at this many megabits/s")
+    parser.add_argument("--cold", action="store_true",
+                        help="ours logs in for every deploy ([ssh] persist = 0)")
     args = parser.parse_args(argv)
     ensure_tools("sshd", "ssh", "scp", "ssh-keygen", "rsync")  # or stop with one line
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result = run_bench(args.repeats, args.files, args.text_mb, args.blob_mb, args.keep, log,
-                       rtt_ms=args.rtt_ms, mbps=args.mbps)
+                       rtt_ms=args.rtt_ms, mbps=args.mbps, cold=args.cold)
     print(json.dumps(result, indent=1) if args.json else render(result))
     return 0 if all(result["targets"].values()) else 1
 

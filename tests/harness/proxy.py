@@ -28,11 +28,20 @@ class CutProxy:
         with self._lock:
             self.budget = n_bytes
 
+    def arm_open(self, n_bytes: int) -> int:
+        """Cut each connection open now after it carries ``n_bytes`` more client-to-server
+        bytes (a connection held open, e.g. a kept one). Returns how many were armed."""
+        with self._lock:
+            live = [f for f in self._flows if not f["dead"] and not f.get("closed")]
+            for flow in live:
+                flow["left"] = n_bytes
+            return len(live)
+
     def blackhole(self) -> int:
         """Forget every open flow: bytes are read and dropped, sockets stay open. Connections
         made later are forwarded normally. Returns how many flows were dropped."""
         with self._lock:
-            live = [f for f in self._flows if not f["dead"]]
+            live = [f for f in self._flows if not f["dead"] and not f.get("closed")]
             for flow in live:
                 flow["holed"] = True
             return len(live)
@@ -81,6 +90,7 @@ class CutProxy:
         except OSError:
             pass
         finally:
+            state["closed"] = True
             if not state["dead"]:
                 for s in (src, dst):
                     try:

@@ -154,6 +154,17 @@ def recover(root: str, holder: str, as_json: bool) -> None:
     emit({"recovered": result}, as_json, f"recovered: {result}" if result else "nothing to do")
 
 
+@click.command("resident")
+@json_option
+def resident(as_json: bool) -> None:
+    """Serve the laptop's kept connection: run agent requests sent as frames on stdin, each in
+    a forked child (started by the laptop; not for typing)."""
+    from remoteops.server.resident import main as serve
+
+    sys.exit(serve([]))
+
+
 def register(group: click.Group) -> None:
-    for command in (deploy_plan, deploy_apply, deploy_stream, rollback, backups, recover):
+    for command in (deploy_plan, deploy_apply, deploy_stream, resident, rollback, backups,
+                    recover):
         group.add_command(command)
