@@ -46,10 +46,14 @@ def copy_synced(source: Path, dest: Path, mode: int | None = None) -> None:
         os.chmod(dest, mode)
 
 
-def place(put: Put, dest: Path) -> None:
+def place(put: Put, dest: Path, made: set[Path] | None = None) -> None:
     """Put content at ``dest`` atomically (temp name + rename), durable once its folder is
-    fsynced. ``dest`` must not be a folder (see ``clear_dirs``)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    fsynced. ``dest`` must not be a folder (see ``clear_dirs``). ``made``: folders this
+    change made already (each is made once)."""
+    if made is None or dest.parent not in made:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made.add(dest.parent)
     if put.move and put.link is None:
         try:
             os.chmod(put.source, put.mode)
