@@ -64,6 +64,16 @@ def _segments(members: list[tuple]) -> list[list[tuple]]:
     return out
 
 
+def stream_order(members: list[tuple]) -> list[tuple]:
+    """``members`` (``(name, source, mode, size, ...)``) in the order the tar holds them:
+    the large ones (a frame each) after all the others, each group in its given order.
+    The server extracts a full deploy while it arrives; a small file costs it far more
+    time per byte (a header, a create, a hash) than a large one, so the small files are
+    extracted while the large ones still travel, and the stream ends with the cheap bytes."""
+    return ([m for m in members if m[3] < SEGMENT_ALONE]
+            + [m for m in members if m[3] >= SEGMENT_ALONE])
+
+
 def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
     """What a segment's frame depends on: its members and, for the last, the end padding."""
     if any(m[4] is None for m in segment):
@@ -172,7 +182,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
         name, source, mode = m[:3]
         sized.append((name, source, mode, os.stat(source).st_size,
                       m[3] if len(m) > 3 else None))
-    segments = _segments(sized)
+    segments = _segments(stream_order(sized))
     reuse, trusted = _reusable_frames(previous, level)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
     frames: list[dict] = []
@@ -273,7 +283,7 @@ def read_member_by_frame(tar_path: Path, members: list[tuple[str, int]],
 
     try:
         frames = json.loads(frames_index_path(tar_path).read_text())["frames"]
-        segments = _segments([(n, None, 0, size, None) for n, size in members])
+        segments = _segments(stream_order([(n, None, 0, size, None) for n, size in members]))
         if len(segments) != len(frames):
             return None
         frame = next((f for seg, f in zip(segments, frames) if any(m[0] == name for m in seg)),
@@ -329,13 +339,15 @@ def iter_members(tar_path: Path, raw=None):
 
     import zstandard
 
+    from remoteops.common.tar_stream import TarStream
+
     try:
         with (contextlib.nullcontext(raw) if raw is not None else open(tar_path, "rb")) as raw, \
-                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr, \
-                tarfile.open(fileobj=zr, mode="r|") as tar:
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as zr:
+            tar = TarStream(zr)
             for member in tar:
                 member.name = check_member(member)
-                yield member, (_MemberReader(tar.extractfile(member), tar_path.name)
+                yield member, (_MemberReader(tar.data(member), tar_path.name)
                                if member.isfile() else None)
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
         raise BundleError(f"{tar_path.name} is truncated or corrupted ({exc}); rebuild it with "

@@ -169,7 +169,8 @@ class Project(ProjectRoot):
         shutil.rmtree(staging, ignore_errors=True)
         try:
             try:
-                staged = early.result(manifest, plan["need"]) if early is not None else None
+                staged = (early.result(manifest, plan["need"], delta) if early is not None
+                          else None)
                 early_files = len(staged) if staged is not None else 0
                 if staged is None:
                     staged = stage(manifest, delta, plan["need"], staging, delta_sha256)

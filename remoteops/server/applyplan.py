@@ -46,10 +46,14 @@ def copy_synced(source: Path, dest: Path, mode: int | None = None) -> None:
         os.chmod(dest, mode)
 
 
-def place(put: Put, dest: Path) -> None:
+def place(put: Put, dest: Path, made: set[Path] | None = None) -> None:
     """Put content at ``dest`` atomically (temp name + rename), durable once its folder is
-    fsynced. ``dest`` must not be a folder (see ``clear_dirs``)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    fsynced. ``dest`` must not be a folder (see ``clear_dirs``). ``made``: folders this
+    change made already (each is made once)."""
+    if made is None or dest.parent not in made:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made.add(dest.parent)
     if put.move and put.link is None:
         try:
             os.chmod(put.source, put.mode)
@@ -85,9 +89,17 @@ def prune_dirs(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
+def _is_real_dir(path: Path) -> bool:
+    """A folder, not a link to one (one lstat)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def clear_dirs(dest: Path) -> bool:
     """Remove a folder at ``dest`` holding only empty folders; False if it holds more."""
-    if dest.is_symlink() or not dest.is_dir():
+    if not _is_real_dir(dest):
         return True
     for folder, dirs, files in os.walk(dest, topdown=False):
         if files or any(os.path.islink(os.path.join(folder, d)) for d in dirs):
@@ -112,11 +124,12 @@ def conflict(root: Path, changes: dict) -> str | None:
     files this change removes; a parent folder must not be a file it keeps.
     """
     removed = {p for p, c in changes.items() if c is None}
+    folders_ok: set[str] = set()  # parents checked already (a 2,000-file change shares few)
     for rel, change in changes.items():
         if change is None:
             continue
         dest = root / rel
-        if dest.is_dir() and not dest.is_symlink():
+        if _is_real_dir(dest):
             for folder, dirs, files in os.walk(dest):
                 for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
                     inner = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
@@ -124,12 +137,13 @@ def conflict(root: Path, changes: dict) -> str | None:
                         return (f"{rel} is a folder on the server holding {inner}, which the "
                                 f"change does not manage; move it away and run it again")
         parent = os.path.dirname(rel)
-        while parent:
+        while parent and parent not in folders_ok:
             path = root / parent
             if (path.is_symlink() or path.exists()) and not path.is_dir() \
                     and parent not in removed:
                 return (f"{parent} is a file on the server where the change needs a folder; "
                         "move it away and run it again")
+            folders_ok.add(parent)
             parent = os.path.dirname(parent)
     return None
 

@@ -7,7 +7,8 @@ as ``streamapply.receive_chunked`` writes it (``Follow``: a reader that waits fo
 more bytes until told the file is complete), into its own staging folder, for the
 plan the server made before the upload. The guarantees are the ones of ``stage``:
 every member checked against the manifest, every needed file's sha256 checked, all
-of them durable before the journal. ``result`` hands the staged files to the apply
+of them durable before the journal (``result`` makes them durable, once the upload
+they came from is removed). ``result`` hands the staged files to the apply
 only when the plan made under the deploy lock needs exactly those files and the
 whole upload arrived with its sha256 right; otherwise (or on any error) the
 staging is dropped and the apply stages the complete upload as it always did. A
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from remoteops.common.manifest import Manifest, iter_members
 from remoteops.common.paths import link_of
-from remoteops.server.incoming import extract
+from remoteops.server.incoming import extract, make_staged_durable
 
 
 class Follow(io.RawIOBase):
@@ -81,7 +82,7 @@ class EarlyStage:
     def _run(self, need: list[str]) -> None:
         try:
             self.staged = extract(self.manifest, iter_members(self.staging, self._follow),
-                                  need, self.staging)
+                                  need, self.staging, durable=False)
         except Exception:  # noqa: BLE001 - the apply stages the whole upload again, and
             self.staged = None  # raises there what it finds
         finally:
@@ -104,14 +105,21 @@ class EarlyStage:
         """Drop what is staged here (after the apply moved what it used)."""
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def result(self, manifest: Manifest, need: list[str]) -> dict[str, Path] | None:
-        """The staged files when they are what this apply needs (else None)."""
+    def result(self, manifest: Manifest, need: list[str],
+               upload: Path | None = None) -> dict[str, Path] | None:
+        """The staged files, made durable, when they are what this apply needs (else None).
+        ``upload``: the tar they came from, removed first when they are used: nothing
+        reads it again, and a file removed before ``syncfs`` is never written to disk
+        (a full deploy's upload is most of what that call would write otherwise)."""
         wanted = manifest.file_map()
         files = {p for p in need if link_of(wanted[p]) is None}
         if not self.arrived or self.staged is None or manifest.content_id != \
                 self.manifest.content_id or files != self.files or set(self.staged) != files:
             shutil.rmtree(self.staging, ignore_errors=True)
             return None
+        if upload is not None:
+            upload.unlink(missing_ok=True)
+        make_staged_durable(self.staged, self.staging)
         return self.staged
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from remoteops.common.manifest import BundleError, Manifest, iter_members
 from remoteops.common.files import CHUNK, sha256_file
 from remoteops.common.paths import RESERVED, ancestors, link_of, safe_relpath
-from remoteops.server.durable import make_durable
+from remoteops.server.durable import Writeback, make_durable
 
 
 class MissingMembers(BundleError):
@@ -45,16 +45,17 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
     return extract(manifest, iter_members(delta), need, staging)
 
 
-def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict[str, Path]:
+def extract(manifest: Manifest, members, need: list[str], staging: Path,
+            durable: bool = True) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
-    ``staging``, its sha256 checked, made durable; anything the manifest does not list as
-    a file refused; a needed file missing is ``MissingMembers``."""
+    ``staging``, its sha256 checked, made durable (``durable=False``: by the caller, with
+    ``make_staged_durable``); anything the manifest does not list as a file refused; a
+    needed file missing is ``MissingMembers``."""
     wanted = manifest.file_map()
     need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
     toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
-    folders: set[Path] = set()
     for member, fh in members:
         if fh is None or member.name == toolkit:  # the upload may be the whole bundle
             continue
@@ -69,21 +70,33 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path) -> dict
         out.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         with open(out, "wb") as dst:
+            early_write = Writeback(dst)
             for chunk in iter(lambda: fh.read(CHUNK), b""):
                 h.update(chunk)
                 dst.write(chunk)
+                early_write.wrote(len(chunk))
         if h.hexdigest() != wanted[rel].sha256:
             raise BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
                               "damaged); nothing was changed: rebuild and deploy again.")
         staged[rel] = out
-        folders |= {out.parent} | ancestors(out.parent, staging.parent)
     missing = [p for p in need if p not in staged]
     if missing:
         raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
                              f"{len(missing) - 1} more are not in the upload); run the "
                              "deploy again.")
-    make_durable(list(staged.values()), folders, staging.parent)
+    if durable:
+        make_staged_durable(staged, staging)
     return staged
+
+
+def make_staged_durable(staged: dict[str, Path], staging: Path) -> None:
+    """Every staged file, and the folders that name them up to ``staging``'s parent, on disk
+    (``durable.make_durable``)."""
+    folders: set[Path] = set()
+    for out in staged.values():
+        if out.parent not in folders:
+            folders |= {out.parent} | ancestors(out.parent, staging.parent)
+    make_durable(list(staged.values()), folders, staging.parent)
 
 
 

@@ -108,12 +108,13 @@ def _replace(project: ProjectRoot, changes: dict[str, Put | None]) -> None:
         remove(path)
         prune_dirs(path.parent, root)
         touched |= ancestors(path, root)
+    made: set[Path] = set()
     for rel in puts:
         path = root / rel
         if not clear_dirs(path):
             raise RemoteOpsError(f"{path} is a folder that is not empty; move it away and "
                                  "run the command again (the change will be undone).")
-        place(changes[rel], path)
+        place(changes[rel], path, made)
         touched |= ancestors(path, root)
         _fault_point()
     fsync_dirs(touched)  # the new names are durable before the journal goes
