@@ -147,6 +147,13 @@ class Built:
             raise self.error
         return self
 
+    def start_pending(self) -> None:
+        """Start writing a deferred tar in a thread now (``wait`` joins it)."""
+        if self.deferred is not None and self.pending is None:
+            self.pending = threading.Thread(target=self.deferred, daemon=True)
+            self.deferred = None
+            self.pending.start()
+
     def finish_detached(self) -> bool:
         """Write a deferred tar in a forked child, so the command ends now (the next build
         waits for it: ``writer_lock``). False: not possible here (threads still running,

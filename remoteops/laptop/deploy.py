@@ -216,6 +216,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 _wait_local(settings, target, built, outcome)
                 outcome.seconds = time.monotonic() - started
                 return outcome
+            built.start_pending()  # the usual path needs the tar: write it while it plans
             outcome.upload_bytes = 0
         elif planned is not None:
             first = planned.plan(manifest.toolkit_version)

@@ -11,15 +11,20 @@ from invoke import task
 from remoteops.laptop.task_wrap import friendly
 
 
-@task(help={"close": "close them (every one, or --host's); the next deploy logs in again",
+@task(help={"close": "close this project's (or with --all every one); the next command "
+                     "logs in again",
+            "all": "every project's kept connections, not only this one's",
             "host": "only the kept connections to this host (as given to --host)",
             "json": "print JSON"})
 @friendly
-def connections(c, close=False, host=None, json=False):
+def connections(c, close=False, all=False, host=None, json=False):
     """List the kept connections ([ssh] persist) that make redeploys skip the login."""
+    from remoteops.common.config import load_settings
     from remoteops.laptop.kept import close as close_one, running
 
-    rows = [r for r in running() if host is None or r.get("host") == host]
+    here = str(load_settings().project_dir)
+    rows = [r for r in running() if (host is None or r.get("host") == host)
+            and (all or r.get("project") == here)]
     if close:
         for row in rows:
             row["closed"] = close_one(row)
@@ -27,7 +32,8 @@ def connections(c, close=False, host=None, json=False):
         print(_json.dumps({"connections": rows}, indent=2))
         return
     if not rows:
-        print("no kept connections" + (f" to {host}" if host else ""))
+        print("no kept connections" + (f" to {host}" if host else "") +
+              ("" if all else " for this project (--all: every project's)"))
         return
     now = time.time()
     for row in rows:

@@ -139,6 +139,14 @@ def test_redeploys_go_through_the_kept_connection_without_logging_in(box, projec
     rows = json.loads(listed.stdout)["connections"]
     # the keeper logs in once, so it takes the ssh binary (2 more round trips, once)
     assert [(r["target"], r["pid"], r["via"]) for r in rows] == [("box", pid, "ssh")]
+    # from another project's folder: not listed, not closed, unless --all
+    elsewhere = project.parent / "other"
+    elsewhere.mkdir()
+    other = cli("connections", "--close", cwd=elsewhere, env={"XDG_RUNTIME_DIR": str(runtime)})
+    assert "no kept connections for this project" in other.stdout and alive(pid)
+    every = cli("connections", "--all", "--json", cwd=elsewhere,
+                env={"XDG_RUNTIME_DIR": str(runtime)})
+    assert [r["pid"] for r in json.loads(every.stdout)["connections"]] == [pid]
     closed = cli("connections", "--close", env={"XDG_RUNTIME_DIR": str(runtime)})
     assert closed.returncode == 0 and "closed" in closed.stdout
     wait_for(lambda: not alive(pid), 10, "the keeper to exit")
