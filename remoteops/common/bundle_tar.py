@@ -82,6 +82,11 @@ def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def stat_key(st: os.stat_result) -> tuple:
+    """What a file's hash is kept under: size, mtime, ctime, inode."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def _identity(path: Path) -> list[int]:
     """A written tar's size, mtime and inode: unchanged, its frames are as indexed."""
     st = path.stat()
@@ -168,7 +173,9 @@ class _Tapped:
 
 def write_tar(out: Path, members: list[tuple], level: int = 3,
               previous: Path | None = None, tap=None) -> dict:
-    """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256])`` members.
+    """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256[, stat]])``
+    members (``stat``: ``stat_key`` of the file when ``sha256`` was made, at least a few
+    seconds after its last change; unchanged, it is not hashed again while compressed).
 
     Written atomically, as independent frames (see ``_segments``); frames of segments
     that ``previous`` (an earlier bundle) already holds are copied from it. Returns
@@ -180,8 +187,10 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     sized = []
     for m in members:
         name, source, mode = m[:3]
-        sized.append((name, source, mode, os.stat(source).st_size,
-                      m[3] if len(m) > 3 else None))
+        st = os.stat(source)
+        # the stat it was hashed at (5th item), unchanged: the hash need not be made again
+        same = len(m) > 4 and m[4] is not None and tuple(m[4]) == stat_key(st)
+        sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same))
     segments = _segments(stream_order(sized))
     reuse, trusted = _reusable_frames(previous, level)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
@@ -251,9 +260,11 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
             written += len(chunk)
 
     comp = cctx.compressobj(size=length)
-    for header, (name, source, mode, size, sha) in zip(headers, segment):
+    for header, member in zip(headers, segment):
+        name, source, mode, size, sha = member[:5]
+        settled = len(member) > 5 and member[5]
         emit(comp.compress(header))
-        fh_hash = hashlib.sha256()
+        fh_hash = None if settled else hashlib.sha256()
         left = size
         with open(source, "rb") as fh:
             while left > 0:
@@ -262,9 +273,10 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
                     raise BundleError(f"{source} shrank while the bundle was written; build "
                                       "it again.")
                 left -= len(chunk)
-                fh_hash.update(chunk)
+                if fh_hash is not None:
+                    fh_hash.update(chunk)
                 emit(comp.compress(chunk))
-        if sha is not None and fh_hash.hexdigest() != sha:
+        if sha is not None and fh_hash is not None and fh_hash.hexdigest() != sha:
             intact = False
         emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
     emit(comp.compress(tail))

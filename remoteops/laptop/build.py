@@ -34,7 +34,7 @@ except ImportError:  # not POSIX: bundles are written in-process, there is nothi
 from remoteops import __version__
 from remoteops.common.config import Settings
 from remoteops.common.paths import link_digest, link_entry
-from remoteops.common.bundle_tar import BundleError, write_tar
+from remoteops.common.bundle_tar import BundleError, stat_key, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.files import sha256_file, write_atomic_text
@@ -62,6 +62,10 @@ class HashCache:
         self.new: dict[str, list] = {}
         self.now = time.time_ns()
 
+    def settled(self, st: os.stat_result) -> bool:
+        """Not changed in the last few seconds (a later write shows in its times)."""
+        return self.now - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_SECONDS * 10**9
+
     def sha256(self, rel: str, path: Path, st: os.stat_result) -> str:
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         cached = self.old.get(rel)
@@ -69,7 +73,7 @@ class HashCache:
             digest = cached[4]
         else:
             digest = sha256_file(path)
-        if self.now - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_SECONDS * 10**9:
+        if self.settled(st):
             self.new[rel] = key + [digest]
         return digest
 
@@ -242,6 +246,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                           "bundle.exclude in remoteops.toml.")
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves nothing behind
     entries = []
+    hashed_as: dict[str, tuple] = {}
     cache = HashCache(out / ".hashes.json")
     for path, rel in zip(paths, chosen.rels):
         if rel in chosen.links:  # kept as a link (select refused any leaving the project)
@@ -252,6 +257,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         st = path.stat()
         entries.append(FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode) | 0o600,
                                  cache.sha256(rel, path, st)))
+        if cache.settled(st):  # hashed as it is: the tar need not hash it again
+            hashed_as[rel] = stat_key(st)
     cache.save()
     wheel = build_toolkit_wheel(out / ".toolkit")
     wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
@@ -277,8 +284,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     if on_manifest is not None:
         on_manifest(manifest)
     tar_path = out / f"{name}-v{version}.tar.zst"
-    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256) for e in entries
-               if e.link is None]  # a link travels in the manifest alone
+    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256, hashed_as.get(e.path))
+               for e in entries if e.link is None]  # a link travels in the manifest alone
     members.append((f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"]))
     earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
     manifest_path = out / f"{name}-v{version}.manifest.json"
