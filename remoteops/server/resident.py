@@ -20,6 +20,7 @@ nothing) and runs to its end, as an agent whose SSH session was cut would.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import select
@@ -30,6 +31,7 @@ from remoteops.common.kept_wire import (END, ERR, EXIT, HELLO, INPUT, NOT_STARTE
                                         REQUEST, STARTED, Frames, frame, json_frame)
 
 _READ = 1 << 20
+_QUEUE = 4 << 20  # the most of a request's input held here for its child
 
 
 def fingerprint() -> tuple:
@@ -165,7 +167,8 @@ def _run_child(argv: list[str]) -> None:
 
 
 def _relay(channel: Channel, pid: int, w_in: int, r_out: int, r_err: int) -> int:
-    to_child = bytearray()
+    queue: collections.deque = collections.deque()  # the child's stdin, not yet written
+    queued = 0
     ending = False  # the end of its stdin came (or the channel closed)
     outputs = {r_out: OUT, r_err: ERR}
     os.set_blocking(w_in, False)
@@ -173,25 +176,34 @@ def _relay(channel: Channel, pid: int, w_in: int, r_out: int, r_err: int) -> int
         # input frames parsed while waiting for the request are handled first
         while channel.pending:
             kind, payload = channel.pending.pop(0)
-            if kind == INPUT and not ending:
-                to_child += payload
+            if kind == INPUT and not ending and payload:
+                queue.append(memoryview(payload))
+                queued += len(payload)
             elif kind == END:
                 ending = True
         if not channel.open:
             ending = True
-        if ending and not to_child and w_in >= 0:
+        if ending and not queued and w_in >= 0:
             os.close(w_in)
             w_in = -1
-        reads = list(outputs) + ([0] if channel.open else [])
-        writes = [w_in] if to_child and w_in >= 0 else []
+        # no more from the laptop while the child has a few MB to read (backpressure)
+        reads = list(outputs) + ([0] if channel.open and queued < _QUEUE else [])
+        writes = [w_in] if queued and w_in >= 0 else []
         readable, writable, _ = select.select(reads, writes, [])
         if writable:
             try:
-                del to_child[:os.write(w_in, to_child)]
+                head = queue[0]
+                written = os.write(w_in, head)
+                queued -= written
+                if written == len(head):
+                    queue.popleft()
+                else:
+                    queue[0] = head[written:]
             except BlockingIOError:
                 pass
             except OSError:  # the child stopped reading: what it has not read is dropped
-                to_child.clear()
+                queue.clear()
+                queued = 0
                 os.close(w_in)
                 w_in = -1
         for fd in readable:
