@@ -16,7 +16,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from remoteops.common.files import CHUNK, atomic_output, write_atomic_text
+from remoteops.common.files import CHUNK, atomic_output, stat_key, write_atomic_text
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.paths import UnsafePath, safe_relpath
 
@@ -82,15 +82,9 @@ def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def stat_key(st: os.stat_result) -> tuple:
-    """What a file's hash is kept under: size, mtime, ctime, inode."""
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
 def _identity(path: Path) -> list[int]:
-    """A written tar's size, mtime and inode: unchanged, its frames are as indexed."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    """A written tar's ``stat_key``: unchanged, its frames are as indexed."""
+    return list(stat_key(path.stat()))
 
 
 def _reusable_frames(previous: Path | None, level: int) -> tuple[dict[str, dict], bool]:

@@ -37,6 +37,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         return sha256_fileobj(fh)[1]
 
 
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a file's cached hash is kept under: size, mtime, ctime and inode (an edit that
+    keeps size and mtime still changes the ctime)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync a file, or a folder (its entries: names created, renamed or removed in it)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
@@ -127,5 +133,6 @@ def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2,
     write_atomic_text(path, text + "\n" if newline else text)
 
 
-__all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "fsync_path", "fsync_dir",
+__all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "stat_key", "fsync_path",
+           "fsync_dir",
            "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes", "write_atomic_text", "write_atomic_json"]

@@ -34,10 +34,10 @@ except ImportError:  # not POSIX: bundles are written in-process, there is nothi
 from remoteops import __version__
 from remoteops.common.config import Settings
 from remoteops.common.paths import link_digest, link_entry
-from remoteops.common.bundle_tar import BundleError, stat_key, write_tar
+from remoteops.common.bundle_tar import BundleError, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
-from remoteops.common.files import sha256_file, write_atomic_text
+from remoteops.common.files import sha256_file, stat_key, write_atomic_text
 # the choice of files lives in ``selection``; these names stay importable from here
 from remoteops.laptop.selection import (DEFAULT_EXCLUDES, Selection, select,  # noqa: F401
                                         select_files)
@@ -67,7 +67,7 @@ class HashCache:
         return self.now - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_SECONDS * 10**9
 
     def sha256(self, rel: str, path: Path, st: os.stat_result) -> str:
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = list(stat_key(st))
         cached = self.old.get(rel)
         if isinstance(cached, list) and len(cached) == 5 and cached[:4] == key:
             digest = cached[4]
@@ -134,9 +134,9 @@ class Built:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)  # Selection.report(): what was left out
-    pending: threading.Thread | None = None  # writing the tar and manifest (background=True)
+    pending: threading.Thread | None = None  # writing the tar and manifest in a thread
     error: BaseException | None = None
-    deferred: Callable[[], None] | None = None  # writes the tar (background="deferred")
+    deferred: Callable[[], None] | None = None  # writes them, not started yet
 
     def wait(self) -> "Built":
         """Wait until the tar and manifest are written (a background build; a deferred one is
@@ -152,7 +152,7 @@ class Built:
         return self
 
     def start_pending(self) -> None:
-        """Start writing a deferred tar in a thread now (``wait`` joins it)."""
+        """Start writing the tar and manifest in a thread now (``wait`` joins it)."""
         if self.deferred is not None and self.pending is None:
             self.pending = threading.Thread(target=self.deferred, daemon=True)
             self.deferred = None
@@ -300,14 +300,12 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
             built.error = exc
         built.seconds = time.monotonic() - started
 
+    built.deferred = write
     if background == "deferred":  # written when needed, or after the command
-        built.deferred = write
         return built
     if background:
-        built.pending = threading.Thread(target=write, daemon=True)
-        built.pending.start()
+        built.start_pending()
         return built
-    write()
     return built.wait()
 
 

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from remoteops import __version__
-from remoteops.common.files import atomic_output, write_atomic_text
+from remoteops.common.files import atomic_output, stat_key, write_atomic_text
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 _SKIP_DIRS = {"__pycache__"}
@@ -67,8 +67,7 @@ RACY_NS = 3 * 10**9  # as HashCache: a file changed this recently may change aga
 
 
 def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return list(stat_key(path.stat()))
 
 
 def _inputs_key(files: list[tuple[str, Path]], metadata: dict[str, str]) -> list | None:

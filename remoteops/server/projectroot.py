@@ -21,7 +21,7 @@ from typing import Any
 from remoteops import __version__
 from remoteops.common.clock import now_iso
 from remoteops.common.errors import RemoteOpsError
-from remoteops.common.files import sha256_file, write_atomic_json
+from remoteops.common.files import sha256_file, stat_key, write_atomic_json
 from remoteops.common.locks import FileLock
 from remoteops.common.manifest import Manifest
 from remoteops.common.paths import UnsafePath, canonical
@@ -105,7 +105,7 @@ class ProjectRoot:
             if not stat.S_ISREG(st.st_mode):
                 continue
             found.modes[rel] = st.st_mode & 0o7777
-            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            key = list(stat_key(st))
             cached = index.get(rel)
             if rel in known:
                 found.hashes[rel] = known[rel]

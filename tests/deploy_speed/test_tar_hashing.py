@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from remoteops.common.bundle_tar import frames_index_path, stat_key, write_tar
-from remoteops.common.files import sha256_file
+from remoteops.common.bundle_tar import frames_index_path, write_tar
+from remoteops.common.files import sha256_file, stat_key
 
 
 def _keys(tar: Path) -> list:
