@@ -27,3 +27,9 @@ class HostKeyError(ConnectError):
 
 class RemoteCommandError(RemoteOpsError):
     """A command on the target failed."""
+
+
+def timed_out(seconds: float, where: str) -> RemoteCommandError:
+    """A command that ran past ``ssh.command_timeout`` (the same words on every path)."""
+    return RemoteCommandError(f"command timed out after {seconds:.0f}s on {where}; raise "
+                              "ssh.command_timeout if it needs longer.")

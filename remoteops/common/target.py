@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from remoteops.common.files import write_atomic_bytes
-from remoteops.common.errors import RemoteCommandError
+from remoteops.common.errors import RemoteCommandError, timed_out
 from remoteops.common.wire import _BOOTSTRAP, BEGIN, END, PAYLOAD_MARK, parse_marked  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,7 @@ class LocalTarget(Target):
             proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                                   timeout=timeout, **feed)
         except subprocess.TimeoutExpired:
-            raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
-                                     "raise ssh.command_timeout if it needs longer.") from None
+            raise timed_out(timeout, self.name) from None
         return proc.stdout, proc.stderr, proc.returncode
 
     def _path(self, path: str) -> Path:

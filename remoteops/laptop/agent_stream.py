@@ -17,9 +17,10 @@ import threading
 import time
 from typing import Any
 
-from remoteops.common.errors import ConnectError, RemoteCommandError
-from remoteops.common.target import AgentMissing, LocalTarget, Target, shell_path
-from remoteops.common.wire import BEGIN, END, parse_marked
+from remoteops.common.errors import ConnectError, timed_out
+from remoteops.common.target import LocalTarget, Target, shell_path
+from remoteops.common.wire import BEGIN, END
+from remoteops.laptop.kept import kept_lost
 from remoteops.laptop.openssh import CONNECTED
 from remoteops.laptop.targets import SSHTarget
 
@@ -182,29 +183,16 @@ class AgentStream:
             reader.join(max(0.0, deadline - time.monotonic()))
         if any(r.is_alive() for r in self._readers):
             self.cancel()
-            raise RemoteCommandError(f"command timed out after {self.timeout:.0f}s on "
-                                     f"{self.target.name}; raise ssh.command_timeout if it "
-                                     "needs longer.")
+            raise timed_out(self.timeout, self.target.name)
         code = self._exit_code()
-        stdout = b"".join(self._out).decode("utf-8", "replace")
-        stderr = b"".join(self._err).replace(CONNECTED + b"\n", b"", 1).decode("utf-8",
-                                                                               "replace")
+        stderr = self._stderr()
         if code == 255 and self._ssh is not None:  # ssh's own failure: the connection broke
             said = [l for l in stderr.strip().splitlines() if not l.startswith("error: ")]
             raise ConnectError(f"connection lost to {self.target.name} "
                                f"({said[-1] if said else 'the server closed it'}); check the "
                                "network and run the command again.")
-        if code != 0:
-            errors = [l[len("error: "):] for l in stderr.splitlines() if l.startswith("error: ")]
-            if errors:
-                raise RemoteCommandError(errors[-1])
-            if "No module named remoteops" in stderr or "No module named 'remoteops'" in stderr:
-                raise AgentMissing(f"remoteops is not installed for {self.target.python} on "
-                                   f"{self.target.name}")
-            tail = stderr.strip().splitlines()[-1:] or ["no output"]
-            raise RemoteCommandError(f"the agent on {self.target.name} failed (exit {code}): "
-                                     f"{tail[0]}")
-        return parse_marked(stdout)
+        return self.target.agent_answer(b"".join(self._out).decode("utf-8", "replace"),
+                                        stderr, code)
 
     def read_out(self) -> bytes | None:
         """What the command printed since the last call, once there is some (None: its
@@ -218,10 +206,14 @@ class AgentStream:
             self._out.clear()
             return data
 
+    def _stderr(self) -> str:
+        """What the command printed on stderr (without ``ssh``'s logged-in marker)."""
+        return b"".join(self._err).replace(CONNECTED + b"\n", b"", 1).decode("utf-8",
+                                                                            "replace")
+
     def error_text(self) -> str:
         """The last line the command printed on stderr, if any."""
-        lines = b"".join(self._err).replace(CONNECTED + b"\n", b"", 1).decode(
-            "utf-8", "replace").strip().splitlines()
+        lines = self._stderr().strip().splitlines()
         return lines[-1] if lines else ""
 
     def _close_input(self) -> None:
@@ -239,9 +231,7 @@ class AgentStream:
         if self._kept is not None:
             self._kept.close()
             if self._kept.code is None:
-                raise ConnectError(f"connection lost to {self.target.name} (the kept "
-                                   "connection ended); check the network and run the "
-                                   "command again.")
+                raise kept_lost(self.target.name)
             return self._kept.code
         if self._proc is not None:
             return self._proc.wait()

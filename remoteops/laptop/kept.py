@@ -31,6 +31,7 @@ import sys
 import threading
 from pathlib import Path
 
+from remoteops.common.errors import ConnectError, timed_out
 from remoteops.common.kept_wire import (END, EXIT, INPUT, LOST, NOT_STARTED, OUT, STARTED,
                                         Frames, FrameError, frame, json_frame, read_frames,
                                         REQUEST)
@@ -173,13 +174,9 @@ class Kept:
         finally:
             request.close()
         if request.code is None:
-            from remoteops.common.errors import ConnectError, RemoteCommandError
-
             if isinstance(request.error, socket.timeout):
-                raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {name}; "
-                                         "raise ssh.command_timeout if it needs longer.")
-            raise ConnectError(f"connection lost to {name} (the kept connection ended); check "
-                               "the network and run the command again.")
+                raise timed_out(timeout, name)
+            raise kept_lost(name)
         return (b"".join(out).decode("utf-8", "replace"),
                 b"".join(err).decode("utf-8", "replace"), request.code)
 
@@ -209,8 +206,7 @@ class KeptRequest:
 
     def __init__(self, sock: socket.socket, frames: Frames, early: list):
         self.sock, self.frames, self.early = sock, frames, early
-        self.code: int | None = None
-        self.lost = False
+        self.code: int | None = None  # None once the frames ended: the request was lost
         self.error: Exception | None = None  # why the frames ended early, if they did
         self._lock = threading.Lock()
 
@@ -231,7 +227,8 @@ class KeptRequest:
         self.sock.close()
 
     def frames_in(self):
-        """Every frame until the exit code (``code``) or the end (``lost``)."""
+        """Every frame until the exit code (``code``), or until the keeper or the
+        connection went away (``code`` stays None)."""
         yield from self.early
         try:
             for kind, payload in read_frames(self.sock.recv, self.frames):
@@ -243,7 +240,12 @@ class KeptRequest:
                 yield kind, payload
         except (OSError, ValueError) as exc:
             self.error = exc
-        self.lost = True
+
+
+def kept_lost(name: str) -> ConnectError:
+    """A request whose keeper or connection went away before its exit code."""
+    return ConnectError(f"connection lost to {name} (the kept connection ended); check the "
+                        "network and run the command again.")
 
 
 def running() -> list[dict]:

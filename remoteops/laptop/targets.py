@@ -17,7 +17,7 @@ from pathlib import Path
 
 from remoteops.common.config import Settings
 from remoteops.common.secret_rules import resolve_secret
-from remoteops.common.errors import ConfigError, ConnectError, RemoteCommandError
+from remoteops.common.errors import ConfigError, ConnectError, timed_out
 from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class SSHTarget(Target):
             reader.join(max(0.0, deadline - time.monotonic()))
         if any(r.is_alive() for r in readers):
             chan.close()
-            raise RemoteCommandError(f"command timed out after {timeout:.0f}s on {self.name}; "
-                                     "raise ssh.command_timeout if it needs longer.")
+            raise timed_out(timeout, self.name)
         code = chan.recv_exit_status()
         if code == -1:
             from remoteops.laptop.ssh import lost_reason

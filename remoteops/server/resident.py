@@ -126,9 +126,9 @@ def serve(channel: Channel, argv: list[str]) -> int:
             os.dup2(w_err, 2)
             for fd in (r_in, w_in, r_out, w_out, r_err, w_err):
                 os.close(fd)
-            code = _run_child(argv)
+            _run_child(argv)  # exits with the command's code
         finally:
-            os._exit(1)  # only reached when _run_child itself failed
+            os._exit(1)  # only reached when the child could not be set up
     for fd in (r_in, w_out, w_err):
         os.close(fd)
     channel.send(json_frame(STARTED, {"pid": pid}))
@@ -136,6 +136,7 @@ def serve(channel: Channel, argv: list[str]) -> int:
 
 
 def _run_child(argv: list[str]) -> None:
+    """``python -m remoteops.agent ARGV`` in this forked process; never returns."""
     code = 1
     try:
         sys.argv = ["remoteops-agent", *argv]
