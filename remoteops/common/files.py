@@ -134,5 +134,5 @@ def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2,
 
 
 __all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "stat_key", "fsync_path",
-           "fsync_dir",
-           "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes", "write_atomic_text", "write_atomic_json"]
+           "fsync_dir", "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes",
+           "write_atomic_text", "write_atomic_json"]

@@ -63,7 +63,14 @@ def _code_stamp() -> list:
     here = Path(__file__).resolve().parent
     files = [here / "kept.py", here / "keeper.py", here / "agent_stream.py",
              here.parent / "common" / "kept_wire.py"]
-    return [[f.name, f.stat().st_mtime_ns, f.stat().st_size] for f in files if f.exists()]
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append([f.name, st.st_mtime_ns, st.st_size])
+    return out
 
 
 def _text(path: Path) -> str:
@@ -306,4 +313,5 @@ def keeper_client(settings) -> str:
     return chosen if settings.source("ssh.client") != "default" else "auto"
 
 
-__all__ = ["Kept", "KeptRequest", "kept_for", "keeper_client", "runtime_dir", "keeper_key", "running", "close"]
+__all__ = ["Kept", "KeptRequest", "kept_for", "kept_lost", "keeper_client", "runtime_dir",
+           "keeper_key", "running", "close"]

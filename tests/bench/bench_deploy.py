@@ -456,7 +456,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             "noop_le_1x_rsync": ratios["noop"]["time"] <= 1.0,
             "noop_under_1s": rows["noop"]["ours"]["median_s"] < TARGETS["noop_seconds"],
         }
-        out = {"repeats": repeats, "project": info, "kept_connection": not cold, "rows": rows, "ratios": ratios,
+        out = {"repeats": repeats, "project": info, "kept_connection": not cold, "rows": rows,
+                "ratios": ratios,
                 "one_file": {"path": SMALL, "size": len(small), "zstd_bytes": small_z,
                              "manifest_bytes": manifest_bytes, "byte_budget": byte_budget},
                 "targets": targets, "work": str(work) if keep else None,
@@ -481,8 +482,9 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
 def render(result: dict) -> str:
     lines = [f"deploy benchmark: medians of {result['repeats']} interleaved runs "
              f"({result['project']['files']} files, {result['project']['total_bytes'] / 1e6:.0f}"
-             f" MB; {result['rsync']}; ours "
-             f"{'with the kept connection' if result['kept_connection'] else 'logging in each time'})",
+             f" MB; {result['rsync']}; ours " + ("with the kept connection"
+                                                 if result["kept_connection"]
+                                                 else "logging in each time") + ")",
              f"{'case':10s} {'tool':6s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
     for case, tools in result["rows"].items():
         for tool, row in tools.items():
