@@ -42,22 +42,31 @@ def wire_args(argv: list[str]) -> dict | None:
     return opts
 
 
+def deploy_and_print(settings, host: str | None, bundle: str | None = None,
+                     dry_run: bool = False, confirm=None, trust_host: bool = False,
+                     as_json: bool = False) -> None:
+    """The deploy-bundle task's body: deploy to one host, showing the plan and progress
+    (JSON at the end with ``as_json``); shared by the task and the quick form below."""
+    from remoteops.laptop.deploy import deploy
+    from remoteops.laptop.render import print_deploy, print_plan, upload_progress
+    from remoteops.laptop.targets import open_target
+
+    with open_target(settings, host, trust_host=trust_host) as target, \
+            upload_progress(quiet=as_json) as progress:
+        outcome = deploy(settings, target, bundle, dry_run=dry_run, confirm=confirm,
+                         progress=progress, on_plan=None if as_json else print_plan)
+    print_deploy(outcome, as_json)
+
+
 def run(opts: dict) -> int:
-    """The deploy-bundle task's body (``laptop/tasks.deploy_bundle``), its errors as one line."""
+    """``deploy_and_print`` for the quick form, its errors as one line (as ``friendly``)."""
     from remoteops.common.config import load_settings
     from remoteops.common.errors import RemoteOpsError
-    from remoteops.laptop.deploy import deploy
-    from remoteops.laptop.render import print_deploy, upload_progress
-    from remoteops.laptop.targets import open_target
 
     try:
         settings = load_settings(flags={"project_root": opts["project_root"],
                                         "non_interactive": None})
-        with open_target(settings, opts["host"]) as target, \
-                upload_progress(quiet=opts["json"]) as progress:
-            outcome = deploy(settings, target, None, progress=progress, on_plan=None
-                             if opts["json"] else _print_plan)
-        print_deploy(outcome, opts["json"])
+        deploy_and_print(settings, opts["host"], as_json=opts["json"])
     except RemoteOpsError as exc:
         if os.environ.get("REMOTEOPS_DEBUG"):
             import traceback
@@ -82,10 +91,4 @@ def main() -> None:
     program.run()
 
 
-def _print_plan(outcome) -> None:
-    from remoteops.laptop.render import print_plan
-
-    print_plan(outcome)
-
-
-__all__ = ["wire_args", "run", "main"]
+__all__ = ["wire_args", "run", "main", "deploy_and_print"]

@@ -142,17 +142,11 @@ def build_bundle(c, out=None, json=False):
 def deploy_bundle(c, host=None, bundle=None, dry_run=False, yes=False, project_root=None,
                   trust_host=False, non_interactive=None, json=False):
     """Deploy a bundle: upload only what changed, apply it with a backup first."""
-    from remoteops.laptop.deploy import deploy
-    from remoteops.laptop.render import print_deploy, print_plan, upload_progress
-    from remoteops.laptop.targets import open_target
+    from remoteops.laptop.entry import deploy_and_print
 
     settings = _settings(project_root=project_root, non_interactive=non_interactive)
     confirm = None if dry_run else _confirm(settings, yes, non_interactive, "Apply this deploy")
-    with open_target(settings, host, trust_host=trust_host) as target, \
-            upload_progress(quiet=json) as progress:
-        outcome = deploy(settings, target, bundle, dry_run=dry_run, confirm=confirm,
-                         progress=progress, on_plan=None if json else print_plan)
-    print_deploy(outcome, json)
+    deploy_and_print(settings, host, bundle, dry_run, confirm, trust_host, json)
 
 
 @task(help={"backup": "the backup to restore (a name from 'invoke backups', or its path); "
