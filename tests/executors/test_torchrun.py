@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.executors.conftest import run_pipeline, stages_of
+from tests.harness.demo import adapter_weights
 
 torch = pytest.importorskip("torch")
 
@@ -34,12 +35,6 @@ eval_set = "data/eval2.jsonl"
 batch_size = 4
 grad_accum = 2
 """
-
-
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 def _train_rows(run: Path, stage: str) -> list[dict]:
@@ -90,8 +85,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(make_projec
     # allow 1% of that bound. Training without the all-reduce (each rank alone, as the HF
     # Trainer silently did after an evaluate()) missed it 150 times over.
     tolerance = 0.01 * LR * STEPS
-    a = _weights(root / "outputs" / "adapter" / "adapter_ddp")
-    b = _weights(root / "outputs" / "adapter" / "adapter_one")
+    a = adapter_weights(root / "outputs" / "adapter" / "adapter_ddp")
+    b = adapter_weights(root / "outputs" / "adapter" / "adapter_one")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max(b[k].abs().max().item() for k in b if "lora_B" in k)  # lora_B starts at 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.demo import adapter_weights
 from tests.hosts.conftest import keyed
 from tests.hosts.conftest import ENV
 from tests.multinode.conftest import stages_of, state_of
@@ -41,12 +42,6 @@ grad_accum = 2
 """
 
 
-def _weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def _one_process_reference(project: Path) -> dict:
     """Stage ``one`` (the same global batch in one process), trained in this process."""
     from remoteops.common.config import load_settings
@@ -57,7 +52,7 @@ def _one_process_reference(project: Path) -> dict:
     entry = run_train(resolve_stage(settings, "one"), project / "reference",
                       log=lambda message: None)
     assert entry["status"] == "done" and entry["world_size"] == 1
-    return _weights(project / "outputs" / "adapter" / "adapter_one")
+    return adapter_weights(project / "outputs" / "adapter" / "adapter_one")
 
 
 def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_project, roots):
@@ -112,7 +107,7 @@ def test_one_run_spans_two_hosts_and_trains_like_one_process(cli, spanning_proje
     # any weight; the runs differ only in the float order of the gloo all-reduce (which Adam
     # can amplify where a gradient is near 0): allow 1% of that bound.
     tolerance = 0.01 * LR * STEPS
-    a, b = _weights(adapter), _one_process_reference(project)
+    a, b = adapter_weights(adapter), _one_process_reference(project)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max(b[k].abs().max().item() for k in b if "lora_B" in k)  # lora_B starts at 0
