@@ -39,7 +39,8 @@ def _tarinfo(name: str, size: int, mode: int) -> tarfile.TarInfo:
 # each large file alone, small files in groups whose boundaries depend only on
 # member names. A segment's frame is a pure function of its bytes and the level, so
 # a new version copies the frames of unchanged segments from the previous bundle
-# (checked by sha256) instead of compressing everything again: same bytes either way.
+# (checked first unless the file is provably the one indexed) instead of compressing
+# everything again: same bytes either way.
 SEGMENT_ALONE = 1 << 20     # members this large get a frame of their own
 SEGMENT_EVERY = 16          # about one group boundary per this many small members
 FRAMES_DIR = ".frames"
@@ -102,25 +103,52 @@ def _reusable_frames(previous: Path | None, level: int) -> tuple[dict[str, dict]
         return {}, False
 
 
+class _Window:
+    """At most ``left`` bytes of ``fh`` from where it stands (one frame of a tar)."""
+
+    def __init__(self, fh, left: int):
+        self.fh, self.left = fh, left
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(self.left if size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def _frame_intact(src, frame: dict) -> bool:
+    """``frame`` of ``src`` decompresses, zstd's own checksum of its content holds, and it is
+    as long as indexed: what a frame of an earlier bundle that may have been touched since
+    must show before it is copied (no sha256 of every frame written: it cost a full pass
+    over each bundle written, for a file that is rarely touched)."""
+    import zstandard
+
+    if "raw" not in frame:
+        return False  # an index from before: not checkable, the frame is compressed again
+    src.seek(frame["offset"])
+    window = _Window(src, frame["length"])
+    got = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(window, read_across_frames=False,
+                                                        closefd=False) as zr:
+            while True:
+                chunk = zr.read(CHUNK)
+                if not chunk:
+                    break
+                got += len(chunk)
+    except zstandard.ZstdError:
+        return False
+    return got == frame["raw"] and window.left == 0
+
+
 def _copy_range(sink, src, frame: dict, trusted: bool = False) -> bool:
-    """Append ``frame`` of ``src`` to ``sink``, checking its sha256 first unless ``trusted``
-    (the file has the size, mtime and inode it had when indexed: a redeploy of one file
-    then does not read the whole previous bundle); the copy is made by the kernel
+    """Append ``frame`` of ``src`` to ``sink``, checking it first (``_frame_intact``) unless
+    ``trusted`` (the file has the size, mtime and inode it had when indexed: a redeploy of
+    one file then does not read the whole previous bundle); the copy is made by the kernel
     (copy_file_range: no pass through Python, ~6x faster for a large frame), else read and
     written. False: the frame is not what the index says. The server checks every file's
     sha256 in any case."""
-    if not trusted:
-        h = hashlib.sha256()
-        src.seek(frame["offset"])
-        left = frame["length"]
-        while left > 0:
-            chunk = src.read(min(CHUNK, left))
-            if not chunk:
-                return False
-            h.update(chunk)
-            left -= len(chunk)
-        if h.hexdigest() != frame["sha256"]:
-            return False
+    if not trusted and not _frame_intact(src, frame):
+        return False
     fh = sink.raw if isinstance(sink, _Tapped) else sink
     fh.flush()
     start, done = fh.tell(), 0
@@ -211,15 +239,14 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                 tar_offset += length
                 key = _segment_key(level, segment, len(tail) if last else -1)
                 if key in reuse and src and _copy_range(raw, src, reuse[key], trusted):
-                    digest, size = reuse[key]["sha256"], reuse[key]["length"]
+                    size = reuse[key]["length"]
                     stats["reused"] += 1
                     stats["reused_bytes"] += size
                 else:
-                    digest, size, intact = _compress_segment(cctx, raw, segment, headers, tail,
-                                                             length)
+                    size, intact = _compress_segment(cctx, raw, segment, headers, tail, length)
                     if not intact:
                         key = None  # a file changed while bundling: never reuse this frame
-                frames.append({"key": key, "offset": offset, "length": size, "sha256": digest})
+                frames.append({"key": key, "offset": offset, "length": size, "raw": length})
                 offset += size
             if tap is not None:
                 raw.flush()
@@ -239,10 +266,9 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
 
 
 def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
-                      length: int) -> tuple[str, int, bool]:
-    """Compress one segment as one frame into ``raw``; return its sha256, size, and whether
-    every member still had the size and sha256 it was listed with."""
-    h = hashlib.sha256()
+                      length: int) -> tuple[int, bool]:
+    """Compress one segment as one frame into ``raw``; return its size, and whether every
+    member still had the size and sha256 it was listed with."""
     written = 0
     intact = True
 
@@ -250,7 +276,6 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
         nonlocal written
         if chunk:
             raw.write(chunk)
-            h.update(chunk)
             written += len(chunk)
 
     comp = cctx.compressobj(size=length)
@@ -275,7 +300,7 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
         emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
     emit(comp.compress(tail))
     emit(comp.flush())
-    return h.hexdigest(), written, intact
+    return written, intact
 
 
 def read_member_by_frame(tar_path: Path, members: list[tuple[str, int]],
@@ -321,6 +346,16 @@ def check_member(member: tarfile.TarInfo) -> str:
     return name
 
 
+def damaged(tar_name: str, exc: BaseException) -> BundleError:
+    """The one-line error for a tar that cannot be read: an upload on the server (its name
+    starts ``stream-``) is sent again by the next deploy; a bundle is rebuilt."""
+    if tar_name.startswith("stream-"):
+        return BundleError(f"the upload {tar_name} arrived damaged ({exc}); nothing was "
+                           "changed: run the deploy again.")
+    return BundleError(f"{tar_name} is truncated or corrupted ({exc}); rebuild it with invoke "
+                       "build-bundle.")
+
+
 class _MemberReader:
     """A member's file object whose read errors (bad zstd frame, short tar) are BundleErrors."""
 
@@ -333,8 +368,7 @@ class _MemberReader:
         try:
             return self._fh.read(size)
         except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
-            raise BundleError(f"{self._tar_name} is truncated or corrupted ({exc}); rebuild it "
-                              "with invoke build-bundle.") from None
+            raise damaged(self._tar_name, exc) from None
 
 
 def iter_members(tar_path: Path, raw=None):
@@ -356,7 +390,6 @@ def iter_members(tar_path: Path, raw=None):
                 yield member, (_MemberReader(tar.data(member), tar_path.name)
                                if member.isfile() else None)
     except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
-        raise BundleError(f"{tar_path.name} is truncated or corrupted ({exc}); rebuild it with "
-                          "invoke build-bundle.") from None
+        raise damaged(tar_path.name, exc) from None
 
 

@@ -8,8 +8,8 @@ sent as ``write_tar`` produces it (``TarTap``): compression, the upload and the
 server's writing overlap. Otherwise it is a delta. The server keeps what arrived
 under a name that carries the content id: after a cut connection the next plan
 reports how much it has (``stream_parts``) and the upload resumes there (the tars
-are deterministic, so the bytes are the same). The server checks the tar's
-sha256, and every file's, before anything changes.
+are deterministic, so the bytes are the same). The server checks the tar's size,
+each member against the manifest and every file's sha256 before anything changes.
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str,
     ``deploy-stream`` (``opening``: one started already; ``request``: one that made the
     plan and waits for what follows), which applies it as planned there; the agent's
     answer (None: it could not read the stream, nothing changed) and the bytes sent."""
-    import hashlib
     import json
 
     delta = {"chunked": True, "offset": offset, "name": name}
@@ -147,19 +146,17 @@ def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str,
     done = offset
     try:
         request.send(preamble)
-        digest = hashlib.sha256()
         for data in chunks:
             if request.closed:
                 break  # the agent stopped reading: its answer (or the lost connection) says why
             request.send(chunk_frame(data))
-            digest.update(data)
             done += len(data)
             sent += len(data) + 8
             if progress:
                 progress(done, max(done, total))
         built.wait()  # the tar is complete and renamed into place
-        trailer = chunk_frame(b"") + json.dumps({"size": done, "tail_sha256": digest.hexdigest(),
-                                                 "offset": offset}).encode() + b"\n" + GO
+        trailer = chunk_frame(b"") + json.dumps({"size": done, "offset": offset}).encode() \
+            + b"\n" + GO
         request.send(trailer)
         sent += len(trailer)
         return request.finish(), sent

@@ -10,7 +10,7 @@ every member checked against the manifest, every needed file's sha256 checked, a
 of them durable before the journal (``result`` makes them durable, once the upload
 they came from is removed). ``result`` hands the staged files to the apply
 only when the plan made under the deploy lock needs exactly those files and the
-whole upload arrived with its sha256 right; otherwise (or on any error) the
+whole upload arrived (all of its bytes); otherwise (or on any error) the
 staging is dropped and the apply stages the complete upload as it always did. A
 resumed upload (part of it from an earlier, cut request) is not staged early.
 """
@@ -89,7 +89,7 @@ class EarlyStage:
             self._follow.close()
 
     def complete(self) -> None:
-        """The whole upload arrived and its sha256 matched."""
+        """The whole upload arrived (all of its bytes)."""
         self.arrived = True
         self._follow.close_writer()
         self._thread.join()
