@@ -8,7 +8,6 @@ deploy made; the bundle is a real build; the stdin is what the laptop would send
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
