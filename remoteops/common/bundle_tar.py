@@ -194,7 +194,7 @@ class _Tapped:
 
 
 def write_tar(out: Path, members: list[tuple], level: int = 3,
-              previous: Path | None = None, tap=None) -> dict:
+              previous: Path | None = None, tap=None, late=None) -> dict:
     """A deterministic zstd-compressed tar of ``(name, source, mode[, sha256[, stat]])``
     members (``stat``: ``stat_key`` of the file when ``sha256`` was made, at least a few
     seconds after its last change; unchanged, it is not hashed again while compressed).
@@ -203,6 +203,12 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     that ``previous`` (an earlier bundle) already holds are copied from it. Returns
     ``{"frames", "reused", "reused_bytes"}``. ``tap``: told as the bytes are written (see
     ``_Tapped``) and, at the end, ``closed(error or None)``.
+
+    ``late``: the members' sha256 are still being made (a first bundle is compressed while
+    the laptop hashes its files): a member listed without one is not hashed here;
+    ``late.check()`` (raises when the hashing failed) runs before each frame and
+    ``late.wait()`` gives ``{name: (sha256, stat)}`` before the tar is put in place, for
+    the frames' keys (a member whose stat moved between the two passes gets none).
     """
     import zstandard
 
@@ -211,8 +217,10 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
         name, source, mode = m[:3]
         st = os.stat(source)
         # the stat it was hashed at (5th item), unchanged: the hash need not be made again
-        same = len(m) > 4 and m[4] is not None and tuple(m[4]) == stat_key(st)
-        sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same))
+        same = (len(m) > 4 and m[4] is not None and tuple(m[4]) == stat_key(st)) or \
+            (late is not None and (len(m) < 4 or m[3] is None))
+        sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same,
+                      stat_key(st)))
     segments = _segments(stream_order(sized))
     reuse, trusted = _reusable_frames(previous, level)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
@@ -225,7 +233,10 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
         with atomic_output(out) as raw:
             if tap is not None:
                 raw = _Tapped(raw, tap)
+            made = []  # (frame, segment, tail length) whose keys wait for ``late``
             for i, segment in enumerate(segments):
+                if late is not None:
+                    late.check()
                 last = i == len(segments) - 1
                 headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
                                                              "strict") for m in segment]
@@ -246,8 +257,12 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                     size, intact = _compress_segment(cctx, raw, segment, headers, tail, length)
                     if not intact:
                         key = None  # a file changed while bundling: never reuse this frame
+                    elif late is not None and key is None:
+                        made.append((len(frames), segment, len(tail) if last else -1))
                 frames.append({"key": key, "offset": offset, "length": size, "raw": length})
                 offset += size
+            if late is not None:
+                _late_keys(frames, made, level, late.wait())
             if tap is not None:
                 raw.flush()
     except BaseException as exc:
@@ -263,6 +278,23 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     write_atomic_text(frames_index_path(out), json.dumps({"level": level, "frames": frames,
                                                           "tar": _identity(out)}))
     return stats
+
+
+def _late_keys(frames: list[dict], made: list[tuple], level: int, hashed: dict) -> None:
+    """The keys of frames written before their members' sha256 were known: each such member
+    as hashed (``hashed``: name -> (sha256, its stat when hashed, None if not settled)) at
+    the very stat it had when compressed, else the frame keeps no key (never reused). A
+    member listed with its sha256 was checked while compressed."""
+    for index, segment, tail in made:
+        shas = []
+        for m in segment:
+            done = hashed.get(m[0]) if m[4] is None else (m[4], m[6])
+            if done is None or done[1] is None or tuple(done[1]) != m[6]:
+                break
+            shas.append(done[0])
+        else:
+            frames[index]["key"] = _segment_key(level, [m[:4] + (sha,) for m, sha in
+                                                        zip(segment, shas)], tail)
 
 
 def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,

@@ -245,28 +245,40 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         raise BundleError(f"no files to bundle in {project}; check bundle.include / "
                           "bundle.exclude in remoteops.toml.")
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves nothing behind
-    entries = []
-    hashed_as: dict[str, tuple] = {}
-    cache = HashCache(out / ".hashes.json")
-    for path, rel in zip(paths, chosen.rels):
-        if rel in chosen.links:  # kept as a link (select refused any leaving the project)
-            target = link_entry(project, path)
-            entries.append(FileEntry(rel, len(os.fsencode(target)), 0o777, link_digest(target),
-                                     link=target))
-            continue
-        st = path.stat()
-        entries.append(FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode) | 0o600,
-                                 cache.sha256(rel, path, st)))
-        if cache.settled(st):  # hashed as it is: the tar need not hash it again
-            hashed_as[rel] = stat_key(st)
-    cache.save()
-    wheel = build_toolkit_wheel(out / ".toolkit")
-    wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
-    plugins = pm.requirements() if pm is not None else \
-        plugin_set(project, settings["plugins_dir"], out / ".plugins.json")
-    cid = content_id(entries, wheel_info, plugins)
     with writer_lock(out):  # a tar still being written by an earlier deploy's child
         previous = _latest(out, name)
+    wheel = build_toolkit_wheel(out / ".toolkit")
+    wheel_info = {"name": wheel.name, "sha256": sha256_file(wheel), "size": wheel.stat().st_size}
+    wheel_member = (f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"])
+    level = int(settings["bundle.compression_level"])
+    stats = {rel: path.stat() for path, rel in zip(paths, chosen.rels) if rel not in chosen.links}
+    early = None
+    if background is True and previous is None:  # a first bundle: compressed while hashed
+        early = EarlyTar(out / f"{name}-v1.tar.zst", out / f"{name}-v1.manifest.json",
+                         [(f"files/{rel}", project / rel, _mode(st)) for rel, st in stats.items()]
+                         + [wheel_member], level, tap)
+    try:
+        entries = []
+        hashed_as: dict[str, tuple] = {}
+        cache = HashCache(out / ".hashes.json")
+        for path, rel in zip(paths, chosen.rels):
+            if rel in chosen.links:  # kept as a link (select refused any leaving the project)
+                target = link_entry(project, path)
+                entries.append(FileEntry(rel, len(os.fsencode(target)), 0o777,
+                                         link_digest(target), link=target))
+                continue
+            st = stats[rel]
+            entries.append(FileEntry(rel, st.st_size, _mode(st), cache.sha256(rel, path, st)))
+            if cache.settled(st):  # hashed as it is: the tar need not hash it again
+                hashed_as[rel] = stat_key(st)
+        cache.save()
+        plugins = pm.requirements() if pm is not None else \
+            plugin_set(project, settings["plugins_dir"], out / ".plugins.json")
+        cid = content_id(entries, wheel_info, plugins)
+    except BaseException as exc:
+        if early is not None:
+            early.fail(exc)
+        raise
     if previous and previous.content_id == cid:
         tar_path = out / f"{name}-v{previous.version}.tar.zst"
         if tar_path.is_file():
@@ -281,20 +293,25 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                         created_at=now_iso(),
                         source_commit=commit, source_dirty=dirty, toolkit_version=__version__,
                         toolkit_wheel=wheel_info, plugins=plugins, files=entries)
-    if on_manifest is not None:
-        on_manifest(manifest)
     tar_path = out / f"{name}-v{version}.tar.zst"
-    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256, hashed_as.get(e.path))
-               for e in entries if e.link is None]  # a link travels in the manifest alone
-    members.append((f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"]))
-    earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
     manifest_path = out / f"{name}-v{version}.manifest.json"
     built = Built(tar_path, manifest_path, manifest, excluded=chosen.report())
+    if early is not None:
+        early.hashed({f"files/{e.path}": (e.sha256, hashed_as.get(e.path)) for e in entries
+                      if e.link is None}, manifest, built, started)
+        if on_manifest is not None:
+            on_manifest(manifest)
+        return built
+    if on_manifest is not None:
+        on_manifest(manifest)
+    members = [(f"files/{e.path}", project / e.path, e.mode, e.sha256, hashed_as.get(e.path))
+               for e in entries if e.link is None]  # a link travels in the manifest alone
+    members.append(wheel_member)
+    earlier = out / f"{name}-v{previous.version}.tar.zst" if previous else None
 
     def write() -> None:
         try:
-            write_tar(tar_path, members, int(settings["bundle.compression_level"]), earlier,
-                      tap=tap)
+            write_tar(tar_path, members, level, earlier, tap=tap)
             write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is complete
         except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
             built.error = exc
@@ -307,6 +324,68 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         built.start_pending()
         return built
     return built.wait()
+
+
+def _mode(st: os.stat_result) -> int:
+    return stat.S_IMODE(st.st_mode) | 0o600
+
+
+class EarlyTar:
+    """A first bundle's tar, compressed in a thread from the files' stat while the laptop
+    still hashes them (``write_tar``'s ``late``): a first full deploy's bytes start to
+    flow as soon as the plan is back instead of after the hashing. ``hashed`` hands over
+    the hashes and the manifest (written last, as always); ``fail``: the build stopped,
+    the half-written tar is removed."""
+
+    def __init__(self, tar_path: Path, manifest_path: Path, members: list[tuple], level: int,
+                 tap):
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._written: BaseException | None = None  # how the writing ended (None: well)
+        self._hashes: dict = {}
+        self._manifest: Manifest | None = None
+        self._error: BaseException | None = None
+        self._built: Built | None = None
+        self._paths = tar_path, manifest_path
+        self.thread = threading.Thread(target=self._write, args=(members, level, tap),
+                                       name="remoteops-early-tar")  # not a daemon: it cleans up
+        self.thread.start()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> dict:
+        self._ready.wait()
+        self.check()
+        return self._hashes
+
+    def hashed(self, hashes: dict, manifest: Manifest, built: Built, started: float) -> None:
+        self._hashes, self._manifest, self._started = hashes, manifest, started
+        with self._lock:
+            self._built = built
+            built.error = self._written  # it may have failed already (a file gone)
+        built.pending = self.thread
+        self._ready.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ready.set()
+        self.thread.join()
+
+    def _write(self, members: list[tuple], level: int, tap) -> None:
+        tar_path, manifest_path = self._paths
+        error = None
+        try:
+            write_tar(tar_path, members, level, None, tap=tap, late=self)
+            write_atomic_text(manifest_path, self._manifest.to_json())  # last, as always
+        except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
+            error = exc
+        with self._lock:
+            self._written = error
+            if self._built is not None:
+                self._built.error = error
+                self._built.seconds = time.monotonic() - self._started
 
 
 __all__ = ["Built", "build_bundle", "HashCache", "describe_exclusions",

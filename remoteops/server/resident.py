@@ -10,6 +10,11 @@ pipes this process relays to and from the frames. The child runs exactly what
 ``python -m remoteops.agent ARGS`` would (same entry, same answer, same exit code);
 a crash in it cannot harm the next request. One request at a time.
 
+A request's input (a full deploy's 100 MB and more) is moved from the SSH channel to
+the child's stdin by the kernel (``splice``: the bytes never enter this process); the
+frames are read exactly, header by header, so that this is possible. Where ``splice``
+cannot be used the payload is read and written as before.
+
 It never runs stale code: before each request it compares the toolkit's installed
 files (name, size, mtime, inode) with those it started with; after an upgrade (the
 deploy installs the bundle's wheel) it answers ``N stale`` and exits, and the keeper
@@ -27,8 +32,9 @@ import select
 import sys
 
 import remoteops
-from remoteops.common.kept_wire import (END, ERR, EXIT, HELLO, INPUT, NOT_STARTED, OUT, READY,
-                                        REQUEST, STARTED, Frames, frame, json_frame)
+from remoteops.common.kept_wire import (END, ERR, EXIT, HEAD, HELLO, INPUT, MAX_PAYLOAD,
+                                        NOT_STARTED, OUT, READY, REQUEST, STARTED, FrameError,
+                                        frame, json_frame)
 
 _READ = 1 << 20
 _QUEUE = 4 << 20  # the most of a request's input held here for its child
@@ -62,21 +68,57 @@ def _write(fd: int, data: bytes) -> None:
 
 
 class Channel:
-    """Frames in on fd 0 and out on fd 1 (the SSH command's stdin and stdout)."""
+    """Frames in on fd 0 and out on fd 1 (the SSH command's stdin and stdout). fd 0 is read
+    exactly, a frame's header then its payload, never past the frame under way: the relay
+    may move an input frame's payload itself (``splice``)."""
 
     def __init__(self) -> None:
-        self.frames = Frames()
         self.pending: list[tuple[bytes, bytes]] = []
         self.open = True
         self.broken = False  # the laptop stopped reading
+        self.head = b""  # a header as it arrives
+        self.kind: bytes | None = None  # the frame whose payload is under way
+        self.left = 0  # its bytes still on fd 0
+        self.body: list[bytes] = []
 
     def read(self) -> None:
-        """Once fd 0 is readable: what arrived, parsed into ``pending``."""
-        data = os.read(0, _READ)
+        """Once fd 0 is readable: the next piece of the frame under way (complete frames go
+        to ``pending``)."""
+        if self.kind is None:
+            data = os.read(0, HEAD.size - len(self.head))
+            if not data:
+                self.open = False
+                return
+            self.head += data
+            if len(self.head) < HEAD.size:
+                return
+            kind, size = HEAD.unpack(self.head)
+            self.head = b""
+            if size > MAX_PAYLOAD or not kind.isalpha():
+                raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
+            if size == 0:
+                self.pending.append((kind, b""))
+            else:
+                self.kind, self.left, self.body = kind, size, []
+            return
+        data = os.read(0, min(self.left, _READ))
         if not data:
             self.open = False
-        else:
-            self.pending += self.frames.feed(data)
+            return
+        self.body.append(data)
+        self.moved(len(data))
+
+    def splicing(self) -> bool:
+        """An input frame's payload waits on fd 0, none of it read yet."""
+        return self.kind == INPUT and self.left > 0 and not self.body
+
+    def moved(self, n: int) -> None:
+        """``n`` bytes of the payload under way were taken from fd 0."""
+        self.left -= n
+        if not self.left:
+            if self.body:
+                self.pending.append((self.kind, b"".join(self.body)))
+            self.kind, self.body = None, []
 
     def next(self) -> tuple[bytes, bytes] | None:
         while not self.pending and self.open:
@@ -173,11 +215,13 @@ def _relay(channel: Channel, pid: int, w_in: int, r_out: int, r_err: int) -> int
     ending = False  # the end of its stdin came (or the channel closed)
     outputs = {r_out: OUT, r_err: ERR}
     os.set_blocking(w_in, False)
+    splice = hasattr(os, "splice")  # Linux: input payloads move fd 0 -> w_in in the kernel
+    in_ready = out_ready = False  # (while splicing) fd 0 readable, w_in writable
     while outputs:  # until the child closed its stdout and stderr (it ended)
         # input frames parsed while waiting for the request are handled first
         while channel.pending:
             kind, payload = channel.pending.pop(0)
-            if kind == INPUT and not ending and payload:
+            if kind == INPUT and not ending and payload and w_in >= 0:
                 queue.append(memoryview(payload))
                 queued += len(payload)
             elif kind == END:
@@ -187,11 +231,37 @@ def _relay(channel: Channel, pid: int, w_in: int, r_out: int, r_err: int) -> int
         if ending and not queued and w_in >= 0:
             os.close(w_in)
             w_in = -1
-        # no more from the laptop while the child has a few MB to read (backpressure)
-        reads = list(outputs) + ([0] if channel.open and queued < _QUEUE else [])
-        writes = [w_in] if queued and w_in >= 0 else []
+        moving = splice and w_in >= 0 and not queued and channel.splicing()
+        if moving and in_ready and out_ready:
+            in_ready = out_ready = False
+            try:
+                n = os.splice(0, w_in, min(channel.left, _READ), flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:  # the child stopped reading: the rest is read and dropped
+                os.close(w_in)
+                w_in = -1
+                continue
+            except OSError:  # not possible with these descriptors: read and write instead
+                splice = False
+                continue
+            if n:
+                channel.moved(n)
+            else:
+                channel.open = False
+            continue
+        if moving:  # wait for whichever side is not ready yet (never spin on the other)
+            reads = list(outputs) + ([0] if not in_ready else [])
+            writes = [w_in] if not out_ready else []
+        else:
+            # no more from the laptop while the child has a few MB to read (backpressure)
+            reads = list(outputs) + ([0] if channel.open and queued < _QUEUE else [])
+            writes = [w_in] if queued and w_in >= 0 else []
         readable, writable, _ = select.select(reads, writes, [])
-        if writable:
+        if moving:
+            in_ready = in_ready or 0 in readable
+            out_ready = out_ready or bool(writable)
+        elif writable:
             try:
                 head = queue[0]
                 written = os.write(w_in, head)
@@ -209,7 +279,8 @@ def _relay(channel: Channel, pid: int, w_in: int, r_out: int, r_err: int) -> int
                 w_in = -1
         for fd in readable:
             if fd == 0:
-                channel.read()
+                if not moving:
+                    channel.read()
                 continue
             data = os.read(fd, _READ)
             if data:

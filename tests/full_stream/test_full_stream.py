@@ -58,8 +58,8 @@ def _build(cli, project: Path) -> tuple[Manifest, Path]:
     return Manifest.from_json(manifest_path.read_text()), tar
 
 
-def _deploy_stream(root: Path, manifest: Manifest, data: bytes, offset: int = 0,
-                   upto: int | None = None) -> subprocess.CompletedProcess:
+def stream_input(manifest: Manifest, data: bytes, offset: int = 0,
+                 upto: int | None = None) -> bytes:
     """The request the laptop sends for a full deploy the server plans: the manifest, then
     (after the plan) the tar from ``offset`` in chunk frames; cut at ``upto`` if given."""
     header = json.dumps({"plan": True, "manifest": json.loads(manifest.to_json()),
@@ -72,8 +72,14 @@ def _deploy_stream(root: Path, manifest: Manifest, data: bytes, offset: int = 0,
     if upto is None:
         stdin += chunk_frame(b"") + json.dumps({
             "size": len(data), "offset": offset}).encode() + b"\n" + GO
+    return stdin
+
+
+def _deploy_stream(root: Path, manifest: Manifest, data: bytes, offset: int = 0,
+                   upto: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "remoteops.agent", "deploy-stream", "--root",
-                           str(root), "--json"], input=stdin, capture_output=True, timeout=120)
+                           str(root), "--json"], input=stream_input(manifest, data, offset, upto),
+                          capture_output=True, timeout=120)
 
 
 def _answers(res: subprocess.CompletedProcess) -> list[dict]:
