@@ -149,6 +149,14 @@ class AgentStream:
         except (OSError, EOFError, ValueError):
             self.closed = True
 
+    def input_fd(self) -> int | None:
+        """The pipe to the ``ssh`` client's stdin, for bytes moved there by the kernel (the
+        keeper's ``splice``); None: no such pipe (paramiko, the keeper, closed)."""
+        if self.closed or self._proc is None or self._proc.stdin is None \
+                or self._proc.stdin.closed:
+            return None
+        return self._proc.stdin.fileno()
+
     def cancel(self) -> None:
         """Close the input without the go-ahead and stop waiting (nothing is applied)."""
         self.closed = True

@@ -15,6 +15,13 @@ next to the socket (``<key>.log``).
 A command that disappears mid-request (Ctrl-C, a crash) closes its socket: the keeper
 ends the request's stdin, so a deploy without its go-ahead changes nothing, and reads
 the request to its end before taking the next.
+
+A request's input goes from the command's socket to the ``ssh`` client's stdin by the
+kernel (``splice``: a full deploy's bytes never enter this process); the frames are
+read exactly, header by header. A command that disappears in the middle of a frame
+leaves the server's side of it incomplete: the keeper then closes the connection (the
+request ends without its go-ahead) and the next command logs in as always. Through
+paramiko the payload is read and written.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import time
 
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import write_atomic_text
-from remoteops.common.kept_wire import (END, EXIT, HELLO, INPUT, LOST, NOT_STARTED, READY,
-                                        REQUEST, STARTED, Frames, FrameError, frame,
-                                        read_frames)
+from remoteops.common.kept_wire import (END, EXIT, HEAD, HELLO, INPUT, LOST, MAX_PAYLOAD,
+                                        NOT_STARTED, READY, REQUEST, STARTED, Frames,
+                                        FrameError, frame)
 
 log = logging.getLogger("remoteops.keeper")
 HELLO_SECONDS = 60.0
@@ -88,6 +95,27 @@ class Resident:
     def send(self, data: bytes) -> bool:
         self.stream.send(data)
         return not self.stream.closed
+
+    def send_spliced(self, head: bytes, conn: socket.socket, size: int) -> bool | None:
+        """A frame whose ``size``-byte payload is still on ``conn``, moved into the ``ssh``
+        client's stdin by the kernel. None: not possible here (nothing was sent: the
+        caller reads and sends it); False: the payload broke off (``conn`` ended, or the
+        ``ssh`` client did): the frame on the way to the server is incomplete."""
+        fd = self.stream.input_fd()
+        if fd is None or not hasattr(os, "splice"):
+            return None
+        try:
+            os.write(fd, head)  # whole: a pipe takes 5 bytes at once
+            left = size
+            while left:
+                n = os.splice(conn.fileno(), fd, min(left, 1 << 20))
+                if n <= 0:
+                    return False
+                left -= n
+        except OSError:
+            self.stream.closed = True
+            return False
+        return True
 
     def close(self) -> None:
         self.stream.cancel()
@@ -146,29 +174,24 @@ class Keeper:
             conn.close()
 
     def _serve(self, conn: socket.socket) -> threading.Thread | None:
-        """One request: started, its input passed on, its output passed back until its
+        """One request: start it, pump the command's input to it, pass frames back until its
         exit code; returns the thread still reading the command's socket."""
         conn.settimeout(10)
-        frames = Frames()
         try:
-            first = []
-            while not first:
-                data = conn.recv(65536)
-                if not data:
-                    return None
-                first = frames.feed(data)
+            first = _read_frame(conn)
         except (OSError, FrameError):
-            return
-        if first[0][0] != REQUEST:
-            return
-        got = self.start(frame(REQUEST, first[0][1]))
+            return None
+        if first is None or first[0] != REQUEST:
+            return None
+        got = self.start(frame(REQUEST, first[1]))
         if got is None or got[0] != STARTED:
             _send(conn, frame(NOT_STARTED, b"closed" if got is None else got[1]))
-            return
+            return None
         conn.settimeout(None)
         _send(conn, frame(*got))
         done = threading.Event()
         gate = threading.Lock()
+        splice = [True]
 
         def forward(kind: bytes, payload: bytes) -> None:
             with gate:
@@ -177,9 +200,27 @@ class Keeper:
 
         def pump() -> None:  # the command's stdin, to the resident until it ends
             try:
-                for kind, payload in first[1:]:
-                    forward(kind, payload)
-                for kind, payload in read_frames(conn.recv, frames):
+                while True:
+                    head = _read_exactly(conn, HEAD.size)
+                    if head is None:
+                        break
+                    kind, size = _check_head(head)
+                    if kind == INPUT and size and splice[0]:
+                        with gate:
+                            if not done.is_set():
+                                moved = self.resident.send_spliced(head, conn, size)
+                                if moved is False:  # a frame half sent: end the connection
+                                    log.warning("a command's input broke off mid-frame: "
+                                                "closing the connection")
+                                    self.dead = True
+                                    self.resident.close()
+                                    return
+                                if moved:
+                                    continue
+                                splice[0] = False
+                    payload = _read_exactly(conn, size) if size else b""
+                    if payload is None:
+                        break
                     forward(kind, payload)
             except (OSError, FrameError):
                 pass
@@ -216,6 +257,35 @@ class Keeper:
             self.last = time.monotonic()
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
         log.info("the connection or the resident agent ended: closing")
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from ``conn`` (never more: what follows may be moved by the kernel); None
+    when it ends first."""
+    parts, left = [], n
+    while left:
+        data = conn.recv(left)
+        if not data:
+            return None
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+def _check_head(head: bytes) -> tuple[bytes, int]:
+    kind, size = HEAD.unpack(head)
+    if size > MAX_PAYLOAD or not kind.isalpha():
+        raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
+    return kind, size
+
+
+def _read_frame(conn: socket.socket) -> tuple[bytes, bytes] | None:
+    head = _read_exactly(conn, HEAD.size)
+    if head is None:
+        return None
+    kind, size = _check_head(head)
+    payload = _read_exactly(conn, size) if size else b""
+    return None if payload is None else (kind, payload)
 
 
 def _send(conn: socket.socket, data: bytes) -> None:

@@ -338,3 +338,32 @@ def test_a_chosen_client_is_the_keepers_too(box, project, runtime, cli):
     (project / "code" / "train.py").write_text("print('over paramiko')\n")
     assert box(env=env).logins == 0
     assert tree(box.root) == expected_tree(project)
+
+
+def test_a_command_gone_in_the_middle_of_an_input_frame_changes_nothing(box, project, runtime,
+                                                                        monkeypatch):
+    """The keeper moves a frame's payload to the server as it comes (splice): a command that
+    goes away half-way through one leaves that frame incomplete there, so the keeper closes
+    the connection; the request ends without its go-ahead, and the next deploy logs in."""
+    from remoteops.common.config import load_settings
+    from remoteops.common.kept_wire import HEAD, INPUT
+    from remoteops.laptop.targets import open_target
+
+    box()
+    before = tree(box.root)
+    pid = kept_up(runtime)
+    for name, value in {"REMOTEOPS_REMOTE_PYTHON": sys.executable,
+                        "XDG_RUNTIME_DIR": str(runtime), "REMOTEOPS_SSH__PERSIST": "120"}.items():
+        monkeypatch.setenv(name, value)
+    target = open_target(load_settings(project), "box")
+    held = target.kept.request(["deploy-stream", "--root", str(box.root), "--json"])
+    assert held is not None  # it started on the server through this keeper
+    held.sock.sendall(HEAD.pack(INPUT, 1 << 20) + b"@" * 70_000)  # 70 KB of a 1 MiB frame
+    held.close()
+    wait_for(lambda: not alive(pid), 30, "the keeper to close its connection")
+    assert "broke off mid-frame" in next(runtime.glob("remoteops/*.log")).read_text()
+    assert tree(box.root) == before
+    (project / "code" / "train.py").write_text("print('after the broken frame')\n")
+    res = box()
+    assert res.logins >= 1  # its connection was closed: this deploy logged in
+    assert tree(box.root) == expected_tree(project)
