@@ -205,10 +205,11 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     ``_Tapped``) and, at the end, ``closed(error or None)``.
 
     ``late``: the members' sha256 are still being made (a first bundle is compressed while
-    the laptop hashes its files): a member listed without one is not hashed here;
+    the laptop hashes its files): a member listed without one is not hashed here when
+    ``late.settled(stat)`` (the hash pass will not hash it again either), else it is;
     ``late.check()`` (raises when the hashing failed) runs before each frame and
-    ``late.wait()`` gives ``{name: (sha256, stat)}`` before the tar is put in place, for
-    the frames' keys (a member whose stat moved between the two passes gets none).
+    ``late.wait()`` gives ``{name: (sha256, stat when hashed or None)}`` before the tar is
+    put in place, for the frames' keys (see ``_late_keys``).
     """
     import zstandard
 
@@ -218,7 +219,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
         st = os.stat(source)
         # the stat it was hashed at (5th item), unchanged: the hash need not be made again
         same = (len(m) > 4 and m[4] is not None and tuple(m[4]) == stat_key(st)) or \
-            (late is not None and (len(m) < 4 or m[3] is None))
+            (late is not None and (len(m) < 4 or m[3] is None) and late.settled(st))
         sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same,
                       stat_key(st)))
     segments = _segments(stream_order(sized))
@@ -234,6 +235,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
             if tap is not None:
                 raw = _Tapped(raw, tap)
             made = []  # (frame, segment, tail length) whose keys wait for ``late``
+            computed: dict[str, str] = {}  # sha256 of what was read, for members hashed here
             for i, segment in enumerate(segments):
                 if late is not None:
                     late.check()
@@ -254,7 +256,8 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                     stats["reused"] += 1
                     stats["reused_bytes"] += size
                 else:
-                    size, intact = _compress_segment(cctx, raw, segment, headers, tail, length)
+                    size, intact = _compress_segment(cctx, raw, segment, headers, tail, length,
+                                                     computed)
                     if not intact:
                         key = None  # a file changed while bundling: never reuse this frame
                     elif late is not None and key is None:
@@ -262,7 +265,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                 frames.append({"key": key, "offset": offset, "length": size, "raw": length})
                 offset += size
             if late is not None:
-                _late_keys(frames, made, level, late.wait())
+                _late_keys(frames, made, level, late.wait(), computed)
             if tap is not None:
                 raw.flush()
     except BaseException as exc:
@@ -280,27 +283,35 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     return stats
 
 
-def _late_keys(frames: list[dict], made: list[tuple], level: int, hashed: dict) -> None:
-    """The keys of frames written before their members' sha256 were known: each such member
-    as hashed (``hashed``: name -> (sha256, its stat when hashed, None if not settled)) at
-    the very stat it had when compressed, else the frame keeps no key (never reused). A
-    member listed with its sha256 was checked while compressed."""
+def _late_keys(frames: list[dict], made: list[tuple], level: int, hashed: dict,
+               computed: dict[str, str]) -> None:
+    """The keys of frames written before their members' sha256 were known (``hashed``: name
+    -> (sha256, its stat when hashed, None if not settled)). A member hashed while it was
+    compressed (``computed``) must have the sha256 the manifest has; one that was not,
+    the very stat the hash pass saw; else the frame keeps no key (never reused). A member
+    listed with its sha256 was checked while compressed."""
     for index, segment, tail in made:
         shas = []
         for m in segment:
-            done = hashed.get(m[0]) if m[4] is None else (m[4], m[6])
-            if done is None or done[1] is None or tuple(done[1]) != m[6]:
+            sha = m[4] or (hashed.get(m[0]) or (None, None))[0]
+            if m[4] is None and sha is not None:
+                if m[0] in computed:
+                    sha = sha if computed[m[0]] == sha else None
+                elif hashed[m[0]][1] is None or tuple(hashed[m[0]][1]) != m[6]:
+                    sha = None
+            if sha is None:
                 break
-            shas.append(done[0])
+            shas.append(sha)
         else:
             frames[index]["key"] = _segment_key(level, [m[:4] + (sha,) for m, sha in
                                                         zip(segment, shas)], tail)
 
 
 def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
-                      length: int) -> tuple[int, bool]:
+                      length: int, computed: dict[str, str] | None = None) -> tuple[int, bool]:
     """Compress one segment as one frame into ``raw``; return its size, and whether every
-    member still had the size and sha256 it was listed with."""
+    member still had the size and sha256 it was listed with (``computed``: gets the sha256
+    of each member hashed here)."""
     written = 0
     intact = True
 
@@ -327,8 +338,11 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
                 if fh_hash is not None:
                     fh_hash.update(chunk)
                 emit(comp.compress(chunk))
-        if sha is not None and fh_hash is not None and fh_hash.hexdigest() != sha:
-            intact = False
+        if fh_hash is not None:
+            if sha is not None and fh_hash.hexdigest() != sha:
+                intact = False
+            if computed is not None:
+                computed[name] = fh_hash.hexdigest()
         emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
     emit(comp.compress(tail))
     emit(comp.flush())

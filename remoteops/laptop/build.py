@@ -252,15 +252,15 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     wheel_member = (f"toolkit/{wheel.name}", wheel, 0o644, wheel_info["sha256"])
     level = int(settings["bundle.compression_level"])
     stats = {rel: path.stat() for path, rel in zip(paths, chosen.rels) if rel not in chosen.links}
+    cache = HashCache(out / ".hashes.json")
     early = None
     if background is True and previous is None:  # a first bundle: compressed while hashed
         early = EarlyTar(out / f"{name}-v1.tar.zst", out / f"{name}-v1.manifest.json",
                          [(f"files/{rel}", project / rel, _mode(st)) for rel, st in stats.items()]
-                         + [wheel_member], level, tap)
+                         + [wheel_member], level, tap, cache)
     try:
         entries = []
         hashed_as: dict[str, tuple] = {}
-        cache = HashCache(out / ".hashes.json")
         for path, rel in zip(paths, chosen.rels):
             if rel in chosen.links:  # kept as a link (select refused any leaving the project)
                 target = link_entry(project, path)
@@ -338,7 +338,8 @@ class EarlyTar:
     the half-written tar is removed."""
 
     def __init__(self, tar_path: Path, manifest_path: Path, members: list[tuple], level: int,
-                 tap):
+                 tap, cache: HashCache):
+        self._cache = cache
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._written: BaseException | None = None  # how the writing ended (None: well)
@@ -354,6 +355,10 @@ class EarlyTar:
     def check(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def settled(self, st: os.stat_result) -> bool:
+        """The hash pass will not hash this file again (``HashCache.settled``)."""
+        return self._cache.settled(st)
 
     def wait(self) -> dict:
         self._ready.wait()
