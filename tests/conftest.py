@@ -79,7 +79,8 @@ def home(tmp_path, monkeypatch) -> Path:
     (home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     for name in list(os.environ):
-        if name.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME")):
+        if name.startswith(("REMOTEOPS_", "TRAIN_SYNC_", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME",
+                            "XDG_CACHE_HOME")):
             monkeypatch.delenv(name)
     for name, value in NO_KEEPER.items():
         monkeypatch.setenv(name, value)

@@ -37,6 +37,13 @@ def sha256_file(path: str | os.PathLike) -> str:
         return sha256_fileobj(fh)[1]
 
 
+def user_cache_dir() -> Path:
+    """The user's cache folder for remoteops (``$XDG_CACHE_HOME/remoteops``, else
+    ``~/.cache/remoteops``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "remoteops"
+
+
 def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     """What a file's cached hash is kept under: size, mtime, ctime and inode (an edit that
     keeps size and mtime still changes the ctime)."""
@@ -135,4 +142,4 @@ def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2,
 
 __all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "stat_key", "fsync_path",
            "fsync_dir", "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes",
-           "write_atomic_text", "write_atomic_json"]
+           "write_atomic_text", "write_atomic_json", "user_cache_dir"]

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from remoteops.common.files import user_cache_dir
+
 CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # the converter writes these itself
 EXIT_UNKNOWN_PRE = 3
@@ -29,11 +31,6 @@ EXIT_UNKNOWN_PRE = 3
 
 class GgufError(Exception):
     """A step of the GGUF check failed; the message says what to do."""
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "remoteops"
 
 
 def llama_cpp_python_version() -> str:

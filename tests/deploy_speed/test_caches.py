@@ -76,6 +76,26 @@ def test_the_toolkit_wheel_is_kept_while_its_sources_hold(tmp_path):
         (tmp_path / "b" / first.name).read_bytes()
 
 
+def test_a_first_bundle_takes_the_toolkit_wheel_another_project_made(tmp_path, home,
+                                                                      monkeypatch):
+    """The user's cache keeps one wheel per toolkit: a new project's first bundle copies it
+    (the same bytes) instead of zipping the package again; one changed there is not used."""
+    import remoteops.laptop.wheel as wheel_module
+
+    real = wheel_module._write_wheel
+    first = build_toolkit_wheel(tmp_path / "a")
+    shared = home / ".cache" / "remoteops" / "toolkit" / first.name
+    assert shared.read_bytes() == first.read_bytes()
+    monkeypatch.setattr(wheel_module, "_write_wheel", None)  # zipping again would fail
+    copied = build_toolkit_wheel(tmp_path / "b")
+    assert copied.read_bytes() == first.read_bytes()
+    assert build_toolkit_wheel(tmp_path / "b") == copied  # and kept there from now on
+    monkeypatch.setattr(wheel_module, "_write_wheel", real)
+    shared.write_bytes(b"not a wheel")  # changed behind our back: made afresh instead
+    made = build_toolkit_wheel(tmp_path / "c")
+    assert made.read_bytes() == first.read_bytes()
+
+
 def test_an_edit_that_keeps_size_and_mtime_still_deploys(cli, home, project, tmp_path):
     """Both caches key on the ctime too (as git and rsync --checksum would see it)."""
     make_project(project)
