@@ -107,7 +107,7 @@ def test_a_file_edited_on_the_server_is_found_and_restored(deploy, project, serv
     (server_root / "run.sh").chmod(0o644)
     # nothing changed on the laptop: the no-op check finds the edits and repairs them
     res = deploy("deploy-bundle", "--yes")
-    assert res.commands == 3  # the refused fast apply, the server's plan, the apply
+    assert res.commands == 2  # the refused fast apply; one request plans, streams, applies
     assert "the server is not as last deployed from here (2 file(s) there differ" in res.stdout
     assert "~ code/util.py" in res.stdout and "~ run.sh" in res.stdout
     assert "applied v1: 0 created, 2 overwritten" in res.stdout
@@ -141,7 +141,7 @@ def test_a_stale_record_after_a_rollback_elsewhere_falls_back(deploy, project, s
 
     (project / "code" / "new.py").write_text("NEW = 1\n")
     res = deploy("deploy-bundle", "--yes", "--json")
-    assert res.commands == 3
+    assert res.commands == 2  # the refused stream; one request plans, streams, applies
     out = as_json(res)
     assert out["version"] == 3 and out["plan"]["changed"] == ["code/train.py"]
     assert out["plan"]["added"] == ["code/new.py"]

@@ -137,6 +137,7 @@ class Built:
     pending: threading.Thread | None = None  # writing the tar and manifest in a thread
     error: BaseException | None = None
     deferred: Callable[[], None] | None = None  # writes them, not started yet
+    tap: object = None  # told as the tar is written (``write_tar``); may be set until then
 
     def wait(self) -> "Built":
         """Wait until the tar and manifest are written (a background build; a deferred one is
@@ -295,7 +296,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                         toolkit_wheel=wheel_info, plugins=plugins, files=entries)
     tar_path = out / f"{name}-v{version}.tar.zst"
     manifest_path = out / f"{name}-v{version}.manifest.json"
-    built = Built(tar_path, manifest_path, manifest, excluded=chosen.report())
+    built = Built(tar_path, manifest_path, manifest, excluded=chosen.report(), tap=tap)
     if early is not None:
         early.hashed({f"files/{e.path}": (e.sha256, hashed_as.get(e.path)) for e in entries
                       if e.link is None}, manifest, built, started)
@@ -311,7 +312,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
 
     def write() -> None:
         try:
-            write_tar(tar_path, members, level, earlier, tap=tap)
+            write_tar(tar_path, members, level, earlier, tap=built.tap)
             write_atomic_text(manifest_path, manifest.to_json())  # last: the tar is complete
         except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
             built.error = exc

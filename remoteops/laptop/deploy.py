@@ -201,6 +201,7 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         first = _NOT_YET
         if data is None and (fast is None or fast.plan_for(manifest) is None):
             data = manifest.to_json().encode("utf-8")
+        fell_back = False  # the record's plan was tried: what it left is handled below
         if fast is not None and fast.plan_for(manifest) is not None:
             outcome.plan = fast.plan
             if on_plan is not None:
@@ -216,17 +217,25 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 _wait_local(settings, target, built, outcome)
                 outcome.seconds = time.monotonic() - started
                 return outcome
-            built.start_pending()  # the usual path needs the tar: write it while it plans
             outcome.upload_bytes = 0
-        elif planned is not None:
+            if getattr(fast, "replan", False):  # not as recorded: it plans on a request,
+                tap = built.tap = TarTap()  # and the tar streams as it is written
+                planned = Planned(settings, target, open_request(target, connected))
+                planned.ask(manifest)
+            built.start_pending()  # the usual path needs the tar: write it while it plans
+            fell_back = True
+        if planned is not None:
             first = planned.plan(manifest.toolkit_version)
             if first is None:  # the usual path: the manifest by SFTP, the agent installed
                 planned = None
+                data = data or manifest.to_json().encode("utf-8")
                 target.write_bytes(remote_manifest, data)
                 outcome.sent_bytes += len(data)
                 first = _NOT_YET
             else:
                 outcome.sent_bytes += planned.sent
+        elif fell_back:
+            pass  # the manifest is on the server: the plan below reads it
         elif job is not None:
             first = job.result()
             outcome.sent_bytes += len(data)

@@ -7,7 +7,9 @@ the manifest delta (the changed entries and the sha256 of the whole manifest,
 once the bundle is built, the go-ahead. No SFTP, no second command: a login,
 one channel, one answer. The server checks the base, the rebuilt manifest's
 hash and its disk; when anything differs it changes nothing and the deploy
-sends the whole manifest and plans against the server as before (``deploy``).
+plans against the server on a second request (``replan``; ``deploy_planned``:
+the manifest on its stdin, the files streamed after the plan), or, when the agent
+could not take the stream at all, sends the manifest and plans as before.
 An upload larger than ``STREAM_MAX`` goes the resumable SFTP way instead
 (``FastPath``).
 """
@@ -40,6 +42,7 @@ class StreamPath(FastPath):
 
     request: AgentStream | None = None
     opening: Background | None = None
+    replan = False  # the server is not as recorded: the deploy plans on a request instead
 
     def prestart(self, connected: Background) -> None:
         """Start the agent as soon as the connection is open: its Python starts while the
@@ -155,7 +158,8 @@ class StreamPath(FastPath):
         if answer.get("base_differs"):
             outcome.events.append(f"the server is not as last deployed from here "
                                   f"({answer['reason']}); planned against it")
-            return self._fall_back(outcome, remote_manifest, data)
+            self.replan = True  # the agent there streams: it plans on the next request
+            return False
         if delta is not None:
             _drop(delta)
         remember(self.settings, self.target, built.manifest_path, built.manifest, free_after)

@@ -262,7 +262,11 @@ class Bench:
                 close(row)
 
     def mark(self) -> None:
-        """Note the shaper's counters just before the timed command starts."""
+        """Just before a timed command starts: the data earlier commands wrote goes to disk
+        first (untimed), and the shaper's counters are noted. rsync and scp never sync
+        what they write, and a deploy makes its files durable (``syncfs``), which would
+        otherwise also write out the previous tool's 145 MB in our time."""
+        os.sync()
         self.link_mark = self.shaper.snapshot() if self.shaper else None
 
     def link_delta(self) -> dict | None:

@@ -7,6 +7,7 @@ command" per command, "subsystem 'sftp'" per SFTP session.
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_a_manifest_hash_mismatch_falls_back_to_the_full_path(deploy, project, s
     (project / "code" / "util.py").write_text("X = 2\n")
     res = deploy("--json")
     out = as_json(res)
-    assert res.commands == 3  # the refused stream, the server's plan, the apply
+    assert (res.commands, res.sftp) == (2, 0)  # the refused stream; one request plans and applies
     assert out["plan"]["changed"] == ["code/util.py"]
     assert tree(server_root) == expected_tree(project)
     assert [e["action"] for e in ledger(server_root)] == ["apply", "apply"]
@@ -150,5 +151,23 @@ def test_a_patch_for_a_file_changed_on_the_server_falls_back(deploy, project, se
     (project / "data" / "notes.txt").write_text(_big_text().replace("line 200:", "LINE 200:"))
     res = deploy()
     assert "the server is not as last deployed from here (1 file(s) there differ" in res.stdout
-    assert res.commands == 3  # the refused stream, the server's plan, the apply
+    assert (res.commands, res.sftp) == (2, 0)  # the refused stream; one request plans and applies
     assert tree(server_root) == expected_tree(project)
+
+
+def test_a_server_wiped_behind_the_laptop_gets_the_whole_bundle_streamed(deploy, project,
+                                                                        server_root):
+    """The record says v1 is there, the root is gone: the refused redeploy is followed by
+    one request that plans against the empty root and streams the whole bundle (no SFTP,
+    no separate plan and apply commands)."""
+    deploy()
+    shutil.rmtree(server_root)
+    (project / "code" / "train.py").write_text("print('after the wipe')\n")
+    res = deploy("--json")
+    out = as_json(res)
+    assert (res.commands, res.sftp) == (2, 0)
+    assert "the server is not as last deployed from here" in " ".join(out["events"])
+    assert sorted(out["plan"]["added"]) == sorted(expected_tree(project))
+    assert out["applied"]["created"] == len(expected_tree(project))
+    assert tree(server_root) == expected_tree(project)
+    assert deploy().commands == 1  # the record is current again
