@@ -26,6 +26,12 @@ a refused key, a refused port) falls back to paramiko before anything is sent, s
 the error the user reads is the same one-line error as always, and a server only
 paramiko can reach still works.
 
+It prefers AES-GCM over OpenSSH's default ChaCha20-Poly1305 (``CIPHERS``: the same
+ciphers, another order; a server without AES-GCM agrees on the next): with the AES
+instructions every x86 and ARMv8 CPU of the last decade has, it costs about a third
+less CPU per byte on both ends (200 MB over loopback: client 0.20 against 0.30 CPU-s),
+which a full deploy's 100 MB and more feel on a busy machine.
+
 ``ssh`` tells us it is connected through ``LocalCommand`` (run after the login,
 before the session opens): a marker on its stderr. Until then nothing is sent.
 """
@@ -145,6 +151,10 @@ def client_for(endpoint: Endpoint, choice: str) -> OpenSSHClient | None:
                          endpoint.connect_timeout)
 
 
+CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+           "aes128-ctr,aes192-ctr,aes256-ctr")
+
+
 def argv_for(endpoint: Endpoint, binary: str = "ssh") -> list[str]:
     """``ssh`` with the project's policy spelled out (see the module)."""
     keys = [f for f in endpoint.identity_files if os.path.isfile(f)]
@@ -163,6 +173,7 @@ def argv_for(endpoint: Endpoint, binary: str = "ssh") -> list[str]:
         "ControlMaster": "no", "ControlPath": "none", "ForwardAgent": "no", "ForwardX11": "no",
         "ClearAllForwardings": "yes", "ProxyCommand": "none", "ProxyJump": "none",
         "Compression": "no", "ConnectionAttempts": "1", "LogLevel": "ERROR",
+        "Ciphers": CIPHERS,
         "ConnectTimeout": str(max(1, int(round(endpoint.connect_timeout)))),
         "PermitLocalCommand": "yes", "LocalCommand": f"echo {CONNECTED.decode()} >&2",
     }

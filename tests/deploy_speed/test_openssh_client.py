@@ -22,6 +22,7 @@ from tests.harness.sshd import start_sshd
 from tests.test_deploy import as_json, expected_tree, make_project, tree
 
 VERSION = re.compile(r"remote software version (\S+)")
+CIPHER = re.compile(r"kex: client->server cipher: (\S+)")
 OTHER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 
 
@@ -52,6 +53,7 @@ def box(cli, home, project, debug_sshd, tmp_path):
         assert (res.returncode != 0 if expect is None else res.returncode == expect), \
             res.stdout + res.stderr[-3000:]
         res.clients = VERSION.findall(debug_sshd.log()[mark:])
+        res.ciphers = CIPHER.findall(debug_sshd.log()[mark:])
         res.imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
                         if line.startswith("import time:")}
         res.said = "\n".join(l for l in res.stderr.splitlines()
@@ -205,3 +207,26 @@ def test_a_full_deploy_is_staged_while_it_arrives_and_a_cut_one_resumes(box, pro
     res = box("paramiko", "--json")
     assert as_json(res)["applied"].get("staged_while_arriving") == 45, res.stdout
     assert tree(box.root) == expected_tree(project)
+
+
+def test_ssh_prefers_aes_gcm_and_takes_what_the_server_offers(box, project, home, tmp_path):
+    """AES-GCM first (hardware AES: less CPU per byte than ChaCha20 on both ends); a server
+    that offers only ChaCha20 is reached as before."""
+    res = box("openssh")
+    assert res.clients and all(c.startswith("OpenSSH") for c in res.clients)
+    assert res.ciphers and set(res.ciphers) == {"aes128-gcm@openssh.com"}
+    folder = sshd_folder()
+    only = start_sshd(folder, log_level="DEBUG1",
+                      extra_config="Ciphers chacha20-poly1305@openssh.com")
+    try:
+        ssh_alias(home, "chacha", only)
+        trust(project, only)
+        mark = len(only.log())
+        (project / "code" / "train.py").write_text("print('over chacha20')\n")
+        box("openssh", "--json", host="chacha")
+        assert set(CIPHER.findall(only.log()[mark:])) == {"chacha20-poly1305@openssh.com"}
+        assert VERSION.findall(only.log()[mark:])[0].startswith("OpenSSH")
+        assert tree(box.root) == expected_tree(project)
+    finally:
+        only.stop()
+        shutil.rmtree(folder, ignore_errors=True)
