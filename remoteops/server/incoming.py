@@ -56,6 +56,7 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
     needed = set(need)
     toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
+    folders: set[Path] = set()  # made already (a mkdir per file was ~30 us of 2,000 files)
     for member, fh in members:
         if fh is None or member.name == toolkit:  # the upload may be the whole bundle
             continue
@@ -67,7 +68,9 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
         if rel not in needed:
             continue  # the server has it already
         out = staging / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.parent not in folders:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(out.parent)
         h = hashlib.sha256()
         with open(out, "wb") as dst:
             early_write = Writeback(dst)
