@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import threading
@@ -148,6 +149,19 @@ class AgentStream:
                 self._proc.stdin.flush()  # the agent may answer before the input ends
         except (OSError, EOFError, ValueError):
             self.closed = True
+
+    def send_file(self, fh, start: int, length: int, prefix: bytes = b"") -> None:
+        """``prefix`` and ``length`` bytes of the open file ``fh`` from ``start``: through a
+        kept connection the kernel moves them (``sendfile``), else they are read and sent."""
+        if self.closed:
+            return
+        if self._kept is not None:
+            try:
+                self._kept.send_file(fh, start, length, prefix)
+            except (OSError, EOFError, ValueError):
+                self.closed = True
+            return
+        self.send(prefix + os.pread(fh.fileno(), length, start))
 
     def input_fd(self) -> int | None:
         """The pipe to the ``ssh`` client's stdin, for bytes moved there by the kernel (the

@@ -33,7 +33,7 @@ from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, 
                                             delta_key, holder, state_dir, upload_file)
 from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
 from remoteops.laptop.deploy_fast import FastPath
-from remoteops.laptop.deploy_full import (TarTap, file_chunks, open_request, send_tar,
+from remoteops.laptop.deploy_full import (TarTap, file_ranges, open_request, send_tar,
                                           wants_whole_bundle)
 from remoteops.laptop.deploy_planned import Planned
 from remoteops.laptop.deploy_stream import StreamPath
@@ -300,7 +300,7 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
         name = f"whole-{int(settings['bundle.compression_level'])}"
         size = built.manifest.total_size
         offset = int(parts.get(name) or 0)
-        chunks = tap.chunks(built, offset)
+        chunks = tap.ranges(built, offset)
     else:
         built.wait()
         key = delta_key(built.manifest, need)
@@ -308,7 +308,7 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
         _check_disk(target, outcome.plan, delta.stat().st_size + outcome.plan["need_bytes"])
         name, size = f"delta-{key}", delta.stat().st_size
         offset = int(parts.get(name) or 0)
-        chunks = file_chunks(delta, offset)
+        chunks = file_ranges(delta, offset)
     if planned is not None:  # the request that planned waits for these files
         applied, sent = planned.send(built, chunks, name, offset, progress, size)
     else:

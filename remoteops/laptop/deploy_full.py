@@ -14,6 +14,7 @@ each member against the manifest and every file's sha256 before anything changes
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -53,9 +54,10 @@ class TarTap:
             self._cond.notify_all()
 
     # -- read by the sender ---------------------------------------------------------------
-    def chunks(self, built: Built, offset: int = 0) -> Iterator[bytes]:
-        """The tar's bytes from ``offset`` as they are written (a bundle reused as it was:
-        from its file)."""
+    def ranges(self, built: Built, offset: int = 0) -> Iterator[tuple]:
+        """The tar from ``offset`` as ``(file, start, length)`` ranges of at most ``CHUNK``,
+        each as soon as it is written (a bundle reused as it was: from its file); the
+        sender moves them without reading them (``AgentStream.send_file``)."""
         with self._cond:
             while self._fh is None and not self._done and built.pending is not None \
                     and built.pending.is_alive():
@@ -66,7 +68,6 @@ class TarTap:
             fh = open(built.tar_path, "rb")
             self._written, self._done = built.tar_path.stat().st_size, True
         with fh:
-            fh.seek(offset)
             pos = offset
             while True:
                 with self._cond:
@@ -76,11 +77,9 @@ class TarTap:
                         raise self._error
                     end, done = self._written, self._done
                 while pos < end:
-                    data = fh.read(min(CHUNK, end - pos))
-                    if not data:
-                        break
-                    pos += len(data)
-                    yield data
+                    length = min(CHUNK, end - pos)
+                    yield fh, pos, length
+                    pos += length
                 if done and pos >= end:
                     return
 
@@ -117,17 +116,20 @@ def request_header(settings, manifest, **more) -> dict:
             **more}
 
 
-def file_chunks(path: Path, offset: int = 0) -> Iterator[bytes]:
+def file_ranges(path: Path, offset: int = 0) -> Iterator[tuple]:
+    """A written file from ``offset`` as ``TarTap.ranges`` gives a tar being written."""
     with open(path, "rb") as fh:
-        fh.seek(offset)
-        yield from iter(lambda: fh.read(CHUNK), b"")
+        size = os.fstat(fh.fileno()).st_size
+        for start in range(offset, size, CHUNK):
+            yield fh, start, min(CHUNK, size - start)
 
 
-def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str, offset: int,
+def send_tar(settings, target, built: Built, ranges: Iterator[tuple], name: str, offset: int,
              progress: Callable[[int, int], None] | None, total: int,
              opening: Background | None = None,
              request: AgentStream | None = None) -> tuple[dict | None, int]:
-    """Stream a tar of the bundle's files (the whole bundle as it is written, or a delta),
+    """Stream a tar of the bundle's files (``ranges``: the whole bundle as it is written, or
+    a delta; each range becomes a ``chunk_frame``),
     from ``offset`` (what the server kept of a cut upload of the same ``name``), to
     ``deploy-stream`` (``opening``: one started already; ``request``: one that made the
     plan and waits for what follows), which applies it as planned there; the agent's
@@ -146,12 +148,12 @@ def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str,
     done = offset
     try:
         request.send(preamble)
-        for data in chunks:
+        for fh, start, length in ranges:
             if request.closed:
                 break  # the agent stopped reading: its answer (or the lost connection) says why
-            request.send(chunk_frame(data))
-            done += len(data)
-            sent += len(data) + 8
+            request.send_file(fh, start, length, length.to_bytes(8, "big"))  # a chunk frame
+            done += length
+            sent += length + 8
             if progress:
                 progress(done, max(done, total))
         built.wait()  # the tar is complete and renamed into place
@@ -174,6 +176,6 @@ def send_tar(settings, target, built: Built, chunks: Iterator[bytes], name: str,
         raise
 
 
-__all__ = ["TarTap", "send_tar", "file_chunks", "request_header", "wants_whole_bundle",
+__all__ = ["TarTap", "send_tar", "file_ranges", "request_header", "wants_whole_bundle",
            "open_request",
            "close_request"]

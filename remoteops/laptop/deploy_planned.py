@@ -75,7 +75,7 @@ class Planned:
                 pass  # it changed nothing either way
             self.request = None
 
-    def send(self, built: Built, chunks: Iterator[bytes], name: str, offset: int,
+    def send(self, built: Built, chunks: Iterator[tuple], name: str, offset: int,
              progress: Callable[[int, int], None] | None, total: int) -> tuple[dict | None, int]:
         request, self.request = self.request, None
         return send_tar(self.settings, self.target, built, chunks, name, offset, progress,

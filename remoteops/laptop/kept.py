@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 
 from remoteops.common.errors import ConnectError, timed_out
-from remoteops.common.kept_wire import (END, EXIT, INPUT, LOST, NOT_STARTED, OUT, STARTED,
+from remoteops.common.kept_wire import (END, EXIT, HEAD, INPUT, LOST, NOT_STARTED, OUT, STARTED,
                                         Frames, FrameError, frame, json_frame, read_frames,
                                         REQUEST)
 
@@ -221,6 +221,20 @@ class KeptRequest:
         with self._lock:
             for start in range(0, len(data), _SEND):
                 self.sock.sendall(frame(INPUT, data[start:start + _SEND]))
+
+    def send_file(self, fh, start: int, length: int, prefix: bytes = b"") -> None:
+        """One input frame: ``prefix``, then ``length`` bytes of ``fh`` from ``start`` moved
+        by the kernel (``sendfile``: no copy through Python; the keeper splices them on)."""
+        if len(prefix) + length > _SEND + 64:
+            raise ValueError("a frame of at most one chunk")
+        with self._lock:
+            self.sock.sendall(HEAD.pack(INPUT, len(prefix) + length) + prefix)
+            done = 0
+            while done < length:
+                n = os.sendfile(self.sock.fileno(), fh.fileno(), start + done, length - done)
+                if n <= 0:
+                    raise EOFError("the file ended before the frame")
+                done += n
 
     def close_input(self) -> None:
         with self._lock:
