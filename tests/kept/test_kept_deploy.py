@@ -367,3 +367,20 @@ def test_a_command_gone_in_the_middle_of_an_input_frame_changes_nothing(box, pro
     res = box()
     assert res.logins >= 1  # its connection was closed: this deploy logged in
     assert tree(box.root) == expected_tree(project)
+
+
+def test_a_wiped_server_gets_the_whole_bundle_through_the_kept_connection(box, project,
+                                                                          runtime):
+    """The refused redeploy and the planned one that follows both go through the keeper:
+    the bundle's bytes reach the server by sendfile and splice, and nobody logs in."""
+    box()
+    kept_up(runtime)
+    (project / "data" / "big.bin").write_bytes(os.urandom(3_000_000))  # several frames
+    assert box().logins == 0
+    shutil.rmtree(box.root)
+    res = box("--json")
+    assert res.logins == 0
+    out = as_json(res)
+    assert "the server is not as last deployed from here" in " ".join(out["events"])
+    assert out["applied"]["created"] == len(expected_tree(project))
+    assert tree(box.root) == expected_tree(project)
