@@ -34,7 +34,8 @@ def run(root: str) -> int:
         sys.stdout.flush()
 
     try:
-        result = apply_streamed(root, sys.stdin.buffer, say)
+        # unbuffered: what the tar sends goes from stdin to its file by the kernel (splice)
+        result = apply_streamed(root, sys.stdin.buffer.raw, say)
     except RemoteOpsError as exc:
         if os.environ.get("REMOTEOPS_DEBUG"):
             import traceback

@@ -37,10 +37,18 @@ NO_PAYLOAD = ("the deploy's data did not arrive on stdin; something in the login
 
 
 class Input:
-    """stdin, read exactly."""
+    """stdin, read exactly. Given the raw stdin (an unbuffered ``FileIO``, as the wire entry
+    passes it), a file's bytes can go straight from it to a file (``into_file``: by the
+    kernel, ``splice``, where stdin is a pipe)."""
 
     def __init__(self, stream: BinaryIO):
         self.stream, self.buffer = stream, b""
+        self.fd = stream.fileno() if isinstance(stream, io.FileIO) and \
+            hasattr(os, "splice") else None
+
+    def _more(self, n: int) -> bytes:
+        read1 = getattr(self.stream, "read1", None)
+        return read1(n) if read1 is not None else self.stream.read(n)
 
     def exactly(self, n: int) -> bytes:
         """``n`` bytes, or fewer when the input ends first."""
@@ -52,12 +60,35 @@ class Input:
                 break
             parts.append(chunk)
             left -= len(chunk)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def into_file(self, fd: int, n: int) -> int:
+        """The next ``n`` bytes written to ``fd`` (at its position); how many there were."""
+        done = 0
+        if self.buffer:
+            head, self.buffer = self.buffer[:n], self.buffer[n:]
+            _write_all(fd, head)
+            done = len(head)
+        while done < n and self.fd is not None:
+            try:
+                moved = os.splice(self.fd, fd, min(n - done, CHUNK))
+            except OSError:  # not a pipe (a socket, a file): read and write instead
+                self.fd = None
+                break
+            if not moved:
+                return done
+            done += moved
+        while done < n:
+            chunk = self.stream.read(min(n - done, CHUNK))
+            if not chunk:
+                break
+            _write_all(fd, chunk)
+            done += len(chunk)
+        return done
 
     def line(self, limit: int = 4096) -> bytes:
         while b"\n" not in self.buffer and len(self.buffer) < limit:
-            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
-                else self.stream.read(1)
+            chunk = self._more(65536)
             if not chunk:
                 break
             self.buffer += chunk
@@ -69,8 +100,7 @@ class Input:
         this stdin, so anything else means a login shell read part of it (and waiting
         for the rest would wait forever)."""
         while len(self.buffer) < len(MARK):
-            chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") \
-                else self.stream.read(len(MARK))
+            chunk = self._more(65536)
             if not chunk:
                 break
             self.buffer += chunk
@@ -91,6 +121,12 @@ class Input:
 
 CUT = ("the connection was cut while the deploy was sent; nothing was changed: run the "
        "deploy again.")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
@@ -131,25 +167,23 @@ def receive_chunked(src: Input, dest: Path, offset: int,
     if have < offset:
         raise RemoteOpsError("the upload to resume from is gone; run the deploy again.")
     got = offset
-    with open(part, "r+b" if part.is_file() else "wb") as out:
+    with open(part, "r+b" if part.is_file() else "wb", buffering=0) as out:
         out.truncate(offset)
         out.seek(offset)
         if on_open is not None:
             on_open(part)
+        fd = out.fileno()
         while True:
             length = src.exactly(8)
             size = int.from_bytes(length, "big") if len(length) == 8 else -1
-            data = src.exactly(size) if size > 0 else b""
-            if size < 0 or len(data) != size:
-                out.write(data)
-                raise RemoteOpsError(f"the connection was cut after {got + len(data)} bytes of "
-                                     "the bundle; nothing was changed: run the deploy again "
-                                     "(it resumes there).")
             if size == 0:
                 break
-            out.write(data)
-            out.flush()  # an early stage reads the file as it grows
-            got += size
+            moved = src.into_file(fd, size) if size > 0 else 0
+            got += moved
+            if size < 0 or moved != size:
+                raise RemoteOpsError(f"the connection was cut after {got} bytes of "
+                                     "the bundle; nothing was changed: run the deploy again "
+                                     "(it resumes there).")
     # No hash of the tar itself: SSH's MAC guards the bytes in transit, and staging checks
     # each member against the manifest and every file's sha256 (a resumed upload whose
     # first part is not what the laptop sent fails there, and is removed).

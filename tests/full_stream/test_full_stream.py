@@ -208,3 +208,26 @@ def test_a_resumed_upload_whose_kept_part_was_damaged_changes_nothing_and_starts
     res = _deploy_stream(deployed, manifest, data)
     assert res.returncode == 0, res.stderr
     assert _deployed_exactly(deployed, manifest)
+
+
+@pytest.mark.parametrize("stdin", ["a pipe", "a file"])
+def test_a_full_deploy_arrives_whole_from_a_pipe_or_a_file(deployed, project, cli, tmp_path,
+                                                          stdin):
+    """The tar goes from stdin to its part file by splice when stdin is a pipe, and is read
+    and written when it is not (splice refuses a file): the same bytes either way."""
+    _fill(project, 6)
+    manifest, tar = _build(cli, project)
+    data = stream_input(manifest, tar.read_bytes())
+    argv = [sys.executable, "-m", "remoteops.agent", "deploy-stream", "--root", str(deployed),
+            "--json"]
+    if stdin == "a pipe":
+        res = subprocess.run(argv, input=data, capture_output=True, timeout=120)
+    else:
+        (tmp_path / "stdin").write_bytes(data)
+        with open(tmp_path / "stdin", "rb") as fh:
+            res = subprocess.run(argv, stdin=fh, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    plan, applied = _answers(res)
+    assert applied["staged_while_arriving"] == len(plan["need"])
+    assert _deployed_exactly(deployed, manifest)
+    assert _leftovers(deployed) == []
