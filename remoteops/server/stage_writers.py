@@ -1,0 +1,80 @@
+"""Small staged files written by a few threads while the upload is still read.
+
+A full deploy of a project is mostly small files, and each costs the server a create (the
+file system's inode allocation), a write and a sha256: one after the other in the thread
+that reads the tar, that was the slowest part of staging a 2,000-file deploy while it
+arrives (it finished ~0.45 s after the last byte on the bench, with a core idle). These
+calls release the GIL, so a few threads overlap them with each other and with reading
+the next members. Every file's sha256 is checked before it is written; the first error
+is raised by the next ``put`` or by ``finish``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+
+from remoteops.common.manifest import BundleError
+
+SMALL = 1 << 20  # members up to this size are read whole and handed to the writers
+THREADS = 4
+
+
+def mismatch(rel: str) -> BundleError:
+    return BundleError(f"{rel} in the upload does not match its sha256 (tampered or "
+                       "damaged); nothing was changed: rebuild and deploy again.")
+
+
+class StageWriters:
+    def __init__(self, threads: int = THREADS) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=64)  # at most 64 small files held
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True,
+                                          name="remoteops-stage-writer")
+                         for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, rel: str, out: Path, sha256: str, data: bytes) -> None:
+        """Write ``data`` to ``out`` (its folder exists) once its sha256 is checked."""
+        self.check()
+        self._queue.put((rel, out, sha256, data))
+
+    def finish(self) -> None:
+        """Everything is handed over: wait for the writing; raise its first error."""
+        self.stop()
+        self.check()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # after an error: drained until the end
+            rel, out, sha256, data = item
+            try:
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    raise mismatch(rel)
+                with open(out, "wb") as dst:
+                    dst.write(data)
+            except BaseException as exc:  # noqa: BLE001 - raised in the reading thread
+                with self._lock:
+                    if self._error is None:
+                        self._error = exc
+
+
+__all__ = ["StageWriters", "SMALL", "mismatch"]
