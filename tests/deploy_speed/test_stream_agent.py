@@ -158,7 +158,8 @@ def test_a_cut_full_upload_is_kept_and_resumed(deployed, project, tmp_path, cli)
         stdin += b"".join(chunk_frame(data[i:min(upto, i + 4096)])
                           for i in range(offset, upto, 4096))
         if finish:
-            stdin += chunk_frame(b"") + json.dumps({"size": upto, "offset": offset}).encode() + b"\n" + GO
+            stdin += chunk_frame(b"") + json.dumps({"size": upto, "offset": offset}).encode() \
+                + b"\n" + GO
         return agent(deployed, stdin)
 
     half = len(data) // 2

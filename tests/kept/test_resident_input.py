@@ -31,8 +31,8 @@ def _frames(data: bytes, rng: random.Random) -> list[bytes]:
 
 
 @pytest.mark.parametrize("splice", [True, False], ids=["spliced", "read and written"])
-def test_a_full_deploy_through_the_resident_arrives_whole(copy, deployed, project, cli,  # noqa: F811
-                                                          splice):
+def test_a_full_deploy_through_the_resident_arrives_whole(
+        copy, deployed, project, cli, splice):  # noqa: F811 - fixtures imported above
     if not splice:  # this Python without os.splice: the resident reads and writes instead
         (copy / "sitecustomize.py").write_text(NO_SPLICE)
     elif not hasattr(os, "splice"):
