@@ -21,10 +21,16 @@ from remoteops.common.errors import ConfigError, ConnectError, timed_out
 from remoteops.common.target import LocalTarget, Target
 
 log = logging.getLogger(__name__)
-# agent commands that only read, and answer at once: these may use a kept connection
+# agent commands that may use a kept connection: those that read, and those that change
+# files or signal processes whatever the environment (a rollback is journaled as a deploy
+# is; a request cut midway runs to its end). Not the ones that start processes
+# (pipeline-start, serve-start, fetch-model): the resident's environment is the one its
+# login had, and a training run must get the login environment of now.
 KEPT_COMMANDS = frozenset({"backups", "checkpoints", "data-status", "deploy-plan",
                            "pipeline-files", "pipeline-live", "pipeline-logs", "pipeline-runs",
-                           "pipeline-status", "serve-status", "version"})
+                           "pipeline-status", "serve-status", "version", "rollback",
+                           "pipeline-cancel", "pipeline-mark", "serve-prompts",
+                           "serve-report"})
 
 
 class SSHTarget(Target):

@@ -384,3 +384,22 @@ def test_a_wiped_server_gets_the_whole_bundle_through_the_kept_connection(box, p
     assert "the server is not as last deployed from here" in " ".join(out["events"])
     assert out["applied"]["created"] == len(expected_tree(project))
     assert tree(box.root) == expected_tree(project)
+
+
+def test_a_rollback_goes_through_the_kept_connection(box, project, runtime, cli, own_sshd):
+    """Its plan and the journaled rollback itself: no login, the tree as the backup had it."""
+    box()
+    kept_up(runtime)
+    v1 = expected_tree(project)
+    (project / "code" / "train.py").write_text("print('v2')\n")
+    deployed = box("--json")
+    assert deployed.logins == 0
+    out = as_json(deployed)
+    env = {"REMOTEOPS_REMOTE_PYTHON": sys.executable, "XDG_RUNTIME_DIR": str(runtime),
+           "REMOTEOPS_SSH__PERSIST": "120"}
+    mark = len(own_sshd.log())
+    res = cli("rollback", "--host", "box", "--project-root", str(box.root), "--backup",
+              out["applied"]["backup_name"], "--yes", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert own_sshd.log()[mark:].count(LOGIN) == 0
+    assert tree(box.root) == v1
