@@ -81,7 +81,8 @@ class Foreground:
 
     def __init__(self, args: list[str], cwd: Path, extra_env: dict):
         self.proc = subprocess.Popen([sys.executable, "-m", "remoteops", *args], cwd=cwd,
-                                     env=dict(os.environ, COLUMNS="200", **extra_env),
+                                     env=dict(os.environ, COLUMNS="200", PYTHONFAULTHANDLER="1",
+                                              **extra_env),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -108,7 +109,15 @@ class Foreground:
 
     def interrupt(self) -> int:
         self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(30)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+            while (line := self.lines.get(timeout=5)) is not None:
+                self.seen.append(line)
+            raise AssertionError("serve did not end within 30 s of its Ctrl-C:\n"
+                                 + "\n".join(self.seen[-80:])) from None
         while (line := self.lines.get(timeout=5)) is not None:
             self.seen.append(line)
         return code
