@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.harness.ctrl_c import remoteops_argv
 from tests.harness.proxy import CutProxy, host_through
 from tests.harness.waits import wait_for
 from tests.live.conftest import REPO, chat_line, consumed
@@ -96,7 +97,7 @@ def test_generate_sync_and_train_on_exactly_the_generated_set(
     writer.start()
 
     def sync(log: Path, *extra: str, wait: bool = False):
-        cmd = [sys.executable, "-m", "remoteops", "sync-data", "--host", "viaproxy", *extra]
+        cmd = remoteops_argv("sync-data", "--host", "viaproxy", *extra)  # Ctrl-C reaches it
         if wait:
             return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True,
                                   timeout=60)

@@ -21,6 +21,7 @@ import pytest
 
 from remoteops.common.locks import pid_alive
 from tests.conftest import sshd_folder, ssh_alias, trust
+from tests.harness.ctrl_c import remoteops_argv
 from tests.harness.sshd import free_port, start_sshd
 
 RUN = "run_20261126T100000Z"
@@ -76,11 +77,20 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _signals(pid: int) -> str:
+    """A process's blocked, ignored and caught signal masks (from /proc)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "(gone)"
+    return " ".join(l for l in lines if l.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 class Foreground:
     """``remoteops serve`` running in the foreground, its output read line by line."""
 
     def __init__(self, args: list[str], cwd: Path, extra_env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "remoteops", *args], cwd=cwd,
+        self.proc = subprocess.Popen(remoteops_argv(*args), cwd=cwd,  # Ctrl-C reaches it
                                      env=dict(os.environ, COLUMNS="200", PYTHONFAULTHANDLER="1",
                                               **extra_env),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -112,11 +122,13 @@ class Foreground:
         try:
             code = self.proc.wait(30)
         except subprocess.TimeoutExpired:  # say where it hangs: every thread's stack
+            masks = _signals(self.proc.pid)
             self.proc.send_signal(signal.SIGABRT)
             self.proc.wait(10)
             while (line := self.lines.get(timeout=5)) is not None:
                 self.seen.append(line)
-            raise AssertionError("serve did not end within 30 s of its Ctrl-C:\n"
+            raise AssertionError(f"serve did not end within 30 s of its Ctrl-C ({masks}; this "
+                                 f"test process: {_signals(os.getpid())}):\n"
                                  + "\n".join(self.seen[-80:])) from None
         while (line := self.lines.get(timeout=5)) is not None:
             self.seen.append(line)

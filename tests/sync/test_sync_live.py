@@ -10,11 +10,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+from tests.harness.ctrl_c import remoteops_argv
 from tests.harness.proxy import CutProxy, host_through
 from tests.harness.waits import wait_for
 
@@ -64,8 +64,8 @@ def _server_ids(dest: Path) -> list[str]:
 
 
 def _start(project: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "remoteops", "sync-data", "--watch",
-                             "--host", "viaproxy"], cwd=project, env={**os.environ, **env},
+    return subprocess.Popen(remoteops_argv("sync-data", "--watch", "--host", "viaproxy"),
+                            cwd=project, env={**os.environ, **env},
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
