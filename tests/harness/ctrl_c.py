@@ -1,10 +1,11 @@
 """``python -m remoteops ARGS`` started so that a Ctrl-C (SIGINT) sent to it arrives.
 
-A child inherits its parent's ignored and blocked signals. In the full suite an earlier
-test can leave a pytest worker with SIGINT ignored (it happened: ``serve`` then never saw
-the Ctrl-C a test sent it and the test timed out, while it passed alone); ``remoteops``
-must not depend on that. The command is started through a few lines that give SIGINT its
-default action, unblock it, and exec the real command (Python then installs its
+A child inherits its parent's ignored and blocked signals. In three full-suite runs
+``serve`` never saw the Ctrl-C a test sent it (it passed alone; a pytest process that
+ignores SIGINT reproduces it exactly, though probes around every test found no test that
+changes the worker's SIGINT); ``remoteops`` must not depend on what the test process
+inherited. The command is started through a few lines that give SIGINT its default
+action, unblock it, and exec the real command (Python then installs its
 KeyboardInterrupt handler as for any program started from a terminal).
 """
 
