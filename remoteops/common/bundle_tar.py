@@ -217,11 +217,11 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
     for m in members:
         name, source, mode = m[:3]
         st = os.stat(source)
+        now = stat_key(st)
         # the stat it was hashed at (5th item), unchanged: the hash need not be made again
-        same = (len(m) > 4 and m[4] is not None and tuple(m[4]) == stat_key(st)) or \
+        same = (len(m) > 4 and m[4] is not None and tuple(m[4]) == now) or \
             (late is not None and (len(m) < 4 or m[3] is None) and late.settled(st))
-        sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same,
-                      stat_key(st)))
+        sized.append((name, source, mode, st.st_size, m[3] if len(m) > 3 else None, same, now))
     segments = _segments(stream_order(sized))
     reuse, trusted = _reusable_frames(previous, level)
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0)
@@ -290,19 +290,17 @@ def _late_keys(frames: list[dict], made: list[tuple], level: int, hashed: dict,
     compressed (``computed``) must have the sha256 the manifest has; one that was not,
     the very stat the hash pass saw; else the frame keeps no key (never reused). A member
     listed with its sha256 was checked while compressed."""
+    def sha_of(m: tuple) -> str | None:
+        if m[4] is not None:
+            return m[4]
+        sha, seen = hashed.get(m[0], (None, None))
+        if m[0] in computed:
+            return sha if computed[m[0]] == sha else None
+        return sha if seen is not None and tuple(seen) == m[6] else None
+
     for index, segment, tail in made:
-        shas = []
-        for m in segment:
-            sha = m[4] or (hashed.get(m[0]) or (None, None))[0]
-            if m[4] is None and sha is not None:
-                if m[0] in computed:
-                    sha = sha if computed[m[0]] == sha else None
-                elif hashed[m[0]][1] is None or tuple(hashed[m[0]][1]) != m[6]:
-                    sha = None
-            if sha is None:
-                break
-            shas.append(sha)
-        else:
+        shas = [sha_of(m) for m in segment]
+        if None not in shas:
             frames[index]["key"] = _segment_key(level, [m[:4] + (sha,) for m, sha in
                                                         zip(segment, shas)], tail)
 

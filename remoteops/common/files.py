@@ -37,6 +37,13 @@ def sha256_file(path: str | os.PathLike) -> str:
         return sha256_fileobj(fh)[1]
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to the file descriptor ``fd`` (a pipe may take it in pieces)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def user_cache_dir() -> Path:
     """The user's cache folder for remoteops (``$XDG_CACHE_HOME/remoteops``, else
     ``~/.cache/remoteops``)."""
@@ -142,4 +149,4 @@ def write_atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2,
 
 __all__ = ["CHUNK", "temp_name", "sha256_fileobj", "sha256_file", "stat_key", "fsync_path",
            "fsync_dir", "fsync_dirs", "atomic_output", "link_or_copy", "write_atomic_bytes",
-           "write_atomic_text", "write_atomic_json", "user_cache_dir"]
+           "write_atomic_text", "write_atomic_json", "user_cache_dir", "write_all"]

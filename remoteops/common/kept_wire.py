@@ -38,6 +38,15 @@ def json_frame(kind: bytes, data: dict) -> bytes:
     return frame(kind, json.dumps(data, separators=(",", ":")).encode("utf-8"))
 
 
+def check_head(head: bytes) -> tuple[bytes, int]:
+    """A frame's kind and payload size from its ``HEAD.size`` bytes; FrameError when they
+    cannot be a frame's."""
+    kind, size = HEAD.unpack_from(head)
+    if size > MAX_PAYLOAD or not kind.isalpha():
+        raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
+    return kind, size
+
+
 class Frames:
     """Parses frames out of bytes fed in pieces (``feed`` returns the complete ones)."""
 
@@ -48,9 +57,7 @@ class Frames:
         self._buffer += data
         out = []
         while len(self._buffer) >= HEAD.size:
-            kind, size = HEAD.unpack_from(self._buffer)
-            if size > MAX_PAYLOAD or not kind.isalpha():
-                raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
+            kind, size = check_head(self._buffer)
             if len(self._buffer) < HEAD.size + size:
                 break
             out.append((kind, bytes(self._buffer[HEAD.size:HEAD.size + size])))
@@ -68,5 +75,5 @@ def read_frames(read, frames: Frames | None = None):
         yield from frames.feed(data)
 
 
-__all__ = ["Frames", "FrameError", "frame", "json_frame", "read_frames", "REQUEST", "INPUT",
-           "END", "READY", "HELLO", "STARTED", "NOT_STARTED", "OUT", "ERR", "EXIT", "LOST"]
+__all__ = ["Frames", "FrameError", "check_head", "frame", "json_frame", "read_frames",
+           "REQUEST", "INPUT", "END", "READY", "HELLO", "STARTED", "NOT_STARTED", "OUT", "ERR", "EXIT", "LOST"]

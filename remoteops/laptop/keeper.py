@@ -40,9 +40,9 @@ import time
 
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import write_atomic_text
-from remoteops.common.kept_wire import (END, EXIT, HEAD, HELLO, INPUT, LOST, MAX_PAYLOAD,
-                                        NOT_STARTED, READY, REQUEST, STARTED, Frames,
-                                        FrameError, frame)
+from remoteops.common.kept_wire import (END, EXIT, HEAD, HELLO, INPUT, LOST, NOT_STARTED,
+                                        READY, REQUEST, STARTED, Frames, FrameError,
+                                        check_head, frame)
 
 log = logging.getLogger("remoteops.keeper")
 HELLO_SECONDS = 60.0
@@ -204,7 +204,7 @@ class Keeper:
                     head = _read_exactly(conn, HEAD.size)
                     if head is None:
                         break
-                    kind, size = _check_head(head)
+                    kind, size = check_head(head)
                     if kind == INPUT and size and splice[0]:
                         with gate:
                             if not done.is_set():
@@ -272,18 +272,11 @@ def _read_exactly(conn: socket.socket, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _check_head(head: bytes) -> tuple[bytes, int]:
-    kind, size = HEAD.unpack(head)
-    if size > MAX_PAYLOAD or not kind.isalpha():
-        raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
-    return kind, size
-
-
 def _read_frame(conn: socket.socket) -> tuple[bytes, bytes] | None:
     head = _read_exactly(conn, HEAD.size)
     if head is None:
         return None
-    kind, size = _check_head(head)
+    kind, size = check_head(head)
     payload = _read_exactly(conn, size) if size else b""
     return None if payload is None else (kind, payload)
 

@@ -32,9 +32,10 @@ import select
 import sys
 
 import remoteops
-from remoteops.common.kept_wire import (END, ERR, EXIT, HEAD, HELLO, INPUT, MAX_PAYLOAD,
-                                        NOT_STARTED, OUT, READY, REQUEST, STARTED, FrameError,
-                                        frame, json_frame)
+from remoteops.common.files import write_all
+from remoteops.common.kept_wire import (END, ERR, EXIT, HEAD, HELLO, INPUT, NOT_STARTED, OUT,
+                                        READY, REQUEST, STARTED, check_head, frame,
+                                        json_frame)
 
 _READ = 1 << 20
 _QUEUE = 4 << 20  # the most of a request's input held here for its child
@@ -59,12 +60,6 @@ def _preload() -> None:
     import remoteops.server.agent.cli  # noqa: F401 - every agent command
     import remoteops.server.streamapply  # noqa: F401 - the deploy request
     import remoteops.server.stream_entry  # noqa: F401
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class Channel:
@@ -92,10 +87,8 @@ class Channel:
             self.head += data
             if len(self.head) < HEAD.size:
                 return
-            kind, size = HEAD.unpack(self.head)
+            kind, size = check_head(self.head)
             self.head = b""
-            if size > MAX_PAYLOAD or not kind.isalpha():
-                raise FrameError(f"not a frame (kind {kind!r}, {size} bytes)")
             if size == 0:
                 self.pending.append((kind, b""))
             else:
@@ -128,7 +121,7 @@ class Channel:
     def send(self, data: bytes) -> None:
         if not self.broken:
             try:
-                _write(1, data)
+                write_all(1, data)
             except OSError:
                 self.broken = True
 

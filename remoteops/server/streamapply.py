@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable
 
 from remoteops.common.deploy_wire import GO, MARK, MAX_HEADER, rebuild
 from remoteops.common.errors import RemoteOpsError
-from remoteops.common.files import CHUNK
+from remoteops.common.files import CHUNK, write_all
 from remoteops.common.manifest import BundleError, Manifest
 from remoteops.server.apply import Project
 
@@ -67,7 +67,7 @@ class Input:
         done = 0
         if self.buffer:
             head, self.buffer = self.buffer[:n], self.buffer[n:]
-            _write_all(fd, head)
+            write_all(fd, head)
             done = len(head)
         while done < n and self.fd is not None:
             try:
@@ -82,7 +82,7 @@ class Input:
             chunk = self.stream.read(min(n - done, CHUNK))
             if not chunk:
                 break
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             done += len(chunk)
         return done
 
@@ -121,12 +121,6 @@ class Input:
 
 CUT = ("the connection was cut while the deploy was sent; nothing was changed: run the "
        "deploy again.")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
