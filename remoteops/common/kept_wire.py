@@ -76,4 +76,5 @@ def read_frames(read, frames: Frames | None = None):
 
 
 __all__ = ["Frames", "FrameError", "check_head", "frame", "json_frame", "read_frames",
-           "REQUEST", "INPUT", "END", "READY", "HELLO", "STARTED", "NOT_STARTED", "OUT", "ERR", "EXIT", "LOST"]
+           "REQUEST", "INPUT", "END", "READY", "HELLO", "STARTED", "NOT_STARTED", "OUT", "ERR",
+           "EXIT", "LOST"]
