@@ -79,6 +79,9 @@ def start_server(root: Path, port: int, spec: dict) -> subprocess.Popen:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
                 spec["load_s"] = round(time.monotonic() - started, 2)
+                # the server's own "ready on ... (device, ...)" line: where it really runs
+                spec["ready"] = next((line for line in log_path(root, port).read_text(
+                    errors="replace").splitlines() if line.startswith("ready on")), "")
                 return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() - started > 1800:
@@ -187,7 +190,7 @@ def run(args) -> dict:
             finally:
                 proc.terminate()
                 proc.wait(60)
-            out["results"][name] = {"load_s": spec["load_s"], **res}
+            out["results"][name] = {"load_s": spec["load_s"], "ready": spec["ready"], **res}
         if "adapter" in out["results"]:
             plain = plain_generate(inputs["base"], inputs["adapter"], args.tokens, args.repeats)
             out["plain_generate"] = plain

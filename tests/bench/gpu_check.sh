@@ -45,7 +45,7 @@ grep -E '^\{|exit' "$OUT/lightning.log"
 
 if [ -f tests/bench/bench_serve.py ]; then
     echo "== 3. adapter chat server on CUDA"
-    timeout 150 python3 - "$OUT" <<'EOF' >"$OUT/serve.log" 2>&1
+    timeout 300 python3 - "$OUT" <<'EOF' >"$OUT/serve.log" 2>&1
 import subprocess, sys
 from pathlib import Path
 from remoteops.trainer.demo_model import build_demo_model
