@@ -7,6 +7,11 @@ arrives (it finished ~0.45 s after the last byte on the bench, with a core idle)
 calls release the GIL, so a few threads overlap them with each other and with reading
 the next members. Every file's sha256 is checked before it is written; the first error
 is raised by the next ``put`` or by ``finish``.
+
+The files of one folder all go to the same thread: creating a file holds its folder's lock
+for the inode allocation, and a second thread creating in the same folder spins on that
+lock (it burnt ~0.25 CPU-s per 2,000-file deploy on a 2-core server, a third of the
+writers' time, when every thread took from one queue).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ def mismatch(rel: str) -> BundleError:
 
 class StageWriters:
     def __init__(self, threads: int = THREADS) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=64)  # at most 64 small files held
+        # one queue per thread, at most 16 small files held in each
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=16) for _ in range(threads)]
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True,
+        self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
                                           name="remoteops-stage-writer")
-                         for _ in range(threads)]
+                         for q in self._queues]
         for thread in self._threads:
             thread.start()
 
@@ -45,7 +51,8 @@ class StageWriters:
     def put(self, rel: str, out: Path, sha256: str, data: bytes) -> None:
         """Write ``data`` to ``out`` (its folder exists) once its sha256 is checked."""
         self.check()
-        self._queue.put((rel, out, sha256, data))
+        folder = self._queues[hash(out.parent) % len(self._queues)]
+        folder.put((rel, out, sha256, data))
 
     def finish(self) -> None:
         """Everything is handed over: wait for the writing; raise its first error."""
@@ -53,14 +60,14 @@ class StageWriters:
         self.check()
 
     def stop(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
+        for q in self._queues:
+            q.put(None)
         for thread in self._threads:
             thread.join()
 
-    def _run(self) -> None:
+    def _run(self, work: queue.Queue) -> None:
         while True:
-            item = self._queue.get()
+            item = work.get()
             if item is None:
                 return
             if self._error is not None:
