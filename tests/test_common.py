@@ -248,3 +248,25 @@ def test_no_module_writes_a_temp_file_of_its_own():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if re.search(r"""with_name\([^)]*["']\.tmp["']""", p.read_text())]
     assert offenders == []
+
+
+def test_manifest_json_has_one_file_per_line_and_reads_back_the_same():
+    from remoteops.common.manifest import FileEntry, Manifest
+
+    entries = [FileEntry("a/读我.md", 3, 0o644, "ab" * 32),
+               FileEntry("bin/run", 0, 0o755, "cd" * 32, link="../run.sh")]
+    manifest = Manifest(project="p", version=2, content_id="ef" * 32, created_at="2026-11-27",
+                        source_commit=None, source_dirty=None, toolkit_version="0.1.0",
+                        toolkit_wheel={"name": "w.whl", "size": 1}, plugins=["x==1"],
+                        files=entries)
+    text = manifest.to_json()
+    data = json.loads(text)
+    assert list(data) == sorted(data) and data["files"][1]["link"] == "../run.sh"
+    assert [line for line in text.splitlines() if '"path"' in line] == [
+        '  {"mode": 420, "path": "a/读我.md", "sha256": "' + "ab" * 32 + '", "size": 3},',
+        '  {"link": "../run.sh", "mode": 493, "path": "bin/run", "sha256": "' + "cd" * 32
+        + '", "size": 0}']
+    again = Manifest.from_json(text)
+    assert again == manifest and again.to_json() == text
+    manifest.files = []
+    assert json.loads(manifest.to_json())["files"] == []

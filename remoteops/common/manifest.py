@@ -67,9 +67,22 @@ class Manifest:
         return json.loads(json.dumps(data))  # a deep copy (the C encoder: fast)
 
     def to_json(self) -> str:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
-        data["files"] = [_entry_dict(f) for f in self.files]
-        return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        """Keys sorted, one file entry per line: readable and diffable, and written by
+        json's C encoder (``indent`` makes json use its Python one: 40 ms for 2,000 files,
+        on the way to a deploy's first byte)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+
+        def text(value) -> str:
+            return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+        lines = []
+        for key in sorted(data):
+            if key == "files":
+                entries = ",\n".join("  " + text(_entry_dict(f)) for f in self.files)
+                lines.append(f' "files": [\n{entries}\n ]' if entries else ' "files": []')
+            else:
+                lines.append(f" {text(key)}: {text(data[key])}")
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
