@@ -29,7 +29,9 @@ class Put:
     source: Path | None
     mode: int
     link: str | None = None
-    move: bool = False  # ``source`` is a verified staging copy: rename it into place
+    # ``source`` is a verified staging copy with its mode set (``incoming.extract``): it is
+    # renamed into place
+    move: bool = False
 
 
 def copy_synced(source: Path, dest: Path, mode: int | None = None) -> None:
@@ -56,7 +58,6 @@ def place(put: Put, dest: Path, made: set[Path] | None = None) -> None:
             made.add(dest.parent)
     if put.move and put.link is None:
         try:
-            os.chmod(put.source, put.mode)
             os.replace(put.source, dest)
             return
         except OSError:
@@ -106,6 +107,77 @@ def clear_dirs(dest: Path) -> bool:
             return False
         os.rmdir(folder)
     return True
+
+
+def fresh_folders(root: Path, puts: list[str], changes: dict) -> dict[str, list[str]]:
+    """Folders to move into place whole: top-most folders the change needs that are not
+    under ``root`` yet, whose files are all staged moves at the same relative place in one
+    staging folder that holds nothing else. ``{folder: [files it places]}``; the staged
+    folder is ``staged_folder(changes, folder)``. (A first deploy renames a few folders
+    instead of every file: 2,000 renames and their Python were ~50 ms after the last byte.)
+    """
+    base = _staging_base(changes)
+    if base is None:
+        return {}
+    present: dict[str, bool] = {"": True}
+
+    def is_dir(folder: str) -> bool:
+        if folder not in present:
+            present[folder] = _is_real_dir(root / folder)
+        return present[folder]
+
+    groups: dict[str, list[str]] = {}
+    for rel in puts:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            if not is_dir(folder):
+                groups.setdefault(folder, []).append(rel)
+                break
+    out = {}
+    for folder, rels in groups.items():
+        moved = [r for r in rels if changes[r].move and changes[r].link is None]
+        if moved and _holds_exactly(os.path.join(base, folder), len(moved)):
+            out[folder] = moved
+    return out
+
+
+def staged_folder(changes: dict, folder: str) -> Path:
+    return Path(_staging_base(changes) or "") / folder
+
+
+def _staging_base(changes: dict) -> str | None:
+    """The one folder every staged move comes from, at its own relative path (else None)."""
+    base = None
+    for rel, put in changes.items():
+        if put is None or not put.move or put.link is not None:
+            continue
+        source = str(put.source)
+        if not source.endswith("/" + rel):
+            return None
+        here = source[:-len(rel) - 1]
+        if base is not None and here != base:
+            return None
+        base = here
+    return base
+
+
+def _holds_exactly(folder: str, files: int) -> bool:
+    """``folder`` (a real folder) holds ``files`` regular files and nothing else but
+    folders, at any depth."""
+    if not _is_real_dir(Path(folder)):
+        return False
+    count, todo = 0, [folder]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    count += 1
+                else:
+                    return False
+    return count == files
 
 
 def order(changes: dict) -> tuple[list[str], list[str]]:

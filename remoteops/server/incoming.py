@@ -49,7 +49,7 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
 def extract(manifest: Manifest, members, need: list[str], staging: Path,
             durable: bool = True) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
-    ``staging``, its sha256 checked, made durable (``durable=False``: by the caller, with
+    ``staging`` (at its path there, with its mode), its sha256 checked, made durable (``durable=False``: by the caller, with
     ``make_staged_durable``); anything the manifest does not list as a file refused; a
     needed file missing is ``MissingMembers``."""
     wanted = manifest.file_map()
@@ -74,11 +74,12 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
             if out.parent not in folders:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 folders.add(out.parent)
+            entry = wanted[rel]
             if member.size <= SMALL:  # written by the pool while the next ones are read
-                writers.put(rel, out, wanted[rel].sha256, fh.read())
+                writers.put(rel, out, entry.sha256, fh.read(), entry.mode)
             else:
                 writers.check()
-                _write_large(rel, out, wanted[rel].sha256, fh)
+                _write_large(rel, out, entry.sha256, fh, entry.mode)
             staged[rel] = out
     except BaseException:
         writers.stop()  # what is raised here is the error to tell
@@ -94,10 +95,11 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
     return staged
 
 
-def _write_large(rel: str, out: Path, sha256: str, fh) -> None:
-    """A large staged file, written as it is read; its sha256 checked."""
+def _write_large(rel: str, out: Path, sha256: str, fh, mode: int) -> None:
+    """A large staged file, written as it is read, with ``mode``; its sha256 checked."""
     h = hashlib.sha256()
     with open(out, "wb") as dst:
+        os.fchmod(dst.fileno(), mode)
         early_write = Writeback(dst)
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)

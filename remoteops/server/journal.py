@@ -2,8 +2,9 @@
 
 ``commit`` backs up every file or link the change overwrites or deletes (plus the
 list of paths it creates) and only then writes the journal, each fsynced; it
-removes paths deepest first, then places each file by temp file + rename
-(``remoteops.server.applyplan``), fsyncs the folders, records the new state and
+removes paths deepest first, then places each file by temp file + rename, or a
+new folder staged whole by one rename (``remoteops.server.applyplan``), fsyncs
+the folders, records the new state and
 the ledger entry and drops the journal. A change killed at any point leaves the
 journal behind: ``recover`` (run first by every command) puts the backup back.
 """
@@ -18,8 +19,9 @@ from remoteops.common.clock import now_iso, utc_stamp
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import fsync_dirs, sha256_file, temp_name
 from remoteops.common.paths import ancestors, link_digest
-from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace, order,
-                                        place, prune_dirs, remove)
+from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace,
+                                        fresh_folders, order, place, prune_dirs, remove,
+                                        staged_folder)
 from remoteops.server.backupset import SEQ_FILE, SUMMARY, next_seq, summarize
 from remoteops.server.projectroot import ProjectRoot, write_json
 
@@ -109,7 +111,19 @@ def _replace(project: ProjectRoot, changes: dict[str, Put | None]) -> None:
         prune_dirs(path.parent, root)
         touched |= ancestors(path, root)
     made: set[Path] = set()
+    placed: set[str] = set()
+    for folder, files in fresh_folders(root, puts, changes).items():
+        path = root / folder  # a new folder, all of it staged: one rename (its files and
+        try:  # folders are durable already)
+            os.rename(staged_folder(changes, folder), path)
+        except OSError:
+            continue  # e.g. staging on another file system: file by file below
+        touched |= ancestors(path, root) | {path}
+        placed.update(files)
+        _fault_point(len(files))
     for rel in puts:
+        if rel in placed:
+            continue
         path = root / rel
         if not clear_dirs(path):
             raise RemoteOpsError(f"{path} is a folder that is not empty; move it away and "
@@ -123,12 +137,13 @@ def _replace(project: ProjectRoot, changes: dict[str, Put | None]) -> None:
 _placed = 0  # files placed by this process, for _fault_point
 
 
-def _fault_point() -> None:
-    """Fault injection for the test suite: a real SIGKILL after N files are placed."""
+def _fault_point(files: int = 1) -> None:
+    """Fault injection for the test suite: a real SIGKILL after N files are placed (a
+    folder moved whole places all of its files at once)."""
     global _placed
     limit = os.environ.get("REMOTEOPS_TEST_KILL_AFTER_FILES")
     if limit is not None:
-        _placed += 1
+        _placed += files
         if _placed >= int(limit):
             os.kill(os.getpid(), 9)
 

@@ -17,6 +17,7 @@ writers' time, when every thread took from one queue).
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from pathlib import Path
@@ -48,11 +49,12 @@ class StageWriters:
         if self._error is not None:
             raise self._error
 
-    def put(self, rel: str, out: Path, sha256: str, data: bytes) -> None:
-        """Write ``data`` to ``out`` (its folder exists) once its sha256 is checked."""
+    def put(self, rel: str, out: Path, sha256: str, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to ``out`` (its folder exists) with ``mode``, once its sha256 is
+        checked."""
         self.check()
         folder = self._queues[hash(out.parent) % len(self._queues)]
-        folder.put((rel, out, sha256, data))
+        folder.put((rel, out, sha256, data, mode))
 
     def finish(self) -> None:
         """Everything is handed over: wait for the writing; raise its first error."""
@@ -72,12 +74,13 @@ class StageWriters:
                 return
             if self._error is not None:
                 continue  # after an error: drained until the end
-            rel, out, sha256, data = item
+            rel, out, sha256, data, mode = item
             try:
                 if hashlib.sha256(data).hexdigest() != sha256:
                     raise mismatch(rel)
                 with open(out, "wb") as dst:
                     dst.write(data)
+                    os.fchmod(dst.fileno(), mode)
             except BaseException as exc:  # noqa: BLE001 - raised in the reading thread
                 with self._lock:
                     if self._error is None:

@@ -29,9 +29,10 @@ from tests.test_deploy import deploy, server_root  # noqa: F401 - fixtures: a de
 WHEEL = {"name": "remoteops-0-py3-none-any.whl", "sha256": "0" * 64, "size": 0}
 
 
-def make_bundle(folder: Path, version: int, files: dict) -> tuple[Manifest, Path, Path]:
+def make_bundle(folder: Path, version: int, files: dict,
+                modes: dict | None = None) -> tuple[Manifest, Path, Path]:
     """A manifest, its delta tar (every file) and manifest file, from ``path -> bytes``
-    (or ``("link", target)``), written under ``folder``."""
+    (or ``("link", target)``), written under ``folder``; ``modes``: path -> mode (0o644)."""
     src = folder / f"src-v{version}"
     entries, members = [], []
     for rel, data in sorted(files.items()):
@@ -43,9 +44,10 @@ def make_bundle(folder: Path, version: int, files: dict) -> tuple[Manifest, Path
         path = src / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        entry = FileEntry(rel, len(data), 0o644, hashlib.sha256(data).hexdigest())
+        mode = (modes or {}).get(rel, 0o644)
+        entry = FileEntry(rel, len(data), mode, hashlib.sha256(data).hexdigest())
         entries.append(entry)
-        members.append((f"files/{rel}", path, 0o644, entry.sha256))
+        members.append((f"files/{rel}", path, mode, entry.sha256))
     manifest = Manifest(project="p", version=version, content_id=content_id(entries, WHEEL, []),
                         created_at="2026-01-01T00:00:00Z",
                         source_commit=None, source_dirty=None, toolkit_version=__version__,
