@@ -125,8 +125,9 @@ class Project(ProjectRoot):
     # -- apply ---------------------------------------------------------------------------
     def apply(self, manifest: Manifest, delta: Path | None, holder: str, keep: int = 10,
               delta_sha256: str | None = None, expect_base: str | None = None,
-              expect_agent: str | None = None, early=None) -> dict:
+              expect_agent: str | None = None, early=None, checked: bool = False) -> dict:
         """Apply ``manifest``; every answer carries ``free_bytes`` (after the change).
+        ``checked``: ``check_manifest`` passed for it in this process (the plan).
 
         ``early``: files staged while the upload arrived (``server/early_stage``), used when
         this plan needs exactly those; else the upload is staged now, as always.
@@ -136,7 +137,8 @@ class Project(ProjectRoot):
         nothing is applied and the answer says ``base_differs`` with the reason: the
         laptop then plans against the server as usual.
         """
-        check_manifest(manifest)
+        if not checked:
+            check_manifest(manifest)
         with self.lock(holder) as lock:
             refuse_if_live(self.root, "deploying")  # a live run reads these files
             if expect_base is not None:

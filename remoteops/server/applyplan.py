@@ -193,13 +193,38 @@ def conflict(root: Path, changes: dict) -> str | None:
     """Why placing ``changes`` would meet something they do not remove (None: it will not).
 
     Checked before anything changes: a folder where a file goes must hold only
-    files this change removes; a parent folder must not be a file it keeps.
+    files this change removes; a parent folder must not be a file it keeps. Each
+    folder is looked at once, and nothing is looked for in a folder that is not there
+    (a first deploy: one lstat per folder, not per file).
     """
     removed = {p for p, c in changes.items() if c is None}
-    folders_ok: set[str] = set()  # parents checked already (a 2,000-file change shares few)
+    top = str(root)
+    kinds: dict[str, str] = {"": "dir"}
+
+    def kind(folder: str) -> str:
+        """``dir`` (a folder, or a link to one), ``missing``, or ``other``."""
+        if folder not in kinds:
+            path = os.path.join(top, folder)
+            try:
+                os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                kinds[folder] = "missing"
+            else:
+                kinds[folder] = "dir" if os.path.isdir(path) else "other"
+        return kinds[folder]
+
     for rel, change in changes.items():
         if change is None:
             continue
+        parent = os.path.dirname(rel)
+        folder = parent
+        while folder:
+            if kind(folder) == "other" and folder not in removed:
+                return (f"{folder} is a file on the server where the change needs a folder; "
+                        "move it away and run it again")
+            folder = os.path.dirname(folder)
+        if kind(parent) == "missing":
+            continue  # nothing can be at rel
         dest = root / rel
         if _is_real_dir(dest):
             for folder, dirs, files in os.walk(dest):
@@ -208,15 +233,6 @@ def conflict(root: Path, changes: dict) -> str | None:
                     if inner not in removed:
                         return (f"{rel} is a folder on the server holding {inner}, which the "
                                 f"change does not manage; move it away and run it again")
-        parent = os.path.dirname(rel)
-        while parent and parent not in folders_ok:
-            path = root / parent
-            if (path.is_symlink() or path.exists()) and not path.is_dir() \
-                    and parent not in removed:
-                return (f"{parent} is a file on the server where the change needs a folder; "
-                        "move it away and run it again")
-            folders_ok.add(parent)
-            parent = os.path.dirname(parent)
     return None
 
 

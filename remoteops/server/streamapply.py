@@ -328,8 +328,9 @@ def _plan_then_apply(project: Project, src: Input, header: dict,
 def _apply_planned(project: Project, src: Input, header: dict,
                    need: list[str] | None = None) -> dict:
     """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
-    applied as planned here. ``need``: this request's plan; its files are staged while the
-    upload arrives (``early_stage``) when it starts from the first byte."""
+    applied as planned here. ``need``: this request's plan (its ``project.plan`` checked the
+    manifest's paths); its files are staged while the upload arrives (``early_stage``) when
+    it starts from the first byte."""
     from remoteops.server.early_stage import EarlyStage
 
     new = Manifest.from_json(json.dumps(header["manifest"]))
@@ -353,7 +354,7 @@ def _apply_planned(project: Project, src: Input, header: dict,
             stager.complete()
         wait_for_go(src)
         result = project.apply(new, delta, header["holder"], int(header["keep"]), None,
-                               early=early[0] if early else None)
+                               early=early[0] if early else None, checked=need is not None)
         # the manifest the plan read (the laptop sent it before this request)
         (project.state / "incoming" / f"{new.content_id}.manifest.json").unlink(missing_ok=True)
         return result
