@@ -18,6 +18,7 @@ always plan on the server. Shared pieces live in ``deploy_common``.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -139,8 +140,14 @@ def _send_manifest_and_plan(target: Target, connected: Background, data: bytes,
 
 def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_run: bool = False,
            confirm: Confirm | None = None, progress: Callable[[int, int], None] | None = None,
-           on_plan: Callable[[DeployOutcome], None] | None = None) -> DeployOutcome:
-    """Deploy a bundle to ``target``: plan, (confirm), upload what differs, apply."""
+           on_plan: Callable[[DeployOutcome], None] | None = None,
+           local_later: bool = False) -> DeployOutcome:
+    """Deploy a bundle to ``target``: plan, (confirm), upload what differs, apply.
+
+    ``local_later``: a streamed redeploy's local tar, written after the command where it
+    can be (``_wait_local``), is left to the caller (``outcome.finish_local``), to run
+    once the target is closed: a paramiko connection's thread rules out writing it in a
+    forked child, and writing it here made a redeploy over a fresh login ~0.15 s longer."""
     started = time.monotonic()
     incoming = f"{state_dir(target)}/incoming"
     recalled = recall(settings, target)
@@ -214,7 +221,11 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 fast.cancel()
                 raise
             if done:
-                _wait_local(settings, target, built, outcome)
+                if local_later:
+                    outcome.finish_local = functools.partial(_wait_local, settings, target,
+                                                             built, outcome)
+                else:
+                    _wait_local(settings, target, built, outcome)
                 outcome.seconds = time.monotonic() - started
                 return outcome
             outcome.upload_bytes = 0

@@ -64,6 +64,8 @@ class DeployOutcome:
     seconds: float = 0.0
     events: list[str] = field(default_factory=list)
     events_shown: int = 0  # how many the plan's printout showed (later ones show at the end)
+    # the local tar still to write, when the caller asked to do it after closing the target
+    finish_local: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def noop(self) -> bool:

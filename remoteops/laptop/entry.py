@@ -54,7 +54,10 @@ def deploy_and_print(settings, host: str | None, bundle: str | None = None,
     with open_target(settings, host, trust_host=trust_host) as target, \
             upload_progress(quiet=as_json) as progress:
         outcome = deploy(settings, target, bundle, dry_run=dry_run, confirm=confirm,
-                         progress=progress, on_plan=None if as_json else print_plan)
+                         progress=progress, on_plan=None if as_json else print_plan,
+                         local_later=True)
+    if outcome.finish_local is not None:  # the connection is closed: it may go to a child
+        outcome.finish_local()
     print_deploy(outcome, as_json)
 
 

@@ -167,12 +167,41 @@ def keep_alive(transport: Any, interval: float) -> None:
     if not interval or getattr(transport, "remoteops_keepalive", None):
         return
     transport.remoteops_keepalive = interval
-    threading.Thread(target=_watch, args=(transport, float(interval)), daemon=True,
-                     name="remoteops-keepalive").start()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(transport, float(interval), stop),
+                               daemon=True, name="remoteops-keepalive")
+    transport.remoteops_keepalive_stop = stop, watcher
+    watcher.start()
 
 
-def _watch(transport: Any, interval: float) -> None:
-    while transport.is_active():
+def wake_reader(transport: Any) -> None:
+    """Before ``transport.close()``: its reader thread's ``recv`` returns now (a shut-down
+    socket) instead of at its next 0.1 s timeout, so ``wait_closed`` need not wait."""
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, socket.socket):  # not a ProxyCommand or a jump host's channel
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def wait_closed(transport: Any) -> None:
+    """After ``transport.close()``: its reader thread and ``keep_alive``'s have ended (a
+    command that forks next, ``Built.finish_detached``, must have no other thread left)."""
+    stop, watcher = getattr(transport, "remoteops_keepalive_stop", (None, None))
+    if stop is not None:
+        stop.set()
+        watcher.join(timeout=2)
+    if isinstance(transport, threading.Thread) and transport is not threading.current_thread() \
+            and transport.ident is not None:
+        transport.join(timeout=2)
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, socket.socket):
+        sock.close()  # a transport that saw the shutdown first never closes it itself
+
+
+def _watch(transport: Any, interval: float, stop: threading.Event) -> None:
+    while transport.is_active() and not stop.is_set():
         answered = threading.Event()
 
         def ask() -> None:
@@ -182,14 +211,16 @@ def _watch(transport: Any, interval: float) -> None:
                 pass
             answered.set()
 
-        threading.Thread(target=ask, daemon=True).start()
-        if not answered.wait(interval * KEEPALIVE_MISSES):
+        asker = threading.Thread(target=ask, daemon=True, name="remoteops-keepalive-ask")
+        asker.start()
+        if not answered.wait(interval * KEEPALIVE_MISSES) and not stop.is_set():
             transport.remoteops_lost = (f"no answer to SSH keepalives for "
                                         f"{interval * KEEPALIVE_MISSES:g}s")
             log.info("closing the SSH connection: %s", transport.remoteops_lost)
             transport.close()
             return
-        time.sleep(interval)
+        asker.join(timeout=1)  # it ends with the answer, or within 0.1 s of a close
+        stop.wait(interval)
 
 
 def lost_reason(conn: Any) -> str | None:

@@ -208,12 +208,22 @@ class SSHTarget(Target):
 
     def close(self) -> None:
         # Best effort: after a cut connection closing raises, and must not hide the real error.
+        hops = []
+        if self._conn is not None:
+            from remoteops.laptop.ssh import transports, wait_closed, wake_reader
+
+            hops = transports(self._conn)
         for obj in (self._sftp, self._conn):
             if obj is not None:
+                if obj is self._conn:
+                    for transport in hops:
+                        wake_reader(transport)
                 try:
                     obj.close()
                 except (OSError, EOFError, Exception):  # noqa: BLE001
                     pass
+        for transport in hops:
+            wait_closed(transport)
         self._sftp = self._conn = None
         if self.kept is not None and self.kept.wanted:  # none was there: keep one for next time
             self.kept.wanted = False

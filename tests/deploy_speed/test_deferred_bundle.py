@@ -31,3 +31,42 @@ def test_the_bundle_follows_the_answer_and_the_next_deploy_waits_for_it(deploy, 
     assert res["noop"] and res["version"] == 2
     with open(bundles / ".writing.lock") as fh:  # nobody holds the writer lock any more
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_redeploy_over_a_fresh_login_writes_its_bundle_in_a_child_after_closing(
+        deploy, project, server_root, tmp_path):
+    """Through paramiko (its transport is a thread, so no fork while it is open) the tar
+    used to be written by the command itself before it ended (~0.15 s on the bench); now
+    the connection is closed first and a detached child (it calls setsid) writes it."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_deploy import ENV
+
+    strace = shutil.which("strace")
+    assert strace, "strace is missing (tests/harness/install.py installs it)"
+    cold = {"REMOTEOPS_SSH__PERSIST": "0", "REMOTEOPS_SSH__CLIENT": "paramiko"}
+    deploy("deploy-bundle", "--yes", env=cold)
+    (project / "code" / "train.py").write_text("print('v2')\n")
+    log = tmp_path / "strace.log"
+    res = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(log), "-e", "trace=setsid,rename,renameat,renameat2",
+         sys.executable, "-m", "remoteops", "deploy-bundle", "--host", "box", "--project-root",
+         str(server_root), "--yes", "--json"], cwd=project, capture_output=True, text=True,
+        env=dict(os.environ, COLUMNS="200", **ENV, **cold), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert as_json(res)["version"] == 2 and tree(server_root) == expected_tree(project)
+    deadline = time.monotonic() + 30
+    while not (project / "bundles" / "proj-v2.manifest.json").exists():
+        assert time.monotonic() < deadline, "the bundle was never written"
+        time.sleep(0.1)
+    verify_bundle(project / "bundles" / "proj-v2.tar.zst")
+    lines = log.read_text().splitlines()
+    detached = {line.split()[0] for line in lines if re.search(r"\bsetsid\(\) += \d", line)}
+    wrote = [line.split()[0] for line in lines
+             if re.search(r'rename\w*\(.*"[^"]*proj-v2\.tar\.zst"', line)]
+    assert wrote and set(wrote) <= detached, "\n".join(lines[-20:])
