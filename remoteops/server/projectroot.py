@@ -92,11 +92,17 @@ class ProjectRoot:
         known = known or {}
         found = Scan()
         root = str(self.root)
+        missing: set[str] = set()  # folders not there: nothing under them is looked for
         for rel in paths:
+            folder = os.path.dirname(rel)
+            if folder in missing:
+                continue
             path = os.path.join(root, rel)
             try:
                 st = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
+                if folder and not os.path.isdir(os.path.join(root, folder)):
+                    missing.add(folder)  # (a first deploy: one look per folder, not per file)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 found.hashes[rel], found.modes[rel] = link_digest(os.readlink(path)), LINK_MODE
