@@ -49,9 +49,9 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
 def extract(manifest: Manifest, members, need: list[str], staging: Path,
             durable: bool = True) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
-    ``staging`` (at its path there, with its mode), its sha256 checked, made durable (``durable=False``: by the caller, with
-    ``make_staged_durable``); anything the manifest does not list as a file refused; a
-    needed file missing is ``MissingMembers``."""
+    ``staging`` (at its path there, with its mode), its sha256 checked, made durable
+    (``durable=False``: by the caller, with ``make_staged_durable``); anything the manifest
+    does not list as a file refused; a needed file missing is ``MissingMembers``."""
     wanted = manifest.file_map()
     need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
