@@ -79,3 +79,27 @@ def test_an_apply_killed_after_a_whole_folder_rename_is_undone(tmp_path):
     assert not any((root / d).exists() for d in ("docs", "src", "old/new"))
     Project(root).apply(m2, d2, "test")
     assert tree(root) == V2 and modes(root)["src/tool"] == 0o750
+
+
+def test_the_scan_skips_missing_folders_and_still_finds_every_file(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    for rel in ("kept/a.txt", "kept/deep/b.txt", "top.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    (root / "file_not_folder").write_bytes(b"x")
+    os.symlink("kept", root / "via_link")
+    asked = ["gone/x.txt", "gone/y.txt", "gone/z.txt", "kept/a.txt", "kept/deep/b.txt",
+             "kept/deep/missing.txt", "file_not_folder/inner.txt", "top.txt", "via_link/a.txt"]
+    looked: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        looked.append(os.path.relpath(path, root))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    found = Project(root).scan(asked)
+    monkeypatch.undo()
+    assert set(found.hashes) == {"kept/a.txt", "kept/deep/b.txt", "top.txt", "via_link/a.txt"}
+    assert found.hashes["via_link/a.txt"] == found.hashes["kept/a.txt"]
+    assert [p for p in looked if p.startswith("gone/")] == ["gone/x.txt"]  # then the folder
