@@ -107,6 +107,13 @@ def listening(runtime: Path) -> list[int]:
     return out
 
 
+def keeper_logs(runtime: Path) -> str:
+    """Every keeper's log in ``runtime``: what a failed request's message needs (why the
+    frames ended: the connection, or something that was not a frame)."""
+    return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                   for log in sorted((runtime / "remoteops").glob("*.log")))
+
+
 def kept_up(runtime: Path, besides: tuple = ()) -> int:
     """Wait for a keeper (not one of ``besides``) to listen; its pid."""
     wait_for(lambda: [p for p in listening(runtime) if p not in besides], 60,
@@ -400,6 +407,6 @@ def test_a_rollback_goes_through_the_kept_connection(box, project, runtime, cli,
     mark = len(own_sshd.log())
     res = cli("rollback", "--host", "box", "--project-root", str(box.root), "--backup",
               out["applied"]["backup_name"], "--yes", env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.returncode == 0, res.stdout + res.stderr + keeper_logs(runtime)
     assert own_sshd.log()[mark:].count(LOGIN) == 0
     assert tree(box.root) == v1
