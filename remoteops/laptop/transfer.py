@@ -41,6 +41,11 @@ def put_resumable(target: Target, local: Path, remote: str,
                 sent += len(chunk)
                 if progress:
                     progress(have + sent, total)
+        # paramiko's pipelined SFTP file can end a cut upload without an error (its close
+        # swallows one), and the next call reconnects: the part must be whole before rename
+        arrived = target.size(part)
+        if arrived != total:
+            raise EOFError(f"{arrived or 0} of {total} bytes arrived")
         target.rename(part, remote)
     except (socket.error, EOFError, paramiko.SSHException) as exc:
         raise ConnectError(f"the connection to {target.name} broke during the upload after "
