@@ -53,9 +53,12 @@ def deploy_and_print(settings, host: str | None, bundle: str | None = None,
 
     with open_target(settings, host, trust_host=trust_host) as target, \
             upload_progress(quiet=as_json) as progress:
+        # a login's threads end with the connection: its local tar waits for that; through
+        # a kept connection (no such threads) it is written as it always was
+        kept = getattr(target, "kept", None)
         outcome = deploy(settings, target, bundle, dry_run=dry_run, confirm=confirm,
                          progress=progress, on_plan=None if as_json else print_plan,
-                         local_later=True)
+                         local_later=kept is None or not kept.ready())
     if outcome.finish_local is not None:  # the connection is closed: it may go to a child
         outcome.finish_local()
     print_deploy(outcome, as_json)
