@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import threading
+import time
 
 import pytest
 
@@ -46,3 +47,82 @@ def test_a_file_that_does_not_match_its_sha256_is_not_written_and_raised(tmp_pat
     with pytest.raises(BundleError, match="bad in the upload does not match its sha256"):
         writers.finish()
     assert good.read_bytes() == b"a" and not bad.exists()
+
+
+def test_a_busy_folder_does_not_hold_back_the_others(tmp_path, monkeypatch):
+    """A tar holds a folder's files one after the other: while one folder's writer is busy,
+    the files of the next folders are handed to the other threads (a queue of 16 per thread
+    stopped the reader at the 17th file of the busy folder)."""
+    release = threading.Event()
+
+    def slow_open(path, *args, **kwargs):
+        if path.parent.name == "busy":
+            assert release.wait(30)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(stage_writers, "open", slow_open, raising=False)
+    (tmp_path / "busy").mkdir()
+    writers = StageWriters(threads=4)
+    handed = threading.Event()
+    # the routing is by folder (``hash``): three folders on other threads than the busy
+    # one's, two on its thread
+    busy = hash(tmp_path / "busy") % 4
+    on = {d: hash(tmp_path / f"d{d}") % 4 == busy for d in range(400)}
+    folders = [d for d in on if not on[d]][:3] + [d for d in on if on[d]][:2]
+
+    def read_tar() -> None:
+        for i in range(40):
+            out = tmp_path / "busy" / f"f{i}"
+            writers.put(str(out), out, hashlib.sha256(b"x").hexdigest(), b"x")
+        for d in folders:
+            (tmp_path / f"d{d}").mkdir()
+            out = tmp_path / f"d{d}" / "f"
+            writers.put(str(out), out, hashlib.sha256(b"y").hexdigest(), b"y")
+        handed.set()
+
+    reader = threading.Thread(target=read_tar, daemon=True)
+    reader.start()
+    try:
+        assert handed.wait(10), "the reader waited for the busy folder's writer"
+        # the folders on another thread than the busy one's are written meanwhile
+        others = [tmp_path / f"d{d}" / "f" for d in folders[:3]]
+        deadline = time.monotonic() + 10
+        while not all(p.exists() for p in others) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(p.exists() for p in others)
+        assert not any((tmp_path / "busy" / f"f{i}").exists() for i in range(40))
+    finally:
+        release.set()
+    writers.finish()
+    assert all((tmp_path / "busy" / f"f{i}").read_bytes() == b"x" for i in range(40))
+    assert all((tmp_path / f"d{d}" / "f").read_bytes() == b"y" for d in folders)
+    assert len(folders) == 5
+
+
+def test_what_waits_to_be_written_is_bounded_by_bytes(tmp_path, monkeypatch):
+    release = threading.Event()
+
+    def held_open(path, *args, **kwargs):
+        assert release.wait(30)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(stage_writers, "open", held_open, raising=False)
+    writers = StageWriters(threads=2, ahead=1000)
+    data = b"z" * 300
+    done = []
+
+    def read_tar() -> None:
+        for i in range(5):
+            out = tmp_path / f"f{i}"
+            writers.put(str(out), out, hashlib.sha256(data).hexdigest(), data)
+            done.append(i)
+
+    reader = threading.Thread(target=read_tar, daemon=True)
+    reader.start()
+    reader.join(0.5)
+    assert done == [0, 1, 2]  # a fourth file of 300 bytes would hold more than 1,000
+    release.set()
+    reader.join(10)
+    writers.finish()
+    assert done == [0, 1, 2, 3, 4]
+    assert all((tmp_path / f"f{i}").read_bytes() == data for i in range(5))
