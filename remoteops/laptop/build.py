@@ -259,6 +259,11 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         early = EarlyTar(out / f"{name}-v1.tar.zst", out / f"{name}-v1.manifest.json",
                          [(f"files/{rel}", project / rel, _mode(st)) for rel, st in stats.items()]
                          + [wheel_member], level, tap, cache)
+    # the plugin set and the git state do not depend on the hashes: found meanwhile (~20 ms
+    # of a first build's, that were in line before the first byte could be sent)
+    side = _Side(lambda: (pm.requirements() if pm is not None else
+                          plugin_set(project, settings["plugins_dir"], out / ".plugins.json"),
+                          _git_state(project)))
     try:
         entries = []
         hashed_as: dict[str, tuple] = {}
@@ -273,10 +278,10 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
             if cache.settled(st):  # hashed as it is: the tar need not hash it again
                 hashed_as[rel] = stat_key(st)
         cache.save()
-        plugins = pm.requirements() if pm is not None else \
-            plugin_set(project, settings["plugins_dir"], out / ".plugins.json")
+        plugins, (commit, dirty) = side.result()
         cid = content_id(entries, wheel_info, plugins)
     except BaseException as exc:
+        side.join()
         if early is not None:
             early.fail(exc)
         raise
@@ -289,7 +294,6 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                          reused=True, seconds=time.monotonic() - started,
                          excluded=chosen.report())
     version = (previous.version + 1) if previous else 1
-    commit, dirty = _git_state(project)
     manifest = Manifest(project=name, version=version, content_id=cid,
                         created_at=now_iso(),
                         source_commit=commit, source_dirty=dirty, toolkit_version=__version__,
@@ -325,6 +329,27 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         built.start_pending()
         return built
     return built.wait()
+
+
+class _Side(threading.Thread):
+    """``fn()`` in a thread; ``result`` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Callable):
+        super().__init__(daemon=True, name="remoteops-build-side")
+        self._fn, self._value, self._error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self):
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _mode(st: os.stat_result) -> int:
