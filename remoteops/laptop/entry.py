@@ -91,6 +91,11 @@ def main() -> None:
     """The ``remoteops`` console script (and ``python -m remoteops``)."""
     opts = wire_args(sys.argv[1:])
     if opts is not None:
+        # a command of a second or two: the cyclic collector ran ~20 ms in it (mostly
+        # during the imports), in line before the first byte could be sent
+        import gc
+
+        gc.disable()
         sys.exit(run(opts))
     from remoteops.laptop.main import program
 
