@@ -173,11 +173,12 @@ class Kept:
         err: list[bytes] = []
         request.sock.settimeout(timeout)
         try:
-            request.close_input()
+            try:
+                request.close_input()
+            except OSError:
+                pass  # a request that reads no input may have ended already: its frames say
             for kind, payload in request.frames_in():
                 (out if kind == OUT else err).append(payload)
-        except OSError:
-            pass
         finally:
             request.close()
         if request.code is None:
@@ -249,10 +250,14 @@ class KeptRequest:
 
     def frames_in(self):
         """Every frame until the exit code (``code``), or until the keeper or the
-        connection went away (``code`` stays None)."""
-        yield from self.early
+        connection went away (``code`` stays None). The frames that came with the start
+        (``early``) count as any other: a short request's exit code may be one of them."""
+        def arriving():
+            yield from self.early
+            yield from read_frames(self.sock.recv, self.frames)
+
         try:
-            for kind, payload in read_frames(self.sock.recv, self.frames):
+            for kind, payload in arriving():
                 if kind == EXIT:
                     self.code = int(payload)
                     return
