@@ -121,7 +121,8 @@ def test_a_full_deploy_is_staged_while_it_arrives_and_ends_byte_identical(deploy
     assert _leftovers(deployed) == []
 
 
-@pytest.mark.parametrize("damage", ["altered bytes", "an unlisted member"])
+@pytest.mark.parametrize("damage", ["altered bytes", "an unlisted member",
+                                    "altered bytes in the large file"])
 def test_a_tampered_member_in_the_middle_of_a_streamed_full_deploy_changes_nothing(
         deployed, project, cli, tmp_path, damage):
     before = tree(deployed)
@@ -137,7 +138,9 @@ def test_a_tampered_member_in_the_middle_of_a_streamed_full_deploy_changes_nothi
         path.write_bytes(fh.read())
     middle = members[len(members) // 2]
     assert middle[0].startswith("files/src/")
-    if damage == "altered bytes":
+    if damage == "altered bytes in the large file":  # hashed beside its writing thread
+        middle = next(m for m in members if m[0] == "files/data/weights.bin")
+    if damage.startswith("altered bytes"):
         data = bytearray(middle[1].read_bytes())
         data[len(data) // 2] ^= 0x01
         middle[1].write_bytes(bytes(data))
@@ -151,6 +154,8 @@ def test_a_tampered_member_in_the_middle_of_a_streamed_full_deploy_changes_nothi
     assert res.returncode != 0
     assert res.stderr.decode().count("\n") == 1  # one line, no traceback
     expected = {"altered bytes": "does not match its sha256",
+                "altered bytes in the large file": "weights.bin in the upload does not match "
+                                                   "its sha256",
                 "an unlisted member": "which the manifest does not list as a file"}[damage]
     assert expected in res.stderr.decode() and "nothing was changed" in res.stderr.decode()
     assert tree(deployed) == before
