@@ -145,3 +145,57 @@ def test_a_bundle_cut_in_a_member_is_truncated(tmp_path):
         for member, fh in iter_members(cut):
             while fh.read(1 << 16):
                 pass
+
+
+class _Trickle(io.RawIOBase):
+    """A source that gives at most ``most`` bytes a call, as a pipe or a decompressor may."""
+
+    def __init__(self, data: bytes, most: int):
+        self._data, self._most, self._pos = data, most, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._most if n < 0 else min(n, self._most)
+        out = self._data[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("most", [37, 511, 7919, 1 << 20])
+def test_short_reads_skips_and_members_read_in_part(most):
+    """A source that gives little a call (a pipe, a decompressor), members around a block and
+    around the skip size, members skipped unread or read in part: tarfile's members and
+    bytes."""
+    from remoteops.common.tar_stream import SKIP
+
+    rng = random.Random(most)
+    sizes = [0, 1, 511, 512, 513, SKIP - 1, SKIP, SKIP + 1, 3 * SKIP + 5, 9, 70_000]
+    entries = [(f"m{i:02d}_{size}", rng.randbytes(size)) for i, size in enumerate(sizes)]
+    data = _tar(entries)
+    expected = _walk_tarfile(data)
+    got, source = [], _Trickle(data, most)
+    stream = TarStream(source)
+    for i, m in enumerate(stream):
+        if i % 3 == 1:  # skipped unread
+            got.append((m.name, m.size, None))
+            continue
+        fh = stream.data(m)
+        if i % 3 == 2:  # read in part, in odd pieces, the rest skipped
+            part = fh.read(m.size // 2 + 1) if m.size else b""
+            got.append((m.name, m.size, hashlib.sha256(part).hexdigest(), len(part)))
+            continue
+        whole = b"".join(iter(lambda: fh.read(rng.choice([1, 100, 4096, SKIP + 3])), b""))
+        got.append((m.name, m.size, hashlib.sha256(whole).hexdigest()))
+    want = []
+    for i, (name, size, _, _, digest) in enumerate(expected):
+        body = dict(entries)[name]
+        if i % 3 == 1:
+            want.append((name, size, None))
+        elif i % 3 == 2:
+            part = body[:size // 2 + 1] if size else b""
+            want.append((name, size, hashlib.sha256(part).hexdigest(), len(part)))
+        else:
+            want.append((name, size, digest))
+    assert got == want
