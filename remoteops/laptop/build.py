@@ -38,6 +38,7 @@ from remoteops.common.bundle_tar import BundleError, write_tar
 from remoteops.common.clock import now_iso
 from remoteops.common.manifest import FileEntry, Manifest, content_id
 from remoteops.common.files import sha256_file, stat_key, write_atomic_text
+from remoteops.laptop.background import Background
 # the choice of files lives in ``selection``; these names stay importable from here
 from remoteops.laptop.selection import (DEFAULT_EXCLUDES, Selection, select,  # noqa: F401
                                         select_files)
@@ -261,9 +262,10 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                          + [wheel_member], level, tap, cache)
     # the plugin set and the git state do not depend on the hashes: found meanwhile (~20 ms
     # of a first build's, that were in line before the first byte could be sent)
-    side = _Side(lambda: (pm.requirements() if pm is not None else
-                          plugin_set(project, settings["plugins_dir"], out / ".plugins.json"),
-                          _git_state(project)))
+    side = Background(lambda: (pm.requirements() if pm is not None else
+                               plugin_set(project, settings["plugins_dir"],
+                                          out / ".plugins.json"),
+                               _git_state(project)))
     try:
         entries = []
         hashed_as: dict[str, tuple] = {}
@@ -281,7 +283,7 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         plugins, (commit, dirty) = side.result()
         cid = content_id(entries, wheel_info, plugins)
     except BaseException as exc:
-        side.join()
+        side.settle()
         if early is not None:
             early.fail(exc)
         raise
@@ -329,27 +331,6 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
         built.start_pending()
         return built
     return built.wait()
-
-
-class _Side(threading.Thread):
-    """``fn()`` in a thread; ``result`` waits for it and re-raises its error."""
-
-    def __init__(self, fn: Callable):
-        super().__init__(daemon=True, name="remoteops-build-side")
-        self._fn, self._value, self._error = fn, None, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to result()
-            self._error = exc
-
-    def result(self):
-        self.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _mode(st: os.stat_result) -> int:

@@ -30,8 +30,9 @@ from remoteops.common.files import sha256_file
 from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, read_member_bytes,
                                        verify_bundle)
 from remoteops.laptop.build import Built, build_bundle
-from remoteops.laptop.deploy_common import (Background, Confirm, DeployOutcome, apply_args,
-                                            delta_key, holder, state_dir, upload_file)
+from remoteops.laptop.background import Background
+from remoteops.laptop.deploy_common import (Confirm, DeployOutcome, apply_args, delta_key, holder,
+                                            state_dir, upload_file)
 from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
 from remoteops.laptop.deploy_fast import FastPath
 from remoteops.laptop.deploy_full import (TarTap, file_ranges, open_request, send_tar,

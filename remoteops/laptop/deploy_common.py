@@ -1,5 +1,5 @@
-"""What every deploy step shares: the background job, the outcome, the server's state
-folder, the upload file (bundle or delta) and the one ``deploy-apply`` request."""
+"""What every deploy step shares: the outcome, the server's state folder, the upload file
+(bundle or delta) and the one ``deploy-apply`` request."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import getpass
 import hashlib
 import json
 import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,32 +21,6 @@ from remoteops.laptop.delta import write_delta
 Confirm = Callable[[dict], bool]
 # Upload the bundle itself rather than a delta when the plan needs this share of its bytes.
 WHOLE_BUNDLE_SHARE = 0.9
-
-
-class Background:
-    """A function run in a thread; ``result()`` waits and re-raises its exception."""
-
-    def __init__(self, fn: Callable, *args):
-        self._value = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable, args: tuple) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to result()
-            self._error = exc
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def settle(self) -> None:
-        """Wait, dropping any error (the caller is already failing with its own)."""
-        self._thread.join()
 
 
 @dataclass

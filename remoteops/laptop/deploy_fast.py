@@ -21,9 +21,9 @@ from remoteops.common.files import sha256_file
 from remoteops.common.manifest import DISK_HEADROOM, Manifest, manifest_for, plan_between
 from remoteops.laptop.build import Built
 from remoteops.laptop.delta import project_sources, write_delta
-from remoteops.laptop.deploy_common import (WHOLE_BUNDLE_SHARE, Background, DeployOutcome,
-                                            apply_args, bundles_dir, delta_key, state_dir,
-                                            upload_file)
+from remoteops.laptop.background import Background
+from remoteops.laptop.deploy_common import (WHOLE_BUNDLE_SHARE, DeployOutcome, apply_args,
+                                            bundles_dir, delta_key, state_dir, upload_file)
 from remoteops.laptop.deploy_record import remember
 from remoteops.laptop.transfer import put_resumable
 

@@ -24,7 +24,8 @@ from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.files import CHUNK
 from remoteops.laptop.agent_stream import AgentStream, not_streamable
 from remoteops.laptop.build import Built
-from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, Background, holder
+from remoteops.laptop.background import Background
+from remoteops.laptop.deploy_common import WHOLE_BUNDLE_SHARE, holder
 
 
 class TarTap:

@@ -23,7 +23,7 @@ from remoteops.common.errors import RemoteCommandError
 from remoteops.common.target import AgentMissing
 from remoteops.laptop.agent_stream import AgentStream, not_streamable
 from remoteops.laptop.build import Built
-from remoteops.laptop.deploy_common import Background
+from remoteops.laptop.background import Background
 from remoteops.laptop.deploy_full import close_request, request_header, send_tar
 
 

@@ -27,8 +27,9 @@ from remoteops.common.manifest import manifest_for
 from remoteops.common.target import AgentMissing
 from remoteops.laptop.agent_stream import STDIN_EVENT, AgentStream, not_streamable
 from remoteops.laptop.build import Built
-from remoteops.laptop.deploy_common import (Background, DeployOutcome, bundles_dir, delta_key,
-                                            holder, upload_file)
+from remoteops.laptop.background import Background
+from remoteops.laptop.deploy_common import (DeployOutcome, bundles_dir, delta_key, holder,
+                                            upload_file)
 from remoteops.laptop.deploy_fast import FastPath, delta_from_sources
 from remoteops.laptop.deploy_record import remember
 from remoteops.laptop.patches import make_patches
