@@ -20,8 +20,7 @@ from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import fsync_dirs, sha256_file, temp_name
 from remoteops.common.paths import ancestors, link_digest
 from remoteops.server.applyplan import (Put, clear_dirs, conflict, copy_synced, displace,
-                                        fresh_folders, order, place, prune_dirs, remove,
-                                        staged_folder)
+                                        fresh_folders, order, place, prune_dirs, remove)
 from remoteops.server.backupset import SEQ_FILE, SUMMARY, next_seq, summarize
 from remoteops.server.projectroot import ProjectRoot, write_json
 
@@ -112,10 +111,10 @@ def _replace(project: ProjectRoot, changes: dict[str, Put | None]) -> None:
         touched |= ancestors(path, root)
     made: set[Path] = set()
     placed: set[str] = set()
-    for folder, files in fresh_folders(root, puts, changes).items():
+    for folder, (staged, files) in fresh_folders(root, puts, changes).items():
         path = root / folder  # a new folder, all of it staged: one rename (its files and
         try:  # folders are durable already)
-            os.rename(staged_folder(changes, folder), path)
+            os.rename(staged, path)
         except OSError:
             continue  # e.g. staging on another file system: file by file below
         touched |= ancestors(path, root) | {path}

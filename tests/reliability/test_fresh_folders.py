@@ -54,7 +54,8 @@ def test_a_staging_folder_holding_anything_else_is_placed_file_by_file(tmp_path)
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         (staging / rel).write_bytes(b"1")
     changes = {rel: Put(staging / rel, 0o644, move=True) for rel in ("a/x", "a/y", "b/z")}
-    assert fresh_folders(root, sorted(changes), changes) == {"a": ["a/x", "a/y"], "b": ["b/z"]}
+    assert fresh_folders(root, sorted(changes), changes) == {
+        "a": (staging / "a", ["a/x", "a/y"]), "b": (staging / "b", ["b/z"])}
     (staging / "a" / "extra").write_bytes(b"not in the change")
     os.symlink("z", staging / "b" / "link")
     assert fresh_folders(root, sorted(changes), changes) == {}
@@ -62,7 +63,7 @@ def test_a_staging_folder_holding_anything_else_is_placed_file_by_file(tmp_path)
     os.unlink(staging / "b" / "link")
     assert fresh_folders(root, sorted(changes), changes) == {}
     os.unlink(staging / "a" / "extra")
-    assert fresh_folders(root, sorted(changes), changes) == {"a": ["a/x", "a/y"]}
+    assert fresh_folders(root, sorted(changes), changes) == {"a": (staging / "a", ["a/x", "a/y"])}
     moved_elsewhere = {**changes, "a/x": Put(tmp_path / "other" / "a/x", 0o644, move=True)}
     assert fresh_folders(root, sorted(changes), moved_elsewhere) == {}
 
