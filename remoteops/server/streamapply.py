@@ -160,9 +160,16 @@ def receive_chunked(src: Input, dest: Path, offset: int,
     have = part.stat().st_size if part.is_file() else 0
     if have < offset:
         raise RemoteOpsError("the upload to resume from is gone; run the deploy again.")
+    # Starting over is a new file, never one truncated to 0: ext4 writes such a file to disk
+    # when it is closed (auto_da_alloc), and a full deploy wrote its whole upload (~117 MB on
+    # the bench) for nothing, then waited for the discards when it removed it.
+    if have and not offset:
+        part.unlink()
+        have = 0
     got = offset
-    with open(part, "r+b" if part.is_file() else "wb", buffering=0) as out:
-        out.truncate(offset)
+    with open(part, "r+b" if have else "wb", buffering=0) as out:
+        if have > offset:  # what a cut upload kept beyond where this one resumes
+            out.truncate(offset)
         out.seek(offset)
         if on_open is not None:
             on_open(part)

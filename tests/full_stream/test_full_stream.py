@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,40 @@ def test_a_tampered_member_in_the_middle_of_a_streamed_full_deploy_changes_nothi
     assert tree(deployed) == before
     assert _leftovers(deployed) == []
     assert not (deployed / "src" / "planted.py").exists()
+
+
+def test_a_fresh_upload_is_never_truncated_so_ext4_does_not_write_it_out(deployed, project,
+                                                                          cli, tmp_path):
+    """The upload's part file is only read back and removed: truncating it (to 0) made ext4
+    write all of it to disk when it was closed (auto_da_alloc), ~117 MB for the bench's full
+    deploy, and made its removal wait for the discards. Seen by strace: no truncate of a
+    part file, for a first upload and for one that starts over."""
+    strace = shutil.which("strace")
+    assert strace, "strace is missing (tests/harness/install.py installs it)"
+    _fill(project, 5)
+    manifest, tar = _build(cli, project)
+    data = tar.read_bytes()
+    incoming = deployed / ".remoteops" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    leftover = incoming / f"stream-{manifest.content_id[:32]}-whole.tar.zst.part"
+    for starts_over in (True, False):
+        if starts_over:  # a part kept by a cut upload, which this one does not resume
+            leftover.write_bytes(b"x" * 4096)
+        log = tmp_path / f"strace-{starts_over}.log"
+        res = subprocess.run(
+            [strace, "-f", "-qq", "-y", "-o", str(log), "-e", "trace=truncate,ftruncate",
+             sys.executable, "-m", "remoteops.agent", "deploy-stream", "--root", str(deployed),
+             "--json"], input=stream_input(manifest, data, 0, None), capture_output=True,
+            timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert _deployed_exactly(deployed, manifest)
+        assert _leftovers(deployed) == []
+        truncated = [line for line in log.read_text().splitlines() if ".part" in line]
+        assert truncated == []
+        if starts_over:  # the same version again: a change to the next one
+            _fill(project, 6)
+            manifest, tar = _build(cli, project)
+            data = tar.read_bytes()
 
 
 def test_a_full_deploy_cut_in_the_middle_resumes_and_ends_byte_identical(deployed, project,
