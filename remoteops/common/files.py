@@ -11,6 +11,11 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: pipes keep their size
+    fcntl = None
+
 CHUNK = 1 << 20  # bytes read or sent at a time
 
 
@@ -42,6 +47,24 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+PIPE_SIZE = 1 << 20
+
+
+def grow_pipe(fd: int | None, size: int = PIPE_SIZE) -> None:
+    """Let the pipe ``fd`` hold ``size`` bytes (Linux; nothing elsewhere, or when not a pipe
+    or not allowed). A deploy's bytes pass several pipes (the ``ssh`` client's stdin, the
+    server agent's, the resident's child's); at the default 64 KB each hop woke the next
+    for every 64 KB and the processes took turns instead of running side by side: a full
+    deploy's 117 MB spent ~0.1 s more and 0.14 CPU-s more on the bench's 2 cores."""
+    setter = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if fd is None or setter is None:
+        return
+    try:
+        fcntl.fcntl(fd, setter, size)
+    except OSError:
+        pass  # not a pipe, over /proc/sys/fs/pipe-max-size or the user's pipe quota: as it is
 
 
 def user_cache_dir() -> Path:

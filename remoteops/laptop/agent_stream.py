@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from remoteops.common.errors import ConnectError, timed_out
+from remoteops.common.files import grow_pipe
 from remoteops.common.target import LocalTarget, Target, shell_path
 from remoteops.common.wire import BEGIN, END
 from remoteops.laptop.kept import kept_lost
@@ -70,6 +71,7 @@ class AgentStream:
         else:
             self._proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            grow_pipe(self._proc.stdin.fileno())
             self._chan = None
             self._readers = [_reader(self._proc.stdout.read1, self._out, self._arrived),
                              _reader(self._proc.stderr.read1, self._err, self._arrived)]
@@ -84,6 +86,7 @@ class AgentStream:
             log.info("could not start ssh (%s); using paramiko", exc)
             return False
         self._proc, self._chan, self._ssh = proc, None, client
+        grow_pipe(proc.stdin.fileno())  # a deploy's bytes: see common/files.grow_pipe
         self._readers = [_reader(proc.stdout.read, self._out, self._arrived),
                          _reader(proc.stderr.read, self._err, self._arrived)]
         deadline = time.monotonic() + 2 * client.connect_timeout + 5

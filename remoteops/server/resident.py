@@ -32,7 +32,7 @@ import select
 import sys
 
 import remoteops
-from remoteops.common.files import write_all
+from remoteops.common.files import grow_pipe, write_all
 from remoteops.common.kept_wire import (END, ERR, EXIT, HEAD, HELLO, INPUT, NOT_STARTED, OUT,
                                         READY, REQUEST, STARTED, check_head, frame,
                                         json_frame)
@@ -129,6 +129,7 @@ class Channel:
 def main(argv: list[str]) -> int:
     started_with = fingerprint()
     _preload()
+    grow_pipe(0)  # what the laptop sends arrives through sshd's pipe
     channel = Channel()
     channel.send(READY)
     channel.send(json_frame(HELLO, {"pid": os.getpid(), "version": remoteops.__version__}))
@@ -149,6 +150,7 @@ def main(argv: list[str]) -> int:
 def serve(channel: Channel, argv: list[str]) -> int:
     """Run one request in a forked child; relay its stdin, stdout and stderr; its exit code."""
     r_in, w_in = os.pipe()
+    grow_pipe(w_in)  # the request's input (a full deploy's bytes): common/files.grow_pipe
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
     sys.stdout.flush()

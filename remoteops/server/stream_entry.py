@@ -33,6 +33,9 @@ def run(root: str) -> int:
         sys.stdout.write(marked(data))
         sys.stdout.flush()
 
+    from remoteops.common.files import grow_pipe
+
+    grow_pipe(0)  # a deploy's bytes come through sshd's (or the resident's) pipe
     try:
         # unbuffered: what the tar sends goes from stdin to its file by the kernel (splice)
         result = apply_streamed(root, sys.stdin.buffer.raw, say)

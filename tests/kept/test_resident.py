@@ -116,3 +116,29 @@ def test_a_closed_channel_ends_the_request_input_and_the_resident(copy, tmp_path
     resident.proc.stdin.close()
     assert resident.proc.wait(30) == 0
     assert not (tmp_path / "root" / "code").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="Linux pipes")
+def test_the_pipes_a_deploy_passes_hold_a_megabyte(copy, tmp_path):
+    """sshd's pipe into the resident and each request's stdin pipe are grown to 1 MB (at the
+    default 64 KB the processes of a deploy took turns, every 64 KB)."""
+    import fcntl
+
+    resident = Resident(copy)
+    try:
+        assert fcntl.fcntl(resident.proc.stdin.fileno(), fcntl.F_GETPIPE_SZ) == 1 << 20
+        resident.proc.stdin.write(json_frame(REQUEST, {"argv": [
+            "deploy-stream", "--root", str(tmp_path / "root"), "--json"]}))
+        kind, started = resident.next()
+        assert kind == STARTED
+        child = json.loads(started)["pid"]  # it waits for its input: its stdin is open
+        fd = os.open(f"/proc/{child}/fd/0", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == 1 << 20
+        finally:
+            os.close(fd)
+        resident.proc.stdin.write(frame(END))
+        while resident.next()[0] != EXIT:
+            pass
+    finally:
+        assert resident.close() == 0
