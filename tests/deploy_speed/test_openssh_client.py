@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,9 @@ def test_a_full_deploy_is_staged_while_it_arrives_and_a_cut_one_resumes(box, pro
         proxy.arm(1 << 20)  # in the middle of the bundle's 2.6 MB
         res = box("openssh", expect=None, host="cut")
         assert proxy.cuts == 1 and "connection lost to cut (" in res.said
+        # the server's agent reads to the end of its input, then drops what it staged: the
+        # command may have returned first
+        _wait_for_agents(box.root)
         assert not (box.root / "data").exists()  # nothing applied
         staging = box.root / ".remoteops" / "staging"
         assert not staging.exists() or not any(staging.iterdir())
@@ -207,6 +211,23 @@ def test_a_full_deploy_is_staged_while_it_arrives_and_a_cut_one_resumes(box, pro
     res = box("paramiko", "--json")
     assert as_json(res)["applied"].get("staged_while_arriving") == 45, res.stdout
     assert tree(box.root) == expected_tree(project)
+
+
+def _wait_for_agents(root: Path, seconds: float = 60) -> None:
+    """Until no agent process works on ``root`` (its command line names it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        working = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            working = working or (b"remoteops.agent" in argv and os.fsencode(root) in argv)
+        if not working:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"an agent still works on {root} {seconds:.0f}s after the cut")
 
 
 def test_ssh_prefers_aes_gcm_and_takes_what_the_server_offers(box, project, home, tmp_path):

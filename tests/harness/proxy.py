@@ -65,8 +65,16 @@ class CutProxy:
 
     def _cut(self, *socks: socket.socket) -> None:
         for s in socks:
-            try:  # linger 0: close with RST, like a dropped link or a killed NAT entry
+            try:  # linger 0: closed with RST, like a dropped link or a killed NAT entry
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # close alone does not end a socket another thread is blocked reading (the
+                # other direction's pump): the server never heard of the cut when it had
+                # nothing more to send, and its agent waited for the rest of its input
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for s in socks:
+            try:
                 s.close()
             except OSError:
                 pass
