@@ -160,11 +160,12 @@ def receive_chunked(src: Input, dest: Path, offset: int,
     have = part.stat().st_size if part.is_file() else 0
     if have < offset:
         raise RemoteOpsError("the upload to resume from is gone; run the deploy again.")
-    # Starting over is a new file, never one truncated to 0: ext4 writes such a file to disk
-    # when it is closed (auto_da_alloc), and a full deploy wrote its whole upload (~117 MB on
-    # the bench) for nothing, then waited for the discards when it removed it.
-    if have and not offset:
-        part.unlink()
+    # Starting over is a new file, never one truncated to 0 (nor opened with O_TRUNC): ext4
+    # writes such a file to disk when it is closed (auto_da_alloc), and a full deploy wrote
+    # its whole upload (~117 MB on the bench) for nothing, then waited for the discards when
+    # it removed it.
+    if not offset:
+        part.unlink(missing_ok=True)
         have = 0
     got = offset
     with open(part, "r+b" if have else "wb", buffering=0) as out:
