@@ -251,7 +251,7 @@ def test_no_module_writes_a_temp_file_of_its_own():
 
 
 def test_manifest_json_has_one_file_per_line_and_reads_back_the_same():
-    from remoteops.common.manifest import FileEntry, Manifest
+    from remoteops.common.manifest import BundleError, FileEntry, Manifest
 
     entries = [FileEntry("a/读我.md", 3, 0o644, "ab" * 32),
                FileEntry("bin/run", 0, 0o755, "cd" * 32, link="../run.sh")]
@@ -268,5 +268,9 @@ def test_manifest_json_has_one_file_per_line_and_reads_back_the_same():
         + '", "size": 0}']
     again = Manifest.from_json(text)
     assert again == manifest and again.to_json() == text
+    parsed = json.loads(text)  # a request's header carries it parsed: read as it is
+    assert Manifest.from_data(parsed) == manifest and parsed == json.loads(text)
+    with pytest.raises(BundleError, match="damaged"):
+        Manifest.from_data(["not", "a", "manifest"])
     manifest.files = []
     assert json.loads(manifest.to_json())["files"] == []

@@ -88,6 +88,16 @@ class Manifest:
     def from_json(cls, text: str) -> "Manifest":
         try:
             data = json.loads(text)
+        except ValueError as exc:
+            raise BundleError(f"the bundle manifest is damaged ({exc}); rebuild it with "
+                              "invoke build-bundle.") from None
+        return cls.from_data(data)
+
+    @classmethod
+    def from_data(cls, data) -> "Manifest":
+        """A manifest from its JSON already parsed (a request's header): not changed."""
+        try:
+            data = dict(data)
             if data.get("format") != FORMAT:
                 raise BundleError(f"bundle format {data.get('format')} is not {FORMAT}; rebuild "
                                   "it with this remoteops (invoke build-bundle).")

@@ -26,7 +26,6 @@ commands use for all of them.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -89,7 +88,7 @@ class Project(ProjectRoot):
         current = self.current()
         if pending is not None:  # plan against the tree as the next command will leave it
             before = pending[1]["manifest_before"]
-            current = Manifest.from_json(json.dumps(before)) if before else None
+            current = Manifest.from_data(before) if before else None
         wanted = manifest.file_map()
         managed = sorted(set(wanted) | (set(current.file_map()) if current else set()))
         scan = self._scanned = self.scan(managed)

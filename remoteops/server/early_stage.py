@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from remoteops.common.manifest import Manifest, iter_members
@@ -30,34 +29,43 @@ from remoteops.server.incoming import extract, make_staged_durable
 
 class Follow(io.RawIOBase):
     """A file another thread is still appending to: reads wait for more bytes until
-    ``close_writer`` says it is complete (or ``fail`` that it never will be)."""
+    ``close_writer`` says it is complete (or ``fail`` that it never will be). The writer
+    calls ``grew`` after each piece, so a reader that caught up goes on at once (a reader
+    that slept and looked again lost up to 20 ms after the upload's last byte)."""
+
+    WAIT = 0.05  # at most this long between looks, should a ``grew`` never come
 
     def __init__(self, path: Path):
         super().__init__()
         self._fh = open(path, "rb")
         self._complete = threading.Event()
+        self._more = threading.Event()
         self._failed = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        delay = 0.001
         while True:
             done = self._complete.is_set()  # before reading: no byte written after is lost
+            self._more.clear()  # before reading: a piece written after it wakes the wait
             n = self._fh.readinto(buffer)
             if n or done:
                 return n or 0
             if self._failed:
                 raise OSError("the upload stopped")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            self._more.wait(self.WAIT)
+
+    def grew(self) -> None:
+        self._more.set()
 
     def close_writer(self) -> None:
         self._complete.set()
+        self._more.set()
 
     def fail(self) -> None:
         self._failed = True
+        self._more.set()
 
     def close(self) -> None:
         self._fh.close()
@@ -87,6 +95,10 @@ class EarlyStage:
             self.staged = None  # raises there what it finds
         finally:
             self._follow.close()
+
+    def grew(self) -> None:
+        """More of the upload was written to the part file."""
+        self._follow.grew()
 
     def complete(self) -> None:
         """The whole upload arrived (all of its bytes)."""

@@ -150,11 +150,13 @@ def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
 
 
 def receive_chunked(src: Input, dest: Path, offset: int,
-                    on_open: Callable[[Path], None] | None = None) -> None:
+                    on_open: Callable[[Path], Callable[[], None] | None] | None = None
+                    ) -> None:
     """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
     to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
     keeps the part file: the next deploy resumes there. ``on_open(part)``: told once the
-    part file is ready to grow (``early_stage`` reads it meanwhile)."""
+    part file is ready to grow (``early_stage`` reads it meanwhile); what it returns, if
+    anything, is called after each piece is written."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
@@ -172,8 +174,7 @@ def receive_chunked(src: Input, dest: Path, offset: int,
         if have > offset:  # what a cut upload kept beyond where this one resumes
             out.truncate(offset)
         out.seek(offset)
-        if on_open is not None:
-            on_open(part)
+        grew = on_open(part) if on_open is not None else None
         fd = out.fileno()
         while True:
             length = src.exactly(8)
@@ -182,6 +183,8 @@ def receive_chunked(src: Input, dest: Path, offset: int,
                 break
             moved = src.into_file(fd, size) if size > 0 else 0
             got += moved
+            if grew is not None:
+                grew()
             if size < 0 or moved != size:
                 raise RemoteOpsError(f"the connection was cut after {got} bytes of "
                                      "the bundle; nothing was changed: run the deploy again "
@@ -322,7 +325,7 @@ def _plan_then_apply(project: Project, src: Input, header: dict,
                      say: Callable[[dict], None]) -> dict:
     """Plan against this disk and say the plan; then the laptop says what follows (a tar
     of what the plan needs, or nothing: a no-op, a dry run, a declined deploy)."""
-    new = Manifest.from_json(json.dumps(header["manifest"]))
+    new = Manifest.from_data(header["manifest"])
     plan = project.plan(new)
     plan["stream_parts"] = stream_parts(project, new.content_id)
     say(plan)
@@ -330,26 +333,28 @@ def _plan_then_apply(project: Project, src: Input, header: dict,
     follows = json.loads(line) if line else {}
     if follows.get("send") != "tar":
         return {"action": "apply", "noop": True, "skipped": True}
-    return _apply_planned(project, src, {**header, "delta": follows}, plan["need"])
+    return _apply_planned(project, src, {**header, "delta": follows}, plan["need"], new)
 
 
 def _apply_planned(project: Project, src: Input, header: dict,
-                   need: list[str] | None = None) -> dict:
+                   need: list[str] | None = None, new: Manifest | None = None) -> dict:
     """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
     applied as planned here. ``need``: this request's plan (its ``project.plan`` checked the
     manifest's paths); its files are staged while the upload arrives (``early_stage``) when
     it starts from the first byte."""
     from remoteops.server.early_stage import EarlyStage
 
-    new = Manifest.from_json(json.dumps(header["manifest"]))
+    new = new or Manifest.from_data(header["manifest"])
     delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
     offset = int(header["delta"]["offset"])
     early: list[EarlyStage] = []
 
-    def stage_early(part: Path) -> None:
-        if need and offset == 0:
-            early.append(EarlyStage(new, need, part, project.state / "staging" /
-                                    f"{new.content_id}-early-{os.getpid()}"))
+    def stage_early(part: Path) -> Callable[[], None] | None:
+        if not (need and offset == 0):
+            return None
+        early.append(EarlyStage(new, need, part, project.state / "staging" /
+                                f"{new.content_id}-early-{os.getpid()}"))
+        return early[-1].grew
 
     try:
         try:
