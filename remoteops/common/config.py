@@ -18,7 +18,6 @@ environment variable or flag) and what to write instead.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import re
@@ -32,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from remoteops.common.config_schema import find_line, split_key, validate
+from remoteops.common.config_schema import close_match, find_line, split_key, validate
 from remoteops.common.errors import ConfigError
 from remoteops.common.secret_rules import is_ref, is_secret_key, mask, refuse_secret
 from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS
@@ -304,7 +303,7 @@ def _merge(values: dict, sources: dict, layer: Mapping, label: str | None,
             continue
         if top not in OPEN_TABLES and key not in values:
             choices = [k for k in values]
-            hint = difflib.get_close_matches(key, choices, n=1)
+            hint = close_match(key, choices)
             suggestion = f" Did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise ConfigError(f"{where.at(origin, dotted)}: unknown setting '{dotted}'."
                               f"{suggestion} Run 'invoke config' to see every setting.")

@@ -15,14 +15,13 @@ a person at the right line).
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from remoteops.common.defaults import KINDS, PRESETS
-from remoteops.common.errors import ConfigError
+from remoteops.common.errors import ConfigError, close_match
 from remoteops.common.host_tables import check_group, check_overrides
 
 Locate = Callable[[str], str]
@@ -262,7 +261,7 @@ def _check_host(name: str, entry: Any, locate: Locate) -> None:
     for key, value in entry.items():
         dotted = f"hosts.{name}.{key}"
         if key not in HOST_KEYS:
-            hint = difflib.get_close_matches(key, HOST_KEYS, n=1)
+            hint = close_match(key, HOST_KEYS, n=1)
             extra = f" Did you mean '{hint[0]}'?" if hint else ""
             raise ConfigError(f"{locate(dotted)}: unknown key '{dotted}'.{extra} Host entries "
                               f"take {', '.join(HOST_KEYS)}.")
@@ -323,7 +322,7 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
         for key, value in entry.get(table, {}).items():
             dotted = f"stages.{name}.{table}.{key}"
             if key not in defaults[table]:
-                hint = difflib.get_close_matches(key, list(defaults[table]), n=1)
+                hint = close_match(key, list(defaults[table]), n=1)
                 extra = f" Did you mean '{hint[0]}'?" if hint else ""
                 raise ConfigError(f"{locate(dotted)}: unknown setting '{dotted}'.{extra} Stage "
                                   f"overrides take the keys of [{table}].")
@@ -353,7 +352,7 @@ def check_executor(stage: str, table: dict, registered: list[str]) -> str:
     line, listing ``registered``) for a name no plugin registered."""
     name = table.get("executor", "process")
     if name not in registered:
-        hint = difflib.get_close_matches(str(name), registered, n=1)
+        hint = close_match(str(name), registered, n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise ConfigError(f"stages.{stage}.executor is {name!r}, which no plugin registers"
                           f"{extra}; use one of {', '.join(registered)} in remoteops.toml.")

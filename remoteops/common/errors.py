@@ -33,3 +33,11 @@ def timed_out(seconds: float, where: str) -> RemoteCommandError:
     """A command that ran past ``ssh.command_timeout`` (the same words on every path)."""
     return RemoteCommandError(f"command timed out after {seconds:.0f}s on {where}; raise "
                               "ssh.command_timeout if it needs longer.")
+
+
+def close_match(word: str, choices: list[str], n: int = 1) -> list[str]:
+    """The choice nearest ``word``, for "did you mean" (difflib, imported only on an error:
+    it is 3 ms of every command's start)."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=n)

@@ -18,11 +18,10 @@ is checked as the setting itself would be. Pure data, both sides may import it.
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Any, Callable
 
-from remoteops.common.errors import ConfigError
+from remoteops.common.errors import ConfigError, close_match
 
 Locate = Callable[[str], str]
 
@@ -86,7 +85,7 @@ def check_overrides(host: str, table: Any, defaults: dict, rules: dict,
         for i, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
                 known = list(node) if isinstance(node, dict) else []
-                hint = difflib.get_close_matches(part, known, n=1)
+                hint = close_match(part, known)
                 near = ".".join(parts[:i] + [hint[0]]) if hint else ""
                 extra = f" Did you mean '{near}'?" if near else ""
                 raise ConfigError(f"{where}: unknown setting '{dotted}' in '{base}'.{extra} "
