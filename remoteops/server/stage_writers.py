@@ -17,6 +17,12 @@ What waits to be written is bounded by bytes (``AHEAD``), not by a count per thr
 holds a folder's files one after the other, so with 16 files per queue the reading thread
 stopped at the first full folder while the other writers had nothing to do, and after the
 last byte had arrived the rest of staging ran on one core.
+
+Two threads, not four: once the files deleted in the last 30 s no longer slowed every create
+(an ext4 without a journal, see ``tests/bench/bench_deploy.py``), four threads cost more in
+handoffs than they overlapped. Full deploys, interleaved, 2-core VM: 1.23 s and 1.75 CPU-s
+with two, 1.31 s and 1.83 CPU-s with four (12 rounds); right after a delete, 1.40 s vs
+1.43 s (8 rounds).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 from remoteops.common.manifest import BundleError
 
 SMALL = 1 << 20  # members up to this size are read whole and handed to the writers
-THREADS = 4
+THREADS = 2
 AHEAD = 32 << 20  # bytes handed over and not yet written, at most (one file more if larger)
 
 
