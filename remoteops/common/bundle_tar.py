@@ -19,20 +19,13 @@ from pathlib import Path
 from remoteops.common.files import CHUNK, atomic_output, stat_key, write_atomic_text
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.paths import UnsafePath, safe_relpath
+from remoteops.common.tar_header import member_header
 
 FORMAT = 1
 
 
 class BundleError(RemoteOpsError):
     """A bundle is missing, tampered with, truncated, or unsafe."""
-
-
-def _tarinfo(name: str, size: int, mode: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, mode, 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 # The tar stream is compressed as a series of independent zstd frames ("segments"):
@@ -240,8 +233,7 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                 if late is not None:
                     late.check()
                 last = i == len(segments) - 1
-                headers = [_tarinfo(m[0], m[3], m[2]).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
-                                                             "strict") for m in segment]
+                headers = [member_header(m[0], m[3], m[2]) for m in segment]
                 length = sum(len(h) + m[3] + (-m[3] % tarfile.BLOCKSIZE)
                              for h, m in zip(headers, segment))
                 tail = b""

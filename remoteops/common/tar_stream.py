@@ -3,8 +3,8 @@
 ``tarfile``'s stream mode (``"r|"``) reads its source 10 KB at a time and copies
 every member's bytes through Python lists and slices: for the bench bundle (2,001
 files, 145 MB) that was about half of the time to walk it, hashes and zstd
-included. ``TarStream`` parses the same 512-byte headers with ``tarfile.TarInfo.
-frombuf`` (checksum, ustar prefix, types), applies pax ``path``/``size`` records as
+included. ``TarStream`` parses the same 512-byte headers as ``tarfile.TarInfo.
+frombuf`` (checksum, ustar prefix, types; ``tar_header.read_header``), applies pax ``path``/``size`` records as
 ``tarfile`` does, and hands each member's bytes straight from the source, as large
 as asked. It ends where ``tarfile`` ends: at a zero block, at the end of the input,
 at an unreadable header after the first; an unreadable first header, a header
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import tarfile
+
+from remoteops.common.tar_header import read_header
 
 BLOCK = tarfile.BLOCKSIZE
 SKIP = 1 << 20
@@ -78,7 +80,7 @@ class TarStream:
     def _header(self, after_pax: bool) -> tarfile.TarInfo | None:
         buf = self._read(BLOCK)
         try:
-            return tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+            return read_header(buf)
         except tarfile.HeaderError as exc:
             if after_pax or (self._offset == 0 and not isinstance(exc, tarfile.EOFHeaderError)):
                 raise tarfile.ReadError("empty file" if not buf else str(exc)) from None

@@ -11,8 +11,9 @@ import hashlib
 import tarfile
 from pathlib import Path
 
-from remoteops.common.bundle_tar import BundleError, _tarinfo, iter_members
+from remoteops.common.bundle_tar import BundleError, iter_members
 from remoteops.common.files import atomic_output
+from remoteops.common.tar_header import tarinfo
 from remoteops.common.manifest import FileEntry, Manifest
 
 
@@ -70,12 +71,12 @@ def write_delta(bundle_tar: Path, names: list[str], out: Path, level: int = 3,
             if sources is not None:
                 for entry, data in sources:
                     name = f"files/{entry.path}"
-                    tar.addfile(_tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
+                    tar.addfile(tarinfo(name, entry.size, entry.mode), io.BytesIO(data))
                     members.append(name)
             else:
                 for member, fh in iter_members(bundle_tar):
                     if fh is not None and member.name in wanted:
-                        tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+                        tar.addfile(tarinfo(member.name, member.size, member.mode), fh)
                         members.append(member.name)
         missing = wanted - set(members)
         if missing:  # raising leaves no file behind

@@ -283,10 +283,11 @@ def patched_delta(project: Project, new: Manifest, patches: list[tuple[str, str,
 
     import zstandard
 
-    from remoteops.common.bundle_tar import _tarinfo, iter_members
+    from remoteops.common.bundle_tar import iter_members
     from remoteops.common.deploy_wire import apply_patch
     from remoteops.common.files import atomic_output
     from remoteops.common.paths import safe_relpath
+    from remoteops.common.tar_header import tarinfo
 
     wanted = new.file_map()
     out = project.state / "incoming" / f"stream-{new.content_id[:32]}-patched.tar.zst"
@@ -296,7 +297,7 @@ def patched_delta(project: Project, new: Manifest, patches: list[tuple[str, str,
         if received is not None:
             for member, fh in iter_members(received):
                 if fh is not None:
-                    tar.addfile(_tarinfo(member.name, member.size, member.mode), fh)
+                    tar.addfile(tarinfo(member.name, member.size, member.mode), fh)
         for path, old_sha, patch in patches:
             rel = safe_relpath(path, "the deploy's patches")
             entry = wanted.get(rel)
@@ -317,7 +318,7 @@ def patched_delta(project: Project, new: Manifest, patches: list[tuple[str, str,
             if hashlib.sha256(data).hexdigest() != entry.sha256:
                 raise BundleError(f"{rel} patched does not match its sha256 (damaged in "
                                   "transit); nothing was changed: run the deploy again.")
-            tar.addfile(_tarinfo(f"files/{rel}", len(data), entry.mode), io.BytesIO(data))
+            tar.addfile(tarinfo(f"files/{rel}", len(data), entry.mode), io.BytesIO(data))
     return out
 
 
