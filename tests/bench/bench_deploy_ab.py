@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve()
 if str(HERE.parents[2]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[2]))
 
-from tests.bench.bench_deploy import ALIAS, Bench, change_small_file, make_project  # noqa: E402
+from tests.bench.bench_deploy import (  # noqa: E402
+    ALIAS, SETTLE_S, Bench, change_small_file, make_project)
 
 TOOLS = ("new", "new-ssh", "base", "rsync")
 
@@ -109,6 +110,8 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
                 root.mkdir(parents=True)
             for project in projects.values():
                 shutil.rmtree(project / "bundles", ignore_errors=True)
+            os.sync()  # then past the 30 s in which freed inodes slow creates (Bench.reset)
+            time.sleep(SETTLE_S)
             loads.append(os.getloadavg()[0])
             for tool in order(i):
                 runs["full"][tool].append(call(tool)[0])
