@@ -53,7 +53,8 @@ SMALL = "src/pkg00/module_000.py"  # the 10 KB file the incremental case changes
 SMALL_SIZE = 10 * 1024
 BLOB = "data/blob.bin"
 
-# after a reset, this long before the full deploys are timed (see ``Bench.reset``)
+# after a reset on a file system without a journal, this long before the full deploys
+# are timed (see ``Bench.reset``)
 SETTLE_S = 31
 
 TARGETS = {"full_vs_rsync": 1.0, "one_file_vs_rsync": 1.0, "noop_seconds": 1.0}
@@ -224,14 +225,18 @@ def tree_digest(root: Path, skip: tuple[str, ...] = (".remoteops/", "bundles/"))
 # -- the three tools -----------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, work: Path, server, log=print):
+    def __init__(self, work: Path, server, log=print, server_dir: Path | None = None):
         self.work, self.server, self.log = work, server, log
+        # where the server's trees go: a journalled ext4 of its own when one could be
+        # mounted (``journalled_fs``), else beside the project
+        self.journalled = server_dir is not None
         self.shaper = None  # a ShapingProxy in front of sshd, when the link is shaped
         self.cold = False  # True: ours with [ssh] persist = 0 (a login per deploy)
         self.link_mark: dict | None = None
         self.project = work / "proj"
         self.home = work / "home"
-        self.roots = {name: work / "server" / name for name in ("ours", "rsync", "scp")}
+        self.roots = {name: (server_dir or work / "server") / name
+                      for name in ("ours", "rsync", "scp")}
         self.ssh_config = work / "ssh_config"
         (self.home / ".ssh").mkdir(parents=True)
         alias = (f"Host {ALIAS}\n  HostName {server.host}\n  Port {server.port}\n  User root\n"
@@ -337,23 +342,50 @@ class Bench:
         return seconds, payload, {}
 
     def reset(self) -> None:
-        """An empty server, and no bundle built yet on the laptop; then a wait of
-        ``SETTLE_S`` before anything is timed.
+        """An empty server, and no bundle built yet on the laptop.
 
         On an ext4 without a journal (this project's VMs), creating a file skips every
-        inode freed in the last 30 s, one by one: the 6,000 files deleted here would cost
-        the next tools up to ~0.5 s each, more to some tools than to others (rsync paid
-        far more than ours), and most to whichever ran first. A journalled ext4, as on
-        real servers, has no such check. After the wait, that check is ~1% of a full
-        rsync's samples (perf), against ~15% of ours right after the delete. Moving the
-        old trees aside instead of deleting them avoids it too, but then both tools grew
-        slower round after round, and every write went to blocks not written before."""
+        inode freed in the last 30 s (in the last 330 s when its inode table block is
+        dirty), one by one: the 6,000 files deleted here cost the next tools up to ~0.5 s
+        each, rsync far more than ours, and most to whichever ran first. A journalled
+        ext4, as on real servers, has no such check: the server's trees live on one when
+        it can be mounted (``journalled_fs``); else the reset waits ``SETTLE_S``, which
+        removes most of it (perf: ~1% of a full rsync's samples after the wait, ~15% of the
+        machine's right after the delete)."""
         for root in self.roots.values():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
         shutil.rmtree(self.project / "bundles", ignore_errors=True)
-        os.sync()  # the freed inodes' table blocks written: the kernel's 30 s margin applies
-        time.sleep(SETTLE_S)
+        os.sync()
+        if not self.journalled:
+            time.sleep(SETTLE_S)
+
+
+def journalled_fs(image: Path, mountpoint: Path, size_mb: int, log=print) -> bool:
+    """A journalled ext4 in ``image`` (sparse, ``size_mb``) mounted at ``mountpoint`` for the
+    server's trees, as a real server has; False (nothing left behind) when this machine
+    cannot (not root, no ``mkfs.ext4``, no loop device)."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        return False
+    try:
+        with open(image, "wb") as fh:
+            fh.truncate(size_mb << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True,
+                       capture_output=True, timeout=120)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"(no journalled file system for the server's trees: {exc})")
+        image.unlink(missing_ok=True)
+        return False
+    mountpoint.chmod(0o755)
+    return True
+
+
+def unmount(mountpoint: Path, image: Path) -> None:
+    subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=120)
+    image.unlink(missing_ok=True)
 
 
 def _zstd_size(data: bytes, level: int = 3) -> int:
@@ -385,12 +417,19 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
     work.chmod(0o755)
     server = shaper = bench = None
     shaped = rtt_ms is not None or mbps is not None
+    image, mounted = work / "server-fs.img", work / "server-fs"
+    journalled = False
     try:
         started = time.perf_counter()
         info = make_project(work / "proj", files, text_mb, blob_mb)
         log(f"reference project: {info['files']} files, {info['text_bytes'] / 1e6:.1f} MB text "
             f"+ {info['blob_bytes'] / 1e6:.0f} MB incompressible "
             f"(made in {time.perf_counter() - started:.1f}s) in {work}")
+        size = info["text_bytes"] + info["blob_bytes"]
+        journalled = journalled_fs(image, mounted, max(512, 8 * size >> 20), log)
+        log("server trees: " + ("a journalled ext4 of their own (loop-mounted), as on a real "
+                                "server" if journalled else
+                                f"beside the project, {SETTLE_S} s after each reset"))
         server = start_sshd(work / "sshd")
         target = server
         if shaped:
@@ -402,7 +441,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             log(f"shaped link: {rtt_ms or 0:g} ms round trip, "
                 f"{f'{mbps:g} Mbit/s' if mbps else 'no bandwidth cap'} each way, "
                 f"via 127.0.0.1:{shaper.port}")
-        bench = Bench(work, target, log)
+        bench = Bench(work, target, log, mounted if journalled else None)
         bench.shaper = shaper
         bench.cold = cold
         log("ours: " + ("a login per deploy ([ssh] persist = 0)" if cold else
@@ -480,6 +519,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
                 "one_file": {"path": SMALL, "size": len(small), "zstd_bytes": small_z,
                              "manifest_bytes": manifest_bytes, "byte_budget": byte_budget},
                 "targets": targets, "work": str(work) if keep else None,
+                "journalled": journalled,
                 "rsync": subprocess.run(["rsync", "--version"], capture_output=True,
                                         text=True).stdout.split("\n")[0]}
         if shaped:
@@ -494,6 +534,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
             shaper.close()
         if server is not None:
             server.stop()
+        if journalled:
+            unmount(mounted, image)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -503,7 +545,9 @@ def render(result: dict) -> str:
              f"({result['project']['files']} files, {result['project']['total_bytes'] / 1e6:.0f}"
              f" MB; {result['rsync']}; ours " + ("with the kept connection"
                                                  if result["kept_connection"]
-                                                 else "logging in each time") + ")",
+                                                 else "logging in each time") + "; server "
+             + ("trees on a journalled ext4" if result.get("journalled") else
+                f"trees beside the project, {SETTLE_S} s after each reset") + ")",
              f"{'case':10s} {'tool':6s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
     for case, tools in result["rows"].items():
         for tool, row in tools.items():
