@@ -53,19 +53,14 @@ def test_a_reader_that_caught_up_goes_on_when_the_file_grows(follow):
     assert got == {"data": b"first piece"}
 
 
-def test_the_end_of_the_upload_ends_a_waiting_read(follow):
+@pytest.mark.parametrize("how,result", [
+    ("close_writer", {"data": b""}),  # the end of the file: the tar reader sees the end
+    ("fail", {"error": "the upload stopped"}),
+])
+def test_the_end_or_a_stop_of_the_upload_ends_a_waiting_read(follow, how, result):
     _, reader = follow
     thread, got = _read_in_thread(reader)
     thread.join(0.2)
-    reader.close_writer()
+    getattr(reader, how)()
     thread.join(10)
-    assert got == {"data": b""}  # the end of the file: the tar reader sees the stream end
-
-
-def test_a_stopped_upload_fails_a_waiting_read(follow):
-    _, reader = follow
-    thread, got = _read_in_thread(reader)
-    thread.join(0.2)
-    reader.fail()
-    thread.join(10)
-    assert got == {"error": "the upload stopped"}
+    assert got == result
