@@ -6,7 +6,8 @@ starts a throwaway sshd on 127.0.0.1 (root's login, so its ``~/.bashrc`` runs
 as on a real server) and times, interleaved in the same run:
 
 - a full deploy to an empty root (ours: bundle build included, as a user pays
-  it; rsync; scp);
+  it; rsync; ``rsync --fsync``, which like ours has every file on disk when it ends;
+  scp);
 - a redeploy after changing one 10 KB file (ours; rsync);
 - a no-op redeploy (ours; rsync).
 
@@ -236,7 +237,7 @@ class Bench:
         self.project = work / "proj"
         self.home = work / "home"
         self.roots = {name: (server_dir or work / "server") / name
-                      for name in ("ours", "rsync", "scp")}
+                      for name in ("ours", "rsync", "rsync-fs", "scp")}
         self.ssh_config = work / "ssh_config"
         (self.home / ".ssh").mkdir(parents=True)
         alias = (f"Host {ALIAS}\n  HostName {server.host}\n  Port {server.port}\n  User root\n"
@@ -311,10 +312,10 @@ class Bench:
     def _ssh(self) -> str:
         return f"ssh -F {self.ssh_config}"
 
-    def rsync(self) -> tuple[float, int, dict]:
-        cmd = ["rsync", "-az", "--delete", "--stats", "-e", self._ssh(),
-               "--exclude=/bundles/", "--exclude=/.remoteops/",
-               f"{self.project}/", f"{ALIAS}:{self.roots['rsync']}/"]
+    def rsync(self, durable: bool = False) -> tuple[float, int, dict]:
+        cmd = ["rsync", "-az", *(["--fsync"] if durable else []), "--delete", "--stats",
+               "-e", self._ssh(), "--exclude=/bundles/", "--exclude=/.remoteops/",
+               f"{self.project}/", f"{ALIAS}:{self.roots['rsync-fs' if durable else 'rsync']}/"]
         self.mark()
         started = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -324,6 +325,11 @@ class Bench:
         sent = next(int(l.split(":")[1].split()[0].replace(",", ""))
                     for l in res.stdout.splitlines() if l.startswith("Total bytes sent"))
         return seconds, sent, {}
+
+    def rsync_fs(self) -> tuple[float, int, dict]:
+        """``rsync -az --fsync``: every file on disk before it ends, as ours (the full case
+        only: a like-for-like durability figure beside the target's plain rsync)."""
+        return self.rsync(durable=True)
 
     def scp(self) -> tuple[float, int, dict]:
         dest = self.roots["scp"]
@@ -464,7 +470,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
                         f"{wire['round_trips']} round trips, {wire['connections']} conn")
             if "logins" in result[2]:  # ours: did it log in, or go through the kept connection
                 tail += f"  ({result[2]['logins']} login{'s' * (result[2]['logins'] != 1)})"
-            log(f"  {case:8s} {tool:5s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent{tail}")
+            log(f"  {case:8s} {tool:8s} {seconds:7.3f}s  {sent / 1e6:10.3f} MB sent{tail}")
 
         def rotate(i: int, tools: list) -> list:
             return tools[i % len(tools):] + tools[:i % len(tools)]
@@ -472,8 +478,8 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
         for i in range(repeats):
             log(f"round {i + 1}/{repeats}")
             bench.reset()
-            for tool in rotate(i, ["ours", "rsync", "scp"]):
-                result = getattr(bench, tool)()
+            for tool in rotate(i, ["ours", "rsync", "rsync-fs", "scp"]):
+                result = getattr(bench, tool.replace("-", "_"))()
                 record("full", tool, result)
             change_small_file(bench.project, i)
             for tool in rotate(i, ["ours", "rsync"]):
@@ -548,15 +554,19 @@ def render(result: dict) -> str:
                                                  else "logging in each time") + "; server "
              + ("trees on a journalled ext4" if result.get("journalled") else
                 f"trees beside the project, {SETTLE_S} s after each reset") + ")",
-             f"{'case':10s} {'tool':6s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
+             f"{'case':10s} {'tool':8s} {'median s':>9s} {'sent MB':>10s}   runs (s)"]
     for case, tools in result["rows"].items():
         for tool, row in tools.items():
-            lines.append(f"{case:10s} {tool:6s} {row['median_s']:9.3f} "
+            lines.append(f"{case:10s} {tool:8s} {row['median_s']:9.3f} "
                          f"{row['median_bytes'] / 1e6:10.3f}   "
                          + " ".join(f"{t:.2f}" for t in row["times_s"]))
     lines.append("ours/rsync: " + ", ".join(
         f"{case} time {r['time']:.2f}x bytes {r['bytes']:.2f}x"
         for case, r in result["ratios"].items()))
+    full = result["rows"]["full"]
+    if "rsync-fs" in full:
+        lines.append(f"ours/rsync --fsync (every file on disk at the end, as ours): full time "
+                     f"{full['ours']['median_s'] / full['rsync-fs']['median_s']:.2f}x")
     one = result["one_file"]
     lines.append(f"one-file byte budget: 2 x {one['zstd_bytes']} (zstd of the 10 KB file) + "
                  f"{one['manifest_bytes']} (manifest) = {one['byte_budget']}; ours sent "
@@ -577,11 +587,11 @@ def render_link(result: dict) -> list[str]:
              "server->client flips, ssh handshake included)"]
     for case, tools in result["rows"].items():
         rsync_s = tools["rsync"]["median_s"]
-        lines.append(f"  {case}: {'tool':6s} {'seconds':>8s} {'sent MB':>9s} {'wire up MB':>11s} "
+        lines.append(f"  {case}: {'tool':8s} {'seconds':>8s} {'sent MB':>9s} {'wire up MB':>11s} "
                      f"{'wire down MB':>13s} {'round trips':>12s} {'conns':>6s} {'/rsync':>7s}")
         for tool, row in tools.items():
             wire = link["rows"][case][tool]
-            lines.append(f"  {'':{len(case)}s}  {tool:6s} {row['median_s']:8.3f} "
+            lines.append(f"  {'':{len(case)}s}  {tool:8s} {row['median_s']:8.3f} "
                          f"{row['median_bytes'] / 1e6:9.3f} {wire['bytes_up'] / 1e6:11.3f} "
                          f"{wire['bytes_down'] / 1e6:13.3f} {wire['round_trips']:12d} "
                          f"{wire['connections']:6d} {row['median_s'] / rsync_s:6.2f}x")
