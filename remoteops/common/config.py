@@ -31,8 +31,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from remoteops.common.config_schema import close_match, find_line, split_key, validate
-from remoteops.common.errors import ConfigError
+from remoteops.common.config_schema import find_line, split_key, validate
+from remoteops.common.errors import ConfigError, close_match
 from remoteops.common.secret_rules import is_ref, is_secret_key, mask, refuse_secret
 from remoteops.common.defaults import EVAL_DEFAULTS, HEALTH_DEFAULTS, TRAIN_DEFAULTS
 

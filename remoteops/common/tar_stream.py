@@ -6,9 +6,10 @@ files, 145 MB) that was about half of the time to walk it, hashes and zstd
 included. ``TarStream`` parses the same 512-byte headers as ``tarfile.TarInfo.
 frombuf`` (checksum, ustar prefix, types; ``tar_header.read_header``), applies pax
 ``path``/``size`` records as ``tarfile`` does, and hands each member's bytes straight
-from the source, as large as asked. It ends where ``tarfile`` ends: at a zero block, at the end of the input,
-at an unreadable header after the first; an unreadable first header, a header
-after a pax record that is unreadable, or data cut short are ``tarfile.ReadError``.
+from the source, as large as asked. It ends where ``tarfile`` ends: at a zero block, at
+the end of the input, at an unreadable header after the first; an unreadable first
+header, a header after a pax record that is unreadable, or data cut short are
+``tarfile.ReadError``.
 It decides nothing about safety: the caller (``bundle_tar.iter_members``) refuses
 unsafe names, links and devices before any byte is used. Sparse members are
 refused here (remoteops never writes them, and their bytes are not laid out as
