@@ -149,6 +149,30 @@ def plain_generate(base: Path, adapter: Path, tokens: int, repeats: int) -> dict
     return {"tokens_per_s": round(statistics.median(rates), 1), "repeats": repeats}
 
 
+def server_loop(base: Path, adapter: Path, tokens: int, repeats: int) -> dict:
+    """The adapter server's own token loop (``ChatModel.generate``) called in this process,
+    without HTTP or a thread: where the server's figure differs from plain ``generate``,
+    this says whether the loop or the serving around it costs the difference."""
+    import torch
+
+    from remoteops.trainer.serve_adapter import ChatModel
+
+    chat = ChatModel(base, adapter, "bench")
+    ids = chat.prompt_ids(PROMPT)
+    rates = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        n = sum(1 for _ in chat.generate(ids, tokens, 0.0, 1.0, min_tokens=tokens, seed=0))
+        if chat.device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            rates.append(n / (time.perf_counter() - t0))
+    device = chat.device
+    del chat
+    return {"tokens_per_s": round(statistics.median(rates), 1), "device": device,
+            "repeats": repeats}
+
+
 def free_port() -> int:
     import socket
 
@@ -196,6 +220,8 @@ def run(args) -> dict:
             out["plain_generate"] = plain
             out["adapter_vs_plain"] = round(out["results"]["adapter"]["tokens_per_s"]
                                             / plain["tokens_per_s"], 3)
+            out["server_loop"] = server_loop(inputs["base"], inputs["adapter"], args.tokens,
+                                             args.repeats)
     return out
 
 
@@ -230,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"plain transformers+peft generate (no server): "
               f"{out['plain_generate']['tokens_per_s']} tokens/s; adapter server / plain = "
               f"{out['adapter_vs_plain']}")
+        print(f"the server's token loop in process (no HTTP): "
+              f"{out['server_loop']['tokens_per_s']} tokens/s on {out['server_loop']['device']}")
     return out
 
 

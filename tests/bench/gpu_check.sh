@@ -27,7 +27,7 @@ fi
     python3 -c 'import bitsandbytes; print("bitsandbytes", bitsandbytes.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
 
-# SKIP_QLORA=1, SKIP_LIGHTNING=1 skip parts 1 and 2 (a rerun of the others).
+# SKIP_QLORA=1, SKIP_LIGHTNING=1, SKIP_SERVE=1, SKIP_TORCHRUN=1 skip a part.
 [ -n "${SKIP_QLORA:-}" ] || {
 echo "== 1. QLoRA: ours against plain HF 4-bit"
 timeout 300 python3 -m tests.bench.bench_qlora --end-to-end --json "$OUT/qlora.json" \
@@ -43,21 +43,46 @@ echo "exit $?" >>"$OUT/lightning.log"
 grep -E '^\{|exit' "$OUT/lightning.log"
 }
 
-if [ -f tests/bench/bench_serve.py ]; then
-    echo "== 3. adapter chat server on CUDA"
-    timeout 300 python3 - "$OUT" <<'EOF' >"$OUT/serve.log" 2>&1
-import subprocess, sys
+[ -n "${SKIP_SERVE:-}" ] || {
+echo "== 3. adapter chat server on CUDA"
+timeout 300 python3 - "$OUT" <<'EOF' >"$OUT/serve.log" 2>&1
+import cProfile, pstats, subprocess, sys
 from pathlib import Path
 from remoteops.trainer.demo_model import build_demo_model
+from tests.serve.models import make_adapter
 out = Path(sys.argv[1])
 model = build_demo_model(Path("/tmp/serve-model"), seed=0, hidden_size=2048, layers=16)
 with open(out / "serve.json", "w") as fh:
-    sys.exit(subprocess.call([sys.executable, "tests/bench/bench_serve.py", "--model", str(model),
-                              "--only", "adapter", "--json"], stdout=fh))
+    code = subprocess.call([sys.executable, "tests/bench/bench_serve.py", "--model", str(model),
+                            "--only", "adapter", "--tokens", "32", "--repeats", "2", "--json"],
+                           stdout=fh)
+# where the server's token loop spends its time on this GPU (32 tokens, after a warm-up)
+from remoteops.trainer.serve_adapter import ChatModel
+chat = ChatModel(model, make_adapter(model, Path("/tmp/serve-adapter")), "probe")
+ids = chat.prompt_ids([{"role": "user", "content": "Explain it in a few lines."}])
+list(chat.generate(ids, 8, 0.0, 1.0, min_tokens=8))
+import threading, time
+def rate(box):  # tokens/s of 32 tokens of the loop, as the server runs it
+    t0 = time.perf_counter()
+    n = len(list(chat.generate(ids, 32, 0.0, 1.0, min_tokens=32)))
+    box.append(round(n / (time.perf_counter() - t0), 1))
+main, thread = [], []
+for _ in range(2):
+    rate(main)
+    t = threading.Thread(target=rate, args=(thread,))
+    t.start(); t.join()
+print(f"loop tokens/s: main thread {main}, another thread (as the server) {thread}")
+prof = cProfile.Profile()
+prof.enable()
+list(chat.generate(ids, 32, 0.0, 1.0, min_tokens=32))
+prof.disable()
+pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+sys.exit(code)
 EOF
-    echo "exit $?" >>"$OUT/serve.log"
-    tail -5 "$OUT/serve.log"; cat "$OUT/serve.json"
-fi
+echo "exit $?" >>"$OUT/serve.log"
+grep -E "exit|function calls|loop tokens" "$OUT/serve.log"; cat "$OUT/serve.json"
+}
 
 [ -n "${SKIP_TORCHRUN:-}" ] || {
 echo "== 4. torchrun executor on CUDA"

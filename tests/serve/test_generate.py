@@ -74,3 +74,67 @@ def test_adapter_changes_the_answer(chat, monkeypatch):
     with_adapter = served(chat, monkeypatch, ids, max_tokens=20, min_tokens=20)[0]
     without = served(chat, monkeypatch, ids, max_tokens=20, min_tokens=20, use_base=True)[0]
     assert with_adapter != without
+
+
+@pytest.fixture
+def worked(chat):
+    """``MainThreadModel`` over the tiny model, its working thread started (as ``serve`` runs
+    it in the main thread), and the threads that ran the model's forward."""
+    import threading
+
+    model = serve_adapter.MainThreadModel(chat)
+    ran_in: list[str] = []
+    hook = chat.lm.register_forward_pre_hook(
+        lambda *_: ran_in.append(threading.current_thread().name))
+    stop = threading.Event()
+    worker = threading.Thread(target=model.work, args=(stop, 0.05), name="model")
+    worker.start()
+    yield model, ran_in
+    stop.set()
+    worker.join(10)
+    hook.remove()
+    assert not worker.is_alive()
+
+
+def test_requests_from_other_threads_run_in_the_working_thread(chat, worked):
+    import threading
+
+    model, ran_in = worked
+    ids = chat.prompt_ids(PROMPT)
+    direct = list(chat.generate(ids, max_tokens=24, temperature=0.0, top_p=1.0, min_tokens=24))
+    ran_in.clear()
+    answers: dict[str, list[str]] = {}
+
+    def ask(name: str) -> None:  # as an HTTP thread does
+        answers[name] = list(model.generate(ids, max_tokens=24, temperature=0.0, top_p=1.0,
+                                            min_tokens=24))
+
+    askers = [threading.Thread(target=ask, args=(f"http-{i}",)) for i in range(3)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(60)
+    assert answers == {f"http-{i}": direct for i in range(3)}
+    assert len(ran_in) == 3 * 24 and set(ran_in) == {"model"}
+
+
+def test_a_caller_that_stops_reading_stops_the_model(chat, worked):
+    model, ran_in = worked
+    ids = chat.prompt_ids(PROMPT)
+    pieces = model.generate(ids, max_tokens=400, temperature=0.0, top_p=1.0, min_tokens=400)
+    next(pieces), next(pieces)
+    pieces.close()  # a client gone: the handler closes its generator
+    after = list(model.generate(ids, max_tokens=5, temperature=0.0, top_p=1.0, min_tokens=5))
+    assert len(after) == 5
+    # the closed answer stopped after the token in hand: two read, some queued ahead of the
+    # reader (how many depends on the scheduler: half the answer is a wide margin), not 400
+    assert len(ran_in) < 200 + 5
+
+
+def test_a_model_error_reaches_the_caller_and_the_next_request_is_served(chat, worked):
+    model, _ = worked
+    ids = chat.prompt_ids(PROMPT)
+    with pytest.raises(TypeError):
+        list(model.generate(ids, max_tokens="many", temperature=0.0, top_p=1.0))
+    assert len(list(model.generate(ids, max_tokens=3, temperature=0.0, top_p=1.0,
+                                   min_tokens=3))) == 3
