@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import pluggy
 
 from remoteops import hookspecs
+from remoteops.common.builtin_plugins import builtin_dir
 from remoteops.common.errors import ConfigError, RemoteOpsError
 
 GROUP = "remoteops"
@@ -44,15 +45,6 @@ class PluginInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "location": self.location,
                 "version": self.version, "hooks": self.hooks}
-
-
-def builtin_dir() -> Path:
-    """The built-in plugins folder: the repo's ``plugins/`` or the copy inside the wheel."""
-    package = Path(__file__).resolve().parent
-    shipped = package / "_builtin_plugins"
-    if shipped.is_dir():
-        return shipped
-    return package.parent / "plugins"
 
 
 class PluginManager(pluggy.PluginManager):

@@ -419,6 +419,10 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
     With ``rtt_ms`` or ``mbps`` every tool goes through a shaping proxy in front of sshd."""
     from tests.harness.sshd import start_sshd
 
+    # ours starts from byte code, as pip installs it (an editable checkout under
+    # PYTHONDONTWRITEBYTECODE=1 would compile every module on every run: ~60 ms a command)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "remoteops")],
+                   capture_output=True, check=False)
     work = Path(tempfile.mkdtemp(prefix="remoteops-bench-"))
     work.chmod(0o755)
     server = shaper = bench = None
