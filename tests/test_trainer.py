@@ -410,3 +410,32 @@ def test_targets_come_from_the_config_not_from_the_stage_name(tmp_path):
     demo = tmp_path / "demo"
     copy_demo_project(demo)
     assert stage_cfg(demo, "writing").targets == {"coverage": 0.85, "format": 0.90}
+
+
+def test_kbit_preparation_checkpoints_without_the_use_reentrant_warning_cpu_standin(
+        demo_model):
+    """QLoRA's preparation (gradient checkpointing on) as ``build_model`` runs it, on the
+    float demo model: the 4-bit base needs CUDA, the checkpointed step does not. A training
+    step runs through torch's checkpoint without its use_reentrant warning (peft alone
+    leaves it unset; on a GPU the warning lands in every QLoRA stage's log)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from remoteops.trainer.train import prepare_for_kbit
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_model))
+    model.is_loaded_in_4bit = True  # the stand-in: what bitsandbytes' loading marks (CUDA)
+    model = prepare_for_kbit(model)
+    assert model.is_gradient_checkpointing
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"],
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert not [w for w in seen if "use_reentrant" in str(w.message)]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if "lora_" in n)
