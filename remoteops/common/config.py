@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "connect_retries": 2,
         "retry_backoff": 1.0,
         "command_timeout": 300.0,
-        "client": "paramiko",  # the deploy's request over: paramiko | auto | openssh
+        "client": "paramiko",  # or auto, openssh; by default a whole-bundle deploy uses ssh
         "persist": 600.0,  # seconds a kept connection waits for the next deploy; 0: none
     },
     "precheck": {

@@ -156,6 +156,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     fast = path(settings, target, *recalled) if recalled and not dry_run else None
     tap = TarTap() if fast is None and not dry_run and not bundle and can_stream(target) \
         else None
+    if tap is not None and isinstance(target, SSHTarget):
+        target.prefer_openssh()  # the whole bundle streams
     connected = Background(_connect, target, isinstance(fast, StreamPath) or tap is not None)
     if isinstance(fast, StreamPath) and confirm is None:
         fast.prestart(connected)

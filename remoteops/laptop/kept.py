@@ -325,9 +325,11 @@ def kept_for(settings, spec: str, entry: dict, endpoint, python: str) -> Kept | 
 
 def keeper_client(settings) -> str:
     """The SSH client a keeper holds its connection with: ``[ssh] client`` when you chose
-    one, else ``auto``. paramiko is the default for commands because ``ssh`` logs in with
-    two more round trips; a keeper logs in once, in the background, and then moves a full
-    deploy's bytes in C (on loopback 1.7 s against 2.0-2.6 s for a 145 MB re-upload)."""
+    one, else ``auto``. paramiko is the default for a command's small requests because
+    ``ssh`` logs in with two more round trips; a keeper logs in once, in the background,
+    and then moves a full deploy's bytes in C (on loopback 1.7 s against 2.0-2.6 s for a
+    145 MB re-upload), as a command's own deploy of the whole bundle does
+    (``SSHTarget.prefer_openssh``)."""
     chosen = str(settings["ssh.client"])
     return chosen if settings.source("ssh.client") != "default" else "auto"
 

@@ -51,8 +51,19 @@ class SSHTarget(Target):
         self.keepalive = keepalive
         # ``openssh.OpenSSHClient`` for agent streams (the deploy's request), or None: paramiko
         self.openssh = None
+        # the one a deploy that sends the whole bundle takes instead of paramiko (``[ssh]
+        # client`` left at its default, and ``ssh`` can express the host), or None
+        self.bulk_openssh = None
         # ``kept.Kept``: the kept connection requests may go through, or None
         self.kept = None
+
+    def prefer_openssh(self) -> None:
+        """For a deploy that sends the whole bundle: its request through ``ssh`` where the
+        default allows (``bulk_openssh``). paramiko's per-packet work in Python made a first
+        full deploy over a fresh login 2.09 s instead of 1.61 s (loopback, 145 MB); a small
+        redeploy keeps paramiko, whose login takes two round trips fewer."""
+        if self.openssh is None:
+            self.openssh = self.bulk_openssh
 
     @property
     def connection(self):
@@ -270,6 +281,8 @@ def open_target(settings: Settings, host: str | None = None, trust_host: bool = 
                        backoff=float(settings["ssh.retry_backoff"]),
                        keepalive=int(settings["ssh.keepalive"]), command_timeout=timeout)
     target.openssh = client_for(endpoint, str(settings["ssh.client"]))
+    if settings.source("ssh.client") == "default":
+        target.bulk_openssh = client_for(endpoint, "auto")
     from remoteops.laptop.kept import kept_for
 
     target.kept = kept_for(settings, spec, entry, endpoint, python)
