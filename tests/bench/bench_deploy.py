@@ -389,8 +389,15 @@ def journalled_fs(image: Path, mountpoint: Path, size_mb: int, log=print) -> boo
     return True
 
 
-def unmount(mountpoint: Path, image: Path) -> None:
-    subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=120)
+def unmount(mountpoint: Path, image: Path, log=print) -> None:
+    """Unmount the server's file system (lazily when it is still busy, e.g. a kept
+    connection's agent in it: it goes once they end) and remove its image."""
+    if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                      timeout=120).returncode != 0:
+        res = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True,
+                             text=True, timeout=120)
+        if res.returncode != 0:
+            log(f"(could not unmount {mountpoint}: {res.stderr.strip()}; unmount it by hand)")
     image.unlink(missing_ok=True)
 
 
@@ -545,7 +552,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
         if server is not None:
             server.stop()
         if journalled:
-            unmount(mounted, image)
+            unmount(mounted, image, log)
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
