@@ -60,8 +60,8 @@ class SSHTarget(Target):
     def prefer_openssh(self) -> None:
         """For a deploy that sends the whole bundle: its request through ``ssh`` where the
         default allows (``bulk_openssh``). paramiko's per-packet work in Python made a first
-        full deploy over a fresh login 2.09 s instead of 1.61 s (loopback, 145 MB); a small
-        redeploy keeps paramiko, whose login takes two round trips fewer."""
+        full deploy over a fresh login 2.09-2.15 s instead of 1.55-1.61 s (loopback, 145 MB);
+        a small redeploy keeps paramiko, whose login takes two round trips fewer."""
         if self.openssh is None:
             self.openssh = self.bulk_openssh
 

@@ -170,13 +170,16 @@ class MainThreadModel:
                 ids, kw, pieces, gone = self.jobs.get(timeout=poll_s)
             except queue.Empty:
                 continue
+            answer = self.chat.generate(ids, **kw)
             try:
-                for piece in self.chat.generate(ids, **kw):
+                for piece in answer:
                     if gone.is_set():
                         break
                     pieces.put(piece)
             except Exception as exc:  # noqa: BLE001 - the request's thread reports it
                 pieces.put(exc)
+            finally:
+                answer.close()  # its lock released before the next request is taken
             pieces.put(_END)
 
 
