@@ -17,8 +17,8 @@ pytest.importorskip("peft")
 
 from remoteops.common.config import load_settings  # noqa: E402
 from remoteops.plugins import PluginManager, builtin_dir, load_file  # noqa: E402
-from remoteops.quant import (FEASIBLE, NOT_FEASIBLE, SKIPPED, WITH_LOSS,  # noqa: E402
-                             overall_verdict, row_verdict)
+from remoteops.quant import (DEFAULT_PPL_DELTA_BOUND, FEASIBLE, NOT_FEASIBLE,  # noqa: E402
+                             SKIPPED, WITH_LOSS, overall_verdict, row_verdict)
 from remoteops.trainer.demo_model import build_demo_model, copy_demo_project  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,8 +175,16 @@ def test_gguf_check_converts_quantizes_loads_and_measures(trained):
     # accepted only where the reference's top-1/top-2 margin is below the measured max
     # logit difference (a near-tie that rounding explains); any other flip fails the test.
     assert rows["f16"]["top1_unexplained"] == 0, rows["f16"]
-    deltas = [abs(rows[t]["ppl_delta"]) for t in ("f16", "q8_0", "q4_k_m")]
-    assert deltas[0] < deltas[2] and deltas[1] < deltas[2], deltas
+    # fewer bits, more error: measured on the logits, where it is 10x per step here (f16
+    # ~0.001, q8_0 ~0.02, q4_k_m ~0.2) and top-1 agreement falls with it. Not on perplexity:
+    # this random model's sits near its vocabulary size (~856 of 1,024), where every type
+    # moves it by under 0.03% and the order of those deltas is noise (q8_0 -0.024% against
+    # q4_k_m -0.017% on one machine): each is only held to the 5% bound of the verdict
+    errors = [rows[t]["logit_max_abs_diff"] for t in ("f16", "q8_0", "q4_k_m")]
+    assert errors[0] < errors[1] < errors[2], errors
+    agree = [rows[t]["top1_agreement"] for t in ("f16", "q8_0", "q4_k_m")]
+    assert agree[0] >= agree[1] >= agree[2], agree
+    assert all(abs(r["ppl_delta"]) < DEFAULT_PPL_DELTA_BOUND for r in rows.values()), rows
     saved = json.loads((run / "quant_tiny.json").read_text())
     assert saved["checks"]["gguf"]["rows"][2]["type"] == "q4_k_m"
     assert not (project / "outputs" / "quant" / "tiny" / "merged").exists()  # cleaned up
