@@ -32,7 +32,7 @@ if str(HERE.parents[2]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[2]))
 
 from tests.bench.bench_deploy import (  # noqa: E402
-    ALIAS, SETTLE_S, Bench, change_small_file, make_project)
+    ALIAS, SETTLE_S, Bench, change_small_file, journalled_fs, make_project, unmount)
 
 TOOLS = ("new", "new-ssh", "base", "rsync")
 
@@ -46,8 +46,14 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
     work = Path(tempfile.mkdtemp(prefix="remoteops-ab-"))
     work.chmod(0o755)
     server = shaper = None
+    image, mounted = work / "server-fs.img", work / "server-fs"
+    journalled = False
     try:
-        make_project(work / "proj", *((200, 8, 16) if shaped else (2000, 40, 100)))
+        info = make_project(work / "proj", *((200, 8, 16) if shaped else (2000, 40, 100)))
+        # the server's trees on a journalled ext4 of their own, as bench-deploy puts them
+        # (see Bench.reset), else beside the project with a wait after each delete
+        size = info["text_bytes"] + info["blob_bytes"]
+        journalled = journalled_fs(image, mounted, max(512, 8 * size >> 20), log)
         server = start_sshd(work / "sshd")
         seen = server
         if shaped:
@@ -55,7 +61,7 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
 
             shaper = ShapingProxy((server.host, server.port), 100, 160)
             seen = dataclasses.replace(server, port=shaper.port)
-        bench = Bench(work, seen, log)
+        bench = Bench(work, seen, log, mounted if journalled else None)
         bench.trust()
         bench.reset()
         wrapper = work / "base-python"
@@ -65,7 +71,7 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
         for tool in ("new-ssh", "base"):
             projects[tool] = work / f"proj-{tool}"
             shutil.copytree(bench.project, projects[tool], symlinks=True)
-        roots = {tool: work / "server" / tool for tool in TOOLS}
+        roots = {tool: (mounted if journalled else work / "server") / tool for tool in TOOLS}
 
         def ours(tool: str) -> tuple[float, dict]:
             env = bench.env()
@@ -110,8 +116,9 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
                 root.mkdir(parents=True)
             for project in projects.values():
                 shutil.rmtree(project / "bundles", ignore_errors=True)
-            os.sync()  # then past the 30 s in which freed inodes slow creates (Bench.reset)
-            time.sleep(SETTLE_S)
+            os.sync()
+            if not journalled:  # past the 30 s in which freed inodes slow creates there
+                time.sleep(SETTLE_S)
             loads.append(os.getloadavg()[0])
             for tool in order(i):
                 runs["full"][tool].append(call(tool)[0])
@@ -133,7 +140,7 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
                 for case in ("one_file", "noop")))
         medians = {case: {t: round(statistics.median(v), 3) for t, v in tools.items()}
                    for case, tools in runs.items()}
-        return {"shaped": shaped, "medians": medians,
+        return {"shaped": shaped, "journalled": journalled, "medians": medians,
                 "ratios": {case: {t: round(m[t] / m["rsync"], 2) for t in TOOLS}
                            for case, m in medians.items()},
                 "load1": [round(min(loads), 2), round(max(loads), 2)], "runs": runs}
@@ -142,6 +149,8 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
             shaper.close()
         if server is not None:
             server.stop()
+        if journalled:
+            unmount(mounted, image, log)
         shutil.rmtree(work, ignore_errors=True)
 
 

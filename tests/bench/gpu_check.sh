@@ -3,7 +3,9 @@
 #   1. QLoRA with bitsandbytes: our trainer against a plain HF 4-bit run (tokens/s), and the
 #      real `remoteops-agent train` with quantization = "qlora" end to end;
 #   2. the PyTorch Lightning health callback under 32, bf16-mixed and 16-mixed precision;
-#   3. the adapter chat server's first-token latency and tokens/s on the GPU;
+#   3. the adapter chat server's first-token latency and tokens/s on the GPU, against plain
+#      generate and its own token loop in process; that loop in the main thread against
+#      another one, and a profile of it (serve.log);
 #   4. the torchrun executor on CUDA (tests/executors/test_torchrun_cuda.py: one rank per
 #      visible GPU, NCCL between them, a NaN drill); needs pytest (a wheel in .whl/ will do).
 # Run from the repository root on the GPU machine. Wheels the machine lacks may sit in
