@@ -261,7 +261,7 @@ def _check_host(name: str, entry: Any, locate: Locate) -> None:
     for key, value in entry.items():
         dotted = f"hosts.{name}.{key}"
         if key not in HOST_KEYS:
-            hint = close_match(key, HOST_KEYS, n=1)
+            hint = close_match(key, HOST_KEYS)
             extra = f" Did you mean '{hint[0]}'?" if hint else ""
             raise ConfigError(f"{locate(dotted)}: unknown key '{dotted}'.{extra} Host entries "
                               f"take {', '.join(HOST_KEYS)}.")
@@ -322,7 +322,7 @@ def _check_stage(name: str, entry: Any, values: dict, defaults: dict, locate: Lo
         for key, value in entry.get(table, {}).items():
             dotted = f"stages.{name}.{table}.{key}"
             if key not in defaults[table]:
-                hint = close_match(key, list(defaults[table]), n=1)
+                hint = close_match(key, list(defaults[table]))
                 extra = f" Did you mean '{hint[0]}'?" if hint else ""
                 raise ConfigError(f"{locate(dotted)}: unknown setting '{dotted}'.{extra} Stage "
                                   f"overrides take the keys of [{table}].")
@@ -352,7 +352,7 @@ def check_executor(stage: str, table: dict, registered: list[str]) -> str:
     line, listing ``registered``) for a name no plugin registered."""
     name = table.get("executor", "process")
     if name not in registered:
-        hint = close_match(str(name), registered, n=1)
+        hint = close_match(str(name), registered)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise ConfigError(f"stages.{stage}.executor is {name!r}, which no plugin registers"
                           f"{extra}; use one of {', '.join(registered)} in remoteops.toml.")

@@ -35,9 +35,9 @@ def timed_out(seconds: float, where: str) -> RemoteCommandError:
                               "ssh.command_timeout if it needs longer.")
 
 
-def close_match(word: str, choices: list[str], n: int = 1) -> list[str]:
-    """The choice nearest ``word``, for "did you mean" (difflib, imported only on an error:
-    it is 3 ms of every command's start)."""
+def close_match(word: str, choices: list[str]) -> list[str]:
+    """The choice nearest ``word`` (none or one), for "did you mean" (difflib, imported only
+    on an error: it is 3 ms of every command's start)."""
     import difflib
 
-    return difflib.get_close_matches(word, choices, n=n)
+    return difflib.get_close_matches(word, choices, n=1)

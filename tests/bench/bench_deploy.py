@@ -358,13 +358,27 @@ class Bench:
         it can be mounted (``journalled_fs``); else the reset waits ``SETTLE_S``, which
         removes most of it (perf: ~1% of a full rsync's samples after the wait, ~15% of the
         machine's right after the delete)."""
-        for root in self.roots.values():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-        shutil.rmtree(self.project / "bundles", ignore_errors=True)
-        os.sync()
-        if not self.journalled:
-            time.sleep(SETTLE_S)
+        empty_trees(self.roots.values(), [self.project], self.journalled)
+
+
+def empty_trees(roots, projects, journalled: bool) -> None:
+    """Every server root empty and no project with a bundle, written out; then, on a file
+    system without a journal, ``SETTLE_S`` (see ``Bench.reset``)."""
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    for project in projects:
+        shutil.rmtree(project / "bundles", ignore_errors=True)
+    os.sync()
+    if not journalled:
+        time.sleep(SETTLE_S)
+
+
+def compile_package(checkout: Path = REPO) -> None:
+    """``checkout``'s remoteops as byte code, as pip installs it (an editable checkout under
+    PYTHONDONTWRITEBYTECODE=1 would compile every module on every run: ~60 ms a command)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "remoteops")],
+                   capture_output=True, check=False)
 
 
 def journalled_fs(image: Path, mountpoint: Path, size_mb: int, log=print) -> bool:
@@ -426,10 +440,7 @@ def run_bench(repeats: int = 3, files: int = 2000, text_mb: float = 40, blob_mb:
     With ``rtt_ms`` or ``mbps`` every tool goes through a shaping proxy in front of sshd."""
     from tests.harness.sshd import start_sshd
 
-    # ours starts from byte code, as pip installs it (an editable checkout under
-    # PYTHONDONTWRITEBYTECODE=1 would compile every module on every run: ~60 ms a command)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "remoteops")],
-                   capture_output=True, check=False)
+    compile_package()  # ours starts from byte code, as installed
     work = Path(tempfile.mkdtemp(prefix="remoteops-bench-"))
     work.chmod(0o755)
     server = shaper = bench = None

@@ -32,7 +32,8 @@ if str(HERE.parents[2]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[2]))
 
 from tests.bench.bench_deploy import (  # noqa: E402
-    ALIAS, SETTLE_S, Bench, change_small_file, journalled_fs, make_project, unmount)
+    ALIAS, Bench, change_small_file, compile_package, empty_trees, journalled_fs, make_project,
+    unmount)
 
 TOOLS = ("new", "new-ssh", "base", "rsync")
 
@@ -41,8 +42,7 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
     from tests.harness.sshd import start_sshd
 
     for checkout in (baseline, HERE.parents[2]):  # both start from byte code, as installed
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "remoteops")],
-                       capture_output=True, check=False)
+        compile_package(checkout)
     work = Path(tempfile.mkdtemp(prefix="remoteops-ab-"))
     work.chmod(0o755)
     server = shaper = None
@@ -111,14 +111,7 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
         runs = {case: {tool: [] for tool in TOOLS} for case in ("full", "one_file", "noop")}
         loads = []
         for i in range(full_repeats):
-            for root in roots.values():
-                shutil.rmtree(root, ignore_errors=True)
-                root.mkdir(parents=True)
-            for project in projects.values():
-                shutil.rmtree(project / "bundles", ignore_errors=True)
-            os.sync()
-            if not journalled:  # past the 30 s in which freed inodes slow creates there
-                time.sleep(SETTLE_S)
+            empty_trees(roots.values(), projects.values(), journalled)
             loads.append(os.getloadavg()[0])
             for tool in order(i):
                 runs["full"][tool].append(call(tool)[0])
