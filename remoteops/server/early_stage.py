@@ -24,6 +24,7 @@ from pathlib import Path
 
 from remoteops.common.manifest import Manifest, iter_members
 from remoteops.common.paths import link_of
+from remoteops.server.durable import SYNCFS_MIN_FILES, syncfs
 from remoteops.server.incoming import extract, make_staged_durable
 
 
@@ -81,6 +82,7 @@ class EarlyStage:
         self.files = {p for p in need if link_of(wanted[p]) is None}
         self.staged: dict[str, Path] | None = None
         self.arrived = False
+        self.early_sync: threading.Thread | None = None  # see ``_write_back``
         shutil.rmtree(staging, ignore_errors=True)
         self._follow = Follow(part)
         self._thread = threading.Thread(target=self._run, args=(list(need),), daemon=True,
@@ -90,11 +92,22 @@ class EarlyStage:
     def _run(self, need: list[str]) -> None:
         try:
             self.staged = extract(self.manifest, iter_members(self.staging, self._follow),
-                                  need, self.staging, durable=False)
+                                  need, self.staging, durable=False,
+                                  small_done=self._write_back)
         except Exception:  # noqa: BLE001 - the apply stages the whole upload again, and
             self.staged = None  # raises there what it finds
         finally:
             self._follow.close()
+
+    def _write_back(self, staged: int) -> None:
+        """The small files are staged and the large ones still arrive: start writing what
+        is staged to disk now (``syncfs`` in a thread), so the sync that must follow the
+        last file has little left to wait for (on the bench, 0.01-0.03 s instead of ~0.1 s
+        when the large file still arrived). Only where that sync will be one ``syncfs``."""
+        if staged >= SYNCFS_MIN_FILES:
+            self.early_sync = threading.Thread(target=syncfs, args=(self.staging,),
+                                               daemon=True, name="remoteops-early-sync")
+            self.early_sync.start()
 
     def grew(self) -> None:
         """More of the upload was written to the part file."""

@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from remoteops.common.manifest import BundleError, Manifest, iter_members
 from remoteops.common.files import CHUNK, sha256_file
@@ -47,11 +48,14 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
 
 
 def extract(manifest: Manifest, members, need: list[str], staging: Path,
-            durable: bool = True) -> dict[str, Path]:
+            durable: bool = True,
+            small_done: Callable[[int], None] | None = None) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
     ``staging`` (at its path there, with its mode), its sha256 checked, made durable
     (``durable=False``: by the caller, with ``make_staged_durable``); anything the manifest
-    does not list as a file refused; a needed file missing is ``MissingMembers``."""
+    does not list as a file refused; a needed file missing is ``MissingMembers``.
+    ``small_done(files staged so far)``: called once, when the first large member comes (a
+    bundle holds its small files first, ``bundle_tar.stream_order``)."""
     wanted = manifest.file_map()
     need = [p for p in need if link_of(wanted[p]) is None]
     needed = set(need)
@@ -79,6 +83,9 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
                 writers.put(rel, out, entry.sha256, fh.read(), entry.mode)
             else:
                 writers.check()
+                if small_done is not None:
+                    small_done(len(staged))
+                    small_done = None
                 _write_large(rel, out, entry.sha256, fh, entry.mode)
             staged[rel] = out
     except BaseException:

@@ -126,3 +126,34 @@ def test_what_waits_to_be_written_is_bounded_by_bytes(tmp_path, monkeypatch):
     writers.finish()
     assert done == [0, 1, 2, 3, 4]
     assert all((tmp_path / f"f{i}").read_bytes() == data for i in range(5))
+
+
+def test_without_threads_each_file_is_checked_and_written_by_the_caller(tmp_path, monkeypatch):
+    """A server with two cores or fewer writes inline: the file is on disk when ``put``
+    returns, in the calling thread, and a mismatch is raised by that ``put``."""
+    threads = []
+
+    def recording_open(path, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(stage_writers, "open", recording_open, raising=False)
+    writers = StageWriters(threads=0)
+    out = tmp_path / "a"
+    writers.put("a", out, hashlib.sha256(b"abc").hexdigest(), b"abc", 0o751)
+    assert out.read_bytes() == b"abc" and (out.stat().st_mode & 0o777) == 0o751
+    assert threads == [threading.get_ident()]
+    with pytest.raises(BundleError, match="b in the upload does not match its sha256"):
+        writers.put("b", tmp_path / "b", hashlib.sha256(b"b").hexdigest(), b"tampered")
+    assert not (tmp_path / "b").exists()
+    writers.finish()
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 0), (2, 0), (4, stage_writers.THREADS)])
+def test_writer_threads_follow_the_cores_this_process_may_use(monkeypatch, cores, expected):
+    monkeypatch.setattr(stage_writers.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    assert stage_writers.writer_threads() == expected
+    writers = StageWriters()
+    assert len(writers._threads) == expected
+    writers.finish()
