@@ -33,7 +33,8 @@ class BundleError(RemoteOpsError):
 # member names. A segment's frame is a pure function of its bytes and the level, so
 # a new version copies the frames of unchanged segments from the previous bundle
 # (checked first unless the file is provably the one indexed) instead of compressing
-# everything again: same bytes either way.
+# everything again: same bytes either way. A large member whose bytes do not compress
+# (model weights, archives) is stored: its frame holds raw blocks (``_stored``).
 SEGMENT_ALONE = 1 << 20     # members this large get a frame of their own
 SEGMENT_EVERY = 16          # about one group boundary per this many small members
 FRAMES_DIR = ".frames"
@@ -69,10 +70,12 @@ def stream_order(members: list[tuple]) -> list[tuple]:
 
 
 def _segment_key(level: int, segment: list[tuple], tail: int) -> str | None:
-    """What a segment's frame depends on: its members and, for the last, the end padding."""
+    """What a segment's frame depends on: its members and, for the last, the end padding
+    (a large member's frame may be stored rather than compressed: ``_stored``)."""
     if any(m[4] is None for m in segment):
         return None
-    body = json.dumps([FORMAT, level, tail, [[m[0], m[3], m[2], m[4]] for m in segment]])
+    body = json.dumps([FORMAT, level, tail, [[m[0], m[3], m[2], m[4]] for m in segment]]
+                      + (["stored-1"] if _alone(segment) else []))
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -117,6 +120,8 @@ def _frame_intact(src, frame: dict) -> bool:
 
     if "raw" not in frame:
         return False  # an index from before: not checkable, the frame is compressed again
+    if frame.get("stored"):
+        return False  # no checksum to check it by: storing it again costs no more
     src.seek(frame["offset"])
     window = _Window(src, frame["length"])
     got = 0
@@ -243,18 +248,25 @@ def write_tar(out: Path, members: list[tuple], level: int = 3,
                     length += len(tail)
                 tar_offset += length
                 key = _segment_key(level, segment, len(tail) if last else -1)
+                stored = False
                 if key in reuse and src and _copy_range(raw, src, reuse[key], trusted):
-                    size = reuse[key]["length"]
+                    size, stored = reuse[key]["length"], bool(reuse[key].get("stored"))
                     stats["reused"] += 1
                     stats["reused_bytes"] += size
                 else:
-                    size, intact = _compress_segment(cctx, raw, segment, headers, tail, length,
-                                                     computed)
+                    stored = _alone(segment) and _stored(segment[0][1], segment[0][3], level)
+                    if stored:
+                        size, intact = _store_segment(raw, segment, headers, tail, length,
+                                                      computed)
+                    else:
+                        size, intact = _compress_segment(cctx, raw, segment, headers, tail,
+                                                         length, computed)
                     if not intact:
                         key = None  # a file changed while bundling: never reuse this frame
                     elif late is not None and key is None:
                         made.append((len(frames), segment, len(tail) if last else -1))
-                frames.append({"key": key, "offset": offset, "length": size, "raw": length})
+                frames.append({"key": key, "offset": offset, "length": size, "raw": length,
+                               **({"stored": True} if stored else {})})
                 offset += size
             if late is not None:
                 _late_keys(frames, made, level, late.wait(), computed)
@@ -295,6 +307,84 @@ def _late_keys(frames: list[dict], made: list[tuple], level: int, hashed: dict,
         if None not in shas:
             frames[index]["key"] = _segment_key(level, [m[:4] + (sha,) for m, sha in
                                                         zip(segment, shas)], tail)
+
+
+def _alone(segment: list[tuple]) -> bool:
+    """A segment that is one large member (a frame of its own)."""
+    return len(segment) == 1 and segment[0][3] >= SEGMENT_ALONE
+
+
+STORED_BLOCK = 128 << 10  # zstd's largest block
+STORED_SAMPLES = 3
+STORED_RATIO = 0.97  # a sample that compresses to more than this is taken as incompressible
+
+
+def _stored(source, size: int, level: int) -> bool:
+    """Whether a large member's bytes are incompressible (weights, archives, media): blocks
+    at its start, middle and end all compress to more than ``STORED_RATIO`` of themselves at
+    ``level``. Such a member's frame is stored, not compressed: zstd spent ~0.13 CPU-s on
+    100 MB of random bytes to find nothing to gain. A function of the bytes alone, as the
+    frame must be."""
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor(level=level)
+    with open(source, "rb") as fh:
+        for i in range(STORED_SAMPLES):
+            fh.seek(max(0, size - STORED_BLOCK) * i // (STORED_SAMPLES - 1))
+            sample = fh.read(STORED_BLOCK)
+            if len(cctx.compress(sample)) <= STORED_RATIO * len(sample):
+                return False
+    return True
+
+
+def _frame_start(length: int) -> bytes:
+    """A zstd frame header: window 128 KB, the content size (8 bytes), no checksum (the server
+    checks every file's sha256, and a frame reused is checked for its structure and size)."""
+    return (b"\x28\xb5\x2f\xfd" + bytes([0xC0, (17 - 10) << 3])
+            + length.to_bytes(8, "little"))
+
+
+def _store_segment(raw, segment: list[tuple], headers: list[bytes], tail: bytes, length: int,
+                   computed: dict[str, str] | None = None) -> tuple[int, bool]:
+    """``_compress_segment`` for an incompressible member: one zstd frame of raw blocks."""
+    name, source, mode, size, sha = segment[0][:5]
+    settled = len(segment[0]) > 5 and segment[0][5]
+    fh_hash = None if settled else hashlib.sha256()
+    start = _frame_start(length)
+    raw.write(start)
+    written = len(start)
+    pending = headers[0]
+    left = size
+    end = tarfile.NUL * (-size % tarfile.BLOCKSIZE) + tail
+    with open(source, "rb") as fh:
+        while True:
+            want = STORED_BLOCK - len(pending)
+            chunk = fh.read(min(want, left)) if left > 0 else b""
+            if left > 0 and not chunk:
+                raise BundleError(f"{source} shrank while the bundle was written; build it "
+                                  "again.")
+            left -= len(chunk)
+            if fh_hash is not None:
+                fh_hash.update(chunk)
+            block = pending + chunk
+            pending = b""
+            if left == 0:
+                room = STORED_BLOCK - len(block)
+                block, pending = block + end[:room], end[room:]
+                end = b""
+            last = left == 0 and not pending
+            raw.write((len(block) << 3 | int(last)).to_bytes(3, "little"))
+            raw.write(block)
+            written += 3 + len(block)
+            if last:
+                break
+    intact = True
+    if fh_hash is not None:
+        if sha is not None and fh_hash.hexdigest() != sha:
+            intact = False
+        if computed is not None:
+            computed[name] = fh_hash.hexdigest()
+    return written, intact
 
 
 def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
