@@ -102,6 +102,8 @@ def run(baseline: Path, repeats: int, full_repeats: int, shaped: bool, log=print
             return time.perf_counter() - started, {}
 
         def call(tool: str) -> tuple[float, dict]:
+            os.sync()  # untimed, as bench_deploy's ``mark``: a deploy's syncfs would also
+            # write out what the tool before it left unwritten (rsync never syncs)
             return rsync() if tool == "rsync" else ours(tool)
 
         def order(i: int) -> list[str]:
