@@ -339,7 +339,8 @@ def _stored(source, size: int, level: int) -> bool:
 
 def _frame_start(length: int) -> bytes:
     """A zstd frame header: window 128 KB, the content size (8 bytes), no checksum (the server
-    checks every file's sha256, and a frame reused is checked for its structure and size)."""
+    checks every file's sha256, and a stored frame is copied only from a bundle whose stat
+    is the one indexed: ``_frame_intact``)."""
     return (b"\x28\xb5\x2f\xfd" + bytes([0xC0, (17 - 10) << 3])
             + length.to_bytes(8, "little"))
 

@@ -87,13 +87,6 @@ class StageWriters:
         if not self._queues:
             _write(rel, out, sha256, data, mode)
             return
-        if not self._queues:
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise mismatch(rel)
-            with open(out, "wb") as dst:
-                dst.write(data)
-                os.fchmod(dst.fileno(), mode)
-            return
         size = len(data) + 1  # an empty file counts too
         with self._room:
             while self._held and self._held + size > self._ahead and self._error is None:
