@@ -348,9 +348,8 @@ def _frame_start(length: int) -> bytes:
 def _store_segment(raw, segment: list[tuple], headers: list[bytes], tail: bytes, length: int,
                    computed: dict[str, str] | None = None) -> tuple[int, bool]:
     """``_compress_segment`` for an incompressible member: one zstd frame of raw blocks."""
-    name, source, mode, size, sha = segment[0][:5]
-    settled = len(segment[0]) > 5 and segment[0][5]
-    fh_hash = None if settled else hashlib.sha256()
+    source, size = segment[0][1], segment[0][3]
+    fh_hash = _hasher(segment[0])
     start = _frame_start(length)
     raw.write(start)
     written = len(start)
@@ -362,8 +361,7 @@ def _store_segment(raw, segment: list[tuple], headers: list[bytes], tail: bytes,
             want = STORED_BLOCK - len(pending)
             chunk = fh.read(min(want, left)) if left > 0 else b""
             if left > 0 and not chunk:
-                raise BundleError(f"{source} shrank while the bundle was written; build it "
-                                  "again.")
+                raise _shrank(source)
             left -= len(chunk)
             if fh_hash is not None:
                 fh_hash.update(chunk)
@@ -379,13 +377,28 @@ def _store_segment(raw, segment: list[tuple], headers: list[bytes], tail: bytes,
             written += 3 + len(block)
             if last:
                 break
-    intact = True
-    if fh_hash is not None:
-        if sha is not None and fh_hash.hexdigest() != sha:
-            intact = False
-        if computed is not None:
-            computed[name] = fh_hash.hexdigest()
-    return written, intact
+    return written, _hash_holds(fh_hash, segment[0], computed)
+
+
+def _hasher(member: tuple):
+    """A sha256 to make while ``member`` is read here, or None: its stat says the hash pass
+    made it already (``write_tar``'s ``same``)."""
+    return None if len(member) > 5 and member[5] else hashlib.sha256()
+
+
+def _hash_holds(fh_hash, member: tuple, computed: dict[str, str] | None) -> bool:
+    """Whether ``member`` read here has the sha256 it was listed with (``computed`` gets the
+    one made here)."""
+    if fh_hash is None:
+        return True
+    digest = fh_hash.hexdigest()
+    if computed is not None:
+        computed[member[0]] = digest
+    return member[4] is None or digest == member[4]
+
+
+def _shrank(source) -> BundleError:
+    return BundleError(f"{source} shrank while the bundle was written; build it again.")
 
 
 def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tail: bytes,
@@ -404,26 +417,20 @@ def _compress_segment(cctx, raw, segment: list[tuple], headers: list[bytes], tai
 
     comp = cctx.compressobj(size=length)
     for header, member in zip(headers, segment):
-        name, source, mode, size, sha = member[:5]
-        settled = len(member) > 5 and member[5]
+        source, size = member[1], member[3]
         emit(comp.compress(header))
-        fh_hash = None if settled else hashlib.sha256()
+        fh_hash = _hasher(member)
         left = size
         with open(source, "rb") as fh:
             while left > 0:
                 chunk = fh.read(min(CHUNK, left))
                 if not chunk:
-                    raise BundleError(f"{source} shrank while the bundle was written; build "
-                                      "it again.")
+                    raise _shrank(source)
                 left -= len(chunk)
                 if fh_hash is not None:
                     fh_hash.update(chunk)
                 emit(comp.compress(chunk))
-        if fh_hash is not None:
-            if sha is not None and fh_hash.hexdigest() != sha:
-                intact = False
-            if computed is not None:
-                computed[name] = fh_hash.hexdigest()
+        intact &= _hash_holds(fh_hash, member, computed)
         emit(comp.compress(tarfile.NUL * (-size % tarfile.BLOCKSIZE)))
     emit(comp.compress(tail))
     emit(comp.flush())

@@ -82,7 +82,6 @@ class EarlyStage:
         self.files = {p for p in need if link_of(wanted[p]) is None}
         self.staged: dict[str, Path] | None = None
         self.arrived = False
-        self.early_sync: threading.Thread | None = None  # see ``_write_back``
         shutil.rmtree(staging, ignore_errors=True)
         self._follow = Follow(part)
         self._thread = threading.Thread(target=self._run, args=(list(need),), daemon=True,
@@ -105,9 +104,8 @@ class EarlyStage:
         last file has little left to wait for (on the bench, 0.01-0.03 s instead of ~0.1 s
         when the large file still arrived). Only where that sync will be one ``syncfs``."""
         if staged >= SYNCFS_MIN_FILES:
-            self.early_sync = threading.Thread(target=syncfs, args=(self.staging,),
-                                               daemon=True, name="remoteops-early-sync")
-            self.early_sync.start()
+            threading.Thread(target=syncfs, args=(self.staging,), daemon=True,
+                             name="remoteops-early-sync").start()
 
     def grew(self) -> None:
         """More of the upload was written to the part file."""
