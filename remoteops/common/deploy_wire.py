@@ -16,7 +16,9 @@ against the copy the server has (``patches``: path, its old sha256, the patch's 
 
 A full deploy (``deploy_full``) sends the whole manifest instead (``manifest``) and
 the tar in ``chunk_frame`` pieces as it is written, then a JSON trailer (size and
-sha256 of what was sent) and ``GO``.
+sha256 of what was sent) and ``GO``. A first deploy to an empty root may send the tar
+before its manifest, which then comes in a ``control_frame`` between two pieces
+(``server/stream_first``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ MARK = b"@@REMOTEOPS-STREAM-7f3a@@\n"
 GO = b"GO\n"
 # The header is small (changed entries only); a bigger one is not ours.
 MAX_HEADER = 64 << 20
+
+
+# A frame whose length has this bit set is not a piece of the tar but a message: a first
+# deploy's manifest, sent between two pieces once the laptop has hashed its files
+# (``server/stream_first``).
+CONTROL = 1 << 63
+
+
+def control_frame(payload: bytes) -> bytes:
+    """A message between the pieces of a tar (``CONTROL``): an 8-byte length with the top bit
+    set, then the payload."""
+    return (len(payload) | CONTROL).to_bytes(8, "big") + payload
 
 
 def chunk_frame(data: bytes) -> bytes:
@@ -102,5 +116,5 @@ def rebuild(base: Manifest, header: dict) -> Manifest:
     return new
 
 
-__all__ = ["MARK", "GO", "chunk_frame", "apply_patch", "encode_header", "rebuild", "manifest_delta",
-           "manifest_sha256"]
+__all__ = ["MARK", "GO", "CONTROL", "chunk_frame", "control_frame", "apply_patch",
+           "encode_header", "rebuild", "manifest_delta", "manifest_sha256"]

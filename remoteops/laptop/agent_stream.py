@@ -60,6 +60,7 @@ class AgentStream:
         self._kept = None  # the kept connection it runs through, if any (laptop/kept)
         self._out: list[bytes] = []
         self._err: list[bytes] = []
+        self._answered = 0  # answers ``answer`` returned: the next one is the one after
         self._arrived = threading.Condition()  # stdout grew, or a reader ended
         command = agent_command(target, args)
         if isinstance(target, SSHTarget):
@@ -186,14 +187,19 @@ class AgentStream:
             self._proc.wait()
 
     def answer(self) -> Any:
-        """The first answer the command prints while it still runs (a plan), once it came;
+        """The next answer the command prints while it still runs (a plan), once it came;
         when the command ends without one, its error (as ``finish``)."""
         with self._arrived:
             while True:
                 out = b"".join(self._out)
-                start = out.find(BEGIN.encode())
-                end = out.find(END.encode(), start) if start >= 0 else -1
+                start, end = -1, 0
+                for _ in range(self._answered + 1):
+                    start = out.find(BEGIN.encode(), end)
+                    end = out.find(END.encode(), start) if start >= 0 else -1
+                    if end < 0:
+                        break
                 if end >= 0:
+                    self._answered += 1
                     return json.loads(out[start + len(BEGIN):end].decode("utf-8"))
                 if not all(r.is_alive() for r in self._readers):
                     break

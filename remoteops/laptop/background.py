@@ -31,6 +31,9 @@ class Background:
             raise self._error
         return self._value
 
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
     def settle(self) -> None:
         """Wait, dropping any error (the caller is already failing with its own)."""
         self._thread.join()

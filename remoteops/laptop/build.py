@@ -214,7 +214,8 @@ def _latest(out_dir: Path, project: str) -> Manifest | None:
 
 def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
                  on_manifest: Callable[[Manifest], None] | None = None,
-                 background: bool | str = False, tap=None) -> Built:
+                 background: bool | str = False, tap=None,
+                 on_first: Callable[[int], None] | None = None) -> Built:
     """Build (or reuse, when nothing changed) the project's next bundle.
 
     ``on_manifest`` is called with the manifest as soon as it is known, before the
@@ -226,7 +227,8 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     when something needs them, else by ``Built.finish_detached`` after the command (a
     streamed redeploy sends its files from the project, and rewriting a 100 MB bundle for
     a one-file change was most of its time). Whoever reads the bundles folder next waits
-    for that (``writer_lock``).
+    for that (``writer_lock``). ``on_first(size)``: a first bundle's tar is being written
+    while the files are hashed (``EarlyTar``; ``size``: their total), told before hashing.
     """
     from remoteops.laptop.plugin_set import plugin_set
     from remoteops.laptop.wheel import build_toolkit_wheel
@@ -259,7 +261,10 @@ def build_bundle(settings: Settings, out_dir: str | Path | None = None, pm=None,
     if background is True and previous is None:  # a first bundle: compressed while hashed
         early = EarlyTar(out / f"{name}-v1.tar.zst", out / f"{name}-v1.manifest.json",
                          [(f"files/{rel}", project / rel, _mode(st)) for rel, st in stats.items()]
-                         + [wheel_member], level, tap, cache)
+                         + [wheel_member], level, tap, cache,
+                         {f"files/{rel}": st for rel, st in stats.items()})
+        if on_first is not None:
+            on_first(sum(st.st_size for st in stats.values()))
     # the plugin set and the git state do not depend on the hashes: found meanwhile (~20 ms
     # of a first build's, that were in line before the first byte could be sent)
     side = Background(lambda: (pm.requirements() if pm is not None else
@@ -345,7 +350,7 @@ class EarlyTar:
     the half-written tar is removed."""
 
     def __init__(self, tar_path: Path, manifest_path: Path, members: list[tuple], level: int,
-                 tap, cache: HashCache):
+                 tap, cache: HashCache, seen: dict | None = None):
         self._cache = cache
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -355,7 +360,7 @@ class EarlyTar:
         self._error: BaseException | None = None
         self._built: Built | None = None
         self._paths = tar_path, manifest_path
-        self.thread = threading.Thread(target=self._write, args=(members, level, tap),
+        self.thread = threading.Thread(target=self._write, args=(members, level, tap, seen),
                                        name="remoteops-early-tar")  # not a daemon: it cleans up
         self.thread.start()
 
@@ -385,11 +390,11 @@ class EarlyTar:
         self._ready.set()
         self.thread.join()
 
-    def _write(self, members: list[tuple], level: int, tap) -> None:
+    def _write(self, members: list[tuple], level: int, tap, seen: dict | None) -> None:
         tar_path, manifest_path = self._paths
         error = None
         try:
-            write_tar(tar_path, members, level, None, tap=tap, late=self)
+            write_tar(tar_path, members, level, None, tap=tap, late=self, seen=seen)
             write_atomic_text(manifest_path, self._manifest.to_json())  # last, as always
         except BaseException as exc:  # noqa: BLE001 - handed to Built.wait()
             error = exc

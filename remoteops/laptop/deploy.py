@@ -31,6 +31,7 @@ from remoteops.common.manifest import (DISK_HEADROOM, Manifest, manifest_for, re
                                        verify_bundle)
 from remoteops.laptop.build import Built, build_bundle
 from remoteops.laptop.background import Background
+from remoteops.laptop.deploy_first import FirstStream
 from remoteops.laptop.deploy_common import (Confirm, DeployOutcome, apply_args, delta_key, holder,
                                             state_dir, upload_file)
 from remoteops.laptop.agent_stream import STDIN_EVENT, can_stream
@@ -47,11 +48,13 @@ from remoteops.laptop.transfer import put_resumable
 
 def get_bundle(settings: Settings, bundle: str | None,
                on_manifest: Callable[[Manifest], None] | None = None,
-               background: bool | str = False, tap: TarTap | None = None) -> Built:
+               background: bool | str = False, tap: TarTap | None = None,
+               on_first: Callable[[int], None] | None = None) -> Built:
     """The given bundle, verified byte by byte, or a freshly built one (``background``: its
     tar still being written, see ``build_bundle``)."""
     if not bundle:
-        return build_bundle(settings, on_manifest=on_manifest, background=background, tap=tap)
+        return build_bundle(settings, on_manifest=on_manifest, background=background, tap=tap,
+                            on_first=on_first)
     tar = Path(bundle).expanduser()
     if tar.suffix == ".json":
         tar = tar.with_name(tar.name.replace(".manifest.json", ".tar.zst"))
@@ -165,13 +168,18 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
     # without a record one deploy-stream request plans and applies; it starts with the
     # connection, so its Python starts while the laptop hashes
     planned = Planned(settings, target, open_request(target, connected)) if tap else None
+    # a first bundle's tar goes before its manifest when the root is empty (deploy_first)
+    ahead = FirstStream(settings, target, planned, tap, progress) \
+        if planned is not None and confirm is None else None
 
     def on_manifest(manifest: Manifest) -> None:
         remote = f"{incoming}/{manifest.content_id}.manifest.json"
         # a streamed redeploy sends no whole manifest (its fallbacks make it when needed)
         data = None if isinstance(fast, StreamPath) else manifest.to_json().encode("utf-8")
         early.update(remote=remote, data=data)
-        if planned is not None:
+        if ahead is not None:
+            ahead.manifest(manifest)  # after the tar, or for the plan (the root not empty)
+        elif planned is not None:
             planned.ask(manifest)  # the manifest on the request's stdin, for the server's plan
         elif fast is None:
             early["job"] = Background(_send_manifest_and_plan, target, connected, data, remote)
@@ -183,7 +191,8 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
         # a streamed redeploy needs no tar: it is written when needed, or after the command
         built = get_bundle(settings, bundle, on_manifest, tap=tap,
                            background="deferred" if isinstance(fast, StreamPath)
-                           else tap is not None)
+                           else tap is not None,
+                           on_first=ahead.start if ahead is not None else None)
         connected.result()
     except BaseException:
         for job in (connected, early.get("job")):
@@ -191,7 +200,9 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 job.settle()
         if fast is not None:
             fast.cancel()
-        if planned is not None:
+        if ahead is not None:
+            ahead.cancel()
+        elif planned is not None:
             planned.cancel()
         raise
     try:
@@ -238,6 +249,20 @@ def deploy(settings: Settings, target: Target, bundle: str | None = None, dry_ru
                 planned.ask(manifest)
             built.start_pending()  # the usual path needs the tar: write it while it plans
             fell_back = True
+        if ahead is not None:
+            try:
+                how = ahead.how()
+                if how == "stream":
+                    planned = None  # its request is the stream's: finished or cancelled there
+                    return _first_streamed(settings, target, built, ahead, outcome, recalled,
+                                           on_plan, started)
+            except BaseException:
+                ahead.cancel()
+                raise
+            outcome.sent_bytes += ahead.sent
+            if how == "old":  # the agent ended the request: plan on a new one
+                planned = Planned(settings, target, open_request(target, connected))
+                planned.ask(manifest)
         if planned is not None:
             first = planned.plan(manifest.toolkit_version)
             if first is None:  # the usual path: the manifest by SFTP, the agent installed
@@ -330,6 +355,20 @@ def _stream_planned(settings: Settings, target: Target, built: Built, tap: TarTa
     outcome.sent_bytes += sent
     outcome.upload_bytes = built.tar_path.stat().st_size if name.startswith("whole") else size
     return applied
+
+
+def _first_streamed(settings: Settings, target: Target, built: Built, ahead: FirstStream,
+                    outcome: DeployOutcome, recalled, on_plan, started: float) -> DeployOutcome:
+    """A first bundle's tar, sent before its manifest to an empty root: the server's plan
+    shown, the go-ahead once the tar is complete (``deploy_first``)."""
+    outcome.plan = ahead.plan()
+    note_plan(settings, target, built, recalled, outcome.plan)
+    if on_plan is not None:
+        on_plan(outcome)
+    applied = ahead.finish(built)
+    outcome.sent_bytes += ahead.sent
+    outcome.upload_bytes = ahead.upload
+    return _applied(settings, target, built, outcome, applied, started)
 
 
 def _check_disk(target: Target, plan: dict, upload_and_files: int) -> None:

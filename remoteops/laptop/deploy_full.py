@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from remoteops.common.deploy_wire import GO, MARK, chunk_frame
+from remoteops.common.bundle_tar import BundleError
 from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.files import CHUNK
 from remoteops.laptop.agent_stream import AgentStream, not_streamable
@@ -55,15 +56,19 @@ class TarTap:
             self._cond.notify_all()
 
     # -- read by the sender ---------------------------------------------------------------
-    def ranges(self, built: Built, offset: int = 0) -> Iterator[tuple]:
+    def ranges(self, built: Built | None, offset: int = 0) -> Iterator[tuple]:
         """The tar from ``offset`` as ``(file, start, length)`` ranges of at most ``CHUNK``,
         each as soon as it is written (a bundle reused as it was: from its file); the
-        sender moves them without reading them (``AgentStream.send_file``)."""
+        sender moves them without reading them (``AgentStream.send_file``). ``built``:
+        None while the build still hashes (a first bundle's tar, being written)."""
         with self._cond:
-            while self._fh is None and not self._done and built.pending is not None \
-                    and built.pending.is_alive():
+            while self._fh is None and not self._done and (built is None or (
+                    built.pending is not None and built.pending.is_alive())):
                 self._cond.wait(0.05)
             fh = self._fh
+            if fh is None and built is None:
+                raise self._error or BundleError("the bundle's tar was not written; build "
+                                                 "it again.")
         if fh is None:  # nothing was written: the tar is there already (or the build failed)
             built.wait()
             fh = open(built.tar_path, "rb")

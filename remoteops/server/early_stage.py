@@ -26,6 +26,7 @@ from remoteops.common.manifest import Manifest, iter_members
 from remoteops.common.paths import link_of
 from remoteops.server.durable import SYNCFS_MIN_FILES, syncfs
 from remoteops.server.incoming import extract, make_staged_durable
+from remoteops.server.stage_writers import mismatch
 
 
 class Follow(io.RawIOBase):
@@ -74,25 +75,38 @@ class Follow(io.RawIOBase):
 
 
 class EarlyStage:
-    """``extract`` of ``part`` (being written) for ``need``, in a thread (see the module)."""
+    """``extract`` of ``part`` (being written) for ``need``, in a thread (see the module).
 
-    def __init__(self, manifest: Manifest, need: list[str], part: Path, staging: Path):
-        self.manifest, self.staging = manifest, staging
-        wanted = manifest.file_map()
-        self.files = {p for p in need if link_of(wanted[p]) is None}
+    ``manifest`` None: a first deploy's tar arriving before its manifest
+    (``server/stream_first``): every file in it is staged and its sha256 kept (``made``);
+    ``adopt`` gives the manifest and plan when they come, and ``result`` checks each file
+    against them before handing any over."""
+
+    def __init__(self, manifest: Manifest | None, need: list[str] | None, part: Path,
+                 staging: Path):
+        self.manifest, self.staging, self.files = None, staging, None
+        self.made: dict[str, tuple[str, int]] | None = {} if manifest is None else None
+        if manifest is not None:
+            self.adopt(manifest, need)
         self.staged: dict[str, Path] | None = None
         self.arrived = False
         shutil.rmtree(staging, ignore_errors=True)
         self._follow = Follow(part)
-        self._thread = threading.Thread(target=self._run, args=(list(need),), daemon=True,
-                                        name="remoteops-early-stage")
+        self._thread = threading.Thread(target=self._run, args=(
+            None if need is None else list(need),), daemon=True, name="remoteops-early-stage")
         self._thread.start()
 
-    def _run(self, need: list[str]) -> None:
+    def adopt(self, manifest: Manifest, need: list[str]) -> None:
+        """The manifest and the plan the staged files are for."""
+        wanted = manifest.file_map()
+        self.files = {p for p in need if link_of(wanted[p]) is None}
+        self.manifest = manifest
+
+    def _run(self, need: list[str] | None) -> None:
         try:
             self.staged = extract(self.manifest, iter_members(self.staging, self._follow),
                                   need, self.staging, durable=False,
-                                  small_done=self._write_back)
+                                  small_done=self._write_back, made=self.made)
         except Exception:  # noqa: BLE001 - the apply stages the whole upload again, and
             self.staged = None  # raises there what it finds
         finally:
@@ -136,10 +150,15 @@ class EarlyStage:
         (a full deploy's upload is most of what that call would write otherwise)."""
         wanted = manifest.file_map()
         files = {p for p in need if link_of(wanted[p]) is None}
-        if not self.arrived or self.staged is None or manifest.content_id != \
-                self.manifest.content_id or files != self.files or set(self.staged) != files:
+        if not self.arrived or self.staged is None or self.manifest is None or \
+                manifest.content_id != self.manifest.content_id or files != self.files or \
+                set(self.staged) != files:
             shutil.rmtree(self.staging, ignore_errors=True)
             return None
+        for rel, (sha256, mode) in (self.made or {}).items():  # staged before the manifest
+            if sha256 != wanted[rel].sha256 or mode != wanted[rel].mode:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                raise mismatch(rel)
         if upload is not None:
             upload.unlink(missing_ok=True)
         make_staged_durable(self.staged, self.staging)

@@ -49,52 +49,68 @@ def stage(manifest: Manifest, delta: Path | None, need: list[str], staging: Path
     return extract(manifest, iter_members(delta), need, staging)
 
 
-def extract(manifest: Manifest, members, need: list[str], staging: Path,
-            durable: bool = True,
-            small_done: Callable[[int], None] | None = None) -> dict[str, Path]:
+def extract(manifest: Manifest | None, members, need: list[str] | None, staging: Path,
+            durable: bool = True, small_done: Callable[[int], None] | None = None,
+            made: dict[str, tuple[str, int]] | None = None) -> dict[str, Path]:
     """``stage``'s work on ``members`` (``iter_members``): every needed file written under
     ``staging`` (at its path there, with its mode), its sha256 checked, made durable
     (``durable=False``: by the caller, with ``make_staged_durable``); anything the manifest
     does not list as a file refused; a needed file missing is ``MissingMembers``.
     ``small_done(files staged so far)``: called once, when the first large member comes (a
-    bundle holds its small files first, ``bundle_tar.stream_order``)."""
-    wanted = manifest.file_map()
-    need = [p for p in need if link_of(wanted[p]) is None]
-    needed = set(need)
-    toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
+    bundle holds its small files first, ``bundle_tar.stream_order``).
+
+    ``manifest`` None (a first deploy's tar, arriving before its manifest:
+    ``server/stream_first``): every file member is staged with the tar's mode, and its
+    sha256 and mode go to ``made`` for the caller to check against the manifest
+    (``early_stage.EarlyStage.result``) before anything uses them."""
+    if manifest is None:
+        wanted, needed, toolkit = None, None, None
+    else:
+        wanted = manifest.file_map()
+        need = [p for p in need if link_of(wanted[p]) is None]
+        needed = set(need)
+        toolkit = f"toolkit/{manifest.toolkit_wheel['name']}"
     staged: dict[str, Path] = {}
     folders: set[Path] = set()  # made already (a mkdir per file was ~30 us of 2,000 files)
     writers = StageWriters()
     try:
         for member, fh in members:
-            if fh is None or member.name == toolkit:  # the upload may be the whole bundle
-                continue
+            if fh is None or member.name == toolkit or (
+                    toolkit is None and member.name.startswith("toolkit/")):
+                continue  # the upload may be the whole bundle
             rel = (safe_relpath(member.name[len("files/"):], "the upload")
                    if member.name.startswith("files/") else None)
-            if rel not in wanted or link_of(wanted[rel]) is not None:
-                raise BundleError(f"the upload holds {member.name}, which the manifest does "
-                                  "not list as a file; refusing it (nothing was changed).")
-            if rel not in needed:
-                continue  # the server has it already
+            if wanted is None:  # checked when the manifest comes
+                if rel is None:
+                    raise BundleError(f"the upload holds {member.name}, which is not a "
+                                      "project file; refusing it (nothing was changed).")
+                sha256, mode = None, member.mode & 0o7777
+            else:
+                if rel not in wanted or link_of(wanted[rel]) is not None:
+                    raise BundleError(f"the upload holds {member.name}, which the manifest "
+                                      "does not list as a file; refusing it (nothing was "
+                                      "changed).")
+                if rel not in needed:
+                    continue  # the server has it already
+                sha256, mode = wanted[rel].sha256, wanted[rel].mode
             out = staging / rel
             if out.parent not in folders:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 folders.add(out.parent)
-            entry = wanted[rel]
             if member.size <= SMALL:  # written by the pool while the next ones are read
-                writers.put(rel, out, entry.sha256, fh.read(), entry.mode)
+                writers.put(rel, out, sha256, fh.read(), mode, made)
             else:
                 writers.check()
                 if small_done is not None:
                     small_done(len(staged))
                     small_done = None
-                _write_large(rel, out, entry.sha256, fh, entry.mode)
+                _write_large(rel, out, sha256, fh, mode, made)
             staged[rel] = out
     except BaseException:
         writers.stop()  # what is raised here is the error to tell
         raise
     writers.finish()
-    missing = [p for p in need if p not in staged]
+    missing = [p for p in need or () if p not in staged]
     if missing:
         raise MissingMembers(f"the server's files changed since the plan ({missing[0]} and "
                              f"{len(missing) - 1} more are not in the upload); run the "
@@ -104,7 +120,8 @@ def extract(manifest: Manifest, members, need: list[str], staging: Path,
     return staged
 
 
-def _write_large(rel: str, out: Path, sha256: str, fh, mode: int) -> None:
+def _write_large(rel: str, out: Path, sha256: str | None, fh, mode: int,
+                 made: dict | None = None) -> None:
     """A large staged file, written as it is read, with ``mode``; its sha256 checked.
 
     The sha256 is made by a second thread while this one reads (unpacks) and writes the
@@ -132,7 +149,9 @@ def _write_large(rel: str, out: Path, sha256: str, fh, mode: int) -> None:
     finally:
         pieces.put(None)
         hashing.join()
-    if h.hexdigest() != sha256:
+    if sha256 is None:  # not known yet: checked by the caller (see ``extract``)
+        made[rel] = (h.hexdigest(), mode)
+    elif h.hexdigest() != sha256:
         raise mismatch(rel)
 
 

@@ -80,12 +80,14 @@ class StageWriters:
         if self._error is not None:
             raise self._error
 
-    def put(self, rel: str, out: Path, sha256: str, data: bytes, mode: int = 0o644) -> None:
+    def put(self, rel: str, out: Path, sha256: str | None, data: bytes, mode: int = 0o644,
+            made: dict | None = None) -> None:
         """Write ``data`` to ``out`` (its folder exists) with ``mode``, once its sha256 is
-        checked (now, when there are no threads)."""
+        checked (now, when there are no threads). ``sha256`` None: not known yet, the one
+        made goes to ``made[rel]`` (with the mode) to be checked later."""
         self.check()
         if not self._queues:
-            _write(rel, out, sha256, data, mode)
+            _write(rel, out, sha256, data, mode, made)
             return
         size = len(data) + 1  # an empty file counts too
         with self._room:
@@ -93,7 +95,7 @@ class StageWriters:
                 self._room.wait()
             self._held += size
         folder = self._queues[hash(out.parent) % len(self._queues)]
-        folder.put((rel, out, sha256, data, mode))
+        folder.put((rel, out, sha256, data, mode, made))
 
     def finish(self) -> None:
         """Everything is handed over: wait for the writing; raise its first error."""
@@ -111,10 +113,10 @@ class StageWriters:
             item = work.get()
             if item is None:
                 return
-            rel, out, sha256, data, mode = item
+            rel, out, sha256, data, mode, made = item
             try:
                 if self._error is None:  # after an error: drained until the end
-                    _write(rel, out, sha256, data, mode)
+                    _write(rel, out, sha256, data, mode, made)
             except BaseException as exc:  # noqa: BLE001 - raised in the reading thread
                 with self._lock:
                     if self._error is None:
@@ -125,8 +127,12 @@ class StageWriters:
                     self._room.notify()
 
 
-def _write(rel: str, out: Path, sha256: str, data: bytes, mode: int) -> None:
-    if hashlib.sha256(data).hexdigest() != sha256:
+def _write(rel: str, out: Path, sha256: str | None, data: bytes, mode: int,
+           made: dict | None = None) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is None:
+        made[rel] = (digest, mode)
+    elif digest != sha256:
         raise mismatch(rel)
     with open(out, "wb") as dst:
         dst.write(data)

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from remoteops.common.deploy_wire import GO, MARK, MAX_HEADER, rebuild
+from remoteops.common.deploy_wire import CONTROL, GO, MARK, MAX_HEADER, rebuild
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.files import CHUNK, write_all
 from remoteops.common.manifest import BundleError, Manifest
@@ -150,13 +150,17 @@ def receive(src: Input, dest: Path, size: int, sha256: str) -> None:
 
 
 def receive_chunked(src: Input, dest: Path, offset: int,
-                    on_open: Callable[[Path], Callable[[], None] | None] | None = None
-                    ) -> None:
+                    on_open: Callable[[Path], Callable[[], None] | None] | None = None,
+                    on_control: Callable[[bytes, Path], tuple[Path, Callable | None]]
+                    | None = None) -> Path:
     """A tar sent while it was written (``chunk_frame`` pieces, then a trailer), appended
     to what ``dest``'s part file kept of an earlier, cut upload (``offset`` bytes). A cut
     keeps the part file: the next deploy resumes there. ``on_open(part)``: told once the
     part file is ready to grow (``early_stage`` reads it meanwhile); what it returns, if
-    anything, is called after each piece is written."""
+    anything, is called after each piece is written. ``on_control(payload, part)``: a
+    control frame (``deploy_wire.control_frame``: a first deploy's manifest) between two
+    pieces; it renames the part file and returns the upload's new path and what to call
+    after each piece from there on. Returns where the complete upload is."""
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.is_file() else 0
@@ -181,6 +185,15 @@ def receive_chunked(src: Input, dest: Path, offset: int,
             size = int.from_bytes(length, "big") if len(length) == 8 else -1
             if size == 0:
                 break
+            if size > 0 and size & CONTROL:
+                payload = src.exactly(min(size & ~CONTROL, MAX_HEADER + 1))
+                if on_control is None or len(payload) != size & ~CONTROL:
+                    raise RemoteOpsError("the deploy's stream holds a frame this agent does "
+                                         "not expect; nothing was changed: run the deploy "
+                                         "again.")
+                dest, grew = on_control(payload, part)
+                part = dest.with_name(dest.name + ".part")
+                continue
             moved = src.into_file(fd, size) if size > 0 else 0
             got += moved
             if grew is not None:
@@ -199,6 +212,7 @@ def receive_chunked(src: Input, dest: Path, offset: int,
                           "laptop sent (damaged in transit); nothing was changed: run the "
                           "deploy again.")
     os.replace(part, dest)
+    return dest
 
 
 def stream_parts(project: Project, content_id: str) -> dict[str, int]:
@@ -211,7 +225,9 @@ def stream_parts(project: Project, content_id: str) -> dict[str, int]:
             for p in folder.glob(f"{prefix}*.tar.zst.part")}
 
 
-def _whole(project: Project, content_id: str, name: str) -> Path:
+def whole_path(project: Project, content_id: str, name: str) -> Path:
+    """Where an upload of ``content_id``'s bundle (``name``: what else its bytes depend on)
+    is kept while it arrives (its part file: this + ``.part``)."""
     if not re.fullmatch(r"[a-z0-9-]{1,64}", name):
         raise RemoteOpsError(f"the upload's name {name!r} is not one remoteops sends.")
     return project.state / "incoming" / f"stream-{content_id[:32]}-{name}.tar.zst"
@@ -232,6 +248,10 @@ def apply_streamed(root: str, stream: BinaryIO, say: Callable[[dict], None]) -> 
     project = Project(root)
     if header.get("plan"):
         return _plan_then_apply(project, src, header, say)
+    if header.get("first"):
+        from remoteops.server.stream_first import first_then_apply
+
+        return first_then_apply(project, src, header, say, _plan_then_apply, _apply_planned)
     if "manifest" in header:
         return _apply_planned(project, src, header)
     current = project.current()
@@ -338,32 +358,47 @@ def _plan_then_apply(project: Project, src: Input, header: dict,
 
 
 def _apply_planned(project: Project, src: Input, header: dict,
-                   need: list[str] | None = None, new: Manifest | None = None) -> dict:
+                   need: list[str] | None = None, new: Manifest | None = None,
+                   upload: Path | None = None, arrival=None) -> dict:
     """The whole bundle, or a delta the server planned: received (resuming a cut upload), then
     applied as planned here. ``need``: this request's plan (its ``project.plan`` checked the
     manifest's paths); its files are staged while the upload arrives (``early_stage``) when
-    it starts from the first byte."""
+    it starts from the first byte. ``arrival``: the manifest and plan come in the upload's
+    control frame (``stream_first``: the tar is received at ``upload`` until then)."""
     from remoteops.server.early_stage import EarlyStage
 
-    new = new or Manifest.from_data(header["manifest"])
-    delta = _whole(project, new.content_id, str(header["delta"].get("name", "whole")))
+    if arrival is None:
+        new = new or Manifest.from_data(header["manifest"])
+        upload = whole_path(project, new.content_id, str(header["delta"].get("name", "whole")))
+    delta = upload
     offset = int(header["delta"]["offset"])
     early: list[EarlyStage] = []
 
     def stage_early(part: Path) -> Callable[[], None] | None:
-        if not (need and offset == 0):
+        if offset != 0 or not (need or arrival is not None):
             return None
-        early.append(EarlyStage(new, need, part, project.state / "staging" /
-                                f"{new.content_id}-early-{os.getpid()}"))
+        name = (new.content_id if arrival is None else "first") + f"-early-{os.getpid()}"
+        early.append(EarlyStage(new, need, part, project.state / "staging" / name))
         return early[-1].grew
+
+    def control(payload: bytes, part: Path) -> tuple[Path, Callable[[], None] | None]:
+        if arrival is None:
+            raise RemoteOpsError("the deploy's stream holds a frame this agent does not "
+                                 "expect; nothing was changed: run the deploy again.")
+        dest = arrival.control(payload, part)
+        for stager in early:  # staging since the first byte: for this manifest and plan
+            stager.adopt(arrival.manifest, arrival.need)
+        return dest, early[-1].grew if early else None
 
     try:
         try:
-            receive_chunked(src, delta, offset, stage_early)
+            delta = receive_chunked(src, delta, offset, stage_early, control)
         except BaseException:
             for stager in early:
                 stager.abandon()
             raise
+        if arrival is not None:
+            new, need = arrival.got(), arrival.need
         for stager in early:
             stager.complete()
         wait_for_go(src)
@@ -378,4 +413,5 @@ def _apply_planned(project: Project, src: Input, header: dict,
             stager.discard()
 
 
-__all__ = ["apply_streamed", "stream_parts", "Input", "receive", "receive_chunked"]
+__all__ = ["apply_streamed", "stream_parts", "Input", "receive", "receive_chunked",
+           "whole_path"]
