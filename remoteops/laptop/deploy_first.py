@@ -35,6 +35,9 @@ from remoteops.laptop.deploy_full import TarTap
 from remoteops.laptop.deploy_planned import Planned
 
 SEND_TAR = b'{"send":"tar"}\n'
+# At most this much of the tar goes before its manifest: until then the server's part file
+# has no content id in its name, and a cut upload cannot be resumed (after it, it can).
+UNNAMED_MAX = 64 << 20
 
 
 class FirstStream:
@@ -171,6 +174,8 @@ class FirstStream:
         for fh, start, length in self.tap.ranges(None):
             if request.closed or self._stopped:
                 return  # the agent stopped reading: its answer (or the lost connection) says
+            if self.upload >= UNNAMED_MAX and self._manifest is None:
+                self._wait_manifest()  # no more before the upload has a resumable name
             self._send_frame(request)
             request.send_file(fh, start, length, length.to_bytes(8, "big"))  # a chunk frame
             self.upload += length

@@ -397,10 +397,10 @@ def _apply_planned(project: Project, src: Input, header: dict,
             for stager in early:
                 stager.abandon()
             raise
-        if arrival is not None:
-            new, need = arrival.got(), arrival.need
         for stager in early:
             stager.complete()
+        if arrival is not None:
+            new, need = arrival.got(), arrival.need
         wait_for_go(src)
         result = project.apply(new, delta, header["holder"], int(header["keep"]), None,
                                early=early[0] if early else None, checked=need is not None)

@@ -217,9 +217,10 @@ def test_a_full_deploy_is_staged_while_it_arrives_and_a_cut_one_resumes(box, pro
         staging = box.root / ".remoteops" / "staging"
         assert not staging.exists() or not any(staging.iterdir())
         # what reached the server's disk before the cut is kept and resumed from (under
-        # load the cut can come before the agent wrote a byte: then it starts afresh)
+        # load the cut can come before the agent wrote a byte: then it starts afresh; so it
+        # does when it came before the manifest, which names the part: server/stream_first)
         kept = sum(p.stat().st_size for p in
-                   (box.root / ".remoteops" / "incoming").glob("*.part"))
+                   (box.root / ".remoteops" / "incoming").glob("stream-*.part"))
         res = box("openssh", "--json", host="cut")
         out = as_json(res)
         assert out["applied"]["created"] == 45
