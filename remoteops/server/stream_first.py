@@ -19,7 +19,7 @@ request with a probe (``header["first"]``), answered at once: is this root empty
   goes on as a planned one.
 
 A part file cut before its manifest came carries no content id: nothing can resume it,
-and the next probe removes it once it is ``STALE_PART_S`` old.
+and every probe removes those ``STALE_PART_S`` old.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def first_then_apply(project: Project, src, header: dict, say: Callable[[dict], 
     """The probe (``header["first"]``: the upload's ``name``), answered at once; then either
     the tar before its manifest (``{"send": "tar"}``), or the planned request (the
     request's next header is the manifest for a plan: ``planned``)."""
+    _drop_stale_parts(project)
     reason = why_not_empty(project)
     if reason is None and header.get("agent") != __version__:
         reason = f"its agent is remoteops {__version__}"
@@ -88,7 +89,6 @@ def first_then_apply(project: Project, src, header: dict, say: Callable[[dict], 
     if reason is not None or (json.loads(line) if line else {}).get("send") != "tar":
         raise RemoteOpsError("the laptop stopped before the deploy was sent; nothing was "
                              "changed.")
-    _drop_stale_parts(project)
     name = str(header["first"].get("name") or "whole")
     token = f"first-{os.getpid()}-{secrets.token_hex(4)}"
     pending = project.state / "incoming" / f"{token}.tar.zst"
