@@ -87,8 +87,12 @@ class FirstStream:
         """The server's plan of the streamed tar (made when its manifest arrived)."""
         try:
             return self.planned.request.answer()
-        except ConnectError as exc:
-            raise self._broke(exc) from None
+        except Exception as exc:
+            if self.job.done():
+                self.job.result()  # what stopped the sending (a file that changed) comes first
+            if isinstance(exc, ConnectError):
+                raise self._broke(exc) from None
+            raise
 
     def finish(self, built: Built) -> dict:
         """Wait until the tar is sent and the build complete, go ahead; the agent's answer."""
@@ -150,7 +154,11 @@ class FirstStream:
         if stream:
             request.send(SEND_TAR)
             self.sent += len(SEND_TAR)
-            self._stream(request)
+            try:
+                self._stream(request, size)
+            except BaseException:
+                request.cancel()  # the agent stops waiting for the rest: nothing changes
+                raise
         elif self._how == "planned":  # the same request plans, once the manifest is known
             manifest = self._wait_manifest()
             if manifest is not None:
@@ -170,7 +178,7 @@ class FirstStream:
             request.send(frame)
             self.sent += len(frame)
 
-    def _stream(self, request) -> None:
+    def _stream(self, request, size: int) -> None:
         for fh, start, length in self.tap.ranges(None):
             if request.closed or self._stopped:
                 return  # the agent stopped reading: its answer (or the lost connection) says
@@ -181,7 +189,7 @@ class FirstStream:
             self.upload += length
             self.sent += length + 8
             if self.progress:
-                self.progress(self.upload, max(self.upload, self.size))
+                self.progress(self.upload, max(self.upload, size))
         if self._wait_manifest() is None:
             return
         self._send_frame(request)

@@ -334,11 +334,61 @@ def test_no_more_than_unnamed_max_of_the_tar_goes_before_its_manifest(project, t
     monkeypatch.setattr(AgentStream, "send_file", send_file)
     root = tmp_path / "server"
     settings = load_settings(flags={"project_root": str(root)})
+    shown: list[tuple[int, int]] = []
     with open_target(settings, "local") as target:
-        out = run_deploy(settings, target)
+        out = run_deploy(settings, target, progress=lambda done, total: shown.append(
+            (done, total)))
     assert out.applied["sent_before_manifest"] is True
+    # the progress a terminal shows: growing, to the whole tar
+    assert shown and shown[-1][0] == out.bundle.tar_path.stat().st_size
+    assert all(a[0] < b[0] and a[0] <= a[1] for a, b in zip(shown, shown[1:]))
     assert sent.count("manifest") == 1
     assert sent[:sent.index("manifest")].count("piece") == 1
     assert sent.count("piece") >= 6
     manifest = Manifest.from_json(out.bundle.manifest_path.read_text())
     assert _deployed_exactly(root, manifest)
+
+
+def test_a_file_that_shrinks_while_its_tar_streams_stops_the_deploy_and_changes_nothing(
+        project, tmp_path, monkeypatch):
+    """The tar fails (the file shrank after its stat, before the tar read it) before the
+    manifest is known: the sending stops, the request ends without its go-ahead, the
+    deploy says why in the build's own words, and nothing waits for an answer that
+    cannot come."""
+    from remoteops.common.bundle_tar import BundleError
+    from remoteops.common.config import load_settings
+    from remoteops.laptop import build
+    from remoteops.laptop.deploy import deploy as run_deploy
+    from remoteops.laptop.targets import open_target
+
+    make_project(project)
+    _fill(project, 15)
+    big = project / "data" / "more.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("REMOTEOPS_REMOTE_PYTHON", sys.executable)
+    real_hash = build.HashCache.sha256
+
+    def shrink_then_hash(self, *args):  # slowly, so that the tar fails before the manifest
+        if big.stat().st_size > 1 << 20:
+            big.write_bytes(os.urandom(1 << 20))
+        time.sleep(0.01)
+        return real_hash(self, *args)
+
+    monkeypatch.setattr(build.HashCache, "sha256", shrink_then_hash)
+    root = tmp_path / "server"
+    settings = load_settings(flags={"project_root": str(root)})
+    started = time.monotonic()
+    with open_target(settings, "local") as target:
+        with pytest.raises(BundleError, match="more.bin shrank while the bundle was written"):
+            run_deploy(settings, target)
+    assert time.monotonic() - started < 60
+    assert tree(root) == {}
+    # the local agent was stopped (over SSH it ends when its input does); the next deploy
+    # is whole and clears what the stopped one staged
+    monkeypatch.setattr(build.HashCache, "sha256", real_hash)
+    with open_target(settings, "local") as target:
+        out = run_deploy(settings, target)
+    manifest = Manifest.from_json(out.bundle.manifest_path.read_text())
+    assert _deployed_exactly(root, manifest)
+    assert [p for p in _leftovers(root) if not p.startswith("incoming/first-")] == []
