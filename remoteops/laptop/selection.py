@@ -13,7 +13,8 @@ may keep the same time stamp). What depends on a file's bytes is decided every
 time: whether an ``id_*`` file holds a private key, and where a link points.
 Which files changed is the hash cache's business (``build.HashCache``, by each
 file's own stat), not this one's: an edit that keeps a file's size and mtime
-still changes its ctime and is hashed again.
+still changes its ctime and is hashed again. A folder that is not cached asks pathspec
+only about the paths one regex of all of a rule set's patterns finds (``_any_filter``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,34 @@ def _spec(lines: Iterable[str]) -> "pathspec.PathSpec":
     import pathspec  # imported here: the agent on the server never selects files
 
     return pathspec.GitIgnoreSpec.from_lines([l for l in lines if l.strip()])
+
+
+_NAMED = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
+
+
+def _any_filter(spec) -> "re.Pattern[str] | None":
+    """One regex that finds (``search``, as pathspec does with each pattern) every path some
+    pattern of ``spec`` (a ``GitIgnoreSpec``) includes: its patterns' own regexes as
+    alternatives, named groups unnamed. A path it does not find is not matched by the
+    spec, so the spec is not asked (it tries its patterns one by one: ~25 ms of a
+    2,000-file first deploy's selection). The paths asked are relative and posix already
+    (what pathspec would normalize them to). None when the patterns do not allow it
+    (every path is asked)."""
+    alternatives, flags = [], set()
+    for pattern in getattr(spec, "patterns", ()):
+        if pattern.include is None or not pattern.include:
+            continue  # a comment or blank, or a re-inclusion: never what makes a match
+        regex = getattr(pattern, "regex", None)
+        if regex is None or "(?P=" in regex.pattern:
+            return None
+        alternatives.append(_NAMED.sub("(?:", regex.pattern))
+        flags.add(regex.flags)
+    if not alternatives or len(flags) != 1:
+        return None
+    try:
+        return re.compile("|".join(f"(?:{a})" for a in alternatives), flags.pop())
+    except re.error:
+        return None
 
 
 @dataclass
@@ -175,10 +205,13 @@ def select(project: Path, include: list[str], exclude: list[str],
     def spec(name: str):
         """The rule sets, compiled on first use (a fully cached walk compiles none)."""
         if name not in specs:
+            defaults = _spec(DEFAULT_EXCLUDES + extra)
+            configured = _spec(exclude) if exclude else None
             specs.update(
                 rules=[(p, _spec([p])) for p in DEFAULT_EXCLUDES + extra],
-                defaults=_spec(DEFAULT_EXCLUDES + extra),
-                configured=_spec(exclude) if exclude else None,
+                defaults=defaults, defaults_quick=_any_filter(defaults),
+                configured=configured,
+                configured_quick=_any_filter(configured) if configured else None,
                 included=_spec(include) if include else None,
                 secret=_spec(SECRET_FILE_PATTERNS),
                 allowed=_spec("/" + p.lstrip("/") for p in wanted_secrets)
@@ -264,15 +297,21 @@ def _decide(rel_dir: str, scope: tuple, dirs: list[tuple[str, str]],
     """``[name, kind, rule]`` for each entry, folders first: the rule that leaves it out,
     None when it ships, or SECRET / SECRET_OK for a file named as a secret."""
     ignores = [(base, _spec(text.splitlines())) for base, text in scope]
+    ignores = [(base, s, _any_filter(s)) for base, s in ignores]
+
+    def matches(name: str, rel: str) -> bool:
+        quick = spec(name + "_quick")  # (see ``_any_filter``)
+        return (quick is None or quick.search(rel) is not None) and spec(name).match_file(rel)
 
     def rule_for(rel: str) -> str | None:
         """The rule that leaves ``rel`` out (None: it ships)."""
-        if spec("defaults").match_file(rel):
+        if matches("defaults", rel):
             return next(p for p, s in spec("rules") if s.match_file(rel))
-        if spec("configured") is not None and spec("configured").match_file(rel):
+        if spec("configured") is not None and matches("configured", rel):
             return "bundle.exclude"
-        for base, s in ignores:
-            if rel.startswith(base) and s.match_file(rel[len(base):]):
+        for base, s, quick in ignores:
+            if rel.startswith(base) and (quick is None or quick.search(rel[len(base):])) and \
+                    s.match_file(rel[len(base):]):
                 return f"{base}.gitignore"
         return None
 
