@@ -8,7 +8,9 @@ What waits on the network overlaps with local work: the SSH connection opens
 while the bundle is hashed; the manifest upload and the plan run while the tar
 is compressed; the agent starts while the manifest is still being sent (it
 waits for the file). When (nearly) every file is needed, the bundle itself is
-the upload, so nothing is compressed twice.
+the upload, so nothing is compressed twice. A first bundle bound for an empty root
+does not wait for the plan at all: it is sent as it is written, its manifest after it
+(``deploy_first``).
 
 Fast path (``deploy_stream``, over ``deploy_fast``'s plan): after a deploy the laptop
 plans locally against its record of the server (``deploy_record``) and sends the
