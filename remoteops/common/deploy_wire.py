@@ -85,8 +85,13 @@ def encode_header(base: Manifest, new: Manifest, delta: dict | None, extra: dict
     the tar that follows, or None when no file travels."""
     old = _meta(base)
     meta = {k: v for k, v in _meta(new).items() if old.get(k) != v}  # what differs
-    header = {"base": base.content_id, "manifest_sha256": manifest_sha256(new), "meta": meta,
-              **manifest_delta(base, new), "delta": delta, **extra}
+    return framed_header({"base": base.content_id, "manifest_sha256": manifest_sha256(new),
+                          "meta": meta, **manifest_delta(base, new), "delta": delta, **extra})
+
+
+def framed_header(header: dict) -> bytes:
+    """``MARK``, the header's length and the header as compact JSON: how every
+    ``deploy-stream`` request begins (``streamapply.Input.header`` reads it)."""
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return MARK + str(len(body)).encode() + b"\n" + body
 
@@ -116,5 +121,5 @@ def rebuild(base: Manifest, header: dict) -> Manifest:
     return new
 
 
-__all__ = ["MARK", "GO", "CONTROL", "chunk_frame", "control_frame", "apply_patch",
+__all__ = ["MARK", "GO", "CONTROL", "chunk_frame", "control_frame", "framed_header", "apply_patch",
            "encode_header", "rebuild", "manifest_delta", "manifest_sha256"]

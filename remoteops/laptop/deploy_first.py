@@ -24,7 +24,7 @@ import threading
 from typing import Callable
 
 from remoteops import __version__
-from remoteops.common.deploy_wire import GO, MARK, chunk_frame, control_frame
+from remoteops.common.deploy_wire import GO, chunk_frame, control_frame, framed_header
 from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.manifest import DISK_HEADROOM
 from remoteops.common.target import AgentMissing
@@ -131,11 +131,9 @@ class FirstStream:
         request = self.planned.opening.result()
         self.planned.request = request
         level = int(self.settings["bundle.compression_level"])
-        header = json.dumps({
+        data = framed_header({
             "first": {"name": f"whole-{level}"}, "base": None, "holder": holder("deploy v1"),
-            "keep": int(self.settings["deploy.keep_backups"]), "agent": __version__},
-            separators=(",", ":")).encode()
-        data = MARK + str(len(header)).encode() + b"\n" + header
+            "keep": int(self.settings["deploy.keep_backups"]), "agent": __version__})
         request.send(data)
         self.sent += len(data)
         try:

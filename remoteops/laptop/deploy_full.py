@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from remoteops.common.deploy_wire import GO, MARK, chunk_frame
+from remoteops.common.deploy_wire import GO, chunk_frame, framed_header
 from remoteops.common.bundle_tar import BundleError
 from remoteops.common.errors import ConnectError, RemoteCommandError
 from remoteops.common.files import CHUNK
@@ -144,10 +144,8 @@ def send_tar(settings, target, built: Built, ranges: Iterator[tuple], name: str,
 
     delta = {"chunked": True, "offset": offset, "name": name}
     if request is None:
-        header = json.dumps(request_header(settings, built.manifest, delta=delta),
-                            separators=(",", ":")).encode()
         request = (opening or open_request(target, Background(lambda: None))).result()
-        preamble = MARK + str(len(header)).encode() + b"\n" + header
+        preamble = framed_header(request_header(settings, built.manifest, delta=delta))
     else:
         preamble = json.dumps({"send": "tar", **delta}).encode() + b"\n"
     sent = len(preamble)

@@ -15,10 +15,9 @@ usual path: the manifest by SFTP, ``deploy-plan``, the agent installed if needed
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Iterator
 
-from remoteops.common.deploy_wire import MARK
+from remoteops.common.deploy_wire import framed_header
 from remoteops.common.errors import RemoteCommandError
 from remoteops.common.target import AgentMissing
 from remoteops.laptop.agent_stream import AgentStream, not_streamable
@@ -38,9 +37,7 @@ class Planned:
 
     def ask(self, manifest) -> None:
         """Send the manifest and ask for the plan (in the background)."""
-        header = json.dumps(request_header(self.settings, manifest, plan=True),
-                            separators=(",", ":")).encode()
-        data = MARK + str(len(header)).encode() + b"\n" + header
+        data = framed_header(request_header(self.settings, manifest, plan=True))
         self.sent = len(data)
 
         def send() -> None:

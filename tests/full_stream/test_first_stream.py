@@ -19,7 +19,7 @@ import pytest
 
 from remoteops import __version__
 from remoteops.common.bundle_tar import iter_members, write_tar
-from remoteops.common.deploy_wire import GO, MARK, chunk_frame, control_frame
+from remoteops.common.deploy_wire import GO, MARK, chunk_frame, control_frame, framed_header
 from remoteops.common.manifest import Manifest
 from remoteops.common.wire import BEGIN, END
 from remoteops.server.stream_first import STALE_PART_S
@@ -29,13 +29,8 @@ from tests.test_deploy import ENV, make_project, tree
 PIECE = 65536
 
 
-def _header(data: dict) -> bytes:
-    body = json.dumps(data).encode()
-    return MARK + str(len(body)).encode() + b"\n" + body
-
-
 def probe() -> bytes:
-    return _header({"first": {"name": "whole-3"}, "base": None, "holder": "test", "keep": 5,
+    return framed_header({"first": {"name": "whole-3"}, "base": None, "holder": "test", "keep": 5,
                     "agent": __version__})
 
 
@@ -173,7 +168,7 @@ def test_a_cut_after_the_manifest_keeps_a_part_the_planned_request_resumes(built
     assert part.name == f"stream-{manifest.content_id[:32]}-whole-3.tar.zst.part"
     assert part.read_bytes() == data[:cut]
     # the laptop's next deploy reuses its tar: a planned request, which resumes there
-    header = _header({"plan": True, "manifest": manifest.to_dict(), "agent": __version__,
+    header = framed_header({"plan": True, "manifest": manifest.to_dict(), "agent": __version__,
                       "holder": "test", "keep": 5})
     stdin = header + json.dumps({"send": "tar", "chunked": True, "offset": cut,
                                  "name": "whole-3"}).encode() + b"\n"
@@ -227,7 +222,7 @@ def test_a_root_that_is_not_empty_says_why_and_the_same_request_plans(built, cli
     _fill(project, 12)
     manifest, tar = _build(cli, project)
     data = tar.read_bytes()
-    stdin = probe() + _header({"plan": True, "manifest": manifest.to_dict(),
+    stdin = probe() + framed_header({"plan": True, "manifest": manifest.to_dict(),
                                "agent": __version__, "holder": "test", "keep": 5})
     stdin += json.dumps({"send": "tar", "chunked": True, "offset": 0,
                          "name": "whole-3"}).encode() + b"\n"
@@ -254,7 +249,7 @@ def test_a_root_that_is_not_empty_says_why_and_the_same_request_plans(built, cli
 def test_a_control_frame_in_a_planned_upload_is_refused(built, tmp_path):
     manifest, data = built
     root = tmp_path / "server"
-    stdin = _header({"plan": True, "manifest": manifest.to_dict(), "agent": __version__,
+    stdin = framed_header({"plan": True, "manifest": manifest.to_dict(), "agent": __version__,
                      "holder": "test", "keep": 5})
     stdin += json.dumps({"send": "tar", "chunked": True, "offset": 0,
                          "name": "whole-3"}).encode() + b"\n"
