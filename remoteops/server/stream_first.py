@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from remoteops import __version__
-from remoteops.common.deploy_wire import MARK, MAX_HEADER
+from remoteops.common.deploy_wire import MARK
 from remoteops.common.errors import RemoteOpsError
 from remoteops.common.manifest import Manifest
 from remoteops.common.paths import RESERVED
@@ -106,14 +106,13 @@ class Arrival:
         self.project, self.name, self.say = project, name, say
         self.manifest: Manifest | None = None
         self.need: list[str] | None = None
-        self.dest: Path | None = None
 
     def control(self, payload: bytes, part: Path) -> Path:
         """The manifest frame: plan, move ``part`` to its resumable name, say the plan;
         return the upload's final path (its part file is that name + ``.part``)."""
         from remoteops.server.streamapply import whole_path
 
-        if self.manifest is not None or len(payload) > MAX_HEADER:
+        if self.manifest is not None:
             raise RemoteOpsError("the laptop sent an unexpected frame; nothing was changed: "
                                  "run the deploy again.")
         data = json.loads(payload.decode("utf-8"))
@@ -122,7 +121,7 @@ class Arrival:
         plan["stream_parts"] = {}
         dest = whole_path(self.project, manifest.content_id, self.name)
         os.replace(part, dest.with_name(dest.name + ".part"))
-        self.manifest, self.need, self.dest = manifest, plan["need"], dest
+        self.manifest, self.need = manifest, plan["need"]
         self.say(plan)
         return dest
 

@@ -186,8 +186,9 @@ def receive_chunked(src: Input, dest: Path, offset: int,
             if size == 0:
                 break
             if size > 0 and size & CONTROL:
-                payload = src.exactly(min(size & ~CONTROL, MAX_HEADER + 1))
-                if on_control is None or len(payload) != size & ~CONTROL:
+                wanted = size & ~CONTROL  # a message, read whole when it is one expected
+                payload = src.exactly(wanted) if on_control and wanted <= MAX_HEADER else None
+                if payload is None or len(payload) != wanted:
                     raise RemoteOpsError("the deploy's stream holds a frame this agent does "
                                          "not expect; nothing was changed: run the deploy "
                                          "again.")
@@ -382,9 +383,6 @@ def _apply_planned(project: Project, src: Input, header: dict,
         return early[-1].grew
 
     def control(payload: bytes, part: Path) -> tuple[Path, Callable[[], None] | None]:
-        if arrival is None:
-            raise RemoteOpsError("the deploy's stream holds a frame this agent does not "
-                                 "expect; nothing was changed: run the deploy again.")
         dest = arrival.control(payload, part)
         for stager in early:  # staging since the first byte: for this manifest and plan
             stager.adopt(arrival.manifest, arrival.need)
@@ -392,7 +390,8 @@ def _apply_planned(project: Project, src: Input, header: dict,
 
     try:
         try:
-            delta = receive_chunked(src, delta, offset, stage_early, control)
+            delta = receive_chunked(src, delta, offset, stage_early,
+                                    control if arrival is not None else None)
         except BaseException:
             for stager in early:
                 stager.abandon()
